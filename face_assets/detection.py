@@ -1,0 +1,50 @@
+"""Finding faces: insightface's SCRFD with a padded retry for tight crops."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from insightface.model_zoo.scrfd import SCRFD
+
+from .config import DetectionSettings
+from .schemas import DetectedFace
+
+
+class FaceDetector:
+    """Detects faces; when none is found, pads the image and tries again.
+
+    SCRFD is trained on scenes: a crop where the face fills the frame is scaled up until the face is
+    larger than anything it learned, and it finds nothing (1 of 400 IMFDB crops at 640). A border of
+    ``pad_ratio`` times the image on each side brings the face back to a familiar scale.
+    """
+
+    def __init__(self, model: SCRFD, settings: DetectionSettings):
+        self.model = model
+        self.settings = settings
+
+    def detect(self, img: np.ndarray) -> tuple[list[DetectedFace], bool]:
+        """Faces in a BGR image, largest first, and whether the padded retry found them."""
+        faces = self._detect(img)
+        padded = False
+        if not faces and self.settings.pad_ratio > 0:
+            h, w = img.shape[:2]
+            pad = int(round(max(h, w) * self.settings.pad_ratio))
+            big = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            faces = self._detect(big, offset=pad)
+            padded = bool(faces)
+        faces.sort(key=lambda f: -(f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        if self.settings.max_faces:
+            faces = faces[: self.settings.max_faces]
+        return faces, padded
+
+    def _detect(self, img: np.ndarray, offset: int = 0) -> list[DetectedFace]:
+        size = (self.settings.det_size, self.settings.det_size)
+        dets, kpss = self.model.detect(img, input_size=size)
+        return [
+            DetectedFace(
+                bbox=(dets[i, :4] - offset).astype(np.float32),
+                kps=(kpss[i] - offset).astype(np.float32),
+                det_score=float(dets[i, 4]),
+            )
+            for i in range(dets.shape[0])
+        ]

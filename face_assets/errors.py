@@ -1,0 +1,52 @@
+"""Every exception face_assets raises on purpose derives from :class:`FaceRecognitionError`.
+
+Catch the base class to handle any library failure; catch a subclass to react to one cause.
+"""
+
+from __future__ import annotations
+
+
+class FaceRecognitionError(Exception):
+    """Base class of all face_assets errors."""
+
+
+class ConfigError(FaceRecognitionError, ValueError):
+    """A configuration key or value is wrong; the message names the key and what is allowed."""
+
+
+class ImageLoadError(FaceRecognitionError):
+    """An image could not be read or decoded.
+
+    Attributes:
+        path: where the image came from (a path, ``"<bytes>"`` or ``"<array>"``).
+        reason: a short human-readable cause, e.g. ``"truncated file"``.
+    """
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path}: {reason}")
+
+
+class NoFaceDetectedError(FaceRecognitionError):
+    """An operation that needs a face (embedding, compare, search) found none in the image."""
+
+    def __init__(self, source: object = None, detail: str = ""):
+        self.source = None if source is None else str(source)
+        where = f" in {self.source}" if self.source else ""
+        super().__init__(f"no face detected{where}{': ' + detail if detail else ''}")
+
+
+class ModelNotFoundError(FaceRecognitionError):
+    """A model pack or model file is missing; the message lists where we looked and what to do."""
+
+    def __init__(self, what: str, searched: list[str] | tuple[str, ...] = (), hint: str = ""):
+        self.what = what
+        self.searched = [str(p) for p in searched]
+        lines = [f"model not found: {what}"]
+        if self.searched:
+            lines.append("looked in:")
+            lines.extend(f"  - {p}" for p in self.searched)
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))

@@ -1,0 +1,179 @@
+"""Load images from paths, encoded bytes or numpy arrays as OpenCV-style BGR ``uint8`` arrays.
+
+InsightFace models expect ``HxWx3`` BGR ``uint8`` input, so every source is normalised to exactly that.
+Every failure surfaces as :class:`~face_assets.errors.ImageLoadError`, so callers that walk large
+folders or take untrusted uploads can skip bad images with a single ``except`` clause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageLoadError
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
+
+
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Return ``source`` as a new C-contiguous BGR ``uint8`` array of shape ``HxWx3``.
+
+    Args:
+        source: a file path, the bytes of an encoded image file, or a numpy array in OpenCV
+            convention: ``HxW`` / ``HxWx1`` grayscale, ``HxWx3`` BGR or ``HxWx4`` BGRA, of dtype
+            ``uint8``, ``uint16`` (reduced to the top 8 bits), ``bool``, or float with values in [0, 1].
+        max_pixels: encoded images with more pixels (width * height) are refused before their
+            pixels are decoded, as protection against decompression bombs. Pillow's own hard limit
+            (twice ``PIL.Image.MAX_IMAGE_PIXELS``) also applies.
+
+    Encoded files are decoded with Pillow, which detects the format from the content (the file
+    extension is ignored). The EXIF orientation is applied, only the first frame of animated or
+    multi-page files is read, and transparent areas are composited onto white.
+
+    Raises:
+        ImageLoadError: the source cannot be read or decoded; ``.path`` is the file path,
+            ``"<bytes>"`` or ``"<array>"`` and ``.reason`` says why.
+        TypeError: ``source`` is none of the accepted types.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source, "<array>")
+    label, data = _read(source)
+    return _decode(data, label, max_pixels)
+
+
+def content_hash(source: ImageSource) -> str:
+    """Return the sha256 hex digest identifying ``source``, for de-duplication.
+
+    Paths and bytes hash the encoded file bytes, so a file and its bytes agree. Arrays hash their
+    dtype, shape and pixel bytes; they never match the hash of an encoded file.
+
+    Raises:
+        ImageLoadError: a path cannot be read.
+        TypeError: ``source`` is none of the accepted types.
+    """
+    if isinstance(source, np.ndarray):
+        # The same bytes under another shape or dtype are a different image.
+        digest = hashlib.sha256(f"{source.dtype.str}{source.shape}".encode())
+        digest.update(np.ascontiguousarray(source))
+        return digest.hexdigest()
+    return hashlib.sha256(_read(source)[1]).hexdigest()
+
+
+def _read(source: ImageSource) -> tuple[str, bytes]:
+    """Return ``(label for messages, encoded bytes)`` of a path or bytes-like source."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>", bytes(source)
+    if not isinstance(source, (str, os.PathLike)):
+        kind = type(source).__name__
+        raise TypeError(f"image source must be a path, bytes or numpy array, not {kind}")
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as fh:
+            return path, fh.read()
+    except FileNotFoundError as exc:
+        raise ImageLoadError(path, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError(path, "is a directory") from exc
+    except PermissionError as exc:
+        # Windows reports opening a directory as a permission error.
+        reason = "is a directory" if os.path.isdir(path) else "permission denied"
+        raise ImageLoadError(path, reason) from exc
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+    if not data:
+        raise ImageLoadError(label, "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    label,
+                    f"image is {width}x{height} = {width * height} pixels, above the limit of"
+                    f" {max_pixels} (possible decompression bomb)",
+                )
+            # Pixels are decoded only here: after the size check, and inside the try so that
+            # truncated or corrupt data becomes ImageLoadError.
+            img.load()
+            pixels = _pil_to_array(ImageOps.exif_transpose(img))
+    except ImageLoadError:
+        raise
+    except Image.UnidentifiedImageError as exc:
+        raise ImageLoadError(label, "not a recognised or supported image format") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning arrives as an exception only when the application runs with warnings as errors.
+        raise ImageLoadError(label, f"refused by Pillow: {exc}") from exc
+    except Exception as exc:
+        # Decoders fed untrusted bytes raise many types: OSError, SyntaxError, struct.error, EOFError...
+        raise ImageLoadError(label, f"truncated or corrupt image data: {exc}") from exc
+    return _from_array(pixels, label)
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """Return the pixels of a decoded image as an array in the convention :func:`_from_array` takes."""
+    if img.mode == "La":
+        # Pillow converts premultiplied grey+alpha (associated-alpha TIFF) to nothing but LA.
+        img = img.convert("LA")
+    if img.mode.startswith("I;16") or img.mode == "F":
+        return np.asarray(img)
+    if img.mode == "I":
+        values = np.asarray(img)
+        # Pillow stores 16-bit PGM/PPM and the like as 32-bit "I": use 16-bit scale when values fit.
+        if values.min() >= 0 and values.max() <= 0xFFFF:
+            return values.astype(np.uint16)
+        return (np.clip(values, 0, None) >> 23).astype(np.uint8)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return np.asarray(img.convert("RGBA"))[..., [2, 1, 0, 3]]
+    return np.asarray(img.convert("RGB"))[..., ::-1]
+
+
+def _from_array(arr: np.ndarray, label: str) -> np.ndarray:
+    """Return a new BGR ``uint8`` ``HxWx3`` C-contiguous array from an OpenCV-convention array."""
+    if arr.size == 0:
+        raise ImageLoadError(label, f"empty array of shape {arr.shape}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageLoadError(
+            label,
+            f"unsupported array shape {arr.shape}; expected HxW, HxWx1, HxWx3 (BGR) or HxWx4 (BGRA)",
+        )
+    arr = _to_uint8(arr, label)
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4:
+        # Transparent pixels hold arbitrary colour; white is what viewers show.
+        alpha = arr[..., 3:].astype(np.float32) / 255
+        return np.rint(arr[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8, order="C")
+    # A copy, so the caller's array and ours never alias.
+    return np.array(arr, order="C")
+
+
+def _to_uint8(arr: np.ndarray, label: str) -> np.ndarray:
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if kind == "u" and size == 1:
+        return arr
+    if kind == "u" and size == 2:
+        return (arr >> 8).astype(np.uint8)
+    if kind == "b":
+        return arr.astype(np.uint8) * 255
+    if kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageLoadError(label, "float image contains NaN or infinite values")
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0 or high > 1:
+            raise ImageLoadError(label, f"float values must lie in [0, 1], found {low:g} to {high:g}")
+        return np.rint(arr * 255).astype(np.uint8)
+    raise ImageLoadError(
+        label, f"unsupported dtype {arr.dtype}; expected uint8, uint16, bool or float in [0, 1]"
+    )

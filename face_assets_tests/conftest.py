@@ -1,0 +1,24 @@
+"""Shared fixtures: where the shared datasets live, and temporary data folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def datasets_root() -> Path:
+    """The shared datasets folder: ``FACE_ASSETS_DATASETS`` or ``../shared/datasets`` beside the repo."""
+    return Path(os.environ.get("FACE_ASSETS_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    """The shared datasets folder; tests that need it skip with a clear message when it is absent."""
+    root = datasets_root()
+    if not (root / "manifest.csv").is_file():
+        pytest.skip(f"shared datasets not found at {root} (set FACE_ASSETS_DATASETS)")
+    return root
