@@ -22,6 +22,14 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 
+# Raster formats only: Pillow's EPS/PS plugins hand untrusted bytes to Ghostscript when installed.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "PPM", "ICO", "TGA", "JPEG2000", "AVIF")
+
+
+def _open_formats() -> list[str]:
+    Image.init()  # plugins register lazily; ask only for those this Pillow build has
+    return [f for f in ALLOWED_FORMATS if f in Image.OPEN]
+
 
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Return ``source`` as a new C-contiguous BGR ``uint8`` array of shape ``HxWx3``.
@@ -94,7 +102,7 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     if not data:
         raise ImageLoadError(label, "empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=_open_formats()) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageLoadError(

@@ -341,11 +341,13 @@ def test_zero_size_image_is_refused():
         load_image(png)
 
 
-def test_decoder_error_while_opening_is_wrapped():
-    # Pillow's PCX plugin raises a bare OSError from Image.open for an unknown layout.
+def test_non_raster_formats_are_refused():
+    # PCX is outside the raster allowlist; EPS would hand the bytes to Ghostscript.
     pcx = bytes([10, 5, 1, 8]) + struct.pack("<HHHH", 0, 0, 9, 9) + bytes(124)
-    with pytest.raises(ImageLoadError, match="corrupt"):
-        load_image(pcx)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    for data in (pcx, eps):
+        with pytest.raises(ImageLoadError, match="not a recognised or supported"):
+            load_image(data)
 
 
 def test_float_image_file():

@@ -1,0 +1,84 @@
+"""Throughput: face_assets' detect+filter+embed vs a plain insightface FaceAnalysis loop, same images.
+
+    python benchmarks/throughput.py [--per-folder 100] [--repeat 1]
+
+The plain loop is what a user writes first: ``FaceAnalysis(name="buffalo_s")`` over the same ONNX
+files with its defaults (every model of the pack, default session options, default detector
+sizes), ``cv2.imread`` then ``app.get``. Both run in this process on the same files; the table
+gives images/s, the ratio, and the share of images where at least one face was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from face_assets import FaceFilter, load_settings  # noqa: E402
+from face_assets.imaging import load_image  # noqa: E402
+from face_assets.models import builtin_pack_dir  # noqa: E402
+
+REAL = ("lfw10", "deepface", "imfdb", "dlib_johns", "ageitgey")
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("FACE_ASSETS_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+def plain_loop(paths: list[Path]) -> tuple[float, int]:
+    """A plain FaceAnalysis loop over the buffalo_s files; returns (seconds, images with a face)."""
+    from insightface.app import FaceAnalysis
+
+    with tempfile.TemporaryDirectory() as root:
+        pack = Path(root) / "models" / "buffalo_s"
+        pack.mkdir(parents=True)
+        for name in ("scrfd_500m_bnkps.onnx", "2d106det.onnx", "w600k_mbf.onnx"):
+            (pack / name).symlink_to(builtin_pack_dir() / name)
+        app = FaceAnalysis(name="buffalo_s", root=root, providers=["CPUExecutionProvider"])
+        app.prepare(ctx_id=-1)
+        start = time.perf_counter()
+        found = 0
+        for p in paths:
+            img = cv2.imread(str(p))
+            found += bool(img is not None and app.get(img))
+        return time.perf_counter() - start, found
+
+
+def project_pipeline(paths: list[Path], chunk: int = 16) -> tuple[float, int, int]:
+    """face_assets' filter over the same files; returns (seconds, images with a face, valid images)."""
+    face_filter = FaceFilter(load_settings())
+    start = time.perf_counter()
+    found = valid = 0
+    for i in range(0, len(paths), chunk):
+        images = [load_image(p) for p in paths[i : i + chunk]]
+        for analysis, result in face_filter.filter_loaded(images):
+            found += bool(analysis.faces)
+            valid += result["is_valid"]
+    return time.perf_counter() - start, found, valid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-folder", type=int, default=100, help="images taken from each real folder")
+    args = parser.parse_args()
+    root = datasets_root() / "real"
+    paths = [p for d in REAL for p in sorted(q for q in (root / d).rglob("*") if q.is_file())[: args.per_folder]]
+    t_plain, f_plain = plain_loop(paths)
+    t_ours, f_ours, v_ours = project_pipeline(paths)
+    n = len(paths)
+    print(f"{n} images from {', '.join(REAL)} ({os.cpu_count()} cores)")
+    print(f"{'pipeline':<34}{'seconds':>9}{'img/s':>8}{'face found':>12}{'valid':>8}")
+    print(f"{'insightface FaceAnalysis defaults':<34}{t_plain:>9.1f}{n / t_plain:>8.1f}{f_plain / n:>12.1%}{'-':>8}")
+    print(f"{'face_assets filter (det+emb+cartoon)':<34}{t_ours:>9.1f}{n / t_ours:>8.1f}{f_ours / n:>12.1%}{v_ours / n:>8.1%}")
+    print(f"speed-up: {t_plain / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Configuration: defaults, files, environment overrides and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from face_assets.config import load_settings, write_settings
+from face_assets.errors import ConfigError
+
+
+def test_defaults_are_valid():
+    s = load_settings(environ={})
+    assert s.models.pack == "buffalo_s"
+    assert s.detection.det_size == 640
+    assert s.storage.duckdb_path.name == "face_assets.duckdb"
+
+
+def test_yaml_and_toml_files(tmp_path):
+    (tmp_path / "c.yaml").write_text("filter:\n  min_det_score: 0.7\nmodels:\n  device: auto\n")
+    (tmp_path / "c.toml").write_text("[detection]\ndet_size = 320\n")
+    assert load_settings(tmp_path / "c.yaml", environ={}).filter.min_det_score == 0.7
+    assert load_settings(tmp_path / "c.toml", environ={}).detection.det_size == 320
+
+
+def test_unknown_key_names_key_and_allowed_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("filter:\n  min_det_scor: 0.7\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(tmp_path / "c.yaml", environ={})
+    assert "filter.min_det_scor" in str(err.value)
+    assert "min_det_score" in str(err.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'filtr'.*filter"):
+        load_settings(overrides={"filtr": {}}, environ={})
+
+
+def test_wrong_choice_lists_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_settings(overrides={"models": {"device": "tpu"}}, environ={})
+    msg = str(err.value)
+    assert "models.device" in msg and "'cpu'" in msg and "'cuda'" in msg and "'auto'" in msg
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match="filter.min_det_score"):
+        load_settings(overrides={"filter": {"min_det_score": 1.5}}, environ={})
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_settings(overrides={"detection": {"det_size": 100}}, environ={})
+
+
+def test_environment_overrides_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("filter:\n  min_det_score: 0.7\n")
+    env = {"FACE_ASSETS__FILTER__MIN_DET_SCORE": "0.8", "FACE_ASSETS__MODELS__DEVICE": "auto"}
+    s = load_settings(tmp_path / "c.yaml", environ=env)
+    assert s.filter.min_det_score == 0.8 and s.models.device == "auto"
+
+
+def test_config_path_from_environment(tmp_path):
+    (tmp_path / "c.yaml").write_text("detection:\n  pad_ratio: 0.25\n")
+    assert load_settings(environ={"FACE_ASSETS_CONFIG": str(tmp_path / "c.yaml")}).detection.pad_ratio == 0.25
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+    (tmp_path / "bad.yaml").write_text("filter: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_settings(tmp_path / "bad.yaml", environ={})
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(tmp_path / "list.yaml", environ={})
+
+
+def test_write_and_read_back(tmp_path):
+    s = load_settings(overrides={"filter": {"min_face_size": 55}}, environ={})
+    path = write_settings(s, tmp_path / "out.yaml")
+    assert load_settings(path, environ={}) == s

@@ -1,0 +1,103 @@
+"""filter_image on real, cartoon, non-face, tiny and corrupted images, with the real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from face_assets import FaceFilter, ImageLoadError, filter_image, load_settings
+from face_assets.filtering import quality_score
+from face_assets.imaging import load_image
+
+
+@pytest.fixture(scope="module")
+def face_filter() -> FaceFilter:
+    return FaceFilter(load_settings(environ={}))
+
+
+def _first(folder: Path) -> Path:
+    return sorted(p for p in folder.rglob("*") if p.is_file())[0]
+
+
+def test_result_has_exactly_the_spec_shape(datasets):
+    r = filter_image(str(_first(datasets / "real" / "lfw10")))
+    assert {"is_valid", "rejection_reason", "scores"} <= set(r)
+    assert r["is_valid"] is True and r["rejection_reason"] is None
+    s = r["scores"]
+    assert isinstance(s["det_score"], float) and 0.5 <= s["det_score"] <= 1.0
+    assert isinstance(s["embedding_norm"], float) and s["embedding_norm"] > 10
+    assert isinstance(s["face_size"], list) and len(s["face_size"]) == 2 and min(s["face_size"]) > 40
+    assert s["is_cartoon"] is False
+    assert 0.0 <= s["cartoon_probability"] <= 1.0 and 0.0 < s["quality"] <= 1.0
+    assert r["faces"][r["face_index"]]["scores"] == s
+
+
+def test_real_photo_inputs_agree(face_filter, datasets):
+    path = _first(datasets / "real" / "deepface")
+    by_path = face_filter.filter(path)
+    by_bytes = face_filter.filter(path.read_bytes())
+    by_array = face_filter.filter(load_image(path))
+    assert by_path["scores"] == by_bytes["scores"] == by_array["scores"]
+
+
+@pytest.mark.parametrize(
+    "folder, allowed",
+    [
+        ("nonface", {"no_face"}),
+        ("lowres/skimage_lfw_subset_25px", {"low_quality", "no_face"}),
+        ("cartoon/dualstylegan/anime", {"cartoon", "no_face"}),
+        ("cartoon/dualstylegan/pixar", {"cartoon", "no_face"}),
+    ],
+)
+def test_bad_images_are_rejected_with_the_right_reason(face_filter, datasets, folder, allowed):
+    files = sorted(p for p in (datasets / folder).rglob("*") if p.is_file())[:12]
+    reasons = [face_filter.filter(p)["rejection_reason"] for p in files]
+    assert sum(r in allowed for r in reasons) >= len(files) - 1, reasons
+
+
+def test_real_faces_are_valid(face_filter, datasets):
+    files = [p for d in ("lfw10", "dlib_johns", "imfdb") for p in sorted((datasets / "real" / d).rglob("*.jpg"))[:8]]
+    results = [face_filter.filter(p) for p in files]
+    assert sum(r["is_valid"] for r in results) >= len(files) - 1, [r["rejection_reason"] for r in results]
+
+
+def test_tight_crops_are_found_by_padding(face_filter, datasets):
+    files = sorted((datasets / "real" / "imfdb").rglob("*.jpg"))
+    found = sum(bool(face_filter.analyzer.detector.detect(load_image(p))[0]) for p in files)
+    assert len(files) == 400
+    assert found / len(files) >= 0.98
+
+
+def test_group_photo_reports_every_face(face_filter, datasets):
+    r = face_filter.filter(datasets / "detection" / "groups" / "1.jpg")
+    assert r["num_faces"] == len(r["faces"]) >= 5
+    assert r["is_valid"] and r["faces"][r["face_index"]]["is_valid"]
+    best = max(f["scores"]["quality"] for f in r["faces"] if f["is_valid"])
+    assert r["scores"]["quality"] == best
+
+
+def test_thresholds_come_from_config(datasets):
+    strict = FaceFilter(load_settings(overrides={"filter": {"min_det_score": 0.99}}, environ={}))
+    r = strict.filter(_first(datasets / "real" / "lfw10"))
+    assert r["is_valid"] is False and r["rejection_reason"] == "low_quality"
+
+
+def test_unreadable_input_raises(face_filter, datasets):
+    with pytest.raises(ImageLoadError) as err:
+        face_filter.filter(datasets / "corrupted" / "truncated_50pct.jpg")
+    assert "truncated_50pct.jpg" in str(err.value)
+
+
+def test_blank_image_has_no_face(face_filter):
+    r = face_filter.filter(np.full((480, 640, 3), 255, np.uint8))
+    assert r == {**r, "is_valid": False, "rejection_reason": "no_face", "num_faces": 0}
+    assert r["scores"]["face_size"] == [0, 0]
+
+
+def test_quality_score_is_monotonic():
+    assert quality_score(0.9, 24, (120, 120)) > quality_score(0.6, 24, (120, 120))
+    assert quality_score(0.9, 24, (120, 120)) > quality_score(0.9, 12, (120, 120))
+    assert quality_score(0.9, 24, (120, 120)) > quality_score(0.9, 24, (40, 40))
+    assert 0.0 <= quality_score(0.0, 0.0, (0, 0)) <= quality_score(1.0, 99, (999, 999)) == 1.0
