@@ -9,10 +9,11 @@ and what is allowed. The resulting :class:`Settings` object is passed down, neve
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -238,3 +239,24 @@ def write_settings(settings: Settings, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False), encoding="utf-8")
     return path
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " / ".join(f"`{v}`" for v in get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("pathlib.", "").replace("|", "or")
+
+
+def config_reference() -> str:
+    """Markdown table of every setting with its default and description, generated from the models."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        defaults = model().model_dump(mode="json")
+        for name, sub in model.model_fields.items():
+            lines.append(
+                f"| `{section}.{name}` | {_type_name(sub.annotation)} | `{json.dumps(defaults[name])}` | {sub.description or ''} |"
+            )
+    return "\n".join(lines)

@@ -11,17 +11,32 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ImageLoadError
 from .filtering import FaceFilter
 from .imaging import content_hash, load_image
+from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each file as ``on_progress(done, total, path)``."""
+
+
+@dataclass
+class ImageOutcome:
+    """What happened to one input file: its id, status and, when stored, its faces."""
+
+    path: str
+    image_id: str
+    status: str  # "valid", "rejected", "unreadable" or "skipped" (content already in the catalog)
+    rejection_reason: str | None = None
+    error: str | None = None
+    face_ids: list[int] = field(default_factory=list)
+    result: FilterResult | None = None
+    analysis: ImageAnalysis | None = None
 
 
 @dataclass
@@ -35,6 +50,18 @@ class IngestSummary:
     skipped: int = 0
     faces: int = 0
     seconds: float = 0.0
+
+    def add(self, outcome: ImageOutcome) -> None:
+        """Count one outcome."""
+        if outcome.status == "valid":
+            self.valid += 1
+        elif outcome.status == "rejected":
+            self.rejected[outcome.rejection_reason] += 1
+        elif outcome.status == "unreadable":
+            self.unreadable += 1
+        else:
+            self.skipped += 1
+        self.faces += len(outcome.face_ids)
 
     def to_dict(self) -> dict:
         """JSON-friendly view, with rejections broken down by reason."""
@@ -62,51 +89,67 @@ def iter_image_files(root: str | Path, recursive: bool = True) -> list[Path]:
 
 
 def ingest_paths(
-    paths: Iterable[str | Path],
+    paths: Sequence[str | Path],
     face_filter: FaceFilter,
     catalog: Catalog,
     on_progress: ProgressCallback | None = None,
+    on_image: Callable[[ImageOutcome], None] | None = None,
+    image_ids: Sequence[str | None] | None = None,
+    metadata: Sequence[dict | None] | None = None,
     chunk_size: int = 16,
 ) -> IngestSummary:
-    """Filter and embed ``paths`` into ``catalog``; already-processed contents are skipped.
+    """Filter and embed ``paths`` into ``catalog``; contents already in the catalog are skipped.
 
     Images are decoded and analysed ``chunk_size`` at a time so the recognizer runs batched
-    across images; each image is committed on its own.
+    across images; each image is committed on its own, then reported to ``on_image``.
+    ``image_ids`` and ``metadata``, when given, run parallel to ``paths`` (the default id is the
+    content hash).
     """
     paths = [Path(p) for p in paths]
+    image_ids = list(image_ids) if image_ids is not None else [None] * len(paths)
+    metadata = list(metadata) if metadata is not None else [None] * len(paths)
     summary = IngestSummary(total=len(paths))
     start = time.perf_counter()
-    seen: set[str] = set()
-    done = 0
+    seen: dict[str, str] = {}
+    max_pixels = face_filter.settings.images.max_pixels
     for begin in range(0, len(paths), chunk_size):
-        chunk = paths[begin : begin + chunk_size]
+        items = list(zip(paths, image_ids, metadata))[begin : begin + chunk_size]
+        hashed = [(path, _read(path), given, meta) for path, given, meta in items]
+        known = catalog.known_hashes([digest for _, (digest, _), _, _ in hashed])
+        outcomes: list[ImageOutcome] = []
         pending = []
-        hashed = [(p, *_read(p)) for p in chunk]
-        known = catalog.known_image_ids([h for _, h, _ in hashed])
-        for path, image_id, data in hashed:
-            if image_id in known or image_id in seen:
-                summary.skipped += 1
+        for path, (digest, data), given, meta in hashed:
+            earlier = known.get(digest) or seen.get(digest)
+            if earlier is not None:
+                outcomes.append(ImageOutcome(str(path), earlier, "skipped"))
                 continue
-            seen.add(image_id)
+            image_id = given or digest
+            seen[digest] = image_id
             try:
                 if isinstance(data, ImageLoadError):
                     raise data
-                pending.append((path, image_id, load_image(data, max_pixels=face_filter.settings.images.max_pixels)))
+                image = load_image(data, max_pixels=max_pixels)
             except ImageLoadError as exc:
-                catalog.record_unreadable(image_id, str(path), exc.reason)
-                summary.unreadable += 1
-        results = face_filter.filter_loaded([img for _, _, img in pending]) if pending else []
-        for (path, image_id, _), (analysis, result) in zip(pending, results):
-            catalog.record_image(image_id, str(path), analysis, result, face_filter.analyzer.model_version)
-            summary.faces += len(analysis.faces)
-            if result["is_valid"]:
-                summary.valid += 1
-            else:
-                summary.rejected[result["rejection_reason"]] += 1
-        for path in chunk:
-            done += 1
+                catalog.record_unreadable(image_id, digest, str(path), exc.reason)
+                outcomes.append(ImageOutcome(str(path), image_id, "unreadable", error=exc.reason))
+                continue
+            outcome = ImageOutcome(str(path), image_id, "pending")
+            outcomes.append(outcome)
+            pending.append((outcome, digest, meta, image))
+        results = face_filter.filter_loaded([img for *_, img in pending]) if pending else []
+        for (outcome, digest, meta, _), (analysis, result) in zip(pending, results):
+            outcome.face_ids = catalog.record_image(
+                outcome.image_id, digest, outcome.path, analysis, result, face_filter.analyzer.model_version, meta
+            )
+            outcome.status = "valid" if result["is_valid"] else "rejected"
+            outcome.rejection_reason = result["rejection_reason"] if not result["is_valid"] else None
+            outcome.result, outcome.analysis = result, analysis
+        for i, outcome in enumerate(outcomes):
+            summary.add(outcome)
+            if on_image is not None:
+                on_image(outcome)
             if on_progress is not None:
-                on_progress(done, summary.total, str(path))
+                on_progress(begin + i + 1, summary.total, outcome.path)
     summary.seconds = time.perf_counter() - start
     return summary
 

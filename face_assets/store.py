@@ -2,8 +2,8 @@
 
 Tables (query them with DuckDB SQL, see ``docs/filter.md``):
 
-``images``  one row per distinct image content (``image_id`` = sha256 of the file bytes): path,
-            size, ``status`` (``valid`` / ``rejected`` / ``unreadable``), ``rejection_reason``,
+``images``  one row per distinct image content: ``image_id`` (given by the user, or else the
+            ``content_hash``, the sha256 of the file bytes), path, size, ``status`` (``valid`` / ``rejected`` / ``unreadable``), ``rejection_reason``,
             ``error``, number of faces, model version, time processed.
 ``faces``   one row per detected face: ``face_id`` (int64, also the ANN index id), ``image_id``,
             box, ``det_score``, ``embedding_norm``, size, area ratio, cartoon probability,
@@ -31,6 +31,7 @@ SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS face_id_seq START 1;
 CREATE TABLE IF NOT EXISTS images (
     image_id VARCHAR PRIMARY KEY,
+    content_hash VARCHAR NOT NULL,
     path VARCHAR NOT NULL,
     width INTEGER,
     height INTEGER,
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS faces (
     embedding FLOAT[] NOT NULL
 );
 CREATE INDEX IF NOT EXISTS faces_image_idx ON faces (image_id);
+CREATE INDEX IF NOT EXISTS images_hash_idx ON images (content_hash);
 """
 
 
@@ -99,27 +101,30 @@ class Catalog:
                 raise
             self.con.execute("COMMIT")
 
-    def known_image_ids(self, image_ids: Sequence[str]) -> set[str]:
-        """Which of ``image_ids`` are already in the catalog (processed in an earlier run)."""
-        if not image_ids:
-            return set()
+    def known_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
+        """Which content hashes are already in the catalog, mapped to their image id."""
+        if not hashes:
+            return {}
         with self._lock:
             rows = self.con.execute(
-                "SELECT image_id FROM images WHERE image_id IN (SELECT unnest(?))", [list(image_ids)]
+                "SELECT content_hash, image_id FROM images WHERE content_hash IN (SELECT unnest(?))",
+                [list(hashes)],
             ).fetchall()
-        return {r[0] for r in rows}
+        return dict(rows)
 
-    def record_unreadable(self, image_id: str, path: str, error: str) -> None:
+    def record_unreadable(self, image_id: str, content_hash: str, path: str, error: str) -> None:
         """Record a file that could not be decoded, so the next run does not retry it."""
         with self.transaction() as con:
             con.execute(
-                "INSERT OR REPLACE INTO images (image_id, path, status, error, processed_at) VALUES (?, ?, 'unreadable', ?, ?)",
-                [image_id, path, error, _now()],
+                """INSERT OR REPLACE INTO images (image_id, content_hash, path, status, error, processed_at)
+                   VALUES (?, ?, ?, 'unreadable', ?, ?)""",
+                [image_id, content_hash, path, error, _now()],
             )
 
     def record_image(
         self,
         image_id: str,
+        content_hash: str,
         path: str,
         analysis: ImageAnalysis,
         result: FilterResult,
@@ -131,10 +136,10 @@ class Catalog:
         with self.transaction() as con:
             con.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
             con.execute(
-                """INSERT OR REPLACE INTO images (image_id, path, width, height, status, rejection_reason,
-                   num_faces, padded, model_version, metadata, processed_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [image_id, path, analysis.width, analysis.height, status,
+                """INSERT OR REPLACE INTO images (image_id, content_hash, path, width, height, status,
+                   rejection_reason, num_faces, padded, model_version, metadata, processed_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [image_id, content_hash, path, analysis.width, analysis.height, status,
                  None if result["is_valid"] else result["rejection_reason"], len(analysis.faces),
                  analysis.padded, model_version, json.dumps(metadata) if metadata else None, _now()],
             )
