@@ -15,7 +15,7 @@ setup: $(BIN)/face-assets
 
 ## Set up, then run the main job on the default input into data/.
 run: setup
-	$(BIN)/face-assets process
+	$(BIN)/face-assets index
 
 ## Set up, then run the whole test suite.
 test: setup

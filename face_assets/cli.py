@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, load_settings, write_settings
+from .config import Settings, config_reference, load_settings, write_settings
 from .errors import FaceRecognitionError
 from .models import builtin_pack_dir
 
@@ -66,29 +67,62 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_process(args: argparse.Namespace) -> int:
-    from .filtering import FaceFilter
-    from .ingest import ingest_paths, iter_image_files
-    from .store import Catalog
+def _library(args: argparse.Namespace):
+    from .library import FaceRecognitionLibrary
 
-    settings = _settings(args)
-    paths = [p for d in args.dirs for p in iter_image_files(d)] if args.dirs else sample_images()
+    return FaceRecognitionLibrary(settings=_settings(args))
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .ingest import iter_image_files
+
+    paths = [p for d in args.paths for p in iter_image_files(d, recursive=not args.no_recursive)] if args.paths else sample_images()
     if not paths:
         print("no input files", file=sys.stderr)
         return 2
-    face_filter = FaceFilter(settings)
-    with Catalog(settings.storage.duckdb_path) as catalog:
-        summary = ingest_paths(paths, face_filter, catalog, on_progress=_progress(len(paths), "filter+embed"))
-    out = summary.to_dict() | {"catalog": str(settings.storage.duckdb_path)}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(
-            f"{out['total']} files: {out['valid']} valid, rejected {out['rejected'] or {}}, "
-            f"{out['unreadable']} unreadable, {out['skipped']} already done; {out['faces']} faces "
-            f"stored in {out['catalog']} ({out['images_per_second']} img/s)"
-        )
+    with _library(args) as lib:
+        summary = lib.index_batch(paths, on_progress=_progress(len(paths), "index"))
+        out = summary.to_dict() | {"index_size": len(lib.index), "catalog": str(lib.settings.storage.duckdb_path)}
+    _print(args, out,
+           f"{out['total']} files: {out['valid']} valid, rejected {out['rejected'] or {}}, "
+           f"{out['unreadable']} unreadable, {out['skipped']} already indexed; {out['faces']} faces stored; "
+           f"index holds {out['index_size']} faces ({out['images_per_second']} img/s) -> {out['catalog']}")
     return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        results = lib.search(args.image, top_k=args.top_k, threshold=args.threshold)
+    rows = [dataclasses.asdict(r) for r in results]
+    text = "\n".join(f"{i + 1:>3}. {r.similarity:.4f}  face {r.face_id}  {r.path}" for i, r in enumerate(results))
+    _print(args, rows, text or "no match")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        c = lib.compare(args.image1, args.image2)
+    _print(args, dataclasses.asdict(c),
+           f"similarity {c.similarity:.4f} -> {'same person' if c.is_match else 'different persons'} (threshold {c.threshold})")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        s = lib.stats()
+    _print(args, s, "\n".join(f"{k}: {v}" for k, v in s.items()))
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        n = lib.remove(int(args.id) if args.id.isdigit() else args.id)
+    _print(args, {"removed_faces": n}, f"removed {n} face(s)")
+    return 0 if n else 1
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -109,6 +143,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(config_reference())
+        return 0
     settings = _settings(args)
     if args.write:
         write_settings(settings, args.write)
@@ -128,10 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_filter)
 
-    p = sub.add_parser("process", help="filter and embed folders into the catalog (default: sample photos)")
-    p.add_argument("dirs", nargs="*")
+    p = sub.add_parser("index", help="filter, embed and index files or folders (default: the sample photos)")
+    p.add_argument("paths", nargs="*")
+    p.add_argument("--no-recursive", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_process)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="find the faces most similar to the main face of an image")
+    p.add_argument("image")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("compare", help="1:1 verification of two images")
+    p.add_argument("image1")
+    p.add_argument("image2")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("stats", help="what the catalog and index hold")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("remove", help="remove an image (by image id) or a face (by numeric face id)")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("calibrate", help="propose filter thresholds from folders of good real faces")
     p.add_argument("dirs", nargs="+", help="folders of good real face photos")
@@ -143,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.add_argument("--write", help="also write it to this file")
+    p.add_argument("--reference", action="store_true", help="print the markdown reference of every setting")
     p.set_defaults(func=cmd_config)
     return parser
 

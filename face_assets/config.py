@@ -95,6 +95,18 @@ class FilterSettings(_Section):
     check_cartoon: bool = Field(True, description="Run the cartoon/illustration classifier.")
 
 
+class SearchSettings(_Section):
+    """Search and 1:1 comparison."""
+
+    match_threshold: float = Field(
+        0.3,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine similarity at or above which two faces are the same person (`compare`); "
+        "calibrated at FAR 1e-3 on the shared labelled faces.",
+    )
+
+
 class ImageSettings(_Section):
     """Image decoding limits."""
 
@@ -108,6 +120,15 @@ class StorageSettings(_Section):
 
     data_dir: Path = Field(Path("data"), description="Home of the DuckDB file, index and models.")
     duckdb_file: str = Field("face_assets.duckdb", description="Catalog file name inside `data_dir`.")
+    index_file: str = Field("faces.faiss", description="faiss index file name inside `data_dir`.")
+    index_factory: str = Field(
+        "auto",
+        description="faiss index factory string, or `auto`: exact search for small collections, "
+        "IVF for large ones.",
+    )
+    index_save_every: int = Field(
+        1000, ge=1, description="Save the index after this many new images during bulk indexing."
+    )
 
     @property
     def duckdb_path(self) -> Path:
@@ -121,6 +142,7 @@ class Settings(_Section):
     models: ModelSettings = Field(default_factory=ModelSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     filter: FilterSettings = Field(default_factory=FilterSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
 

@@ -50,3 +50,15 @@ class ModelNotFoundError(FaceRecognitionError):
         if hint:
             lines.append(hint)
         super().__init__("\n".join(lines))
+
+
+class EmbeddingError(FaceRecognitionError, ValueError):
+    """An embedding given to search has the wrong dimension, is all zeros, or holds NaN/inf."""
+
+
+class IndexNotFoundError(FaceRecognitionError):
+    """No index file where one was expected."""
+
+
+class IndexCorruptError(FaceRecognitionError):
+    """An index file exists but cannot be read back (truncated, garbage, checksum mismatch)."""

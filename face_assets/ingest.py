@@ -115,15 +115,15 @@ def ingest_paths(
     for begin in range(0, len(paths), chunk_size):
         items = list(zip(paths, image_ids, metadata))[begin : begin + chunk_size]
         hashed = [(path, _read(path), given, meta) for path, given, meta in items]
-        known = catalog.known_hashes([digest for _, (digest, _), _, _ in hashed])
+        known = catalog.known_hashes([digest for _, (digest, _), _, _ in hashed], face_filter.analyzer.model_version)
         outcomes: list[ImageOutcome] = []
         pending = []
         for path, (digest, data), given, meta in hashed:
-            earlier = known.get(digest) or seen.get(digest)
-            if earlier is not None:
-                outcomes.append(ImageOutcome(str(path), earlier, "skipped"))
+            earlier, done = known.get(digest, (None, False))
+            if done or digest in seen:
+                outcomes.append(ImageOutcome(str(path), earlier or seen[digest], "skipped"))
                 continue
-            image_id = given or digest
+            image_id = earlier or given or digest
             seen[digest] = image_id
             try:
                 if isinstance(data, ImageLoadError):

@@ -101,16 +101,21 @@ class Catalog:
                 raise
             self.con.execute("COMMIT")
 
-    def known_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
-        """Which content hashes are already in the catalog, mapped to their image id."""
+    def known_hashes(self, hashes: Sequence[str], model_version: str) -> dict[str, tuple[str, bool]]:
+        """Content hashes already in the catalog -> (image id, done), ``done`` when nothing is left to do.
+
+        An image is done when it is unreadable or was processed by ``model_version``; one embedded by
+        another model version is processed again under the same image id (re-embedding).
+        """
         if not hashes:
             return {}
         with self._lock:
             rows = self.con.execute(
-                "SELECT content_hash, image_id FROM images WHERE content_hash IN (SELECT unnest(?))",
-                [list(hashes)],
+                """SELECT content_hash, image_id, status = 'unreadable' OR model_version = ?
+                   FROM images WHERE content_hash IN (SELECT unnest(?))""",
+                [model_version, list(hashes)],
             ).fetchall()
-        return dict(rows)
+        return {digest: (image_id, bool(done)) for digest, image_id, done in rows}
 
     def record_unreadable(self, image_id: str, content_hash: str, path: str, error: str) -> None:
         """Record a file that could not be decoded, so the next run does not retry it."""
@@ -158,6 +163,80 @@ class Catalog:
                 ).fetchone()
                 face_ids.append(int(row[0]))
         return face_ids
+
+    def checkpoint(self) -> None:
+        """Flush the write-ahead log into the database file."""
+        with self._lock:
+            self.con.execute("CHECKPOINT")
+
+    def valid_face_ids(self, model_version: str) -> list[int]:
+        """Ids of the searchable faces: valid, embedded by ``model_version``."""
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT face_id FROM faces WHERE is_valid AND model_version = ? ORDER BY face_id", [model_version]
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def embeddings(self, face_ids: Sequence[int], batch: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int64 [n], embeddings float32 [n, d])`` of the given faces, read in batches."""
+        parts = []
+        with self._lock:
+            for start in range(0, len(face_ids), batch):
+                rows = self.con.execute(
+                    "SELECT face_id, embedding FROM faces WHERE face_id IN (SELECT unnest(?)) ORDER BY face_id",
+                    [list(face_ids[start : start + batch])],
+                ).fetchnumpy()
+                if len(rows["face_id"]):
+                    parts.append((rows["face_id"].astype(np.int64), np.stack(rows["embedding"]).astype(np.float32)))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def faces_by_id(self, face_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Face id -> image id, path, box and image metadata, for search results."""
+        if not face_ids:
+            return {}
+        with self._lock:
+            rows = self.con.execute(
+                """SELECT f.face_id, f.image_id, i.path, f.x1, f.y1, f.x2, f.y2, i.metadata
+                   FROM faces f JOIN images i USING (image_id) WHERE f.face_id IN (SELECT unnest(?))""",
+                [list(face_ids)],
+            ).fetchall()
+        return {
+            r[0]: {"image_id": r[1], "path": r[2], "bbox": [r[3], r[4], r[5], r[6]],
+                   "metadata": json.loads(r[7]) if r[7] else None}
+            for r in rows
+        }
+
+    def remove_image(self, image_id: str) -> list[int]:
+        """Delete an image and its faces; returns the removed face ids."""
+        with self.transaction() as con:
+            ids = [r[0] for r in con.execute("SELECT face_id FROM faces WHERE image_id = ?", [image_id]).fetchall()]
+            con.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
+            con.execute("DELETE FROM images WHERE image_id = ?", [image_id])
+        return ids
+
+    def remove_face(self, face_id: int) -> list[int]:
+        """Delete one face; returns ``[face_id]`` when it existed."""
+        with self.transaction() as con:
+            found = con.execute("DELETE FROM faces WHERE face_id = ? RETURNING face_id", [face_id]).fetchall()
+        return [r[0] for r in found]
+
+    def clear(self) -> None:
+        """Delete every image and face (the sequence of face ids goes on, ids are never reused)."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM faces")
+            con.execute("DELETE FROM images")
+
+    def stats(self) -> dict[str, Any]:
+        """Image counts by status and rejection reason, and face counts."""
+        with self._lock:
+            by_status = dict(self.con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
+            reasons = dict(self.con.execute(
+                "SELECT rejection_reason, count(*) FROM images WHERE status = 'rejected' GROUP BY ALL").fetchall())
+            faces, valid = self.con.execute("SELECT count(*), count(*) FILTER (WHERE is_valid) FROM faces").fetchone()
+        return {"images": sum(by_status.values()), "by_status": by_status, "rejected_by_reason": reasons,
+                "faces": faces, "valid_faces": valid}
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         """Run a read query and return all rows."""

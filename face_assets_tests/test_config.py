@@ -76,3 +76,12 @@ def test_write_and_read_back(tmp_path):
     s = load_settings(overrides={"filter": {"min_face_size": 55}}, environ={})
     path = write_settings(s, tmp_path / "out.yaml")
     assert load_settings(path, environ={}) == s
+
+
+def test_configuration_doc_lists_every_setting():
+    from pathlib import Path
+
+    from face_assets.config import config_reference
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert config_reference() in doc, "regenerate with: face-assets config --reference"

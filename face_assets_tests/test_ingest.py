@@ -52,7 +52,7 @@ def test_ingest_accounts_for_every_file_and_is_idempotent(tmp_path, folder):
 
 def test_cli_process_and_filter(tmp_path, folder, datasets):
     env_cmd = [sys.executable, "-m", "face_assets.cli", "--data-dir", str(tmp_path / "data")]
-    out = subprocess.run(env_cmd + ["process", str(folder), "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(env_cmd + ["index", str(folder), "--json"], capture_output=True, text=True, check=True)
     summary = json.loads(out.stdout)
     assert summary["total"] == 7 and summary["valid"] == 3
     con = duckdb.connect(str(tmp_path / "data" / "face_assets.duckdb"), read_only=True)
