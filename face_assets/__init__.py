@@ -2,7 +2,11 @@
 
 Public entry points::
 
-    from face_assets import filter_image, load_settings, FaceFilter
+    from face_assets import FaceRecognitionLibrary, filter_image
+
+    with FaceRecognitionLibrary(index_dir="data") as lib:
+        lib.index_directory("photos/")
+        matches = lib.search("query.jpg", top_k=10)
 """
 
 from .config import Settings, load_settings
@@ -14,10 +18,12 @@ from .errors import (
     NoFaceDetectedError,
 )
 from .filtering import FaceFilter, filter_image
+from .library import FaceRecognitionLibrary
 
 __all__ = [
     "ConfigError",
     "FaceFilter",
+    "FaceRecognitionLibrary",
     "FaceRecognitionError",
     "ImageLoadError",
     "ModelNotFoundError",

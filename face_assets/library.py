@@ -11,7 +11,6 @@ was reported as indexed and duplicates nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -334,7 +333,3 @@ class FaceRecognitionLibrary:
             return s | {"index_size": len(self.index), "index_type": self.index.resolved_factory,
                         "model_version": self.model_version, "index_dir": str(self.index_dir)}
 
-
-def results_to_json(results: Sequence[SearchResult]) -> str:
-    """Search results as a JSON array (for the CLI and web API)."""
-    return json.dumps([dataclasses.asdict(r) for r in results])

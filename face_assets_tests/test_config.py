@@ -85,3 +85,12 @@ def test_configuration_doc_lists_every_setting():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     assert config_reference() in doc, "regenerate with: face-assets config --reference"
+
+
+def test_api_doc_matches_docstrings():
+    from pathlib import Path
+
+    from face_assets.apidoc import render
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    assert doc == render(), "regenerate with: python -m face_assets.apidoc > docs/api.md"
