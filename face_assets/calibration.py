@@ -1,9 +1,13 @@
 """Threshold calibration for the quality filters, on the shared real faces or a user's own folder.
 
 Rule: each threshold rejects the worst ``percentile`` % of the faces in folders known to hold good
-real faces (``det_score``, ``embedding_norm``, face size and area ratio are all "higher is better"),
-never below a floor (the detector's own threshold, a 24 px face, ...). Faces found in folders of
-non-faces or tiny images are shown beside them, so one sees what each threshold separates.
+real faces (``det_score``, ``embedding_norm`` and face size are all "higher is better"), never
+below a floor (the detector's own threshold, a 24 px face). Faces found in folders of non-faces or
+tiny images are shown beside them, so one sees what each threshold separates.
+
+The face area ratio is reported but only calibrated on request (``area_ratio=True``): in group and
+crowd photos a well-resolved face covers 0.03-0.1 % of the image, so a ratio learned on portraits
+would reject them. Collections of portraits only may turn it on.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def calibrate(
     good_dirs: Sequence[Path],
     bad_dirs: Sequence[Path] = (),
     percentile: float = 1.0,
+    area_ratio: bool = False,
 ) -> Calibration:
     """Propose filter thresholds from folders of good real faces (and show bad folders for contrast)."""
     good = collect_face_scores(face_filter, (p for d in good_dirs for p in iter_image_files(d)))
@@ -111,7 +116,9 @@ def calibrate(
     thresholds["face_size"] = float(int(thresholds["face_size"]))
     thresholds["det_score"] = round(thresholds["det_score"], 3)
     thresholds["embedding_norm"] = round(thresholds["embedding_norm"], 2)
-    thresholds["face_area_ratio"] = float(f"{thresholds['face_area_ratio']:.2g}")
+    thresholds["face_area_ratio"] = (
+        float(f"{thresholds['face_area_ratio']:.2g}") if area_ratio else face_filter.settings.filter.min_face_area_ratio
+    )
     proposed = face_filter.settings.model_copy(deep=True)
     proposed.filter = proposed.filter.model_copy(
         update={_FIELDS[m]: (int(v) if m == "face_size" else v) for m, v in thresholds.items()}

@@ -130,7 +130,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .filtering import FaceFilter
 
     face_filter = FaceFilter(_settings(args))
-    cal = calibrate(face_filter, [Path(d) for d in args.dirs], [Path(d) for d in args.bad or []], args.percentile)
+    cal = calibrate(face_filter, [Path(d) for d in args.dirs], [Path(d) for d in args.bad or []], args.percentile,
+                    area_ratio=args.area_ratio)
     if args.json:
         print(json.dumps({"thresholds": cal.thresholds}, indent=2))
     else:
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", help="folders of good real face photos")
     p.add_argument("--bad", nargs="*", help="folders of images that should be rejected, for contrast")
     p.add_argument("--percentile", type=float, default=1.0, help="share of good faces each threshold rejects")
+    p.add_argument("--area-ratio", action="store_true",
+                   help="also calibrate the face area ratio (for collections of portraits, not group photos)")
     p.add_argument("--write-config", help="write a config file with the proposed thresholds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -77,13 +77,13 @@ class DetectionSettings(_Section):
 class FilterSettings(_Section):
     """Thresholds of `filter_image`; defaults calibrated by `face-assets calibrate` on the shared data."""
 
-    min_det_score: float = Field(0.6, ge=0.0, le=1.0, description="Minimum detector confidence.")
+    min_det_score: float = Field(0.605, ge=0.0, le=1.0, description="Minimum detector confidence.")
     min_embedding_norm: float = Field(
-        15.0, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
+        14.88, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
     )
-    min_face_size: int = Field(40, ge=0, description="Minimum of face box width and height, pixels.")
+    min_face_size: int = Field(37, ge=0, description="Minimum of face box width and height, pixels.")
     min_face_area_ratio: float = Field(
-        0.0, ge=0.0, le=1.0, description="Minimum face box area / image area."
+        0.0, ge=0.0, le=1.0, description="Minimum face box area / image area (0 = off: group photos are legitimate)."
     )
     cartoon_threshold: float | None = Field(
         None,
