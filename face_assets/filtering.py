@@ -2,10 +2,11 @@
 
 Every face of an image gets its own verdict from its scores:
 
-1. ``low_quality`` when the face is smaller than ``min_face_size`` or ``min_face_area_ratio``
-   (too few pixels to judge anything, style included);
-2. ``cartoon`` when the cartoon classifier's probability reaches its threshold;
-3. ``low_quality`` when ``det_score`` or ``embedding_norm`` is under its threshold.
+1. ``cartoon`` when the cartoon classifier's probability reaches its threshold, for faces of at
+   least ``CARTOON_MIN_SIDE`` pixels (below that the aligned crop is mostly interpolation and
+   style cannot be judged);
+2. ``low_quality`` when the face is smaller than ``min_face_size`` or ``min_face_area_ratio``, or
+   ``det_score`` or ``embedding_norm`` is under its threshold.
 
 The image is valid when at least one face is. The deciding face, whose scores are reported at the
 top level, is the valid face of highest ``quality`` or, when none is valid, the largest face. An
@@ -30,6 +31,7 @@ from .schemas import DetectedFace, FaceVerdict, FilterResult, ImageAnalysis, Rej
 # range of real-face norms on the shared data, and the recognizer's own 112 px input.
 NORM_REF = 25.0
 SIZE_REF = 112.0
+CARTOON_MIN_SIDE = 24
 
 
 def quality_score(det_score: float, embedding_norm: float, face_size: Sequence[int]) -> float:
@@ -107,16 +109,15 @@ class FaceFilter:
         norm = face.embedding_norm or 0.0
         ratio = analysis.area_ratio(face)
         prob = 0.0
-        if self.classifier is not None and face.texture is not None:
+        if self.classifier is not None and face.texture is not None and min(size) >= CARTOON_MIN_SIDE:
             prob = float(self.classifier.predict_proba(self.classifier.features(face.normed_embedding, face.texture))[0])
         threshold = self.cartoon_threshold
         is_cartoon = threshold is not None and prob >= threshold
         reason: RejectionReason | None = None
-        if min(size) < cfg.min_face_size or ratio < cfg.min_face_area_ratio:
-            reason = "low_quality"
-        elif is_cartoon:
+        if is_cartoon:
             reason = "cartoon"
-        elif face.det_score < cfg.min_det_score or norm < cfg.min_embedding_norm:
+        elif (min(size) < cfg.min_face_size or ratio < cfg.min_face_area_ratio
+              or face.det_score < cfg.min_det_score or norm < cfg.min_embedding_norm):
             reason = "low_quality"
         return {
             "bbox": [round(float(v), 2) for v in face.bbox[:4]],
