@@ -99,7 +99,7 @@ class SearchSettings(_Section):
     """Search and 1:1 comparison."""
 
     match_threshold: float = Field(
-        0.3,
+        0.25,
         ge=-1.0,
         le=1.0,
         description="Cosine similarity at or above which two faces are the same person (`compare`); "
