@@ -105,7 +105,7 @@ def ingest_paths(
     ``image_ids`` and ``metadata``, when given, run parallel to ``paths`` (the default id is the
     content hash).
     """
-    paths = [Path(p) for p in paths]
+    paths = [Path(p).absolute() for p in paths]  # the catalog must not depend on the working directory
     image_ids = list(image_ids) if image_ids is not None else [None] * len(paths)
     metadata = list(metadata) if metadata is not None else [None] * len(paths)
     summary = IngestSummary(total=len(paths))
