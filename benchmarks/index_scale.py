@@ -1,14 +1,17 @@
 """Scale benchmark of :class:`face_assets.index.FaceIndex` on synthetic face embeddings.
 
-    python benchmarks/index_scale.py --n 2000000 [--queries 1000] [--factory auto] [--nprobe 256,512]
+    python benchmarks/index_scale.py --n 2000000 [--queries 1000] [--factory "auto;IVF8192,SQ8"]
+                                     [--nprobe 512,682] [--refine-factor 10,20]
 
-Generates ``n`` synthetic faces (:mod:`face_assets.synthetic`), builds the index ``--factory``
-picks for that size, and reports, in one run:
+Generates ``n`` synthetic faces (:mod:`face_assets.synthetic`, parameters calibrated on real
+embeddings), builds each ``--factory`` in turn (``;``-separated, default: what "auto" picks for
+that size) and reports, in one run:
 
-* build time, peak memory (``ru_maxrss``) and RSS before/after the build;
+* build time, RSS before/after each build, and peak memory (``ru_maxrss``) of the whole run;
 * single-query latency p50/p99 for top-10 (one query per call, as a user would search);
 * exact search (``IndexFlatIP`` over the same data) single-query latency and the speed-up;
-* recall@10 against exact search (batch-searched ground truth), for each ``--nprobe`` value.
+* recall@10 against exact search (batch-searched ground truth), for each ``--nprobe`` and
+  ``--refine-factor`` value.
 
 The dataset lives once in memory: it is generated straight into the storage of the exact
 ``IndexFlatIP``, and the ANN index is built from a view of it.
@@ -20,9 +23,8 @@ photos, the hard case). Two recall figures per mix:
 
 * ``recall@10``: |ANN top-10 ∩ exact top-10| / 10, the standard definition;
 * ``match@10``: the same, counting only exact neighbours with cosine >= ``--match-threshold``
-  (0.3, about where face matching starts to be plausible). On this data most exact neighbours of
-  people with few photos are random faces at cosine 0.15-0.2, whose order is noise; ``match@10``
-  is the part of recall that changes what a user sees.
+  (0.3, about where face matching starts to be plausible: the part of recall that changes what a
+  user sees).
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def recall(found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, min_s
     return hit / total if total else float("nan")
 
 
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def single_query_latencies(search, queries: np.ndarray, k: int) -> np.ndarray:
     """Seconds per call, one query per call."""
     for q in queries[: min(5, len(queries))]:  # warm caches and thread pools
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200_000, help="library size (faces)")
     p.add_argument("--queries", type=int, default=1000, help="queries per mix")
-    p.add_argument("--factory", default="auto", help="FaceIndex factory string")
+    p.add_argument("--factory", default="auto", help="FaceIndex factory strings, ';'-separated (built in turn)")
     p.add_argument("--nprobe", default="", help="comma-separated nprobe values to sweep (default: the index's)")
     p.add_argument("--refine-factor", default="", help="comma-separated refine factors to sweep (default: the index's)")
     p.add_argument("--k", type=int, default=10)
@@ -139,35 +145,39 @@ def main(argv: list[str] | None = None) -> int:
     exact_lat = single_query_latencies(exact.search, queries["faces"][:nq_exact], k)
     log(f"exact single-query p50 {np.median(exact_lat) * 1e3:.1f} ms")
 
-    # -- build -------------------------------------------------------------------------------
-    index = FaceIndex(dim=args.dim, factory=args.factory)
-    rss_before, peak_before = rss_bytes(), peak_rss_bytes()
-    t = time.time()
-    index.rebuild(np.arange(args.n, dtype=np.int64), data)
-    t_build = time.time() - t
-    rss_after, peak_after = rss_bytes(), peak_rss_bytes()
-    log(f"built {index.resolved_factory} in {t_build:.1f}s")
-
-    default = (index.nprobe, index.refine_factor)
-    sweep = [
-        (nprobe, rf)
-        for nprobe in ([int(v) for v in args.nprobe.split(",") if v.strip()] or [index.nprobe])
-        for rf in ([int(v) for v in args.refine_factor.split(",") if v.strip()] or [index.refine_factor])
-    ]
-    rows = []
-    for nprobe, rf in sweep:
-        if nprobe is not None:
-            index.nprobe = nprobe
-        index.refine_factor = rf
-        lat = single_query_latencies(index.search, queries["faces"], k)
-        row = {"nprobe": nprobe, "rf": rf, "p50": np.median(lat), "p99": np.percentile(lat, 99)}
-        for m, q in queries.items():
-            _, found = index.search(q, k)
-            ts, ti = truth[m]
-            row[f"r_{m}"] = recall(found, ti, ts, None)
-            row[f"m_{m}"] = recall(found, ti, ts, args.match_threshold)
-        rows.append(row)
-        log(f"nprobe={nprobe} refine={rf}: p50 {row['p50'] * 1e3:.2f} ms, recall@10 faces {row['r_faces']:.3f}")
+    # -- build and sweep, per factory --------------------------------------------------------
+    rows, builds = [], []
+    for factory in [f.strip() for f in args.factory.split(";") if f.strip()]:
+        index = FaceIndex(dim=args.dim, factory=factory)
+        rss_before = rss_bytes()
+        t = time.time()
+        index.rebuild(np.arange(args.n, dtype=np.int64), data)
+        t_build = time.time() - t
+        rss_after, peak_after = rss_bytes(), peak_rss_bytes()
+        builds.append((factory, index.resolved_factory, t_build, rss_before, rss_after, peak_after))
+        log(f"built {index.resolved_factory} in {t_build:.1f}s")
+        default = (index.nprobe, index.refine_factor)
+        refines = ints(args.refine_factor) or [default[1]]
+        if "Refine(" not in index.resolved_factory:
+            refines = [default[1]]  # no re-ranking stage: the factor does nothing
+        for nprobe, rf in [(n, r) for n in ints(args.nprobe) or [default[0]] for r in refines]:
+            if nprobe is not None:
+                index.nprobe = nprobe  # (at most nlist)
+            index.refine_factor = rf
+            lat = single_query_latencies(index.search, queries["faces"], k)
+            nprobe = index.nprobe
+            row = {"factory": index.resolved_factory, "nprobe": nprobe, "default": (nprobe, rf) == default}
+            row["rf"] = rf if "Refine(" in index.resolved_factory else None
+            row.update(p50=np.median(lat), p99=np.percentile(lat, 99))
+            for m, q in queries.items():
+                _, found = index.search(q, k)
+                ts, ti = truth[m]
+                row[f"r_{m}"] = recall(found, ti, ts, None)
+                row[f"m_{m}"] = recall(found, ti, ts, args.match_threshold)
+            rows.append(row)
+            log(f"{row['factory']} nprobe={nprobe} refine={row['rf']}: p50 {row['p50'] * 1e3:.2f} ms, recall@10 faces "
+                f"{row['r_faces']:.3f} people {row['r_people']:.3f}")
+        del index
     peak_end = peak_rss_bytes()
 
     # -- report ------------------------------------------------------------------------------
@@ -175,22 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     sizes = gen.sizes
     print(
         f"index_scale  n={args.n:,}  dim={args.dim}  queries={args.queries}/mix  k={k}  "
-        f"threads={args.threads}  factory={args.factory!r} -> {index.resolved_factory}"
+        f"threads={args.threads}  seed={args.seed}  data: synthetic, calibrated SyntheticParams()"
     )
     print(
         f"data         {gen.n_identities:,} identities (1 face: {np.mean(sizes == 1):.0%}, <=3: "
         f"{np.mean(sizes <= 3):.0%}, >=100: {int(np.sum(sizes >= 100)):,}, max {int(sizes.max())}); "
-        f"generated in {t_gen:.1f} s"
+        f"generated in {t_gen:.1f} s; dataset = exact index {fmt_gb(args.n * args.dim * 4)}"
     )
-    print(
-        f"build        {t_build:.1f} s   RSS before {fmt_gb(rss_before)} (dataset = exact index "
-        f"{fmt_gb(args.n * args.dim * 4)})   RSS after {fmt_gb(rss_after)}   "
-        f"index ~{fmt_gb(None if rss_after is None or rss_before is None else rss_after - rss_before)}"
-    )
-    print(
-        f"peak memory  ru_maxrss {fmt_gb(peak_after)} after build (before build {fmt_gb(peak_before)}), "
-        f"{fmt_gb(peak_end)} at end"
-    )
+    for factory, resolved, t_build, rss_before, rss_after, peak_after in builds:
+        grown = None if rss_after is None or rss_before is None else rss_after - rss_before
+        print(
+            f"build        {factory!r} -> {resolved}: {t_build:.1f} s, RSS {fmt_gb(rss_before)} -> "
+            f"{fmt_gb(rss_after)} (index ~{fmt_gb(grown)}), peak so far {fmt_gb(peak_after)}"
+        )
+    print(f"peak memory  ru_maxrss {fmt_gb(peak_end)} for the whole run (dataset, exact index and ANN index)")
     print(
         f"exact        IndexFlatIP 1 query/call: p50 {exact_p50 * 1e3:.1f} ms  p99 "
         f"{np.percentile(exact_lat, 99) * 1e3:.1f} ms ({nq_exact} queries); batch ground truth "
@@ -198,19 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     thr = args.match_threshold
     head = (
-        f"| nprobe | refine | p50 ms | p99 ms | speed-up | recall@10 faces | recall@10 people "
+        f"| index | nprobe | refine | p50 ms | p99 ms | speed-up | recall@10 faces | recall@10 people "
         f"| match@10>={thr} faces | match@10>={thr} people |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        mark = "*" if (r["nprobe"], r["rf"]) == default else " "
+        mark = "*" if r["default"] else " "
         print(
-            f"| {str(r['nprobe']) + mark:>6} | {r['rf']:6d} | {r['p50'] * 1e3:6.2f} | {r['p99'] * 1e3:6.2f} | "
+            f"| {r['factory']} | {str(r['nprobe']) + mark:>6} | {r['rf'] or '-'!s:>6} | {r['p50'] * 1e3:6.2f} "
+            f"| {r['p99'] * 1e3:6.2f} | "
             f"{exact_p50 / r['p50']:7.0f}x | {r['r_faces']:15.3f} | {r['r_people']:16.3f} "
             f"| {r['m_faces']:18.3f} | {r['m_people']:19.3f} |"
         )
-    print("(* = defaults of this index; refine = candidates re-ranked per result, k * factor)")
+    print("(* = defaults of that index; refine = candidates re-ranked per result, k * factor)")
     return 0
 
 

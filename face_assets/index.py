@@ -3,48 +3,33 @@
 :class:`FaceIndex` stores unit-normalised float32 embeddings under int64 face ids and finds the
 most similar faces by inner product, which on unit vectors is the cosine similarity.
 
-Index types. ``factory`` is a faiss index-factory string, or ``"auto"``:
+``factory`` is a faiss index-factory string, or ``"auto"``: ``IDMap2,Flat`` (exact) below
+``exact_threshold`` vectors (50,000), above it ``IVF{nlist},PQ{dim/2}x4fs,Refine(SQ8)``: an inverted
+file with ~256 vectors per list (spherical two-level k-means, at most 8192 lists) whose lists hold
+4-bit fast-scan product-quantizer codes (2 dimensions per sub-quantizer), scanned with SIMD; the
+``k * refine_factor`` best candidates are re-scored with 8-bit scalar-quantised vectors (cosines
+exact to ~1e-3). A factory ending in ``,Refine(<codec>)`` gets that re-ranking stage, which is ours:
+faiss' ``IndexRefine`` takes neither ids nor removals. Its codes live in a small IVF with a
+hash-table direct map, read back by id.
 
-* below ``exact_threshold`` vectors (50,000): ``IDMap2,Flat``, exact brute force, fast enough there;
-* above it: ``IVF{nlist},PQ{dim/4}x4fs,Refine(SQ8)``. An inverted file with ~128 vectors per list
-  (flat coarse quantizer, at most 8192 lists) whose lists hold 4-bit fast-scan product-quantizer
-  codes, scanned with SIMD about 3x faster per vector than SQ8 codes; each search takes
-  ``k * refine_factor`` candidates from it and re-ranks them with SQ8 codes (exact to ~5e-4).
-  Removal works on both parts. HNSW is not used: faiss cannot remove from it, and on our data it
-  was slower than IVF at equal recall (see ``benchmarks/index_scale.py`` and the module notes).
-
-The refine stage is our own rather than faiss' ``IndexRefine``, which supports neither
-``add_with_ids`` nor ``remove_ids``: the SQ8 codes live in a one-list IVF with a hash-table direct
-map, so re-ranking reads candidates by id and removal costs O(removed). Factory strings ending in
-``,Refine(<codec>)`` or ``,RFlat`` get this stage with that codec.
+At 2M synthetic faces calibrated on real embeddings (2 shared cores, top-10, one query per call):
+p50 3.5 ms, 270x faster than exact, recall@10 vs exact 0.970 / 0.955 (queries drawn like the
+library / uniform over people), peak 5.9 GiB with the 3.8 GiB dataset. A plain ``IVF,SQ8`` (less
+code, native removal) is as precise but scans ~1.6x slower: at 1M it needed 4.9 ms for 0.967 /
+0.949 where this type needed 2.1 ms for 0.971 / 0.956. Evidence: ``docs/index.md``.
 
 Auto mode changes type by itself: crossing ``exact_threshold`` trains the IVF on a sample of what
 is stored; growing to 4x the size it was trained for rebuilds it with more lists. :meth:`rebuild`
 builds from scratch at the type its size calls for. Approximate indexes never go back to exact
 when shrinking (a rebuild does).
 
-Persistence: :meth:`save` writes one self-describing file (magic, JSON header, faiss payload,
-SHA-256 over header and payload) atomically, plus a ``<file>.json`` sidecar with the same metadata
-for tools that only need the model version or count. :meth:`load` verifies everything and raises
-:class:`IndexNotFoundError` / :class:`IndexCorruptError`.
-
-An index never mixes embedding models: it records ``model_version`` and refuses vectors (and
-queries, and loads) that declare another one.
+Persistence: :meth:`save` writes one self-describing file (magic, JSON header, faiss payloads,
+SHA-256 over header and payloads) atomically, plus a ``<file>.json`` sidecar with the same metadata
+for tools. :meth:`load` verifies everything and raises :class:`IndexNotFoundError` /
+:class:`IndexCorruptError`. An index never mixes embedding models: it records ``model_version``
+and refuses vectors (and queries, and loads) that declare another one.
 
 Not thread-safe for writers; concurrent searches on an unchanging index are fine (faiss).
-
-Tuning evidence (``benchmarks/index_scale.py``: synthetic 512-d library, top-10, one query per
-call, 2 shared cores; "match" = recall of exact neighbours with cosine >= 0.3, for queries of
-uniformly drawn people, the hard case):
-
-* 200k vectors: IVF1024,SQ8 at nprobe 64 found 77 % of matches in 0.78 ms; IVF1024 fast-scan PQ
-  + re-rank of 100 at nprobe 256 found 94 % in 0.5 ms; HNSW32 (efSearch 256) 77 % in 2.0 ms.
-* 2M vectors, auto = IVF8192,PQ128x4fs,Refine(SQ8), nprobe 1024: p50 4.8 ms, 133x faster than
-  exact search, match recall 0.96 (faces drawn like the library) / 0.88 (people drawn
-  uniformly), plain recall@10 0.80 / 0.43, build 188 s, peak RSS 5.8 GiB including the 4.1 GB
-  dataset held by the benchmark. Plain recall@10 >= 0.95 is out of reach on this isotropic
-  synthetic data at any few-ms budget: most exact neighbours of people with few photos are
-  random faces at cosine ~0.2 that no partition or graph can single out.
 """
 
 from __future__ import annotations
@@ -56,16 +41,15 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 # faiss' OpenMP threads busy-wait between parallel regions by default. On a few shared cores
-# that turns small parallel steps into a crawl: training an IVF-PQ on 6,000 vectors took 22 s
-# spinning vs 0.2 s passive, measured on 2 loaded cores. Must be set before the OpenMP runtime
-# loads (first faiss import); an explicit user setting wins.
+# that turns small parallel steps into a crawl (k-means on 6,000 vectors: 22 s spinning vs 0.2 s
+# passive, 2 loaded cores). Must be set before OpenMP loads (first faiss import); a user's wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss  # noqa: E402
 
@@ -84,9 +68,7 @@ __all__ = [
 ]
 
 
-# -- errors ----------------------------------------------------------------------------------------
-# IndexNotFoundError, IndexCorruptError and EmbeddingError live in errors.py (the library catches
-# them); the classes below are new here, to move into errors.py.
+# -- errors (IndexNotFoundError, IndexCorruptError and EmbeddingError live in errors.py) -----------
 
 
 class FaceIndexError(FaceRecognitionError):
@@ -123,48 +105,36 @@ def _corrupt(path: object, reason: str) -> IndexCorruptError:
     return IndexCorruptError(f"corrupt face index {path}: {reason}")
 
 
-# -- tuning constants (evidence: benchmarks/index_scale.py, numbers in its docstring) -----------
+# -- tuning constants (evidence: docs/index.md) ----------------------------------------------------
 
 #: Below this many vectors "auto" keeps an exact flat index.
 EXACT_THRESHOLD = 50_000
-# Target vectors per inverted list. Small lists matter on face-like data: at 200k vectors and
-# equal fraction scanned (IVF-SQ8), 49/list found 82 % of true matches vs 60 % at 195/list.
-_VECTORS_PER_LIST = 128
-_MIN_NLIST = 16
-# A flat coarse quantizer over 8192 x 512 float32 (16 MB) costs ~0.5 ms per query; 16384 lists
-# cost ~3 ms (out of cache) and HNSW over the centroids was no faster at the nprobe we need.
-_MAX_NLIST = 8192
-# Fraction of the lists probed by default (nprobe = nlist // _NPROBE_DIVISOR).
-_NPROBE_DIVISOR = 8
-# Candidates re-ranked per result (k * factor).
-_REFINE_FACTOR = 10
-# An auto IVF is rebuilt with more lists once it holds this many times what it was trained on.
-_REGROW_FACTOR = 4
-# Training sample sizes: k-means sees up to 40 points per list (faiss asks for >= 39; at 8192
-# lists that is a 0.67 GB sample, which bounds the build's peak memory), codecs 65,536 points.
+_VECTORS_PER_LIST = 256  # target list size of auto IVF indexes
+# A flat coarse quantizer over 8192 x 512 float32 (16 MB) costs ~0.5 ms per query; more lists
+# fall out of cache.
+_MIN_NLIST, _MAX_NLIST = 16, 8192
+# Default nprobe: nlist // 12, but at least 64 lists (small indexes: cheap, and 1/12 finds less).
+_NPROBE_DIVISOR, _MIN_NPROBE = 12, 64
+_REFINE_FACTOR = 10  # default candidates re-ranked per result
+_REGROW_FACTOR = 4  # an auto IVF is rebuilt with more lists at this many times its training size
+# k-means sees up to 40 points per list (faiss asks for >= 39), codecs at most 65,536 points.
 _COARSE_TRAIN_PER_LIST = 40
 _CODEC_TRAIN_MAX = 65_536
-# Rows processed at a time by add/rebuild, bounding temporary copies (64k x 512 x 4 B = 128 MB).
-_CHUNK = 65_536
-_SEED = 1234
+_CHUNK = 65_536  # rows converted at a time by add/rebuild (64k x 512 x 4 B = 128 MB)
+_SEED = 1234  # the same content always trains the same index
 
 _MAGIC = b"FACEIDX\x01"
-_FORMAT_VERSION = 1
-_REFINE_RE = re.compile(r"^(?P<base>.+?),\s*(?:RFlat|Refine\((?P<codec>[^()]+)\))\s*$")
-
-
-def _auto_nlist(n: int) -> int:
-    """Power of two near ``n / _VECTORS_PER_LIST`` within [_MIN_NLIST, _MAX_NLIST]."""
-    target = max(n / _VECTORS_PER_LIST, 1.0)
-    return int(min(max(2 ** int(math.floor(math.log2(target))), _MIN_NLIST), _MAX_NLIST))
+_FORMAT_VERSION = 2  # version 1 files (older codes) load as corrupt, so the library rebuilds them
+_REFINE_RE = re.compile(r"^(?P<base>.+?),\s*Refine\((?P<codec>[^()]+)\)\s*$")
 
 
 def _auto_factory(dim: int, n: int, exact_threshold: int) -> str:
     """The factory string "auto" resolves to for ``n`` vectors."""
     if n < exact_threshold:
         return "IDMap2,Flat"
-    codec = f"PQ{dim // 4}x4fs" if dim % 4 == 0 else "SQ8"
-    return f"IVF{_auto_nlist(n)},{codec},Refine(SQ8)"
+    nlist = 2 ** round(math.log2(max(n / _VECTORS_PER_LIST, 1.0)))  # power of two nearest n / 256
+    codec = f"PQ{dim // 2}x4fs" if dim % 2 == 0 else "SQ8"
+    return f"IVF{min(max(nlist, _MIN_NLIST), _MAX_NLIST)},{codec},Refine(SQ8)"
 
 
 class FaceIndex:
@@ -172,16 +142,16 @@ class FaceIndex:
 
     Args:
         dim: embedding dimension.
-        factory: a faiss index-factory string (``"IDMap2,Flat"``, ``"IVF4096,SQ8"``,
-            ``"IVF8192,PQ128x4fs,Refine(SQ8)"``, ``"HNSW32"`` ...) or ``"auto"`` (exact below
-            ``exact_threshold`` vectors, IVF fast-scan with re-ranking above; see module doc).
-            Non-IVF indexes get an ``IDMap2`` wrapper so they take our ids.
-        nprobe: IVF lists probed per query; ``None`` = nlist // 8 (the tuned default).
+        factory: a faiss index-factory string (``"IDMap2,Flat"``, ``"IVF1024,SQ8"``, ``"HNSW32"``,
+            ``"IVF4096,PQ256x4fs,Refine(SQ8)"`` ...) or ``"auto"`` (exact below ``exact_threshold``
+            vectors, IVF fast-scan PQ with re-ranking above; see the module doc). Non-IVF indexes
+            get an ``IDMap2`` wrapper so they take our ids.
+        nprobe: IVF lists probed per query; ``None`` = nlist // 12, at least 64 (tuned defaults).
         ef_search: HNSW search depth, for HNSW factories; ``None`` = faiss default.
         model_version: the embedding model the vectors come from; ``""`` = not yet known (the
             first :meth:`add` declaring one records it while the index is empty).
         exact_threshold: size at which "auto" switches from exact to approximate.
-        refine_factor: with a refine stage, ``k * refine_factor`` candidates are re-ranked.
+        refine_factor: with a re-ranking stage, ``k * refine_factor`` candidates are re-scored.
     """
 
     def __init__(
@@ -199,25 +169,18 @@ class FaceIndex:
             raise IndexInputError(f"dim must be >= 1, got {dim}")
         if not isinstance(factory, str) or not factory.strip():
             raise IndexInputError(f"factory must be a faiss factory string or 'auto', got {factory!r}")
-        if nprobe is not None and int(nprobe) < 1:
-            raise IndexInputError(f"nprobe must be >= 1, got {nprobe}")
-        if ef_search is not None and int(ef_search) < 1:
-            raise IndexInputError(f"ef_search must be >= 1, got {ef_search}")
-        if int(refine_factor) < 1:
-            raise IndexInputError(f"refine_factor must be >= 1, got {refine_factor}")
         self.dim = int(dim)
         self.factory = factory.strip()
         self.model_version = str(model_version or "")
         self.exact_threshold = int(exact_threshold)
-        self.refine_factor = int(refine_factor)
-        self._nprobe = None if nprobe is None else int(nprobe)
-        self._ef_search = None if ef_search is None else int(ef_search)
+        self._refine_factor = _positive("refine_factor", refine_factor)
+        self._nprobe = _positive("nprobe", nprobe)
+        self._ef_search = _positive("ef_search", ef_search)
         # Sorted ids present: duplicate checks, ids(), len() without walking faiss structures.
         self._ids = np.zeros(0, dtype=np.int64)
         self._trained_for = 0
-        self._base, self._store, self._resolved = self._build_empty(
-            _auto_factory(self.dim, 0, self.exact_threshold) if self.is_auto else self.factory
-        )
+        self._resolved = _auto_factory(self.dim, 0, self.exact_threshold) if self.is_auto else self.factory
+        self._base = self._build_empty(self._resolved)
 
     # -- properties --------------------------------------------------------------------------
 
@@ -239,21 +202,19 @@ class FaceIndex:
     @property
     def nlist(self) -> int | None:
         """Number of IVF lists, or None for non-IVF indexes."""
-        ivf = faiss.try_extract_index_ivf(self._base)
+        ivf = _ivf(self._base)
         return None if ivf is None else int(ivf.nlist)
 
     @property
     def nprobe(self) -> int | None:
         """IVF lists probed per query (None for non-IVF); assignable."""
-        ivf = faiss.try_extract_index_ivf(self._base)
+        ivf = _ivf(self._base)
         return None if ivf is None else int(ivf.nprobe)
 
     @nprobe.setter
     def nprobe(self, value: int | None) -> None:
-        if value is not None and int(value) < 1:
-            raise IndexInputError(f"nprobe must be >= 1, got {value}")
-        self._nprobe = None if value is None else int(value)
-        self._apply_search_params()
+        self._nprobe = _positive("nprobe", value)
+        self._apply_search_params(self._base)
 
     @property
     def ef_search(self) -> int | None:
@@ -263,21 +224,27 @@ class FaceIndex:
 
     @ef_search.setter
     def ef_search(self, value: int | None) -> None:
-        if value is not None and int(value) < 1:
-            raise IndexInputError(f"ef_search must be >= 1, got {value}")
-        self._ef_search = None if value is None else int(value)
-        self._apply_search_params()
+        self._ef_search = _positive("ef_search", value)
+        self._apply_search_params(self._base)
+
+    @property
+    def refine_factor(self) -> int:
+        """Candidates re-scored per result (``k * refine_factor``) by a re-ranking stage; assignable."""
+        return self._refine_factor
+
+    @refine_factor.setter
+    def refine_factor(self, value: int) -> None:
+        self._refine_factor = _positive("refine_factor", value)
+        self._apply_search_params(self._base)
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __contains__(self, face_id: object) -> bool:
         try:
-            i = int(face_id)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
+            return bool(self._present(np.array([int(face_id)], dtype=np.int64))[0])  # type: ignore[call-overload]
+        except (TypeError, ValueError, OverflowError):
             return False
-        pos = np.searchsorted(self._ids, i)
-        return bool(pos < len(self._ids) and self._ids[pos] == i)
 
     def __repr__(self) -> str:
         mv = f", model_version={self.model_version!r}" if self.model_version else ""
@@ -289,70 +256,68 @@ class FaceIndex:
 
     # -- building ----------------------------------------------------------------------------
 
-    def _build_empty(self, factory: str, n_hint: int = 0) -> tuple[Any, Any, str]:
-        """An empty (untrained) base index and optional refine store for ``factory``.
-
-        ``n_hint`` is the number of vectors about to be added (sizes the refine store).
-        """
+    def _build_empty(self, factory: str) -> Any:
+        """An empty (untrained) faiss index for ``factory`` that takes our ids."""
         m = _REFINE_RE.match(factory)
-        base_spec, store_codec = (m.group("base"), m.group("codec") or "Flat") if m else (factory, None)
         try:
-            base = faiss.index_factory(self.dim, base_spec, faiss.METRIC_INNER_PRODUCT)
-            store = None
-            if store_codec is not None:
-                # A small IVF is the cheapest faiss container that takes arbitrary ids, reads
-                # vectors back by id (hash-table direct map) and removes in O(removed). Big ones
-                # get 64 lists so no single code vector doubles its capacity (a transient +1 GB
-                # at 2M vectors); which list a vector lands in does not matter here.
-                lists = 64 if n_hint >= 100_000 else 1
-                store = faiss.index_factory(self.dim, f"IVF{lists},{store_codec}", faiss.METRIC_INNER_PRODUCT)
+            if m:
+                faiss.index_factory(self.dim, f"IVF1,{m['codec']}")  # validate the codec now
+                return _Refine(self._build_empty(m["base"]), m["codec"], self.refine_factor)
+            base = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise IndexInputError(f"invalid faiss factory string {factory!r}: {_faiss_msg(e)}") from None
-        # (index_factory already returns the concrete class; faiss.downcast_index would return a
+        # (index_factory returns the concrete class; faiss.downcast_index would return a
         # non-owning proxy, freed under our feet once the original proxy is collected.)
-        if faiss.try_extract_index_ivf(base) is None and not isinstance(base, faiss.IndexIDMap):
-            # Only IVF indexes store ids natively; everything else needs the id map.
-            base = faiss.IndexIDMap2(base)
-        self._apply_search_params(base)
-        return base, store, factory
-
-    def _apply_search_params(self, base: Any = None) -> None:
-        base = self._base if base is None else base
         ivf = faiss.try_extract_index_ivf(base)
+        if ivf is None and not isinstance(base, faiss.IndexIDMap):
+            base = faiss.IndexIDMap2(base)  # only IVF indexes store ids natively
+        elif ivf is not None and not isinstance(base, faiss.IndexIVFFastScan):  # (block lists: no map)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # read back and remove by id
+        self._apply_search_params(base)
+        return base
+
+    def _apply_search_params(self, base: Any) -> None:
+        if isinstance(base, _Refine):
+            base.factor = self.refine_factor
+        ivf = _ivf(base)
         if ivf is not None:
-            ivf.nprobe = min(self._nprobe or max(1, ivf.nlist // _NPROBE_DIVISOR), ivf.nlist)
+            ivf.nprobe = min(self._nprobe or max(ivf.nlist // _NPROBE_DIVISOR, _MIN_NPROBE), ivf.nlist)
         h = _find_hnsw(base)
         if h is not None and self._ef_search is not None:
             h.hnsw.efSearch = self._ef_search
 
-    def _train(self, base: Any, store: Any, sample: np.ndarray) -> None:
-        """Train an empty index on unit ``sample`` rows; the coarse quantizer gets 2-level k-means."""
-        ivf = faiss.try_extract_index_ivf(base)
-        if ivf is not None and not base.is_trained:
+    def _train(self, base: Any, rows: Callable[[np.ndarray], np.ndarray], n: int) -> None:
+        """Train an empty index on a sample of the ``n`` unit rows ``rows(sorted positions)``."""
+        ivf = _ivf(base)
+        size = _CODEC_TRAIN_MAX if ivf is None else max(_COARSE_TRAIN_PER_LIST * ivf.nlist, _CODEC_TRAIN_MAX)
+        sample = rows(np.sort(_rng().choice(n, min(n, size), replace=False)))
+        if ivf is not None:
             if len(sample) < ivf.nlist:
                 raise FaceIndexError(
                     f"{self._resolved!r} needs at least nlist={ivf.nlist} vectors to train, got "
                     f"{len(sample)}; add more at once, call rebuild(), or use factory='auto'"
                 )
-            centroids = _train_centroids(sample, ivf.nlist, seed=_SEED)
-            q = ivf.quantizer
-            q.reset()
-            q.add(centroids)
-            q.is_trained = True
-            # With nlist centroids present, faiss trains only the codec (PQ/SQ) from here on.
-        codec_sample = _subsample(sample, _CODEC_TRAIN_MAX)
+            ivf.quantizer.add(_train_centroids(sample, ivf.nlist))
+            ivf.quantizer.is_trained = True  # with nlist centroids present faiss trains only the codec
         if not base.is_trained:
-            base.train(codec_sample)
-        if store is not None and not store.is_trained:
-            store.train(codec_sample)
-            store.set_direct_map_type(faiss.DirectMap.Hashtable)
+            base.train(sample[np.sort(_rng().choice(len(sample), min(len(sample), _CODEC_TRAIN_MAX), replace=False))])
 
-    def rebuild(
-        self,
-        ids: Sequence[int] | np.ndarray,
-        vectors: np.ndarray,
-        model_version: str | None = None,
-    ) -> None:
+    def _replace(self, ids: np.ndarray, rows: Callable[[np.ndarray], np.ndarray], factory: str) -> None:
+        """Build a fresh ``factory`` index of ``ids`` (unit vectors ``rows(positions)``); swap it in when complete."""
+        old = self._resolved
+        self._resolved = factory  # error messages of _train name the index being built
+        try:
+            base = self._build_empty(factory)
+            if not base.is_trained:
+                self._train(base, rows, len(ids))
+            for s in range(0, len(ids), _CHUNK):
+                base.add_with_ids(rows(np.arange(s, min(s + _CHUNK, len(ids)))), ids[s : s + _CHUNK])
+        except BaseException:
+            self._resolved = old
+            raise
+        self._base, self._ids, self._trained_for = base, np.sort(ids), len(ids)
+
+    def rebuild(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray, model_version: str | None = None) -> None:
         """Replace the whole content by ``(ids, vectors)``, choosing the index type by size.
 
         With "auto" the type follows ``len(ids)``; with an explicit factory, that factory is
@@ -368,42 +333,11 @@ class FaceIndex:
         if len(np.unique(ids_arr)) != len(ids_arr):
             raise IndexInputError("duplicate ids in rebuild")
         factory = _auto_factory(self.dim, len(ids_arr), self.exact_threshold) if self.is_auto else self.factory
-        self._replace(ids_arr, _normalized_chunks(x, norms), factory, x, norms)
+        self._replace(np.ascontiguousarray(ids_arr), lambda r: _normalized(x, norms, r), factory)
         if model_version is not None:
             self.model_version = str(model_version)
 
-    def _replace(
-        self,
-        ids: np.ndarray,
-        chunks: Iterator[tuple[int, np.ndarray]],
-        factory: str,
-        sample_source: Any,
-        sample_norms: np.ndarray | None,
-    ) -> None:
-        """Build a fresh index of type ``factory``; swap it in only when complete.
-
-        ``chunks`` yields ``(first_row, unit_rows)`` for all of ``ids``; training samples are read
-        from ``sample_source`` (an array with its row norms, or a :class:`_StoredPlusNew`).
-        """
-        n = len(ids)
-        base, store, resolved = self._build_empty(factory, n)
-        old = (self._base, self._store, self._resolved)
-        self._resolved = resolved  # error messages of _train name the index being built
-        try:
-            if not (base.is_trained and (store is None or store.is_trained)):
-                rows = np.sort(_rng().choice(n, min(n, _train_size(base)), replace=False))
-                self._train(base, store, _gather_normalized(sample_source, sample_norms, rows))
-            for start, chunk in chunks:
-                _add_to(base, store, chunk, ids[start : start + len(chunk)])
-        except BaseException:
-            self._base, self._store, self._resolved = old
-            raise
-        self._base, self._store = base, store
-        self._ids = np.sort(ids)
-        self._trained_for = n
-        self._apply_search_params()
-
-    # -- adding ------------------------------------------------------------------------------
+    # -- adding and removing -----------------------------------------------------------------
 
     def add(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray, model_version: str | None = None) -> None:
         """Add embeddings under new face ids.
@@ -424,69 +358,48 @@ class FaceIndex:
             IndexInputError: bad, duplicate or already present ids.
             ModelVersionMismatchError: embeddings of another model.
         """
-        ids_arr = self._check_ids(ids)
+        ids_arr = np.ascontiguousarray(self._check_ids(ids))
         x, norms = self._check_vectors(vectors, len(ids_arr))
         self._check_model_version(model_version, adopt=True)
         if len(np.unique(ids_arr)) != len(ids_arr):
             raise IndexInputError("duplicate ids within the batch")
         present = self._present(ids_arr)
         if present.any():
-            dup = ids_arr[present][:5].tolist()
-            raise IndexInputError(f"ids already in the index (remove them first): {dup}")
-        if len(ids_arr) == 0:
-            self._adopt_version(model_version)
-            return
-        n_after = len(self) + len(ids_arr)
-        target = _auto_factory(self.dim, n_after, self.exact_threshold) if self.is_auto else None
-        if target is not None and self._needs_rebuild(target, n_after):
-            # Rebuild with everything: what is stored plus the new batch.
-            old_ids, old_chunks = self._stored_vectors()
-            all_ids = np.concatenate([old_ids, ids_arr])
-            new_chunks = ((len(old_ids) + s, c) for s, c in _normalized_chunks(x, norms))
-            self._replace(all_ids, _chain(old_chunks, new_chunks), target, _StoredPlusNew(self, old_ids, x, norms), None)
-        else:
-            if not self._base.is_trained:
-                # An explicit IVF factory trains on its first batch (auto mode never gets here).
-                n = len(ids_arr)
-                rows = np.sort(_rng().choice(n, min(n, _train_size(self._base)), replace=False))
-                self._train(self._base, self._store, _gather_normalized(x, norms, rows))
-                self._trained_for = n
-            for start, chunk in _normalized_chunks(x, norms):
-                _add_to(self._base, self._store, chunk, ids_arr[start : start + len(chunk)])
-            self._ids = _merge_sorted(self._ids, np.sort(ids_arr))
-        self._adopt_version(model_version)
+            raise IndexInputError(f"ids already in the index (remove them first): {ids_arr[present][:5].tolist()}")
+        if len(ids_arr):
+            n_old, n_after = len(self), len(self) + len(ids_arr)
+            target = _auto_factory(self.dim, n_after, self.exact_threshold) if self.is_auto else None
+            if target is not None and self._needs_rebuild(target, n_after):
+                old_ids = self._ids.copy()  # rebuild with everything: what is stored, then the batch
+
+                def rows(r: np.ndarray) -> np.ndarray:
+                    old, new = r[r < n_old], r[r >= n_old] - n_old
+                    return np.concatenate([self._reconstruct(old_ids[old]), _normalized(x, norms, new)])
+
+                self._replace(np.concatenate([old_ids, ids_arr]), rows, target)
+            else:
+                if not self._base.is_trained:  # an explicit IVF factory trains on its first batch
+                    self._train(self._base, lambda r: _normalized(x, norms, r), len(ids_arr))
+                    self._trained_for = len(ids_arr)
+                for s in range(0, len(ids_arr), _CHUNK):
+                    r = np.arange(s, min(s + _CHUNK, len(ids_arr)))
+                    self._base.add_with_ids(_normalized(x, norms, r), ids_arr[r])
+                self._ids = np.insert(self._ids, np.searchsorted(self._ids, np.sort(ids_arr)), np.sort(ids_arr))
+        if model_version is not None and not self.model_version:
+            self.model_version = str(model_version)
 
     def _needs_rebuild(self, target: str, n_after: int) -> bool:
         if self.is_exact:
-            return not _same_factory(target, self._resolved)
+            return target.replace(" ", "") != self._resolved.replace(" ", "")
         # Approximate: regrow only when much larger than trained for and more lists are due.
-        new_nlist, cur_nlist = _nlist_of(target), self.nlist
-        return (
-            new_nlist is not None
-            and cur_nlist is not None
-            and new_nlist > cur_nlist
-            and n_after >= _REGROW_FACTOR * max(self._trained_for, 1)
-        )
-
-    def _stored_vectors(self) -> tuple[np.ndarray, Iterator[tuple[int, np.ndarray]]]:
-        """All stored (ids, unit vectors in chunks), read back from the index itself."""
-        ids = self._ids.copy()
-
-        def chunks() -> Iterator[tuple[int, np.ndarray]]:
-            for s in range(0, len(ids), _CHUNK):
-                yield s, self._reconstruct(ids[s : s + _CHUNK])
-
-        return ids, chunks()
+        m = re.match(r"IVF(\d+)", target)
+        return m is not None and int(m.group(1)) > (self.nlist or 0) and n_after >= _REGROW_FACTOR * self._trained_for
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of present ids (refine store if any: the base may be lossy PQ)."""
-        src = self._store if self._store is not None else self._base
-        x = src.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
-        # SQ8 round trips leave |x| within ~1e-3 of 1; renormalise so a rebuild stays unit-norm.
+        """Stored unit vectors of present ids (SQ8 round trips are renormalised)."""
+        x = self._base.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
         faiss.normalize_L2(x)
         return x
-
-    # -- removing ----------------------------------------------------------------------------
 
     def remove(self, ids: Sequence[int] | np.ndarray | int) -> int:
         """Remove faces by id; ids not present are ignored.
@@ -499,12 +412,9 @@ class FaceIndex:
         if len(ids_arr) == 0:
             return 0
         try:
-            removed = int(self._base.remove_ids(faiss.IDSelectorBatch(ids_arr)))
+            removed = _remove(self._base, ids_arr)
         except RuntimeError as e:
             raise FaceIndexError(f"{self._resolved!r} does not support removal: {_faiss_msg(e)}") from None
-        if self._store is not None:
-            # Hash-table direct maps only remove by explicit id array (O(removed)).
-            self._store.remove_ids(faiss.IDSelectorArray(ids_arr))
         self._ids = self._ids[~np.isin(self._ids, ids_arr, assume_unique=True)]
         if removed != len(ids_arr):  # would mean our id bookkeeping and faiss disagree
             raise FaceIndexError(f"removed {removed} of {len(ids_arr)} present ids; index inconsistent")
@@ -512,9 +422,7 @@ class FaceIndex:
 
     # -- searching ---------------------------------------------------------------------------
 
-    def search(
-        self, vectors: np.ndarray, k: int = 10, model_version: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int = 10, model_version: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar stored faces of each query.
 
         Args:
@@ -524,8 +432,8 @@ class FaceIndex:
 
         Returns:
             ``(scores, ids)``, float32 and int64 [nq, k], best first. Scores are cosine
-            similarities (approximate only in the 4th decimal with SQ8 codes). Missing results
-            (fewer than ``k`` faces, or none in the probed lists) have id ``-1`` and score ``-inf``.
+            similarities (to ~1e-3 with SQ8 codes). Missing results (fewer than ``k`` faces, or
+            none in the probed lists) have id ``-1`` and score ``-inf``.
         """
         try:
             k = int(k)
@@ -534,43 +442,15 @@ class FaceIndex:
         if k < 1:
             raise IndexInputError(f"k must be >= 1, got {k}")
         x = np.asarray(vectors)
-        if x.ndim == 1:
-            x = x.reshape(1, -1)
-        x, norms = self._check_vectors(x, None)
+        x, norms = self._check_vectors(x.reshape(1, -1) if x.ndim == 1 else x, None)
         self._check_model_version(model_version, adopt=False)
-        q = _normalized(x, norms)
-        nq = len(q)
         if len(self) == 0:
-            return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
-        if self._store is None:
-            scores, found = self._base.search(q, k)
-        else:
-            scores, found = self._refined_search(q, k)
+            return np.full((len(x), k), -np.inf, dtype=np.float32), np.full((len(x), k), -1, dtype=np.int64)
+        scores, found = self._base.search(_normalized(x, norms, np.arange(len(x))), k)
         scores = np.asarray(scores, dtype=np.float32)
         found = np.asarray(found, dtype=np.int64)
         scores[found < 0] = -np.inf
         return scores, found
-
-    def _refined_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        kc = k * self.refine_factor
-        _, cand = self._base.search(q, kc)
-        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-        out_i = np.full((len(q), k), -1, dtype=np.int64)
-        for s in range(0, len(q), 256):  # bounds the reconstructed block to 256 * kc rows
-            c = cand[s : s + 256]
-            valid = c >= 0
-            rows, cols = np.nonzero(valid)
-            sc = np.full(c.shape, -np.inf, dtype=np.float32)
-            if len(rows):
-                vecs = self._store.reconstruct_batch(np.ascontiguousarray(c[rows, cols]))
-                sc[rows, cols] = np.einsum("ij,ij->i", vecs, q[s + rows])
-            kk = min(k, c.shape[1])
-            top = np.argsort(-sc, axis=1, kind="stable")[:, :kk]
-            out_s[s : s + len(c), :kk] = np.take_along_axis(sc, top, axis=1)
-            out_i[s : s + len(c), :kk] = np.where(
-                np.isfinite(out_s[s : s + len(c), :kk]), np.take_along_axis(c, top, axis=1), -1
-            )
-        return out_s, out_i
 
     # -- validation --------------------------------------------------------------------------
 
@@ -614,10 +494,6 @@ class FaceIndex:
             return  # an empty index takes the version of its first vectors
         raise ModelVersionMismatchError(self.model_version, str(offered))
 
-    def _adopt_version(self, offered: str | None) -> None:
-        if offered is not None and not self.model_version:
-            self.model_version = str(offered)
-
     def _present(self, ids: np.ndarray) -> np.ndarray:
         if len(self._ids) == 0 or len(ids) == 0:
             return np.zeros(len(ids), dtype=bool)
@@ -637,8 +513,8 @@ class FaceIndex:
             "nprobe": self._nprobe,
             "ef_search": self._ef_search,
             "exact_threshold": self.exact_threshold,
-            "refine_factor": self.refine_factor,
             "trained_for": self._trained_for,
+            "refine_factor": self.refine_factor,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -650,27 +526,23 @@ class FaceIndex:
         metadata (dim, factory, count, model_version, checksum) for tools.
         """
         path = Path(path)
-        base_bytes = faiss.serialize_index(self._base)
-        store_bytes = faiss.serialize_index(self._store) if self._store is not None else np.zeros(0, np.uint8)
-        meta = self._metadata()
-        meta["sections"] = [len(base_bytes), len(store_bytes)]
+        sections = _serialize(self._base)
+        meta = dict(self._metadata(), sections=[len(b) for b in sections])
         head = json.dumps(meta, sort_keys=True).encode()
         digest = hashlib.sha256(head)
-        digest.update(memoryview(base_bytes))
-        digest.update(memoryview(store_bytes))
+        for b in sections:
+            digest.update(memoryview(b))
         checksum = digest.hexdigest()
 
         def write_index(f: Any) -> None:
-            f.write(_MAGIC)
-            f.write(struct.pack("<I", len(head)))
-            f.write(head)
-            f.write(memoryview(base_bytes))
-            f.write(memoryview(store_bytes))
+            f.write(_MAGIC + struct.pack("<I", len(head)) + head)
+            for b in sections:
+                f.write(memoryview(b))
             f.write(bytes.fromhex(checksum))
 
         _atomic_write(path, write_index)
-        side = dict(meta, checksum_sha256=checksum, index_file=path.name)
-        _atomic_write(_sidecar(path), lambda f: f.write(json.dumps(side, indent=2, sort_keys=True).encode()))
+        side = json.dumps(dict(meta, checksum_sha256=checksum, index_file=path.name), indent=2, sort_keys=True)
+        _atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(side.encode()))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model_version: str | None = None) -> FaceIndex:
@@ -688,14 +560,7 @@ class FaceIndex:
         path = Path(path)
         if not path.is_file():
             raise IndexNotFoundError(f"no face index at {path}")
-        data = np.fromfile(path, dtype=np.uint8)
-        meta, base_bytes, store_bytes = _parse(path, data)
-        try:
-            base = faiss.deserialize_index(base_bytes)
-            store = faiss.deserialize_index(store_bytes) if len(store_bytes) else None
-        except RuntimeError as e:
-            raise _corrupt(path, f"faiss cannot read the payload: {_faiss_msg(e)}") from None
-        del data
+        meta, sections = _parse(path, np.fromfile(path, dtype=np.uint8))
         try:
             idx = cls(
                 int(meta["dim"]),
@@ -706,17 +571,19 @@ class FaceIndex:
                 exact_threshold=int(meta.get("exact_threshold", EXACT_THRESHOLD)),
                 refine_factor=int(meta.get("refine_factor", _REFINE_FACTOR)),
             )
+            idx._resolved, count = str(meta["resolved_factory"]), int(meta["count"])
+            idx._trained_for = int(meta.get("trained_for", 0))
+            base = _deserialize(sections, idx._resolved, idx.refine_factor)
         except (KeyError, TypeError, ValueError) as e:
             raise _corrupt(path, f"bad header: {e}") from None
-        if base.d != idx.dim or (store is not None and store.d != idx.dim):
+        except RuntimeError as e:
+            raise _corrupt(path, f"faiss cannot read the payload: {_faiss_msg(e)}") from None
+        if base.d != idx.dim:
             raise _corrupt(path, f"payload dimension {base.d} differs from header {idx.dim}")
-        idx._base, idx._store, idx._resolved = base, store, str(meta["resolved_factory"])
-        idx._trained_for = int(meta.get("trained_for", 0))
-        idx._ids = np.sort(_all_ids(base))
-        count = int(meta["count"])
-        if len(idx._ids) != count or (store is not None and store.ntotal != count):
+        idx._base, idx._ids = base, np.sort(_all_ids(base))
+        if len(idx._ids) != count:
             raise _corrupt(path, f"holds {len(idx._ids)} vectors, header says {count}")
-        idx._apply_search_params()
+        idx._apply_search_params(base)
         if model_version is not None and str(model_version) != idx.model_version:
             raise ModelVersionMismatchError(idx.model_version, str(model_version))
         return idx
@@ -725,173 +592,163 @@ class FaceIndex:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
+def _positive(name: str, value: Any) -> Any:
+    if value is not None and int(value) < 1:
+        raise IndexInputError(f"{name} must be >= 1, got {value}")
+    return None if value is None else int(value)
+
+
 def _faiss_msg(e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 
 
 def _rng() -> np.random.Generator:
-    # Fixed seed: the same content always trains the same index (reproducible benchmarks).
     return np.random.default_rng(_SEED)
 
 
+class _Refine:
+    """Candidates of ``base`` re-scored with ``codec`` codes read back by id.
+
+    The codes live in an IVF with a hash-table direct map (64 lists when trained on enough
+    vectors, so that no single code array doubles its capacity at once: +1 GB transient at 2M).
+    """
+
+    def __init__(self, base: Any, codec: str, factor: int, store: Any = None):
+        self.base, self.codec, self.factor, self.store, self.d = base, codec, factor, store, base.d
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.base.is_trained and self.store is not None)
+
+    def train(self, x: np.ndarray) -> None:
+        if not self.base.is_trained:
+            self.base.train(x)
+        lists = 64 if len(x) >= 64 * 256 else 1
+        self.store = faiss.index_factory(self.d, f"IVF{lists},{self.codec}", faiss.METRIC_INNER_PRODUCT)
+        self.store.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self.store.train(x)
+
+    def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
+        self.base.add_with_ids(x, ids)
+        self.store.add_with_ids(x, ids)
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        return self.store.reconstruct_batch(ids)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(q) > 256:  # bounds the vectors read back to 256 * k * factor at a time
+            parts = [self.search(q[s : s + 256], k) for s in range(0, len(q), 256)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        cand = self.base.search(q, k * self.factor)[1]
+        scores = np.full(cand.shape, -np.inf, dtype=np.float32)
+        rows, cols = np.nonzero(cand >= 0)
+        if len(rows):
+            vecs = self.store.reconstruct_batch(np.ascontiguousarray(cand[rows, cols]))
+            scores[rows, cols] = np.einsum("ij,ij->i", vecs, q[rows])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+
+
+def _ivf(index: Any) -> Any:
+    return faiss.try_extract_index_ivf(index.base if isinstance(index, _Refine) else index)
+
+
+def _remove(index: Any, ids: np.ndarray) -> int:
+    """Remove ``ids`` (all present); returns how many the (base) index removed."""
+    if isinstance(index, _Refine):
+        _remove(index.store, ids)
+        return _remove(index.base, ids)
+    ivf = faiss.try_extract_index_ivf(index)
+    # A hash-table direct map only removes by an explicit id array (O(removed)); the others scan
+    # everything and test membership, which a batch selector (hash set) makes O(1).
+    direct = ivf is not None and ivf.direct_map.type == faiss.DirectMap.Hashtable
+    return int(index.remove_ids((faiss.IDSelectorArray if direct else faiss.IDSelectorBatch)(ids)))
+
+
+def _serialize(index: Any) -> list[np.ndarray]:
+    parts = [index.base, index.store] if isinstance(index, _Refine) else [index]
+    return [faiss.serialize_index(i) for i in parts]
+
+
+def _deserialize(sections: list[np.ndarray], resolved: str, factor: int) -> Any:
+    parts = [faiss.deserialize_index(s) for s in sections]
+    m = _REFINE_RE.match(resolved)
+    if (m is not None) != (len(parts) == 2) or not 1 <= len(parts) <= 2:
+        raise ValueError(f"{len(parts)} payloads for {resolved!r}")
+    return _Refine(parts[0], m["codec"], factor, parts[1]) if m else parts[0]
+
+
 def _find_hnsw(index: Any) -> Any:
-    idx = faiss.downcast_index(index)
+    idx = faiss.downcast_index(index.base if isinstance(index, _Refine) else index)
     if isinstance(idx, faiss.IndexIDMap):
         idx = faiss.downcast_index(idx.index)
     return idx if isinstance(idx, faiss.IndexHNSW) else None
 
 
-def _nlist_of(factory: str) -> int | None:
-    m = re.match(r"^\s*IVF(\d+)", factory)
-    return int(m.group(1)) if m else None
-
-
-def _same_factory(a: str, b: str) -> bool:
-    return a.replace(" ", "") == b.replace(" ", "")
-
-
-def _train_size(base: Any) -> int:
-    ivf = faiss.try_extract_index_ivf(base)
-    if ivf is None:
-        return _CODEC_TRAIN_MAX
-    return max(_COARSE_TRAIN_PER_LIST * int(ivf.nlist), _CODEC_TRAIN_MAX)
-
-
-def _subsample(x: np.ndarray, n: int) -> np.ndarray:
-    if len(x) <= n:
-        return x
-    return x[np.sort(_rng().choice(len(x), n, replace=False))]
-
-
-def _normalized(x: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """A new C-contiguous float32 array of ``x`` rows divided by ``norms``."""
-    out = np.array(x, dtype=np.float32, order="C", copy=True)
-    out /= norms[:, None]
-    return out
-
-
-def _normalized_chunks(x: np.ndarray, norms: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    for s in range(0, len(x), _CHUNK):
-        yield s, _normalized(x[s : s + _CHUNK], norms[s : s + _CHUNK])
-
-
-def _gather_normalized(source: Any, norms: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    """Unit rows ``rows`` (sorted) of an array, or of a :class:`_StoredPlusNew` view."""
-    if isinstance(source, _StoredPlusNew):
-        return source.rows(rows)
-    out = np.array(source[rows], dtype=np.float32, order="C")
+def _normalized(x: np.ndarray, norms: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A new C-contiguous float32 array of unit rows ``rows`` (sorted) of ``x``."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # a contiguous range: slice, no gather
+        out = np.array(x[rows[0] : rows[-1] + 1], dtype=np.float32, order="C", copy=True)
+    else:
+        out = np.array(x[rows], dtype=np.float32, order="C")
     out /= norms[rows][:, None]
     return out
 
 
-class _StoredPlusNew:
-    """Row access to 'vectors already in the index' followed by 'the batch being added'."""
-
-    def __init__(self, index: FaceIndex, stored_ids: np.ndarray, new: np.ndarray, new_norms: np.ndarray):
-        self.index, self.stored_ids, self.new, self.new_norms = index, stored_ids, new, new_norms
-
-    def rows(self, rows: np.ndarray) -> np.ndarray:
-        n_old = len(self.stored_ids)
-        old_rows, new_rows = rows[rows < n_old], rows[rows >= n_old] - n_old
-        parts = []
-        if len(old_rows):
-            parts.append(self.index._reconstruct(self.stored_ids[old_rows]))
-        if len(new_rows):
-            parts.append(_gather_normalized(self.new, self.new_norms, new_rows))
-        return np.concatenate(parts) if parts else np.zeros((0, self.index.dim), np.float32)
-
-
-def _chain(*iters: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
-    for it in iters:
-        yield from it
-
-
-def _add_to(base: Any, store: Any, x: np.ndarray, ids: np.ndarray) -> None:
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    base.add_with_ids(x, ids)
-    if store is not None:
-        store.add_with_ids(x, ids)
-
-
-def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Merge two sorted disjoint int64 arrays in O(len(a) + len(b))."""
-    if len(a) == 0:
-        return b.copy()
-    return np.insert(a, np.searchsorted(a, b), b)
-
-
-def _train_centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+def _train_centroids(x: np.ndarray, nlist: int) -> np.ndarray:
     """Spherical k-means centroids for an IVF over unit vectors.
 
     Above 256 lists, two-level k-means (sqrt(nlist) groups, then each group split in proportion
-    to its size): at 8192 lists on 2 cores that is minutes instead of an hour for flat k-means,
-    for ~4 % fewer true matches found at equal nprobe (measured at 200k vectors).
+    to its size): on 2 cores minutes instead of an hour for thousands of lists, for a few % fewer
+    true neighbours found at equal nprobe.
     """
     d = x.shape[1]
-    if nlist <= 256:
-        km = faiss.Kmeans(d, nlist, niter=20, spherical=True, seed=seed, max_points_per_centroid=256)
-        km.train(x)
+
+    def kmeans(data: np.ndarray, k: int, seed: int, per_centroid: int) -> np.ndarray:
+        km = faiss.Kmeans(d, k, niter=20, spherical=True, seed=seed, max_points_per_centroid=per_centroid)
+        km.train(data)
         return km.centroids
+
+    if nlist <= 256:
+        return kmeans(x, nlist, _SEED, 256)
     nc1 = int(round(math.sqrt(nlist)))
-    km = faiss.Kmeans(d, nc1, niter=20, spherical=True, seed=seed, max_points_per_centroid=2048)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    assign = assign.ravel()
+    top = faiss.IndexFlatIP(d)
+    top.add(kmeans(x, nc1, _SEED, 2048))
+    assign = top.search(x, 1)[1].ravel()
     sizes = np.bincount(assign, minlength=nc1)
-    alloc = _allocate(sizes, nlist)
-    order = np.argsort(assign, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    parts = []
-    for g in range(nc1):
-        if alloc[g] == 0:
-            continue
-        sub = x[order[bounds[g] : bounds[g + 1]]]
-        if alloc[g] == len(sub):
-            parts.append(sub.copy())
-            continue
-        km2 = faiss.Kmeans(d, int(alloc[g]), niter=20, spherical=True, seed=seed + 1 + g, max_points_per_centroid=256)
-        km2.train(sub)
-        parts.append(km2.centroids)
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-
-
-def _allocate(sizes: np.ndarray, total: int) -> np.ndarray:
-    """Split ``total`` centroids over groups proportionally to ``sizes``, never more than a group's size."""
-    alloc = np.floor(sizes * (total / max(sizes.sum(), 1))).astype(np.int64)
-    alloc = np.minimum(alloc, sizes)
-    while alloc.sum() < total:  # hand out the remainder to the groups with most points per centroid
+    # Split nlist over the groups in proportion to their sizes, never more than a group's size.
+    alloc = np.minimum(np.floor(sizes * (nlist / max(sizes.sum(), 1))).astype(np.int64), sizes)
+    while alloc.sum() < nlist:  # the remainder goes to the groups with most points per centroid
         room = sizes - alloc
         if room.max() <= 0:
-            raise FaceIndexError(f"cannot train {total} lists on {sizes.sum()} vectors")
-        ratio = np.where(room > 0, sizes / (alloc + 1), -1.0)
-        alloc[int(np.argmax(ratio))] += 1
-    return alloc
+            raise FaceIndexError(f"cannot train {nlist} lists on {sizes.sum()} vectors")
+        alloc[int(np.argmax(np.where(room > 0, sizes / (alloc + 1), -1.0)))] += 1
+    parts = []
+    for g in np.flatnonzero(alloc):
+        sub = x[assign == g]
+        parts.append(sub if alloc[g] == len(sub) else kmeans(sub, int(alloc[g]), _SEED + 1 + int(g), 256))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def _all_ids(base: Any) -> np.ndarray:
     """Every id stored in a faiss index (IVF lists, or the IDMap)."""
     if isinstance(base, faiss.IndexIDMap):
         return faiss.vector_to_array(base.id_map).astype(np.int64)
-    ivf = faiss.try_extract_index_ivf(base)
+    ivf = _ivf(base)
     if ivf is None:
         raise FaceIndexError(f"cannot list the ids of a {type(base).__name__}")
-    inv = ivf.invlists
-    parts = []
+    inv, parts = ivf.invlists, [np.zeros(0, dtype=np.int64)]
     for lst in range(ivf.nlist):
         n = inv.list_size(lst)
         if n:
             ptr = inv.get_ids(lst)
             parts.append(faiss.rev_swig_ptr(ptr, n).copy())
             inv.release_ids(lst, ptr)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts)
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
+def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
     """Write via a same-folder temp file + fsync + os.replace; the old file survives any failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -902,10 +759,7 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable; not possible on every platform/filesystem
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -917,27 +771,26 @@ def _atomic_write(path: Path, write: Any) -> None:
         pass
 
 
-def _parse(path: Path, data: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Split and verify a saved file: (metadata, base payload, store payload)."""
+def _parse(path: Path, data: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Split and verify a saved file: (metadata, faiss payloads)."""
     m = len(_MAGIC)
     if len(data) < m + 4 or bytes(data[:m]) != _MAGIC:
         raise _corrupt(path, "not a face index file (bad magic)")
-    (hlen,) = struct.unpack("<I", bytes(data[m : m + 4]))
-    h0, h1 = m + 4, m + 4 + hlen
-    if h1 > len(data):
+    h0, h1 = m + 4, m + 4 + struct.unpack("<I", bytes(data[m : m + 4]))[0]
+    if h1 + 32 > len(data):
         raise _corrupt(path, "truncated header")
     try:
         meta = json.loads(bytes(data[h0:h1]))
-        sizes = [int(s) for s in meta["sections"]]
+        sizes = [int(n) for n in meta["sections"]]
     except (ValueError, KeyError, TypeError) as e:
         raise _corrupt(path, f"unreadable header: {e}") from None
     if meta.get("format_version") != _FORMAT_VERSION:
         raise _corrupt(path, f"unsupported format version {meta.get('format_version')!r}")
-    end = h1 + sum(sizes)
-    if len(data) != end + 32:
-        raise _corrupt(path, f"truncated or padded: {len(data)} bytes, expected {end + 32}")
+    if len(data) != h1 + sum(sizes) + 32:
+        raise _corrupt(path, f"truncated or padded: {len(data)} bytes, expected {h1 + sum(sizes) + 32}")
     digest = hashlib.sha256(memoryview(data[h0:h1]))
-    digest.update(memoryview(data[h1:end]))
-    if digest.digest() != bytes(data[end:]):
+    digest.update(memoryview(data[h1:-32]))
+    if digest.digest() != bytes(data[-32:]):
         raise _corrupt(path, "checksum mismatch")
-    return meta, data[h1 : h1 + sizes[0]], data[h1 + sizes[0] : end]
+    ends = np.cumsum([h1, *sizes])
+    return meta, [data[a:b] for a, b in zip(ends[:-1], ends[1:])]

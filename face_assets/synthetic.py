@@ -1,35 +1,68 @@
-"""Synthetic face embeddings with known identities, for index tests and scale benchmarks.
+"""Synthetic face embeddings with known identities, calibrated on real ArcFace embeddings.
 
-Real libraries of faces are long-tailed: most people appear on one to three photos, a few on
-hundreds. Every identity here gets a random unit *centroid*; each of its faces is
+Real face libraries are long-tailed (most people on one to three photos, a few on hundreds), and
+real embeddings are not random directions: they share a mean direction, their variance is spread
+unevenly (an effective dimension of ~200 rather than 512), and people cluster by demographics.
+This module generates such a library, with every knob an explicit field of
+:class:`SyntheticParams` whose defaults are fitted (:func:`fit_params`) on the library's own
+embeddings of the shared labelled real faces (``benchmarks/synthetic_calibration.py`` prints the
+comparison; ``docs/index.md`` has the numbers).
 
-    face = a * centroid + sqrt(1 - a**2) * u,      u a random unit vector orthogonal to centroid,
+The model. A fixed random basis (from the seed) carries a power-law spectrum
+``lambda_i ~ i ** -identity_decay``; identity vectors are Gaussian with that covariance. Each person
+belongs to one of ``n_clusters`` demographic super-clusters, whose centres are drawn the same way,
+and gets the unit *centroid*
 
-with ``a`` drawn per face. Two faces of one person then have cosine ``a1 * a2 + e`` where ``e``
-comes from the two noise directions (std ~ ``(1 - E[a**2]) / sqrt(dim)``); the mean and spread of
-``a`` are solved from ``intra_mean`` / ``intra_std`` so that the intra-person cosine is about
-``N(intra_mean, intra_std)``. Faces of different people are random directions: in 512-d their
-cosine is about ``N(0, 1/sqrt(512)) = N(0, 0.044)``. A fraction of identities are *look-alikes*:
-their centroid is mixed from another identity's centroid so the two centroids have cosine in
-``lookalike_cos``, the hard negatives a face library really has (siblings, twins, similar faces).
+    c = normalize(sqrt(mean_share) * u + sqrt(1 - mean_share) * (sqrt(cluster_share) * g_cluster
+                                                                  + sqrt(1 - cluster_share) * z)),
 
-All knobs are the explicit fields of :class:`SyntheticParams`, meant to be calibrated later on real
-ArcFace embeddings. Generation is seeded and deterministic, and memory-efficient: faces are written
-block by block into one preallocated float32 array (2,000,000 x 512 is 4.1 GB; no float64 copy of
-the whole set is ever made). Centroids are never stored for all identities either (at 2M faces that
-would be ~1 GB more); they are regenerated per block on demand, which is what lets
+``u`` a common unit mean direction, ``z`` the person's own Gaussian vector. A fraction of people
+are *look-alikes*: their centroid is mixed with another person's so the two have cosine in
+``lookalike_cos`` (siblings, twins). Each face is
+
+    face = a * c + sqrt(1 - a**2) * n,     n a unit "variation" vector orthogonal to c,
+
+where ``n`` is Gaussian with its own spectrum (``noise_decay``), partly in the identity basis
+(``noise_alignment``, the rest in an independent basis), and ``a = sigmoid(m + delta_person + e_face)`` is
+drawn per face around a per-person offset (some people are photographed worse than others).
+``m`` and the spreads are solved from ``intra_mean``, ``intra_std`` and ``person_spread`` so
+that same-person cosines have those statistics.
+
+Generation is seeded and deterministic, and memory-efficient: faces are written block by block
+into one preallocated float32 array (2,000,000 x 512 is 4.1 GB; no float64 copy of the whole set
+is ever made). Identity vectors are never stored for all people (at 2M faces that would be ~1.6 GB
+more); they are regenerated per block on demand, which is what lets
 :meth:`SyntheticFaces.sample_faces` draw fresh held-out faces of known identities.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
-__all__ = ["SyntheticParams", "SyntheticFaces", "make_identities"]
+try:  # LAPACK on 512x512 matrices is ~200x slower with OpenBLAS threads on a few busy cores
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - optional
+    threadpool_limits = None
+
+
+def _one_blas_thread():
+    return threadpool_limits(1, user_api="blas") if threadpool_limits else nullcontext()
+
+__all__ = [
+    "SyntheticParams",
+    "SyntheticFaces",
+    "make_identities",
+    "similarity_stats",
+    "matched_stats",
+    "calibration_report",
+    "fit_params",
+]
 
 # Identities are generated in fixed blocks of this many; each block has its own random stream so
 # any block (its centroids in particular) can be regenerated without replaying the others.
@@ -44,16 +77,29 @@ _SIZE_BATCH = 65536
 _STREAM_SIZES = 0
 _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
+_STREAM_GLOBAL = 3
 
 
 @dataclass(frozen=True)
 class SyntheticParams:
     """The distribution of the synthetic library; every field is a calibration knob.
 
+    Defaults are fitted on 630 real faces of 42 people embedded by buffalo_s (w600k_mbf); see
+    :func:`fit_params` and ``docs/index.md``.
+
     Attributes:
-        intra_mean: mean cosine similarity of two faces of the same person (ArcFace-like: ~0.55).
-        intra_std: standard deviation of that similarity. It cannot go below the noise floor of
-            about ``(1 - intra_mean) / sqrt(dim)`` (0.02 at 512-d); smaller values are clamped.
+        intra_mean: mean cosine of two faces of the same person (pairs pooled over people).
+        intra_std: standard deviation of that cosine (pooled over people).
+        person_spread: standard deviation across people of their mean same-person cosine.
+        mean_share: share of a centroid along the common mean direction; different people then
+            have mean cosine ~ ``mean_share * intra_mean``.
+        identity_decay: exponent of the power-law spectrum of identity vectors (0 = isotropic,
+            effective dimension = dim; 0.6 gives ~200 at 512-d).
+        noise_decay: the same for the per-face variation.
+        noise_alignment: fraction of the per-face variation that lies in the identity basis (with
+            the same ordering of variances); the rest lies in an independent random basis.
+        n_clusters: number of demographic super-clusters.
+        cluster_share: share of an identity vector's variance that is its cluster's centre.
         size_exponent: identity sizes follow a truncated discrete power law,
             ``P(size = k) ~ k ** -size_exponent`` for ``1 <= k <= max_faces_per_identity``. With 2.0
             about 61 % of people have one face, 83 % at most three, and ~0.6 % have 100 or more.
@@ -63,40 +109,100 @@ class SyntheticParams:
             partner's centroid, drawn uniformly.
     """
 
-    intra_mean: float = 0.55
-    intra_std: float = 0.12
+    intra_mean: float = 0.463
+    intra_std: float = 0.166
+    person_spread: float = 0.11
+    mean_share: float = 0.029
+    identity_decay: float = 0.49
+    noise_decay: float = 0.66
+    noise_alignment: float = 1.0
+    n_clusters: int = 32
+    cluster_share: float = 0.23
     size_exponent: float = 2.0
     max_faces_per_identity: int = 1000
     lookalike_fraction: float = 0.05
     lookalike_cos: tuple[float, float] = (0.35, 0.5)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.intra_mean < 1.0:
-            raise ValueError(f"intra_mean must be in (0, 1), got {self.intra_mean}")
-        if self.intra_std < 0.0:
-            raise ValueError(f"intra_std must be >= 0, got {self.intra_std}")
+        for name in ("intra_mean", "mean_share", "noise_alignment", "cluster_share", "lookalike_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0 or (name == "intra_mean" and v in (0.0, 1.0)):
+                raise ValueError(f"{name} must be in [0, 1] (intra_mean in (0, 1)), got {v}")
+        for name in ("intra_std", "person_spread", "identity_decay", "noise_decay"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.size_exponent <= 0.0:
             raise ValueError(f"size_exponent must be > 0, got {self.size_exponent}")
-        if self.max_faces_per_identity < 1:
-            raise ValueError(f"max_faces_per_identity must be >= 1, got {self.max_faces_per_identity}")
-        if not 0.0 <= self.lookalike_fraction <= 1.0:
-            raise ValueError(f"lookalike_fraction must be in [0, 1], got {self.lookalike_fraction}")
+        if self.max_faces_per_identity < 1 or self.n_clusters < 1:
+            raise ValueError("max_faces_per_identity and n_clusters must be >= 1")
         lo, hi = self.lookalike_cos
         if not -1.0 <= lo <= hi <= 1.0:
             raise ValueError(f"lookalike_cos must be (low, high) within [-1, 1], got {self.lookalike_cos}")
 
-    def face_weight_moments(self, dim: int) -> tuple[float, float]:
-        """Mean and std of the per-face centroid weight ``a`` that give the requested similarity.
+    def face_weight_law(self, noise_dim: float) -> tuple[float, float, float]:
+        """``(m, person_sd, face_sd)`` of the centroid weight ``a = sigmoid(m + delta_person + e_face)``.
 
-        With ``a1, a2`` independent, ``E[a1 a2] = m**2`` and ``Var(a1 a2) = 2 m**2 v + v**2`` for
-        mean ``m`` and variance ``v``; the noise directions add about ``(1 - m**2 - v)**2 / dim``
-        of variance, so that much less has to come from ``a``.
+        Two faces of one person have cosine ``a1 * a2 + b1 * b2 * (n1 . n2)`` (``b = sqrt(1 - a**2)``,
+        the last term of variance ``E[b1**2 b2**2] / noise_dim``). A logistic-normal ``a`` stays in
+        (0, 1) and is skewed like real face quality (a long tail of poor faces, none identical to
+        the centroid). The three values are solved numerically (Gauss-Hermite quadrature over
+        person and face) so that pair cosines pooled over people have mean ``intra_mean`` and std
+        ``intra_std``, and people's mean cosines have std ``person_spread``.
         """
-        m2 = self.intra_mean
-        noise_var = (1.0 - m2) ** 2 / dim
-        target = max(self.intra_std**2 - noise_var, 0.0)
-        v = -m2 + math.sqrt(m2 * m2 + target)
-        return math.sqrt(m2), math.sqrt(max(v, 0.0))
+        x, w = np.polynomial.hermite_e.hermegauss(24)
+        w = w / w.sum()
+
+        def moments(m: float, p: float, s: float) -> tuple[float, float, float]:
+            a = 1.0 / (1.0 + np.exp(-(m + p * x[:, None] + s * x[None, :])))  # [person node, face node]
+            a1, a2 = a @ w, (a * a) @ w  # per person E[a], E[a^2]
+            mean = float(w @ a1**2)
+            spread = float(np.sqrt(w @ (a1**2 - mean) ** 2))
+            var = spread**2 + float(w @ (a2**2 - a1**4)) + float(w @ (1.0 - a2) ** 2) / noise_dim
+            return mean, spread, math.sqrt(var)
+
+        def solve(f, target: float, lo: float, hi: float) -> float:  # f increasing on [lo, hi]
+            for _ in range(50):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+            return 0.5 * (lo + hi)
+
+        m, p, s = 0.0, 0.0, 0.5
+        for _ in range(12):  # coordinate-wise: each moment mostly follows one variable
+            m = solve(lambda v: moments(v, p, s)[0], self.intra_mean, -8.0, 8.0)
+            p = solve(lambda v: moments(m, v, s)[1], self.person_spread, 0.0, 4.0)
+            s = solve(lambda v: moments(m, p, v)[2], self.intra_std, 0.0, 4.0)
+        return m, p, s
+
+
+def _spectrum(dim: int, decay: float) -> np.ndarray:
+    lam = np.arange(1, dim + 1, dtype=np.float64) ** -decay
+    return lam / lam.sum()
+
+
+def _rotation(rng: np.random.Generator, dim: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q * np.sign(np.diag(r))  # Haar-distributed orthogonal matrix
+
+
+class _Model:
+    """The global (per seed) part of the law: bases, covariance roots, mean, cluster centres."""
+
+    def __init__(self, dim: int, params: SyntheticParams, rng: np.random.Generator):
+        p = params
+        q_id, q_ind = _rotation(rng, dim), _rotation(rng, dim)
+        lam_id, lam_n = _spectrum(dim, p.identity_decay), _spectrum(dim, p.noise_decay)
+        # Row-vector sampling: g @ root has covariance root.T @ root.
+        self.identity_root = (np.sqrt(lam_id)[:, None] * q_id.T).astype(np.float32)
+        cov_n = p.noise_alignment * (q_id * lam_n) @ q_id.T + (1.0 - p.noise_alignment) * (q_ind * lam_n) @ q_ind.T
+        w, v = np.linalg.eigh(cov_n)
+        w = np.maximum(w, 0.0)
+        self.noise_root = (np.sqrt(w)[:, None] * v.T).astype(np.float32)
+        #: Effective dimension of the face variation: 1 / Var(n1 . n2) for two independent ones.
+        self.noise_dim = float(w.sum() ** 2 / (w**2).sum())
+        u = rng.standard_normal(dim)
+        self.mean_dir = (u / np.linalg.norm(u)).astype(np.float32)
+        self.clusters = rng.standard_normal((p.n_clusters, dim), dtype=np.float32) @ self.identity_root
+        self.weight_law = p.face_weight_law(self.noise_dim)
 
 
 class SyntheticFaces:
@@ -106,7 +212,7 @@ class SyntheticFaces:
         n_faces: total number of faces.
         dim: embedding dimension.
         seed: the seed; the same (n_faces, dim, seed, params) always give the same faces.
-        params: the distribution; defaults to :class:`SyntheticParams` ().
+        params: the distribution; defaults to :class:`SyntheticParams` () (the calibrated one).
 
     Attributes:
         sizes: int64 [n_identities], faces per identity (identity ``i`` is label ``i``).
@@ -132,6 +238,12 @@ class SyntheticFaces:
     def n_identities(self) -> int:
         """Number of identities (people)."""
         return len(self.sizes)
+
+    @cached_property
+    def model(self) -> _Model:
+        """Bases, covariance roots, mean direction and cluster centres of this seed."""
+        with _one_blas_thread():
+            return _Model(self.dim, self.params, self._rng(_STREAM_GLOBAL))
 
     # -- random streams --------------------------------------------------------------------------
 
@@ -160,73 +272,98 @@ class SyntheticFaces:
                 total = int(csum[-1])
         return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
-    # -- centroids -------------------------------------------------------------------------------
+    # -- identities ------------------------------------------------------------------------------
 
-    def _block_centroids(self, block: int, rng: np.random.Generator) -> np.ndarray:
-        """Centroids of one block's identities; always the first draws of the block's stream."""
-        first = block * IDS_PER_BLOCK
-        n = min(IDS_PER_BLOCK, self.n_identities - first)
-        c = rng.standard_normal((n, self.dim), dtype=np.float32)
-        c /= np.linalg.norm(c, axis=1, keepdims=True)
-        p = self.params
+    def _block_identities(
+        self, block: int, rng: np.random.Generator, want: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(centroids, weight offsets)`` of a block's identities (``want``: local rows, or all).
+
+        Always the first draws of the block's stream, all of them drawn whatever ``want`` is; only
+        the requested centroids (and their look-alike partners) are computed.
+        """
+        p, m = self.params, self.model
+        n = min(IDS_PER_BLOCK, self.n_identities - block * IDS_PER_BLOCK)
+        g = rng.standard_normal((n, self.dim), dtype=np.float32)
+        cluster = rng.integers(0, p.n_clusters, n)
         is_alike = rng.random(n) < p.lookalike_fraction
-        alike = np.flatnonzero(is_alike)
-        bases = np.flatnonzero(~is_alike)
-        if len(alike) and len(bases):
-            # Partners are plain identities of the same block, so a block never depends on another.
-            partner = bases[rng.integers(0, len(bases), len(alike))]
-            rho = rng.uniform(p.lookalike_cos[0], p.lookalike_cos[1], len(alike)).astype(np.float32)
-            pc = c[partner]
-            r = c[alike]  # the look-alike's own random direction, made orthogonal to the partner
-            r -= np.einsum("ij,ij->i", r, pc)[:, None] * pc
-            r /= np.linalg.norm(r, axis=1, keepdims=True)
-            c[alike] = rho[:, None] * pc + np.sqrt(1.0 - rho * rho)[:, None] * r
-        return c
+        alike, bases = np.flatnonzero(is_alike), np.flatnonzero(~is_alike)
+        # Partners are plain identities of the same block, so a block never depends on another.
+        partner = bases[rng.integers(0, len(bases), len(alike))] if len(bases) else alike[:0]
+        rho = rng.uniform(p.lookalike_cos[0], p.lookalike_cos[1], len(alike)).astype(np.float32)
+        offset = rng.normal(0.0, m.weight_law[1], n).astype(np.float32)
+
+        want = np.arange(n) if want is None else np.asarray(want, dtype=np.int64)
+        partner_of = np.full(n, -1, dtype=np.int64)
+        if len(partner):
+            partner_of[alike] = partner
+        need = np.union1d(want, partner_of[want][partner_of[want] >= 0])
+        r = g[need] @ m.identity_root
+        r *= math.sqrt(1.0 - p.cluster_share)
+        r += math.sqrt(p.cluster_share) * m.clusters[cluster[need]]
+        c = np.empty((n, self.dim), dtype=np.float32)
+        c[need] = math.sqrt(p.mean_share) * m.mean_dir + math.sqrt(1.0 - p.mean_share) * r
+        c[need] /= np.linalg.norm(c[need], axis=1, keepdims=True)
+        mix = want[partner_of[want] >= 0]
+        if len(mix):
+            pc = c[partner_of[mix]]
+            rr = rho[np.searchsorted(alike, mix)]
+            own = c[mix]  # the look-alike's own direction, made orthogonal to the partner
+            own -= np.einsum("ij,ij->i", own, pc)[:, None] * pc
+            own /= np.linalg.norm(own, axis=1, keepdims=True)
+            c[mix] = rr[:, None] * pc + np.sqrt(1.0 - rr * rr)[:, None] * own
+        return c[want], offset[want]
 
     def centroids(self, identities: np.ndarray | list[int]) -> np.ndarray:
         """Unit centroids (float32 [len(identities), dim]) of the given identities, regenerated."""
+        return self._identities(identities)[0]
+
+    def _identities(self, identities: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(identities, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.n_identities):
             raise ValueError("identity out of range")
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        c = np.empty((len(ids), self.dim), dtype=np.float32)
+        off = np.empty(len(ids), dtype=np.float32)
         blocks = ids // IDS_PER_BLOCK
         for b in np.unique(blocks):
-            c = self._block_centroids(int(b), self._rng(_STREAM_BLOCK, int(b)))
             rows = np.flatnonzero(blocks == b)
-            out[rows] = c[ids[rows] - int(b) * IDS_PER_BLOCK]
-        return out
+            local = ids[rows] - int(b) * IDS_PER_BLOCK
+            uniq, inv = np.unique(local, return_inverse=True)
+            bc, bo = self._block_identities(int(b), self._rng(_STREAM_BLOCK, int(b)), uniq)
+            c[rows], off[rows] = bc[inv], bo[inv]
+        return c, off
 
     # -- faces -----------------------------------------------------------------------------------
 
-    def _faces(self, centroids: np.ndarray, a: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """``a * c + sqrt(1 - a^2) * u`` with u = noise made orthogonal to c; in place on ``noise``."""
-        noise -= np.einsum("ij,ij->i", noise, centroids)[:, None] * centroids
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        noise *= np.sqrt(1.0 - a * a)[:, None]
-        noise += a[:, None] * centroids
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)  # unit within float32 rounding
-        return noise
+    def _faces(self, centroids: np.ndarray, a: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """``a * c + sqrt(1 - a^2) * n``, n = the variation of Gaussian ``g`` made unit and orthogonal to c."""
+        n = g @ self.model.noise_root
+        n -= np.einsum("ij,ij->i", n, centroids)[:, None] * centroids
+        n /= np.linalg.norm(n, axis=1, keepdims=True)
+        n *= np.sqrt(1.0 - a * a)[:, None]
+        n += a[:, None] * centroids
+        n /= np.linalg.norm(n, axis=1, keepdims=True)  # unit within float32 rounding
+        return n
 
-    def _draw_weights(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        m, s = self.params.face_weight_moments(self.dim)
-        # Clipping keeps a a valid cosine; at the defaults it touches ~1 % of faces.
-        return np.clip(rng.normal(m, s, n), 0.0, 1.0).astype(np.float32)
+    def _draw_weights(self, rng: np.random.Generator, offsets: np.ndarray) -> np.ndarray:
+        m, _, s = self.model.weight_law
+        return (1.0 / (1.0 + np.exp(-(m + offsets + rng.normal(0.0, s, len(offsets)))))).astype(np.float32)
 
     def iter_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, faces)`` chunks in row order, float32, unit-norm (<= 8192 rows each)."""
         n_blocks = -(-self.n_identities // IDS_PER_BLOCK)
         for b in range(n_blocks):
             rng = self._rng(_STREAM_BLOCK, b)
-            c = self._block_centroids(b, rng)
+            c, off = self._block_identities(b, rng)
             first_id = b * IDS_PER_BLOCK
             row0 = int(self.offsets[first_id])
             row1 = int(self.offsets[first_id + len(c)])
             local = self.labels[row0:row1] - first_id
-            a = self._draw_weights(rng, row1 - row0)
+            a = self._draw_weights(rng, off[local])
             for s in range(0, row1 - row0, _FACE_CHUNK):
                 e = min(s + _FACE_CHUNK, row1 - row0)
-                noise = rng.standard_normal((e - s, self.dim), dtype=np.float32)
-                yield row0 + s, self._faces(c[local[s:e]], a[s:e], noise)
+                g = rng.standard_normal((e - s, self.dim), dtype=np.float32)
+                yield row0 + s, self._faces(c[local[s:e]], a[s:e], g)
 
     def embeddings(self, out: np.ndarray | None = None) -> np.ndarray:
         """All faces, float32 [n_faces, dim], unit-norm, rows in label order.
@@ -252,12 +389,11 @@ class SyntheticFaces:
             identities: identity labels; repeat a label to get several faces of that person.
             seed: seed of the fresh noise (independent of the library's own faces).
         """
-        ids = np.asarray(identities, dtype=np.int64).reshape(-1)
-        c = self.centroids(ids)
+        c, off = self._identities(identities)
         rng = self._rng(_STREAM_SAMPLE, int(seed))
-        a = self._draw_weights(rng, len(ids))
-        noise = rng.standard_normal((len(ids), self.dim), dtype=np.float32)
-        return self._faces(c, a, noise)
+        a = self._draw_weights(rng, off)
+        g = rng.standard_normal((len(c), self.dim), dtype=np.float32)
+        return self._faces(c, a, g)
 
 
 def make_identities(
@@ -265,30 +401,173 @@ def make_identities(
     dim: int = 512,
     seed: int = 0,
     *,
-    intra_mean: float = 0.55,
-    intra_std: float = 0.12,
-    size_exponent: float = 2.0,
-    max_faces_per_identity: int = 1000,
-    lookalike_fraction: float = 0.05,
-    lookalike_cos: tuple[float, float] = (0.35, 0.5),
+    params: SyntheticParams | None = None,
     out: np.ndarray | None = None,
+    **overrides: object,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic unit-norm face embeddings with known, long-tailed identities.
 
-    See :class:`SyntheticParams` for the meaning of the keyword arguments, and :class:`SyntheticFaces`
-    to also get centroids or held-out faces of the same identities.
+    ``params`` (default: the calibrated :class:`SyntheticParams`) with any of its fields replaced
+    by keyword ``overrides``. See :class:`SyntheticFaces` to also get centroids or held-out faces.
 
     Returns:
         ``(embeddings, labels)``: float32 [n_faces, dim] unit rows, and int64 [n_faces] identity
         labels ``0 .. n_identities-1`` (faces of one identity are contiguous rows).
     """
-    params = SyntheticParams(
-        intra_mean=intra_mean,
-        intra_std=intra_std,
-        size_exponent=size_exponent,
-        max_faces_per_identity=max_faces_per_identity,
-        lookalike_fraction=lookalike_fraction,
-        lookalike_cos=tuple(lookalike_cos),
-    )
+    params = replace(params or SyntheticParams(), **overrides)
     gen = SyntheticFaces(n_faces, dim=dim, seed=seed, params=params)
     return gen.embeddings(out=out), gen.labels
+
+
+# -- calibration against real embeddings -----------------------------------------------------------
+
+#: Statistics compared by :func:`calibration_report`, in print order.
+STAT_NAMES = (
+    "same_mean", "same_std", "same_p1", "same_p5", "same_p50", "same_p95", "same_p99",
+    "diff_mean", "diff_std", "diff_p1", "diff_p50", "diff_p99", "diff_p99.9",
+    "person_spread", "mean_norm", "pca_top1", "pca_top10", "within_dim", "within_in_between",
+)  # fmt: skip
+
+
+def _pair_sims(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """All pairwise cosines split into same / different person, and each person's mean."""
+    s = emb @ emb.T
+    iu = np.triu_indices(len(emb), 1)
+    same = (labels[:, None] == labels[None, :])[iu]
+    sims = s[iu]
+    per_person = []
+    for lab in np.unique(labels):
+        rows = np.flatnonzero(labels == lab)
+        if len(rows) >= 2:
+            per_person.append(float(s[np.ix_(rows, rows)][np.triu_indices(len(rows), 1)].mean()))
+    return sims[same], sims[~same], per_person
+
+
+def similarity_stats(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Summary statistics of a labelled set of unit embeddings (all pairs; keep it to a few thousand).
+
+    Pairs count equally (as in a library: people with more photos weigh more). Beyond the
+    same-person (``same_*``) and different-person (``diff_*``) cosine moments and percentiles:
+    ``person_spread`` (std across people of their mean same-person cosine), ``mean_norm`` (norm of
+    the mean embedding), ``pca_top1`` / ``pca_top10`` (share of the variance in the top 1 / 10
+    principal components), ``within_dim`` (effective dimension ``tr(C)**2 / tr(C**2)`` of the
+    within-person covariance ``C``) and ``within_in_between`` (share of the within-person variance
+    lying in the span of the person means). Several depend on the number of people and faces:
+    compare with :func:`matched_stats`, which reproduces the design.
+    """
+    with _one_blas_thread():
+        return _similarity_stats(np.asarray(emb, dtype=np.float64), np.asarray(labels))
+
+
+def _similarity_stats(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    same, diff, per_person = _pair_sims(x, labels)
+    out = {"same_mean": same.mean(), "same_std": same.std(), "diff_mean": diff.mean(), "diff_std": diff.std()}
+    for q in (1, 5, 50, 95, 99):
+        out[f"same_p{q}"] = np.percentile(same, q)
+    for q in (1, 50, 99, 99.9):
+        out[f"diff_p{q}"] = np.percentile(diff, q)
+    out["person_spread"] = float(np.std(per_person))
+    mean = x.mean(axis=0)
+    out["mean_norm"] = np.linalg.norm(mean)
+    ev = np.linalg.eigvalsh(np.cov(x.T))[::-1]
+    out["pca_top1"], out["pca_top10"] = ev[0] / ev.sum(), ev[:10].sum() / ev.sum()
+    uniq, inv = np.unique(labels, return_inverse=True)
+    means = np.zeros((len(uniq), x.shape[1]))
+    np.add.at(means, inv, x)
+    means /= np.bincount(inv)[:, None]
+    resid = x - means[inv]
+    ew = np.linalg.eigvalsh(resid.T @ resid)
+    out["within_dim"] = ew.sum() ** 2 / (ew**2).sum()
+    u, sv, _ = np.linalg.svd((means - mean).T, full_matrices=False)
+    span = u[:, sv > 1e-9 * sv.max()]
+    out["within_in_between"] = ((resid @ span) ** 2).sum() / (resid**2).sum()
+    return {k: float(out[k]) for k in STAT_NAMES}
+
+
+def matched_stats(
+    params: SyntheticParams, sizes: np.ndarray, dim: int = 512, replicates: int = 8, seed: int = 0
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """:func:`similarity_stats` of synthetic sets of the same design as a real one.
+
+    Each replicate draws ``len(sizes)`` fresh people with ``sizes`` faces each; statistics are
+    averaged over replicates. Also returns all same- and different-person cosines (for histograms).
+    """
+    n_people = len(sizes) * replicates
+    gen = SyntheticFaces(n_people * 10, dim=dim, seed=seed, params=params)  # ~2x the people needed
+    # Every identity of a library this size has >= 1 face; draw people spread over the blocks.
+    people = np.random.default_rng(seed).choice(gen.n_identities, n_people, replace=False)
+    acc: dict[str, list[float]] = {k: [] for k in STAT_NAMES}
+    same_all, diff_all = [], []
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    for r in range(replicates):
+        ids = people[r * len(sizes) : (r + 1) * len(sizes)]
+        emb = gen.sample_faces(ids[labels], seed=r)
+        for k, v in similarity_stats(emb, labels).items():
+            acc[k].append(v)
+        same, diff, _ = _pair_sims(emb.astype(np.float64), labels)
+        same_all.append(same)
+        diff_all.append(diff)
+    return {k: float(np.mean(v)) for k, v in acc.items()}, np.concatenate(same_all), np.concatenate(diff_all)
+
+
+def calibration_report(real: dict[str, float], synthetic: dict[str, float]) -> str:
+    """A text table of real vs synthetic statistics, with the difference."""
+    lines = [f"{'statistic':<18} {'real':>8} {'synthetic':>10} {'diff':>8}"]
+    for k in STAT_NAMES:
+        lines.append(f"{k:<18} {real[k]:8.3f} {synthetic[k]:10.3f} {synthetic[k] - real[k]:+8.3f}")
+    return "\n".join(lines)
+
+
+# (parameter, the statistic it is fitted to, search bracket), in fitting order.
+_FIT_PLAN = (
+    ("intra_mean", "same_mean", (0.05, 0.95)),
+    ("intra_std", "same_std", (0.0, 0.4)),
+    ("person_spread", "person_spread", (0.0, 0.3)),
+    ("mean_share", "diff_mean", (0.0, 0.3)),
+    ("identity_decay", "diff_std", (0.0, 1.5)),
+    ("noise_decay", "within_dim", (0.0, 1.5)),
+    ("noise_alignment", "within_in_between", (0.0, 1.0)),
+    ("cluster_share", "diff_p99.9", (0.0, 0.6)),
+)
+
+
+def fit_params(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    start: SyntheticParams | None = None,
+    rounds: int = 2,
+    steps: int = 8,
+    replicates: int = 6,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    log: Callable[[str], None] | None = None,
+) -> SyntheticParams:
+    """Fit the distribution parameters to real embeddings by simulation.
+
+    Coordinate-wise bisection: each parameter of the plan in turn is moved until the matching
+    statistic of :func:`matched_stats` (same design as the real set, fixed seed: common random
+    numbers keep each response monotone) equals the real one; ``rounds`` passes over the plan.
+    Statistics are averaged over ``seeds`` (each seed has its own bases, mean and clusters).
+    Size-law and look-alike fields are kept from ``start`` (the real set says nothing about them).
+    """
+    labels = np.asarray(labels)
+    target = similarity_stats(emb, labels)
+    sizes = np.unique(labels, return_counts=True)[1]
+    params = start or SyntheticParams()
+    dim = emb.shape[1]
+    for rnd in range(rounds):
+        for name, stat, (lo, hi) in _FIT_PLAN:
+            a, b = lo, hi
+            # Every statistic grows with its parameter except within_dim (falls with the decay).
+            sign = -1.0 if stat == "within_dim" else 1.0
+            for _ in range(steps):
+                mid = 0.5 * (a + b)
+                trial = replace(params, **{name: mid})
+                got = np.mean([matched_stats(trial, sizes, dim, replicates, sd)[0][stat] for sd in seeds])
+                if sign * (got - target[stat]) < 0:
+                    a = mid
+                else:
+                    b = mid
+            params = replace(params, **{name: round(0.5 * (a + b), 4)})
+            if log:
+                log(f"round {rnd + 1}: {name} = {getattr(params, name)} (fitting {stat} = {target[stat]:.4f})")
+    return params

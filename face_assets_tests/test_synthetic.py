@@ -1,11 +1,25 @@
-"""Tests of face_assets.synthetic: determinism, shapes, unit norm, similarity law, long tail."""
+"""Tests of face_assets.synthetic: determinism, shapes, unit norm, calibrated similarity law, long tail."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from face_assets.synthetic import IDS_PER_BLOCK, SyntheticFaces, SyntheticParams, make_identities
+from face_assets.synthetic import (
+    IDS_PER_BLOCK,
+    SyntheticFaces,
+    SyntheticParams,
+    fit_params,
+    make_identities,
+    matched_stats,
+    similarity_stats,
+)
+
+REAL_CACHE = Path(__file__).resolve().parents[1] / "data" / "cache" / "real_embeddings.npz"
+# The old law, for contrast: isotropic random directions, no mean, no clusters.
+ISOTROPIC = dict(mean_share=0.0, identity_decay=0.0, noise_decay=0.0, noise_alignment=0.0, cluster_share=0.0)
 
 
 def _pair_sims(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator, n: int = 20_000):
@@ -18,7 +32,7 @@ def _pair_sims(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator, n:
     b = offsets[ident] + (rng.random(n) * sizes[ident]).astype(np.int64)
     keep = a != b
     intra = np.einsum("ij,ij->i", emb[a[keep]], emb[b[keep]])
-    a, b = rng.integers(0, len(emb), n), rng.integers(0, len(emb), n)
+    a, b = rng.integers(0, len(emb), 10 * n), rng.integers(0, len(emb), 10 * n)
     keep = labels[a] != labels[b]
     inter = np.einsum("ij,ij->i", emb[a[keep]], emb[b[keep]])
     return intra, inter
@@ -47,21 +61,39 @@ def test_shapes_dtypes_and_unit_norm():
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
-def test_intra_and_inter_similarity_match_parameters(library):
+def test_similarities_follow_the_calibrated_law(library):
     gen, emb = library
+    p = gen.params
     intra, inter = _pair_sims(emb, gen.labels, np.random.default_rng(0))
-    assert abs(intra.mean() - 0.55) < 0.02
-    assert abs(intra.std() - 0.12) < 0.02
-    assert abs(inter.mean()) < 0.005
-    # Different people are random directions, cosine ~ N(0, 1/sqrt(512)); look-alikes add a bit.
-    assert abs(inter.std() - 1 / np.sqrt(512)) < 0.005
+    assert abs(intra.mean() - p.intra_mean) < 0.02
+    assert abs(intra.std() - 0.159) < 0.02  # intra_std plus the variation term: the real 0.159
+    # Real different-person cosines (buffalo_s): mean 0.016, std 0.069, p99.9 0.250; the isotropic
+    # law had N(0, 0.044).
+    assert 0.005 < inter.mean() < 0.03
+    assert abs(inter.std() - 0.069) < 0.008
+    assert abs(np.percentile(inter, 99.9) - 0.25) < 0.04
+
+
+def test_embeddings_are_structured_not_isotropic(library):
+    gen, emb = library
+    x = emb[::3].astype(np.float64)
+    assert 0.08 < np.linalg.norm(x.mean(axis=0)) < 0.2  # not centred: a common mean direction
+    ev = np.linalg.eigvalsh(np.cov(x.T))
+    eff_dim = ev.sum() ** 2 / (ev**2).sum()
+    assert 100 < eff_dim < 300  # anisotropic (512 if isotropic)
+    assert 100 < gen.model.noise_dim < 300
 
 
 def test_similarity_parameters_are_honoured():
-    gen = SyntheticFaces(20_000, dim=512, seed=2, params=SyntheticParams(intra_mean=0.7, intra_std=0.08))
+    params = SyntheticParams(intra_mean=0.7, intra_std=0.08, person_spread=0.0)
+    gen = SyntheticFaces(20_000, dim=512, seed=2, params=params)
     intra, _ = _pair_sims(gen.embeddings(), gen.labels, np.random.default_rng(1))
     assert abs(intra.mean() - 0.7) < 0.02
     assert abs(intra.std() - 0.08) < 0.02
+
+    iso = SyntheticFaces(20_000, dim=512, seed=2, params=SyntheticParams(**ISOTROPIC))
+    _, inter = _pair_sims(iso.embeddings(), iso.labels, np.random.default_rng(1))
+    assert abs(inter.mean()) < 0.003 and abs(inter.std() - 1 / np.sqrt(512)) < 0.004
 
 
 def test_long_tail_of_identity_sizes():
@@ -75,18 +107,18 @@ def test_long_tail_of_identity_sizes():
 
 
 def test_lookalike_centroids_are_close_to_a_partner():
-    params = SyntheticParams(lookalike_fraction=0.2, lookalike_cos=(0.35, 0.5))
+    # Isotropic centroids, so that plain pairs never come near 0.3 and look-alikes stand out.
+    params = SyntheticParams(**ISOTROPIC, lookalike_fraction=0.2, lookalike_cos=(0.35, 0.5))
     gen = SyntheticFaces(20_000, dim=512, seed=5, params=params)
     c = gen.centroids(np.arange(IDS_PER_BLOCK))  # partners always live in the same block
     cos = c @ c.T
     np.fill_diagonal(cos, 0)
     best = cos.max(axis=1)
     close = best > 0.3
-    # Look-alikes and their partners; random pairs in 512-d never reach 0.3.
-    assert 0.2 <= close.mean() <= 0.45
+    assert 0.2 <= close.mean() <= 0.45  # look-alikes and their partners
     assert best[close].min() >= 0.35 - 1e-3 and best.max() <= 0.5 + 1e-3
 
-    plain = SyntheticFaces(20_000, dim=512, seed=5, params=SyntheticParams(lookalike_fraction=0.0))
+    plain = SyntheticFaces(20_000, dim=512, seed=5, params=SyntheticParams(**ISOTROPIC, lookalike_fraction=0.0))
     c = plain.centroids(np.arange(IDS_PER_BLOCK))
     cos = c @ c.T
     np.fill_diagonal(cos, 0)
@@ -97,10 +129,11 @@ def test_centroids_explain_faces(library):
     gen, emb = library
     ident = np.arange(50)
     c = gen.centroids(ident)
-    rows = gen.offsets[ident]
-    own = np.einsum("ij,ij->i", emb[rows], c)
-    assert own.mean() > 0.6  # a = sqrt(0.55) ~ 0.74 on average
+    own = np.einsum("ij,ij->i", emb[gen.offsets[ident]], c)
+    assert own.mean() > 0.55  # a ~ sqrt(intra_mean) ~ 0.67 on average
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+    # Regenerating a subset gives the same centroids as the whole block.
+    np.testing.assert_allclose(gen.centroids([3, 49, 3]), c[[3, 49, 3]], atol=1e-6)
 
 
 def test_sample_faces_are_held_out_faces_of_known_identities(library):
@@ -115,7 +148,7 @@ def test_sample_faces_are_held_out_faces_of_known_identities(library):
     assert sims.max() < 0.999  # new faces, not copies of library rows
     own = np.array([sims[i, gen.labels == p].mean() for i, p in enumerate(big)])
     other = np.array([sims[i, gen.labels != p].mean() for i, p in enumerate(big)])
-    assert abs(own.mean() - 0.55) < 0.03 and abs(other.mean()) < 0.01
+    assert abs(own.mean() - gen.params.intra_mean) < 0.04 and 0.0 < other.mean() < 0.035
 
 
 def test_out_parameter_and_validation():
@@ -128,9 +161,13 @@ def test_out_parameter_and_validation():
     with pytest.raises(ValueError):
         SyntheticParams(intra_mean=1.5)
     with pytest.raises(ValueError):
+        SyntheticParams(cluster_share=-0.1)
+    with pytest.raises(ValueError):
         SyntheticFaces(-1)
     e, l = make_identities(0, dim=16)
     assert e.shape == (0, 16) and l.shape == (0,)
+    e, _ = make_identities(500, dim=16, seed=1, intra_mean=0.8)  # keyword overrides of the params
+    assert e.shape == (500, 16)
 
 
 def test_chunked_generation_matches_whole():
@@ -138,3 +175,30 @@ def test_chunked_generation_matches_whole():
     whole = gen.embeddings()
     parts = np.concatenate([f for _, f in gen.iter_blocks()])
     assert np.array_equal(whole, parts)
+
+
+def test_fit_recovers_known_parameters():
+    """fit_params on a synthetic 'real' set of known law moves the parameters to it."""
+    truth = SyntheticParams(intra_mean=0.65, intra_std=0.1, person_spread=0.05, mean_share=0.1, identity_decay=0.9)
+    sizes = np.full(40, 12)
+    gen = SyntheticFaces(5000, dim=64, seed=21, params=truth)
+    ids = np.random.default_rng(0).choice(gen.n_identities, len(sizes), replace=False)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    emb = gen.sample_faces(ids[labels], seed=3)
+    fitted = fit_params(emb, labels, rounds=1, steps=6, replicates=3, seeds=(0,))
+    assert abs(fitted.intra_mean - 0.65) < 0.06
+    assert abs(fitted.mean_share - 0.1) < 0.06
+    assert fitted.identity_decay > 0.5  # clearly anisotropic, as the truth
+
+
+def test_defaults_match_the_real_embeddings():
+    """The calibrated defaults against the cached real embeddings (benchmarks/synthetic_calibration.py)."""
+    if not REAL_CACHE.is_file():
+        pytest.skip(f"no cached real embeddings at {REAL_CACHE}; run benchmarks/synthetic_calibration.py")
+    with np.load(REAL_CACHE) as z:
+        emb, labels = z["embeddings"], z["labels"]
+    real = similarity_stats(emb, labels)
+    syn, _, _ = matched_stats(SyntheticParams(), np.unique(labels, return_counts=True)[1], replicates=8, seed=5)
+    tolerance = {"same_mean": 0.03, "same_std": 0.02, "diff_mean": 0.01, "diff_std": 0.008, "diff_p99.9": 0.04}
+    for stat, tol in tolerance.items():
+        assert abs(syn[stat] - real[stat]) < tol, (stat, syn[stat], real[stat])
