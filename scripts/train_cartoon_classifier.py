@@ -314,7 +314,7 @@ _FACE_KEYS = ("face_view", "emb", "tex", "det", "norm", "size")
 
 def _empty_cache(tex_dim: int) -> dict:
     return {
-        "view_rel": np.zeros(0, "U200"), "view_aug": np.zeros(0, "U10"), "view_size": np.zeros(0, np.int32),
+        "view_rel": np.zeros(0, "U1"), "view_aug": np.zeros(0, "U1"), "view_size": np.zeros(0, np.int32),
         "view_ref": np.zeros(0, np.float32), "face_view": np.zeros(0, np.int32),
         "emb": np.zeros((0, 512), np.float32), "tex": np.zeros((0, tex_dim), np.float32),
         "det": np.zeros(0, np.float32), "norm": np.zeros(0, np.float32), "size": np.zeros(0, np.int32),
@@ -343,6 +343,8 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
     cache_taps, cache, path = tuple(taps), None, None
     if use_cache:
         for cand in sorted(CACHE_DIR.glob(f"cartoon_features_{key}_*.npz")):
+            if cand.name.endswith(".partial.npz"):  # left by an interrupted write
+                continue
             with np.load(cand, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if set(taps) <= set(meta["taps"]):
@@ -405,7 +407,10 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
                 f"(~{el / done * (len(todo) - done):.0f}s left)")
     if todo:
         for k in _VIEW_KEYS:
-            cache[k] = np.concatenate([cache[k], np.array(new_views[k], cache[k].dtype)])
+            if cache[k].dtype.kind == "U":  # let numpy widen the strings: never truncate a path
+                cache[k] = np.array([*cache[k].tolist(), *new_views[k]], dtype=str)
+            else:
+                cache[k] = np.concatenate([cache[k], np.array(new_views[k], cache[k].dtype)])
         for k in _FACE_KEYS:
             arr = np.array(new_faces[k], cache[k].dtype)
             cache[k] = np.concatenate([cache[k], arr.reshape((-1,) + cache[k].shape[1:])])
@@ -626,7 +631,7 @@ def evaluate(f: Faces, n_items: dict[str, int], spec: dict, taps, log=print, los
     """Threshold, real rejection table (k-fold by person) and leave-one-style-out recall table."""
     real = (f.y == 0) & (f.fold >= 0)
     iiit = (f.source == "iiit_cfw") & (f.aug == "orig")
-    oof, iiit_p = real_oof(f, spec, taps)
+    oof, _ = real_oof(f, spec, taps)
     threshold = calibrate(oof[real], f.aug[real])
     real_table = {}
     for src in [s for s in REAL_FOLDERS + PHOTO_FOLDERS if s in set(f.source[real])] + ["all"]:
