@@ -13,7 +13,6 @@ baseline being what the recognizer alone gives (no filter, every image).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from collections import defaultdict
@@ -24,13 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from face_assets import FaceRecognitionError, load_settings  # noqa: E402
+from face_assets.config import datasets_root  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
 
 FOLDERS = ("lfw10", "deepface", "imfdb", "dlib_johns", "ageitgey")
 
 
-def datasets_root() -> Path:
-    return Path(os.environ.get("FACE_ASSETS_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 
 def threshold_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> tuple[float, float]:

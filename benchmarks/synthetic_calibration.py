@@ -35,8 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from face_assets.config import datasets_root  # noqa: E402
 from face_assets.synthetic import (  # noqa: E402
-    SyntheticFaces,
     SyntheticParams,
     calibration_report,
     fit_params,
@@ -49,9 +49,6 @@ DEFAULT_CACHE = REPO / "data" / "cache" / "real_embeddings.npz"
 DEFAULT_PLOT = REPO / "data" / "synthetic_calibration.png"
 
 
-def datasets_root() -> Path:
-    """``FACE_ASSETS_DATASETS``, or ``../shared/datasets`` beside the repo."""
-    return Path(os.environ.get("FACE_ASSETS_DATASETS", REPO.parent / "shared" / "datasets"))
 
 
 def _real_files(root: Path) -> list[tuple[str, str]]:

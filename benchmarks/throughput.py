@@ -22,14 +22,13 @@ import cv2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from face_assets import FaceFilter, load_settings  # noqa: E402
+from face_assets.config import datasets_root  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.models import builtin_pack_dir  # noqa: E402
 
 REAL = ("lfw10", "deepface", "imfdb", "dlib_johns", "ageitgey")
 
 
-def datasets_root() -> Path:
-    return Path(os.environ.get("FACE_ASSETS_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 
 def plain_loop(paths: list[Path]) -> tuple[float, int]:

@@ -282,3 +282,13 @@ def config_reference() -> str:
                 f"| `{section}.{name}` | {_type_name(sub.annotation)} | `{json.dumps(defaults[name])}` | {sub.description or ''} |"
             )
     return "\n".join(lines)
+
+
+def datasets_root(environ: Mapping[str, str] | None = None) -> Path:
+    """The shared reference images used by tests, calibration and benchmarks.
+
+    ``FACE_ASSETS_DATASETS`` when set, else ``../shared/datasets`` beside the repository checkout.
+    """
+    environ = os.environ if environ is None else environ
+    default = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    return Path(environ.get("FACE_ASSETS_DATASETS", default))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from face_assets.config import datasets_root
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def datasets_root() -> Path:
-    """The shared datasets folder: ``FACE_ASSETS_DATASETS`` or ``../shared/datasets`` beside the repo."""
-    return Path(os.environ.get("FACE_ASSETS_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 
 
 @pytest.fixture(scope="session")

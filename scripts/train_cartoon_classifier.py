@@ -57,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python scripts/train_cartoon_class
     sys.path.insert(0, str(REPO_ROOT))
 
 from face_assets.analysis import FaceAnalyzer  # noqa: E402
+from face_assets.config import datasets_root  # noqa: E402
 from face_assets.cartoon import DEFAULT_ARTIFACT, CartoonClassifier  # noqa: E402
 from face_assets.config import load_settings  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
@@ -84,9 +85,6 @@ IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", 
 ALIASES = {"amir": "aamirkhan"}
 
 
-def datasets_root() -> Path:
-    """``FACE_ASSETS_DATASETS`` or ``../shared/datasets`` beside the repo."""
-    return Path(os.environ.get("FACE_ASSETS_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 
 
 def person_key(name: str) -> str:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from face_assets import FaceFilter, load_settings
+from face_assets.config import datasets_root
 from face_assets.ingest import ingest_paths, iter_image_files
 from face_assets.store import Catalog
 
@@ -44,8 +44,7 @@ FOLDERS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = os.environ.get("FACE_ASSETS_DATASETS", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    parser.add_argument("--datasets", default=default)
+    parser.add_argument("--datasets", default=str(datasets_root()))
     parser.add_argument("--config")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
