@@ -136,6 +136,44 @@ class StorageSettings(_Section):
         return self.data_dir / self.duckdb_file
 
 
+class FeedbackSettings(_Section):
+    """The feedback store, the search web app and the export of votes to training data."""
+
+    backend: Literal["duckdb", "postgresql"] = Field(
+        "duckdb", description="Where votes are stored: the DuckDB catalog, or a PostgreSQL server (`postgresql_dsn`)."
+    )
+    postgresql_dsn: str = Field(
+        "",
+        description="libpq connection string of the PostgreSQL feedback store, e.g. "
+        "`host=db.example port=5432 dbname=face_assets user=feedback`; give the password through "
+        "`PGPASSWORD` or `~/.pgpass`, not here.",
+    )
+    query_dir: str = Field(
+        "feedback/queries", description="Folder inside `storage.data_dir` where uploaded query images are kept."
+    )
+    search_top_k: int = Field(12, ge=1, le=200, description="Results shown per search on the web page.")
+    max_upload_bytes: int = Field(20_000_000, ge=1, description="Largest query image accepted by `POST /api/search`.")
+    thumbnail_size: int = Field(160, ge=16, le=1024, description="Longest side of face thumbnails, pixels.")
+    self_pair_similarity: float = Field(
+        0.995, ge=0.0, le=1.0,
+        description="Export: a vote whose query and result are at least this similar is a self-pair "
+        "(the same photo) and is dropped.",
+    )
+    min_vote_agreement: float = Field(
+        0.67, gt=0.5, le=1.0,
+        description="Export: share of voters that must agree on a pair; below it the pair is dropped as conflicting.",
+    )
+    mining_candidates: int = Field(50, ge=1, description="Export: neighbours searched per query for mined negatives.")
+    mined_negatives_per_query: int = Field(5, ge=0, description="Export: hardest mined negatives kept per query.")
+    max_negatives_per_positive: float = Field(
+        4.0, gt=0.0,
+        description="Export: class balance cap; mined negatives beyond this ratio are dropped, easiest first.",
+    )
+    triplet_negatives_per_positive: int = Field(
+        3, ge=1, description="Export: triplets made per positive pair, hardest negatives first."
+    )
+
+
 class Settings(_Section):
     """All settings of face_assets, one section per concern."""
 
@@ -145,6 +183,7 @@ class Settings(_Section):
     search: SearchSettings = Field(default_factory=SearchSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""

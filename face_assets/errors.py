@@ -62,3 +62,29 @@ class IndexNotFoundError(FaceRecognitionError):
 
 class IndexCorruptError(FaceRecognitionError):
     """An index file exists but cannot be read back (truncated, garbage, checksum mismatch)."""
+
+
+class FeedbackError(FaceRecognitionError, ValueError):
+    """A vote or a feedback query is invalid (bad vote value, mismatched model version, ...)."""
+
+
+class UnknownQueryError(FeedbackError, KeyError):
+    """A vote names a ``query_id`` the feedback store does not hold."""
+
+    def __init__(self, query_id: object):
+        self.query_id = query_id
+        super().__init__(f"unknown query_id {query_id!r}: run a search first")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class UnknownFaceError(FeedbackError, KeyError):
+    """A face id that the catalog does not hold (never indexed, or removed)."""
+
+    def __init__(self, face_id: object):
+        self.face_id = face_id
+        super().__init__(f"unknown face id {face_id!r}: not in the catalog")
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -11,9 +11,11 @@ was reported as indexed and duplicates nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from .config import Settings, load_settings
-from .errors import EmbeddingError, IndexCorruptError, IndexNotFoundError, NoFaceDetectedError
+from .errors import (EmbeddingError, FeedbackError, ImageLoadError, IndexCorruptError, IndexNotFoundError,
+                     NoFaceDetectedError, UnknownFaceError, UnknownQueryError)
+from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, export_feedback, save_query_image
+from .imaging import content_hash
 from .filtering import FaceFilter
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
@@ -56,6 +61,16 @@ class IndexedImage:
     indexed: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     error: str | None = None
+
+
+@dataclass
+class FeedbackQuery:
+    """A search people can vote on: its ``query_id``, the main face searched, and the results."""
+
+    query_id: str
+    bbox: list[float]
+    query_face_id: int | None
+    results: list[SearchResult]
 
 
 @dataclass
@@ -105,6 +120,7 @@ class FaceRecognitionLibrary:
         self.catalog: Catalog | None = None
         self.index: FaceIndex | None = None
         self._unsaved = 0
+        self._feedback: FeedbackStore | None = None
         self.load()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -121,6 +137,9 @@ class FaceRecognitionLibrary:
     def load(self) -> None:
         """(Re)open the catalog and the index, repairing the index from the catalog if they disagree."""
         with self._lock:
+            if self._feedback is not None:  # a DuckDB feedback store lives on the catalog being reopened
+                self._feedback.close()
+                self._feedback = None
             if self.catalog is not None:
                 self.catalog.close()
             self.catalog = Catalog(self.settings.storage.duckdb_path)
@@ -152,6 +171,9 @@ class FaceRecognitionLibrary:
             if self.catalog is None:
                 return
             self.save()
+            if self._feedback is not None:
+                self._feedback.close()
+                self._feedback = None
             self.catalog.close()
             self.catalog = None
 
@@ -333,3 +355,138 @@ class FaceRecognitionLibrary:
             return s | {"index_size": len(self.index), "index_type": self.index.resolved_factory,
                         "model_version": self.model_version, "index_dir": str(self.index_dir)}
 
+    # -- feedback --------------------------------------------------------------------------------
+    @property
+    def feedback(self) -> FeedbackStore:
+        """The feedback store of ``feedback.backend`` (the catalog's DuckDB file by default), opened on first use."""
+        with self._lock:
+            if self._feedback is None:
+                self._feedback = FeedbackStore.open(self.settings.feedback, self.catalog)
+            return self._feedback
+
+    def feedback_search(self, image: bytes | str | os.PathLike | None = None, *, face_id: int | None = None,
+                        top_k: int | None = None, session_id: str | None = None,
+                        filename: str | None = None) -> FeedbackQuery:
+        """Search like :meth:`search` and record the query so that people can vote on its results.
+
+        Give either an encoded ``image`` (bytes or a path; it is kept under ``feedback.query_dir``
+        so that training can crop the face again) or the ``face_id`` of a catalog face. ``top_k``
+        defaults to ``feedback.search_top_k``. An uploaded copy of a catalog image gets the
+        matching catalog face as ``query_face_id``.
+
+        Raises:
+            ImageLoadError / NoFaceDetectedError: the image cannot be decoded or shows no face.
+            UnknownFaceError: ``face_id`` is not in the catalog.
+        """
+        if (image is None) == (face_id is None):
+            raise ValueError("give either an image or a face_id")
+        query_id = uuid.uuid4().hex
+        saved: Path | None = None
+        if face_id is not None:
+            face = self._face_record(face_id)
+            record = QueryRecord(query_id=query_id, model_version=face["model_version"], embedding=face["embedding"],
+                                 image_path=face["path"], content_hash=face["content_hash"], bbox=face["bbox"],
+                                 width=face["width"], height=face["height"], det_score=face["det_score"],
+                                 query_face_id=face["face_id"], session_id=session_id, source="catalog")
+        else:
+            data = image if isinstance(image, (bytes, bytearray)) else _read_bytes(image)
+            embedding, result = self._main_face(bytes(data))
+            main = result["faces"][result["face_index"]]
+            digest = content_hash(bytes(data))
+            saved = save_query_image(bytes(data), self.index_dir / self.settings.feedback.query_dir, query_id)
+            record = QueryRecord(query_id=query_id, model_version=self.model_version, embedding=embedding,
+                                 image_path=str(saved), content_hash=digest, bbox=main["bbox"],
+                                 width=result["image_size"][0], height=result["image_size"][1],
+                                 det_score=main["scores"]["det_score"],
+                                 query_face_id=self._catalog_face_of(digest, main["bbox"]), session_id=session_id,
+                                 filename=filename, source="upload")
+        try:
+            self.feedback.add_query(record)
+        except BaseException:
+            if saved is not None:
+                saved.unlink(missing_ok=True)
+            raise
+        results = self.search_embedding(record.embedding, top_k=top_k or self.settings.feedback.search_top_k)
+        return FeedbackQuery(query_id=query_id, bbox=[float(x) for x in record.bbox],
+                             query_face_id=record.query_face_id, results=results)
+
+    def record_feedback(self, query_id: str, result_id: int, vote: str, voter: str | None = None,
+                        session_id: str | None = None) -> Vote:
+        """Store a thumbs ``up`` / ``down`` on one result of a query made by :meth:`feedback_search`.
+
+        The vote keeps the query and result embeddings, their similarity, the model version and
+        the result image's metadata. ``voter`` (default: ``session_id``, else ``anonymous``) names
+        who voted: the same voter voting again on the same pair updates the vote.
+
+        Raises:
+            FeedbackError: ``vote`` is not ``up``/``down``, or the face was embedded by another model.
+            UnknownQueryError / UnknownFaceError: no such query, or no such face in the catalog.
+        """
+        if vote not in VOTES:
+            raise FeedbackError(f"vote must be 'up' or 'down', not {vote!r}")
+        query = self.feedback.get_query(str(query_id))
+        if query is None:
+            raise UnknownQueryError(query_id)
+        face = self._face_record(result_id)
+        if face["model_version"] != query["model_version"]:
+            raise FeedbackError(f"face {face['face_id']} is embedded by {face['model_version']}, the query by "
+                                f"{query['model_version']}: search again")
+        return self.feedback.upsert_vote(
+            query_id=query["query_id"], result_face_id=face["face_id"], vote=vote,
+            voter=voter or session_id or "anonymous", session_id=session_id, model_version=query["model_version"],
+            similarity=float(np.dot(query["embedding"], face["embedding"])), query_embedding=query["embedding"],
+            result_embedding=face["embedding"], result_image_id=face["image_id"], result_path=face["path"],
+            result_bbox=face["bbox"], result_metadata=face["metadata"])
+
+    def export_feedback(self, out_dir: str | os.PathLike) -> ExportReport:
+        """Write the votes as training ``pairs.parquet`` and ``triplets.parquet`` (see ``docs/feedback.md``).
+
+        Returns the report of what was written and what was dropped and why (also ``report.json``).
+        """
+        return export_feedback(self.feedback, self.catalog, lambda v, k: self.search_embedding(v, top_k=k),
+                               self.settings, self.model_version, out_dir)
+
+    def feedback_stats(self) -> dict:
+        """Counts of feedback queries, votes up/down, voters and votes per model version."""
+        return self.feedback.stats()
+
+    def _face_record(self, face_id: int) -> dict:
+        """One catalog face with its image: ids, path, box, scores, embedding, model version, metadata."""
+        try:
+            face_id = int(face_id)
+        except (TypeError, ValueError):
+            raise UnknownFaceError(face_id) from None
+        rows = self.catalog.records(
+            """SELECT f.face_id, f.image_id, f.model_version, f.embedding, f.det_score, i.path, i.content_hash,
+                      i.width, i.height, i.metadata, [f.x1, f.y1, f.x2, f.y2] AS bbox
+               FROM faces f JOIN images i USING (image_id) WHERE f.face_id = ?""", [face_id])
+        if not rows:
+            raise UnknownFaceError(face_id)
+        face = rows[0]
+        face["embedding"] = np.asarray(face["embedding"], np.float32)
+        face["metadata"] = json.loads(face["metadata"]) if face["metadata"] else None
+        return face
+
+    def _catalog_face_of(self, digest: str, bbox: Sequence[float]) -> int | None:
+        """The catalog face at ``bbox`` in the catalog image of this content hash, if any."""
+        rows = self.catalog.query(
+            """SELECT f.face_id, f.x1, f.y1, f.x2, f.y2 FROM faces f JOIN images i USING (image_id)
+               WHERE i.content_hash = ?""", [digest])
+        best = max(rows, key=lambda r: _iou(bbox, r[1:]), default=None)
+        return int(best[0]) if best is not None and _iou(bbox, best[1:]) >= 0.5 else None
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageLoadError(path, exc.strerror or str(exc)) from exc

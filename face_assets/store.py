@@ -243,6 +243,15 @@ class Catalog:
         with self._lock:
             return self.con.execute(sql, params or []).fetchall()
 
+    def records(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run a query and return its rows as dicts keyed by column name."""
+        with self._lock:
+            cursor = self.con.execute(sql, params or [])
+            if cursor.description is None:
+                return []
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
