@@ -154,6 +154,30 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .web import serve
+
+    if args.index_dir:
+        args.data_dir = args.index_dir
+    with _library(args) as lib:
+        serve(lib, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        report = lib.export_feedback(args.out_dir)
+    _print(args, report.to_dict(), report.summary())
+    return 0
+
+
+def cmd_feedback_stats(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        s = lib.feedback_stats()
+    _print(args, s, "\n".join(f"{k}: {v}" for k, v in s.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``face-assets`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="face-assets", description=__doc__)
@@ -203,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-config", help="write a config file with the proposed thresholds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("serve", help="run the search page with thumbs up/down and its JSON API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--index-dir", help="folder of the catalog and index (default: storage.data_dir)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("feedback", help="votes collected by the search page")
+    fsub = p.add_subparsers(dest="feedback_command", required=True)
+    q = fsub.add_parser("export", help="write training pairs.parquet and triplets.parquet, report what was dropped")
+    q.add_argument("out_dir")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_feedback_export)
+    q = fsub.add_parser("stats", help="counts of queries and votes")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_feedback_stats)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.add_argument("--write", help="also write it to this file")

@@ -111,6 +111,10 @@ class _Backend(Protocol):
 
     def transaction(self) -> Any: ...
 
+    def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]: ...
+
+    def vector(self, values: Any) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -126,6 +130,14 @@ class _DuckDBBackend:
     def transaction(self) -> Iterator[Rows]:
         with self.catalog.transaction():
             yield self.catalog.records
+
+    def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """One read statement, without the cost of an explicit transaction."""
+        return self.catalog.records(sql, params)
+
+    def vector(self, values: Any) -> np.ndarray:
+        """A ``REAL[]`` parameter: DuckDB binds a float32 array far faster than a list of floats."""
+        return np.ascontiguousarray(values, np.float32).reshape(-1)
 
     def close(self) -> None:
         """Nothing to do: the catalog belongs to the library."""
@@ -161,6 +173,17 @@ class _PostgresBackend:
                 self.con = self._connect()
             with self.con.transaction():
                 yield self._rows
+
+    def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """One read statement (autocommit: a statement is its own transaction)."""
+        with self._lock:
+            if self.con.broken or self.con.closed:
+                self.con = self._connect()
+            return self._rows(sql, params)
+
+    def vector(self, values: Any) -> list[float]:
+        """A ``REAL[]`` parameter, as the list psycopg adapts to an array."""
+        return _floats(values)
 
     def close(self) -> None:
         """Close the connection."""
@@ -240,15 +263,14 @@ class FeedbackStore:
                 """INSERT INTO feedback_queries (query_id, created_at, session_id, model_version, embedding,
                    image_path, content_hash, width, height, bbox, det_score, query_face_id, source, filename)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [q.query_id, q.created_at, q.session_id, q.model_version, _floats(q.embedding), q.image_path,
-                 q.content_hash, q.width, q.height, _floats(q.bbox), q.det_score, q.query_face_id, q.source,
+                [q.query_id, q.created_at, q.session_id, q.model_version, self._backend.vector(q.embedding),
+                 q.image_path, q.content_hash, q.width, q.height, self._backend.vector(q.bbox), q.det_score, q.query_face_id, q.source,
                  q.filename],
             )
 
     def get_query(self, query_id: str) -> dict[str, Any] | None:
         """The stored query (every column, ``embedding`` as float32 array), or None."""
-        with self._backend.transaction() as rows:
-            found = rows("SELECT * FROM feedback_queries WHERE query_id = ?", [query_id])
+        found = self._backend.read("SELECT * FROM feedback_queries WHERE query_id = ?", [query_id])
         if not found:
             return None
         q = found[0]
@@ -269,8 +291,9 @@ class FeedbackStore:
         now = _now()
         with self._backend.transaction() as rows:
             row = rows(_UPSERT, [query_id, int(result_face_id), vote, voter, session_id, now, now, model_version,
-                                 float(similarity), _floats(query_embedding), _floats(result_embedding),
-                                 result_image_id, result_path, _floats(result_bbox),
+                                 float(similarity), self._backend.vector(query_embedding),
+                                 self._backend.vector(result_embedding), result_image_id, result_path,
+                                 self._backend.vector(result_bbox),
                                  json.dumps(result_metadata) if result_metadata is not None else None])[0]
         return Vote(feedback_id=int(row["feedback_id"]), query_id=row["query_id"], result_id=int(row["result_face_id"]),
                     vote=row["vote"], voter=row["voter"], similarity=float(row["similarity"]),
@@ -288,8 +311,7 @@ class FeedbackStore:
         sql = ("SELECT feedback_id, query_id, result_face_id, vote, voter, session_id, created_at, updated_at, "
                "revisions, model_version, similarity, result_image_id, result_path, result_bbox, result_metadata "
                "FROM feedback" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY feedback_id")
-        with self._backend.transaction() as rows:
-            found = rows(sql, params)
+        found = self._backend.read(sql, params)
         for r in found:
             if isinstance(r["result_metadata"], str):
                 r["result_metadata"] = json.loads(r["result_metadata"])
@@ -297,13 +319,11 @@ class FeedbackStore:
 
     def export_rows(self) -> list[dict[str, Any]]:
         """Every vote with its query's image, box and catalog face, for :func:`export_feedback`."""
-        with self._backend.transaction() as rows:
-            return rows(
-                """SELECT f.feedback_id, f.query_id, f.result_face_id, f.vote, f.voter, f.model_version,
-                          f.similarity, q.image_path, q.bbox AS query_bbox, q.query_face_id
-                   FROM feedback f JOIN feedback_queries q ON q.query_id = f.query_id
-                   ORDER BY f.feedback_id"""
-            )
+        return self._backend.read(
+            """SELECT f.feedback_id, f.query_id, f.result_face_id, f.vote, f.voter, f.model_version,
+                      f.similarity, q.image_path, q.bbox AS query_bbox, q.query_face_id
+               FROM feedback f JOIN feedback_queries q ON q.query_id = f.query_id
+               ORDER BY f.feedback_id""")
 
     def query_embeddings(self, query_ids: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
         """Query id -> (model version, embedding) of the given queries."""

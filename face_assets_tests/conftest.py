@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +27,88 @@ def datasets() -> Path:
     if not (root / "manifest.csv").is_file():
         pytest.skip(f"shared datasets not found at {root} (set FACE_ASSETS_DATASETS)")
     return root
+
+
+@pytest.fixture(scope="session")
+def feedback_people(datasets) -> dict[str, list[Path]]:
+    """Four photos each of three LFW persons: the real faces the feedback and web tests vote on."""
+    root = datasets / "real" / "lfw10"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())[:3]
+    return {n: sorted((root / n).glob("*.jpg"))[:4] for n in names}
+
+
+@pytest.fixture(scope="session")
+def indexed_dir(tmp_path_factory, feedback_people) -> Path:
+    """A data folder with ``feedback_people`` indexed once per session; copy it before writing to it."""
+    from face_assets.library import FaceRecognitionLibrary
+
+    folder = tmp_path_factory.mktemp("indexed")
+    with FaceRecognitionLibrary(index_dir=folder) as lib:
+        summary = lib.index_batch([p for paths in feedback_people.values() for p in paths])
+        assert summary.valid == 12
+    return folder
+
+
+def _postgres_bindir() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server on loopback from the system packages; yields its base conninfo.
+
+    The cluster lives in a temporary folder; as root it runs as the ``postgres`` system user (the
+    server refuses to run as root). It is stopped and deleted at the end of the session.
+    """
+    bindir = _postgres_bindir()
+    if bindir is None:
+        message = "PostgreSQL server not installed: run scripts/ci_system_packages.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(tempfile.mkdtemp(prefix="face-assets-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        user = "postgres" if _user_exists("postgres") else "nobody"
+        shutil.chown(root, user)
+        run_as = ["runuser", "-u", user, "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8",
+                             "--no-instructions"], check=True, capture_output=True)
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w",
+                             "start"], check=True, capture_output=True)
+    try:
+        yield f"host=127.0.0.1 port={port} user=postgres"
+    finally:
+        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture()
+def postgres_dsn(postgres_server) -> str:
+    """A fresh, empty database on the test PostgreSQL server."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{postgres_server} dbname=postgres", autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return f"{postgres_server} dbname={name}"
