@@ -19,6 +19,7 @@ run: setup
 
 ## Set up, then run the whole test suite.
 test: setup
+	bash scripts/ci_system_packages.sh
 	$(BIN)/python -m pytest -q
 
 clean:
