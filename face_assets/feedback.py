@@ -89,15 +89,16 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS feedback_model_idx ON feedback (model_version)",
 ]
 
-_UPSERT = """
-INSERT INTO feedback (query_id, result_face_id, vote, voter, session_id, created_at, updated_at, model_version,
-    similarity, query_embedding, result_embedding, result_image_id, result_path, result_bbox, result_metadata)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS JSON))
-ON CONFLICT (query_id, result_face_id, voter) DO UPDATE SET
+_RETURNING = " RETURNING feedback_id, query_id, result_face_id, vote, voter, similarity, created_at, updated_at, revisions"
+_REVOTE = """UPDATE feedback SET vote = ?, session_id = ?, updated_at = ?, revisions = revisions + 1
+WHERE query_id = ? AND result_face_id = ? AND voter = ?""" + _RETURNING
+_INSERT = """INSERT INTO feedback (query_id, result_face_id, vote, voter, session_id, created_at, updated_at,
+    model_version, similarity, query_embedding, result_embedding, result_image_id, result_path, result_bbox,
+    result_metadata)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS JSON))"""
+_ON_CONFLICT = """ ON CONFLICT (query_id, result_face_id, voter) DO UPDATE SET
     vote = excluded.vote, session_id = excluded.session_id, updated_at = excluded.updated_at,
-    revisions = feedback.revisions + 1
-RETURNING feedback_id, query_id, result_face_id, vote, voter, similarity, created_at, updated_at, revisions
-"""
+    revisions = feedback.revisions + 1"""
 
 Rows = Callable[..., list[dict[str, Any]]]
 
@@ -108,6 +109,8 @@ def _now() -> datetime:
 
 class _Backend(Protocol):
     name: str
+    # True when other processes may insert the same vote between our UPDATE and INSERT.
+    concurrent_writers: bool
 
     def transaction(self) -> Any: ...
 
@@ -122,6 +125,7 @@ class _DuckDBBackend:
     """Votes in the catalog's own DuckDB file, through the catalog's connection and lock."""
 
     name = "duckdb"
+    concurrent_writers = False  # one process holds the file, and the catalog lock serialises its threads
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
@@ -147,6 +151,7 @@ class _PostgresBackend:
     """Votes on a PostgreSQL server; one connection, reopened when it breaks."""
 
     name = "postgresql"
+    concurrent_writers = True
 
     def __init__(self, dsn: str):
         self.dsn = dsn
@@ -289,12 +294,18 @@ class FeedbackStore:
         if vote not in VOTES:
             raise FeedbackError(f"vote must be 'up' or 'down', not {vote!r}")
         now = _now()
+        # Update first: a re-vote then skips binding the embeddings, and in DuckDB an UPDATE or a
+        # plain INSERT costs a third of an INSERT ... ON CONFLICT.
+        insert = _INSERT + (_ON_CONFLICT if self._backend.concurrent_writers else "") + _RETURNING
         with self._backend.transaction() as rows:
-            row = rows(_UPSERT, [query_id, int(result_face_id), vote, voter, session_id, now, now, model_version,
-                                 float(similarity), self._backend.vector(query_embedding),
-                                 self._backend.vector(result_embedding), result_image_id, result_path,
-                                 self._backend.vector(result_bbox),
-                                 json.dumps(result_metadata) if result_metadata is not None else None])[0]
+            found = rows(_REVOTE, [vote, session_id, now, query_id, int(result_face_id), voter])
+            if not found:
+                found = rows(insert, [query_id, int(result_face_id), vote, voter, session_id, now, now, model_version,
+                                      float(similarity), self._backend.vector(query_embedding),
+                                      self._backend.vector(result_embedding), result_image_id, result_path,
+                                      self._backend.vector(result_bbox),
+                                      json.dumps(result_metadata) if result_metadata is not None else None])
+        row = found[0]
         return Vote(feedback_id=int(row["feedback_id"]), query_id=row["query_id"], result_id=int(row["result_face_id"]),
                     vote=row["vote"], voter=row["voter"], similarity=float(row["similarity"]),
                     created_at=row["created_at"], updated_at=row["updated_at"], revisions=int(row["revisions"]))
