@@ -5,6 +5,7 @@ Every store test runs on both backends with the same assertions; votes are on re
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import polars as pl
 import pytest
 
 from face_assets import load_settings
+from face_assets.cli import main as cli
 from face_assets.errors import ConfigError, FeedbackError, UnknownFaceError, UnknownQueryError
 from face_assets.feedback import PAIRS_SCHEMA, TRIPLETS_SCHEMA, mine_negatives
 from face_assets.library import FaceRecognitionLibrary
@@ -189,3 +191,19 @@ def test_postgresql_needs_a_dsn(tmp_path):
     settings = load_settings(overrides={"storage": {"data_dir": str(tmp_path)}, "feedback": {"backend": "postgresql"}})
     with FaceRecognitionLibrary(settings=settings) as library, pytest.raises(ConfigError, match="postgresql_dsn"):
         library.feedback
+
+
+def test_cli_feedback_stats_and_export(indexed_dir, feedback_people, tmp_path, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(indexed_dir, folder)
+    with FaceRecognitionLibrary(index_dir=folder) as library:
+        q = library.feedback_search(feedback_people[next(iter(feedback_people))][0], top_k=4)
+        for hit in q.results[1:]:
+            library.record_feedback(q.query_id, hit.face_id, "up" if hit.similarity > 0.4 else "down", voter="v")
+    assert cli(["--data-dir", str(folder), "feedback", "stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["votes"] == 3
+    assert cli(["--data-dir", str(folder), "feedback", "export", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["votes_read"] == 3 and report["pairs"] == pl.read_parquet(tmp_path / "out" / "pairs.parquet").height
+    assert cli(["--data-dir", str(folder), "feedback", "export", str(tmp_path / "out")]) == 0
+    assert "3 votes read" in capsys.readouterr().out
