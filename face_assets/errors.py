@@ -88,3 +88,7 @@ class UnknownFaceError(FeedbackError, KeyError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class FeedbackStoreUnavailableError(FaceRecognitionError):
+    """The feedback store's database cannot be reached (PostgreSQL down, wrong DSN)."""

@@ -37,7 +37,7 @@ import polars as pl
 from PIL import Image
 
 from .config import FeedbackSettings, Settings
-from .errors import ConfigError, FeedbackError
+from .errors import ConfigError, FeedbackError, FeedbackStoreUnavailableError
 from .store import Catalog
 
 VOTES = ("up", "down")
@@ -165,7 +165,7 @@ class _PostgresBackend:
         try:
             return psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row)
         except psycopg.Error as exc:
-            raise FeedbackError(f"cannot connect to the PostgreSQL feedback store: {exc}") from exc
+            raise FeedbackStoreUnavailableError(f"cannot connect to the PostgreSQL feedback store: {exc}") from exc
 
     def _rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         cursor = self.con.execute(sql.replace("?", "%s"), params or None)
@@ -272,6 +272,10 @@ class FeedbackStore:
                  q.image_path, q.content_hash, q.width, q.height, self._backend.vector(q.bbox), q.det_score, q.query_face_id, q.source,
                  q.filename],
             )
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run one SQL statement on the store (``?`` placeholders on both backends); rows as dicts."""
+        return self._backend.read(sql, params)
 
     def get_query(self, query_id: str) -> dict[str, Any] | None:
         """The stored query (every column, ``embedding`` as float32 array), or None."""

@@ -26,7 +26,8 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from .errors import FeedbackError, ImageLoadError, NoFaceDetectedError, UnknownFaceError, UnknownQueryError
+from .errors import (FeedbackError, FeedbackStoreUnavailableError, ImageLoadError, NoFaceDetectedError,
+                     UnknownFaceError, UnknownQueryError)
 from .imaging import load_image
 from .library import FaceRecognitionLibrary
 
@@ -136,6 +137,10 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     @app.exception_handler(FeedbackError)
     async def _conflict(_request: Request, exc: FeedbackError) -> JSONResponse:
         return _error(409, str(exc))
+
+    @app.exception_handler(FeedbackStoreUnavailableError)
+    async def _unavailable(_request: Request, exc: FeedbackStoreUnavailableError) -> JSONResponse:
+        return _error(503, str(exc))
 
     @app.exception_handler(ImageLoadError)
     async def _bad_image(_request: Request, exc: ImageLoadError) -> JSONResponse:

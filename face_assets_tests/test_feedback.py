@@ -15,7 +15,8 @@ import pytest
 
 from face_assets import load_settings
 from face_assets.cli import main as cli
-from face_assets.errors import ConfigError, FeedbackError, UnknownFaceError, UnknownQueryError
+from face_assets.errors import (ConfigError, FeedbackError, FeedbackStoreUnavailableError, UnknownFaceError,
+                               UnknownQueryError)
 from face_assets.feedback import PAIRS_SCHEMA, TRIPLETS_SCHEMA, mine_negatives
 from face_assets.library import FaceRecognitionLibrary
 
@@ -42,8 +43,7 @@ def _person(path: str) -> str:
 def _index_names(lib: FaceRecognitionLibrary) -> set[str]:
     if lib.feedback.backend == "duckdb":
         return {r[0] for r in lib.catalog.query("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'feedback'")}
-    with lib.feedback._backend.transaction() as rows:
-        return {r["indexname"] for r in rows("SELECT indexname FROM pg_indexes WHERE tablename = 'feedback'")}
+    return {r["indexname"] for r in lib.feedback.query("SELECT indexname FROM pg_indexes WHERE tablename = 'feedback'")}
 
 
 def test_votes_upsert_validate_and_keep_embeddings(lib, feedback_people):
@@ -70,8 +70,7 @@ def test_votes_upsert_validate_and_keep_embeddings(lib, feedback_people):
     rows = lib.feedback.votes(query_id=q.query_id)
     assert [(r["voter"], r["vote"], r["session_id"]) for r in rows] == [("alice", "down", "s2"), ("bob", "up", None)]
     assert _person(rows[0]["result_path"]) == _person(hit.path) and rows[0]["model_version"] == lib.model_version
-    with lib.feedback._backend.transaction() as run:
-        emb = run("SELECT query_embedding, result_embedding FROM feedback WHERE voter = ?", ["alice"])[0]
+    emb = lib.feedback.query("SELECT query_embedding, result_embedding FROM feedback WHERE voter = ?", ["alice"])[0]
     query_emb, result_emb = np.asarray(emb["query_embedding"]), np.asarray(emb["result_embedding"])
     assert query_emb.shape == result_emb.shape == (512,)
     assert abs(float(query_emb @ result_emb) - first.similarity) < 1e-4
@@ -187,10 +186,17 @@ def test_mining_by_clusters_and_by_threshold():
     assert mine_negatives(candidates, {7}, 0.25, 1) == [(11, 0.50, "cluster")]
 
 
-def test_postgresql_needs_a_dsn(tmp_path):
+def test_postgresql_needs_a_reachable_dsn(tmp_path, postgres_server):
     settings = load_settings(overrides={"storage": {"data_dir": str(tmp_path)}, "feedback": {"backend": "postgresql"}})
     with FaceRecognitionLibrary(settings=settings) as library, pytest.raises(ConfigError, match="postgresql_dsn"):
         library.feedback
+    wrong = postgres_server + " dbname=no_such_database"
+    settings.feedback.postgresql_dsn = wrong
+    with FaceRecognitionLibrary(settings=settings) as library:
+        with pytest.raises(FeedbackStoreUnavailableError, match="no_such_database"):
+            library.feedback
+        with pytest.raises(FeedbackStoreUnavailableError):  # refused again on the next use, not cached
+            library.record_feedback("q", 1, "up")
 
 
 def test_cli_feedback_stats_and_export(indexed_dir, feedback_people, tmp_path, capsys):
