@@ -136,6 +136,30 @@ class StorageSettings(_Section):
         return self.data_dir / self.duckdb_file
 
 
+class PipelineSettings(_Section):
+    """The Dagster asset graph: which folders it watches and how new images are batched."""
+
+    watched_folders: list[Path] = Field(
+        default_factory=list,
+        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = the sample "
+        "photos of the built-in model pack (the input of `face-assets index`).",
+    )
+    recursive: bool = Field(True, description="Scan the watched folders recursively.")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"],
+        description="File name endings (case-insensitive) the sensor treats as images; other files are ignored.",
+    )
+    batch_size: int = Field(
+        500, ge=1, le=100_000, description="New images per partition of the graph (one run per partition)."
+    )
+    sensor_interval_seconds: int = Field(60, ge=5, description="How often the new-image sensor scans the folders.")
+    nightly_cron: str | None = Field(
+        None,
+        description="Cron expression of the optional nightly maintenance schedule (e.g. `0 2 * * *`); "
+        "None = no schedule.",
+    )
+
+
 class Settings(_Section):
     """All settings of face_assets, one section per concern."""
 
@@ -145,6 +169,7 @@ class Settings(_Section):
     search: SearchSettings = Field(default_factory=SearchSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""
