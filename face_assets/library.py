@@ -105,7 +105,12 @@ class FaceRecognitionLibrary:
         self.catalog: Catalog | None = None
         self.index: FaceIndex | None = None
         self._unsaved = 0
-        self.load()
+        try:
+            self.load()
+        except BaseException:
+            if self.catalog is not None:  # a failed start must not keep the DuckDB file locked
+                self.catalog.close()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -151,9 +156,11 @@ class FaceRecognitionLibrary:
         with self._lock:
             if self.catalog is None:
                 return
-            self.save()
-            self.catalog.close()
-            self.catalog = None
+            try:
+                self.save()
+            finally:  # a failed save must not keep the DuckDB file locked
+                self.catalog.close()
+                self.catalog = None
 
     def __enter__(self) -> "FaceRecognitionLibrary":
         return self

@@ -23,7 +23,7 @@ from dagster import (
 )
 
 from ..config import load_settings
-from .assets import ASSETS, ann_index, image_batches
+from .assets import ASSETS, ann_index
 from .resources import FaceAssetsResource
 from .sensors import build_new_images_sensor, build_nightly_schedule
 
@@ -35,7 +35,7 @@ RESOURCES = {"face_assets": FaceAssetsResource()}
 
 
 def _ingest_job(executor_def: ExecutorDefinition | None = None):
-    return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*ASSETS), partitions_def=image_batches,
+    return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*ASSETS),
                             executor_def=executor_def,
                             description="One batch of new images into the catalog, then the ANN index.")
 
@@ -46,7 +46,7 @@ def _executor(name: str) -> ExecutorDefinition:
     if name == "multiprocess":
         return multiprocess_executor
     if name == "dask":
-        from dagster_dask import dask_executor  # optional: pip install 'face_assets[distributed]'
+        from .executors import dask_executor  # optional: pip install 'face_assets[distributed]'
 
         return dask_executor
     raise ValueError(f"unknown executor {name!r}; use in_process, multiprocess or dask")
