@@ -158,6 +158,16 @@ class PipelineSettings(_Section):
         description="Cron expression of the optional nightly maintenance schedule (e.g. `0 2 * * *`); "
         "None = no schedule.",
     )
+    executor: Literal["multiprocess", "in_process", "dask"] = Field(
+        "multiprocess",
+        description="Where the steps of the ingest job run: a process each, all in the run's process, "
+        "or tasks on a Dask cluster (docs/scaling.md).",
+    )
+    dask_scheduler: str | None = Field(
+        None,
+        description="Address of the Dask scheduler for `executor: dask` (e.g. `tcp://scheduler:8786`); "
+        "None = a local Dask cluster per run.",
+    )
 
 
 class Settings(_Section):

@@ -263,7 +263,8 @@ def test_dagster_cli_materializes_into_duckdb(datasets, tmp_path, monkeypatch):
     instance.add_dynamic_partitions(image_batches.name, [key])
     proc = subprocess.run(
         [_bin("dagster"), "asset", "materialize", "-m", "face_assets.pipeline.definitions",
-         "--select", "*", "--partition", key],
+         "--select", "*", "--partition", key,
+         "--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})],  # one process: faster
         cwd=tmp_path, env=_env(w.home, w.config), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "data" / "dagster" / "storage").is_dir()

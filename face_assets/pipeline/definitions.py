@@ -6,8 +6,8 @@ Jobs:
   embeddings, then the ANN index; what the new-image sensor requests.
 - ``index_maintenance``: the ANN index and its checks alone; what the nightly schedule runs.
 
-:func:`build_ingest_job` returns ``ingest_images`` bound to another executor (``multiprocess``,
-``in_process`` or ``dask``) for running the steps elsewhere; see ``docs/scaling.md``.
+``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
+:func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _ingest_job(executor_def: ExecutorDefinition | None = None):
                             description="One batch of new images into the catalog, then the ANN index.")
 
 
-def _executor(name: str) -> ExecutorDefinition:
+def _executor(name: str, dask_scheduler: str | None = None) -> ExecutorDefinition:
     if name == "in_process":
         return in_process_executor
     if name == "multiprocess":
@@ -48,6 +48,8 @@ def _executor(name: str) -> ExecutorDefinition:
     if name == "dask":
         from .executors import dask_executor  # optional: pip install 'face_assets[distributed]'
 
+        if dask_scheduler:
+            return dask_executor.configured({"cluster": {"existing": {"address": dask_scheduler}}})
         return dask_executor
     raise ValueError(f"unknown executor {name!r}; use in_process, multiprocess or dask")
 
@@ -55,8 +57,8 @@ def _executor(name: str) -> ExecutorDefinition:
 def build_ingest_job(executor: str = "multiprocess") -> JobDefinition:
     """The ``ingest_images`` job on the named executor, resolved against the assets.
 
-    Give ``dagster.reconstructable``-style callers (``build_reconstructable_job``) this module and
-    function name; executor settings (e.g. a Dask scheduler address) come with the run config.
+    For ``dagster.build_reconstructable_job`` callers (tests, scripts) that pick the executor per
+    call; executor settings (e.g. a Dask scheduler address) come with the run config.
     """
     job = _ingest_job(_executor(executor))
     return Definitions(assets=ASSETS, resources=RESOURCES, jobs=[job]).resolve_job_def(INGEST_JOB)
@@ -65,7 +67,8 @@ def build_ingest_job(executor: str = "multiprocess") -> JobDefinition:
 def build_definitions() -> Definitions:
     """Assets, jobs, sensors and schedules, with intervals and cron from the settings."""
     cfg = load_settings().pipeline
-    ingest = _ingest_job()
+    # Dagster's default executor is multiprocess and still lets a run choose in_process in its config.
+    ingest = _ingest_job(None if cfg.executor == "multiprocess" else _executor(cfg.executor, cfg.dask_scheduler))
     maintenance = define_asset_job(MAINTENANCE_JOB, selection=AssetSelection.assets(ann_index),
                                    description="Bring the ANN index up to date with the catalog and check it.")
     schedule = build_nightly_schedule(MAINTENANCE_JOB, cfg)
