@@ -34,7 +34,7 @@ from dagster import (
 )
 
 from face_assets.library import FaceRecognitionLibrary
-from face_assets.pipeline.assets import ASSETS, image_batches
+from face_assets.pipeline.assets import ASSETS, CATALOG_POOL, image_batches
 from face_assets.pipeline.definitions import defs
 from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.sensors import pending_batches
@@ -64,7 +64,9 @@ class Workspace:
         }))
         self.resource = FaceAssetsResource(config_path=str(self.config))
         self.home.mkdir()
-        self.instance = DagsterInstance.local_temp(str(self.home), overrides={"telemetry": {"enabled": False}})
+        # As the project's dagster.yaml: one step at a time in each pool (the catalog writers).
+        self.instance = DagsterInstance.local_temp(str(self.home), overrides={
+            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
 
     def add(self, files: list[str]) -> None:
         """Copy shared images into the watched folder (names prefixed by their dataset folder)."""
@@ -243,6 +245,9 @@ def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_pat
                 steps = {e.step_key for e in result.get_step_success_events()}
             assert steps == {"source_images", "filtered_images", "face_embeddings", "ann_index"}
             _same_faces(w.faces(), expected)
+            # The catalog writers went through the pool of one slot, and gave their slot back.
+            pool = w.instance.event_log_storage.get_concurrency_info(CATALOG_POOL)
+            assert pool.slot_count == 1 and pool.active_slot_count == 0
 
 
 def _env(home: Path, config: Path) -> dict:

@@ -6,17 +6,36 @@ Needs the optional ``distributed`` extra (``pip install 'face_assets[distributed
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Iterator
 
 import dask.distributed
-from dagster import DagsterEvent, executor, multiple_process_executor_requirements
+from dagster import DagsterEvent, DagsterInstance, executor, multiple_process_executor_requirements
+from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 from dagster_dask.executor import dask_executor as _upstream_dask_executor
 
+POOL_POLL_SECONDS = 1.0
+"""How often a step waiting for a pool slot asks the instance again."""
 
-def _run_step(dependencies: list, payload: bytes) -> list[DagsterEvent]:
-    """Dask task: unpack one step's arguments and run it with dagster-dask's worker function."""
-    return query_on_dask_worker(dependencies, *pickle.loads(payload))
+
+def _run_step(dependencies: list, payload: bytes, pool: str | None) -> list[DagsterEvent]:
+    """Dask task: unpack one step's arguments and run it with dagster-dask's worker function.
+
+    A step in a concurrency pool first takes a slot of that pool from the Dagster instance, as
+    Dagster's own executors do, and waits while the pool is full; so the pool limit holds across
+    Dask workers and across runs on other executors.
+    """
+    recon_job, run, run_config, step_keys, instance_ref, known_state = pickle.loads(payload)
+    if pool is None:
+        return query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+    with DagsterInstance.from_ref(instance_ref) as instance, InstanceConcurrencyContext(instance, run) as slots:
+        while not slots.claim(pool, step_keys[0]):
+            time.sleep(POOL_POLL_SECONDS)
+        try:
+            return query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+        finally:
+            slots.free_step(step_keys[0])
 
 
 class PoolSafeDaskExecutor(DaskExecutor):
@@ -25,8 +44,9 @@ class PoolSafeDaskExecutor(DaskExecutor):
     Dask (2025 and later) walks the tuple arguments of a submitted task, and a Dagster run carries
     records that refuse iteration (its pool summary, its partition subset), so the upstream
     executor fails before any step starts. Here each step's arguments travel pickled, as bytes
-    Dask does not look into; the worker runs the step with upstream's own function. Task keys also
-    carry the run id, so concurrent runs of the job do not collide on the cluster.
+    Dask does not look into; the worker runs the step with upstream's own function. Upstream also
+    ignores concurrency pools; here a pooled step claims its slot from the instance before it runs.
+    Task keys carry the run id, so concurrent runs of the job do not collide on the cluster.
 
     Clusters: ``existing`` (a scheduler address: the way to use a cluster that Kubernetes, YARN or
     a batch system runs) and ``local``.
@@ -53,7 +73,7 @@ class PoolSafeDaskExecutor(DaskExecutor):
                     payload = pickle.dumps((plan_context.reconstructable_job, run, plan_context.run_config,
                                             [step.key], instance_ref, execution_plan.known_state))
                     futures[step.key] = client.submit(
-                        _run_step, upstream, payload, key=f"{job_name}.{step.key}.{run.run_id}", pure=False,
+                        _run_step, upstream, payload, step.pool, key=f"{job_name}.{step.key}.{run.run_id}", pure=False,
                         resources=get_dask_resource_requirements(step.tags))
             for _, events in dask.distributed.as_completed(list(futures.values()), with_results=True):
                 yield from events
