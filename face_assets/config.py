@@ -153,10 +153,16 @@ class PipelineSettings(_Section):
         500, ge=1, le=100_000, description="New images per partition of the graph (one run per partition)."
     )
     sensor_interval_seconds: int = Field(60, ge=5, description="How often the new-image sensor scans the folders.")
+    index_refresh_seconds: int = Field(
+        60,
+        ge=5,
+        description="How often the index sensor looks for batches merged since the last index update; "
+        "all found are indexed in one run.",
+    )
     nightly_cron: str | None = Field(
         None,
-        description="Cron expression of the optional nightly maintenance schedule (e.g. `0 2 * * *`); "
-        "None = no schedule.",
+        description="Cron expression of the optional nightly schedule that refreshes what depends on the "
+        "whole catalog (e.g. `0 2 * * *`); None = no schedule.",
     )
     executor: Literal["multiprocess", "in_process", "dask"] = Field(
         "multiprocess",

@@ -25,6 +25,7 @@ from dagster import (
     AssetKey,
     DagsterInstance,
     ReexecutionOptions,
+    RunRequest,
     SensorResult,
     SkipReason,
     build_reconstructable_job,
@@ -195,6 +196,17 @@ def test_new_images_add_only_themselves(ws):
     assert meta["images_added"] == 2 and meta["images_already_in_catalog"] == 0
 
 
+def test_index_sensor_requests_one_refresh_per_new_merges(ws):
+    sensor = defs.resolve_sensor_def("index_refresh_sensor")
+    context = build_sensor_context(instance=ws.instance)
+    request = sensor(context)
+    assert isinstance(request, RunRequest) and context.cursor is not None
+    assert isinstance(sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor)), SkipReason)
+    assert ws.materialize(ws.key).success  # a batch merged again: one more refresh
+    again = sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor))
+    assert isinstance(again, RunRequest) and again.run_key != request.run_key
+
+
 def _job(executor: str):
     return build_reconstructable_job("face_assets.pipeline.definitions", "build_ingest_job",
                                      reconstructable_kwargs={"executor": executor})
@@ -203,27 +215,28 @@ def _job(executor: str):
 def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_path):
     w = Workspace(tmp_path, datasets, FIRST[:2])
     (key,) = w.plan()
-    (w.data / "faces.faiss").mkdir(parents=True)  # the index cannot be written: the last step fails
+    catalog_file = w.data / "face_assets.duckdb"
+    catalog_file.mkdir(parents=True)  # the catalog cannot be opened: the merge step fails
     with execute_job(_job("in_process"), instance=w.instance, run_config=w.run_config(),
                      tags={"dagster/partition": key}, raise_on_error=False) as failed:
         assert not failed.success
-        assert failed.get_step_success_events() and "ann_index" in {
-            e.step_key for e in failed.get_step_failure_events()}
-    stored = w.sql("SELECT face_id, image_id FROM faces ORDER BY face_id")
-    assert len(stored) == 2
+        assert {e.step_key for e in failed.get_step_success_events()} == {"source_images", "filtered_images"}
+        assert {e.step_key for e in failed.get_step_failure_events()} == {"face_embeddings"}
 
-    (w.data / "faces.faiss").rmdir()
+    catalog_file.rmdir()
     options = ReexecutionOptions.from_failure(failed.run_id, w.instance)
     with execute_job(_job("in_process"), instance=w.instance, reexecution_options=options,
-                     raise_on_error=False) as retried:
+                     tags={"dagster/partition": key}, raise_on_error=False) as retried:
         assert retried.success
-        assert {e.step_key for e in retried.get_step_success_events()} == {"ann_index"}
-    # A full re-execution of the failed run (every step again) adds nothing either.
+        assert {e.step_key for e in retried.get_step_success_events()} == {"face_embeddings"}
+    stored = w.sql("SELECT face_id, image_id FROM faces ORDER BY face_id")
+    assert len(stored) == 2 and len({i for _, i in stored}) == 2
+    # Every step again (a full re-execution of the batch) adds nothing.
     with execute_job(_job("in_process"), instance=w.instance, run_config=w.run_config(),
                      tags={"dagster/partition": key}) as again:
         assert again.success
     assert w.sql("SELECT face_id, image_id FROM faces ORDER BY face_id") == stored
-    assert _latest_metadata(w.instance, "ann_index")["dagster/row_count"] == 2
+    assert _latest_metadata(w.instance, "face_embeddings", key)["images_added"] == 0
 
 
 def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_path):
@@ -243,7 +256,7 @@ def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_pat
                              tags={"dagster/partition": key}) as result:
                 assert result.success
                 steps = {e.step_key for e in result.get_step_success_events()}
-            assert steps == {"source_images", "filtered_images", "face_embeddings", "ann_index"}
+            assert steps == {"source_images", "filtered_images", "face_embeddings"}
             _same_faces(w.faces(), expected)
             # The catalog writers went through the pool of one slot, and gave their slot back.
             pool = w.instance.event_log_storage.get_concurrency_info(CATALOG_POOL)

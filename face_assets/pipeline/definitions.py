@@ -3,8 +3,9 @@
 Jobs:
 
 - ``ingest_images``: one batch (partition) through source images, filtered images and face
-  embeddings, then the ANN index; what the new-image sensor requests.
-- ``index_maintenance``: the ANN index and its checks alone; what the nightly schedule runs.
+  embeddings; what the new-image sensor requests.
+- ``refresh_index``: the ANN index and its check, over everything merged so far; what the index
+  sensor (after new batches) and the nightly schedule request.
 
 ``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
 :func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
@@ -23,21 +24,21 @@ from dagster import (
 )
 
 from ..config import load_settings
-from .assets import ASSETS, ann_index
+from .assets import ASSETS, ann_index, image_batches
 from .resources import FaceAssetsResource
-from .sensors import build_new_images_sensor, build_nightly_schedule
+from .sensors import build_index_sensor, build_new_images_sensor, build_nightly_schedule
 
 INGEST_JOB = "ingest_images"
-MAINTENANCE_JOB = "index_maintenance"
+REFRESH_JOB = "refresh_index"
 
 RESOURCES = {"face_assets": FaceAssetsResource()}
 """Default resources: settings from ``$FACE_ASSETS_CONFIG`` and the environment, like the CLI."""
 
 
 def _ingest_job(executor_def: ExecutorDefinition | None = None):
-    return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*ASSETS),
-                            executor_def=executor_def,
-                            description="One batch of new images into the catalog, then the ANN index.")
+    partitioned = [a for a in ASSETS if a.partitions_def == image_batches]
+    return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*partitioned), executor_def=executor_def,
+                            description="One batch of new images filtered, embedded and merged into the catalog.")
 
 
 def _executor(name: str, dask_scheduler: str | None = None) -> ExecutorDefinition:
@@ -69,13 +70,13 @@ def build_definitions() -> Definitions:
     cfg = load_settings().pipeline
     # Dagster's default executor is multiprocess and still lets a run choose in_process in its config.
     ingest = _ingest_job(None if cfg.executor == "multiprocess" else _executor(cfg.executor, cfg.dask_scheduler))
-    maintenance = define_asset_job(MAINTENANCE_JOB, selection=AssetSelection.assets(ann_index),
-                                   description="Bring the ANN index up to date with the catalog and check it.")
-    schedule = build_nightly_schedule(MAINTENANCE_JOB, cfg)
+    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index),
+                               description="Bring the ANN index up to date with the catalog and check it.")
+    schedule = build_nightly_schedule(REFRESH_JOB, cfg)
     return Definitions(
         assets=ASSETS,
-        jobs=[ingest, maintenance],
-        sensors=[build_new_images_sensor(INGEST_JOB, cfg)],
+        jobs=[ingest, refresh],
+        sensors=[build_new_images_sensor(INGEST_JOB, cfg), build_index_sensor(REFRESH_JOB, cfg)],
         schedules=[schedule] if schedule else [],
         resources=RESOURCES,
     )

@@ -7,6 +7,7 @@ and cron live in the config file like every other setting. Sensors that follow t
 
 
 from dagster import (
+    AssetKey,
     DefaultSensorStatus,
     RunRequest,
     ScheduleDefinition,
@@ -18,7 +19,7 @@ from dagster import (
 )
 
 from ..config import PipelineSettings
-from .assets import image_batches
+from .assets import face_embeddings, image_batches
 from .batches import scan
 from .resources import FaceAssetsResource
 
@@ -57,10 +58,34 @@ def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
     return new_images_sensor
 
 
+def build_index_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
+    """Sensor requesting a run of ``job_name`` (the ANN index) when batches were merged since the last one.
+
+    Its cursor is the event storage id of the newest ``face_embeddings`` materialization already
+    handed to a run, so the batches merged during one interval are indexed together: the index is
+    loaded and saved once per interval, not once per batch.
+    """
+
+    @sensor(name="index_refresh_sensor", job_name=job_name, minimum_interval_seconds=cfg.index_refresh_seconds,
+            default_status=DefaultSensorStatus.RUNNING,
+            description="Requests an ANN index update when face_embeddings has new materializations.")
+    def index_refresh_sensor(context: SensorEvaluationContext):
+        records = context.instance.fetch_materializations(AssetKey(face_embeddings.key.path), limit=1).records
+        if not records:
+            return SkipReason("no batch merged yet")
+        latest = records[0].storage_id
+        if context.cursor is not None and latest <= int(context.cursor):
+            return SkipReason("no batch merged since the last index update")
+        context.update_cursor(str(latest))
+        return RunRequest(run_key=f"index-{latest}")
+
+    return index_refresh_sensor
+
+
 def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefinition | None:
     """The nightly schedule of ``job_name`` at ``pipeline.nightly_cron``, or None when unset."""
     if not cfg.nightly_cron:
         return None
-    return ScheduleDefinition(name="nightly_maintenance", cron_schedule=cfg.nightly_cron, job_name=job_name,
+    return ScheduleDefinition(name="nightly_refresh", cron_schedule=cfg.nightly_cron, job_name=job_name,
                               default_status=DefaultSensorStatus.RUNNING,
-                              description="Rebuilds what depends on the whole catalog (the ANN index) and runs its checks.")
+                              description="Refreshes what depends on the whole catalog (the ANN index) and runs its checks.")
