@@ -65,7 +65,7 @@ def main() -> None:
 
     print(f"{n} images from {args.folder}, {len(done.partitions)} partitions of {args.batch_size}, "
           f"{args.threads} onnxruntime thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"| step | seconds | images/s | images/s per core |\n|---|---:|---:|---:|")
+    print("| step | seconds | images/s | images/s per core |\n|---|---:|---:|---:|")
     rows = [(f"`{k}`", v) for k, v in steps.items()]
     rows += [("graph, end to end (planning, runs, index)", graph_seconds),
              ("baseline: `FaceRecognitionLibrary.index_batch`", library_seconds)]

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import DagsterInstance, materialize
 
 from .assets import ASSETS, ann_index, face_embeddings, image_batches
 from .resources import FaceAssetsResource
@@ -54,7 +54,7 @@ def run_pipeline(instance: DagsterInstance, face_assets: FaceAssetsResource | No
     new = pending_batches(face_assets, registered)
     if new:
         instance.add_dynamic_partitions(image_batches.name, new)
-    merged = instance.get_materialized_partitions(AssetKey(face_embeddings.key.path))
+    merged = instance.get_materialized_partitions(face_embeddings.key)
     todo = [key for key in face_assets.batches().keys() if key not in merged]
     resources = {"face_assets": face_assets}
     out = PipelineRun(partitions=todo)

@@ -1,13 +1,11 @@
-"""Automation: the new-image sensor and the optional nightly schedule.
+"""Automation: the new-image sensor, the index sensor and the optional nightly schedule.
 
 Each sensor or schedule is built from the settings by a small factory, so the interval, folders
 and cron live in the config file like every other setting. Sensors that follow the same pattern
-(a threshold from the settings, a cursor, run requests for a job) go here.
+(a threshold from the settings, a cursor over materializations, run requests for a job) go here.
 """
 
-
 from dagster import (
-    AssetKey,
     DefaultSensorStatus,
     RunRequest,
     ScheduleDefinition,
@@ -70,7 +68,7 @@ def build_index_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition
             default_status=DefaultSensorStatus.RUNNING,
             description="Requests an ANN index update when face_embeddings has new materializations.")
     def index_refresh_sensor(context: SensorEvaluationContext):
-        records = context.instance.fetch_materializations(AssetKey(face_embeddings.key.path), limit=1).records
+        records = context.instance.fetch_materializations(face_embeddings.key, limit=1).records
         if not records:
             return SkipReason("no batch merged yet")
         latest = records[0].storage_id
