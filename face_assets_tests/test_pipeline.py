@@ -333,3 +333,35 @@ def test_webserver_lists_the_assets_over_graphql(datasets, tmp_path):
             server.wait()
             pytest.fail("webserver did not stop on SIGTERM")
     assert server.returncode is not None
+
+
+def test_merge_replaces_faces_of_another_model_version(ws, tmp_path):
+    folder = ws.resource.batches().folder(ws.key)
+    files = (folder / "images.parquet", folder / "faces.parquet")
+    with Catalog(tmp_path / "catalog.duckdb") as catalog:
+        assert catalog.import_parquet(*files)["images"] == 5
+        old = catalog.query("SELECT face_id FROM faces ORDER BY face_id")
+        # One image stored under a user's id by an older model: the merge re-embeds it in place.
+        with catalog.transaction() as con:
+            (image_id,) = con.execute("SELECT min(image_id) FROM images WHERE status = 'valid'").fetchone()
+            con.execute("UPDATE faces SET model_version = 'old', image_id = 'user-1' WHERE image_id = ?", [image_id])
+            con.execute("UPDATE images SET model_version = 'old', image_id = 'user-1' WHERE image_id = ?", [image_id])
+        merged = catalog.import_parquet(*files)
+        assert merged == {"images": 1, "faces": 1, "skipped": 4, "image_ids": ["user-1"]}
+        assert catalog.query("SELECT count(*), count(DISTINCT model_version) FROM images WHERE status <> 'unreadable'") == [(4, 1)]
+        (new_face,) = catalog.query("SELECT face_id FROM faces WHERE image_id = 'user-1'")
+        assert new_face[0] > max(i for (i,) in old) and len(catalog.query("SELECT * FROM faces")) == len(old)
+
+
+def test_pipeline_command_runs_the_graph_once(datasets, tmp_path, capsys):
+    from face_assets.cli import main
+
+    w = Workspace(tmp_path / "w", datasets, FIRST[:2])
+    argv = ["--config", str(w.config), "pipeline", "--dagster-home", str(tmp_path / "cli_home"), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["partitions"]) == 1 and first["success"] and "dagster dev" in first["ui"]
+    assert first["stats"]["images"] == 2 and first["stats"]["index_size"] == 2
+    assert main(argv) == 0  # nothing new: no partition runs, the index is only refreshed
+    again = json.loads(capsys.readouterr().out)
+    assert again["partitions"] == [] and again["stats"] == first["stats"]
