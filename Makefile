@@ -13,9 +13,9 @@ $(BIN)/face-assets: pyproject.toml
 
 setup: $(BIN)/face-assets
 
-## Set up, then run the main job on the default input into data/.
+## Set up, then materialize the Dagster asset graph over the default input into data/ (prints how to open the UI).
 run: setup
-	$(BIN)/face-assets index
+	DAGSTER_HOME=$(CURDIR) $(BIN)/face-assets pipeline
 
 ## Set up, then run the whole test suite.
 test: setup
@@ -23,4 +23,4 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) data/*.duckdb data/*.wal data/cache
+	rm -rf $(VENV) data/*.duckdb data/*.wal data/cache data/pipeline data/dagster

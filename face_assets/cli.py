@@ -176,6 +176,24 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
         s = lib.feedback_stats()
     _print(args, s, "\n".join(f"{k}: {v}" for k, v in s.items()))
     return 0
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline.resources import FaceAssetsResource
+    from .pipeline.runner import dagster_home, open_instance, run_pipeline
+
+    home = dagster_home(args.dagster_home)
+    instance = open_instance(home)
+    resource = FaceAssetsResource(config_path=args.config, data_dir=args.data_dir)
+    done = run_pipeline(instance, resource)
+    with _library(args) as lib:
+        stats = lib.stats()
+    ui = f"DAGSTER_HOME={home} {Path(sys.executable).parent / 'dagster'} dev -w workspace.yaml"
+    _print(args, {"partitions": done.partitions, "run_ids": done.run_ids, "success": done.success, "stats": stats,
+                  "ui": ui},
+           f"{len(done.partitions)} new batch(es) materialized ({'ok' if done.success else 'FAILED, see the UI'}); "
+           f"catalog {stats['images']} images, {stats['faces']} faces, index {stats['index_size']} faces "
+           f"-> {lib.settings.storage.duckdb_path}\n"
+           f"Open the Dagster UI (asset graph, runs, metadata): {ui}\nthen browse http://127.0.0.1:3000")
+    return 0 if done.success else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = fsub.add_parser("stats", help="counts of queries and votes")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_feedback_stats)
+    p = sub.add_parser("pipeline", help="materialize the Dagster asset graph over the watched folders (default: the sample photos)")
+    p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.add_argument("--write", help="also write it to this file")

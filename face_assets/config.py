@@ -174,6 +174,46 @@ class FeedbackSettings(_Section):
     )
 
 
+class PipelineSettings(_Section):
+    """The Dagster asset graph: which folders it watches and how new images are batched."""
+
+    watched_folders: list[Path] = Field(
+        default_factory=list,
+        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = the sample "
+        "photos of the built-in model pack (the input of `face-assets index`).",
+    )
+    recursive: bool = Field(True, description="Scan the watched folders recursively.")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"],
+        description="File name endings (case-insensitive) the sensor treats as images; other files are ignored.",
+    )
+    batch_size: int = Field(
+        500, ge=1, le=100_000, description="New images per partition of the graph (one run per partition)."
+    )
+    sensor_interval_seconds: int = Field(60, ge=5, description="How often the new-image sensor scans the folders.")
+    index_refresh_seconds: int = Field(
+        60,
+        ge=5,
+        description="How often the index sensor looks for batches merged since the last index update; "
+        "all found are indexed in one run.",
+    )
+    nightly_cron: str | None = Field(
+        None,
+        description="Cron expression of the optional nightly schedule that refreshes what depends on the "
+        "whole catalog (e.g. `0 2 * * *`); None = no schedule.",
+    )
+    executor: Literal["multiprocess", "in_process", "dask"] = Field(
+        "multiprocess",
+        description="Where the steps of the ingest job run: a process each, all in the run's process, "
+        "or tasks on a Dask cluster (docs/scaling.md).",
+    )
+    dask_scheduler: str | None = Field(
+        None,
+        description="Address of the Dask scheduler for `executor: dask` (e.g. `tcp://scheduler:8786`); "
+        "None = a local Dask cluster per run.",
+    )
+
+
 class Settings(_Section):
     """All settings of face_assets, one section per concern."""
 
@@ -184,6 +224,7 @@ class Settings(_Section):
     images: ImageSettings = Field(default_factory=ImageSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""

@@ -121,7 +121,12 @@ class FaceRecognitionLibrary:
         self.index: FaceIndex | None = None
         self._unsaved = 0
         self._feedback: FeedbackStore | None = None
-        self.load()
+        try:
+            self.load()
+        except BaseException:
+            if self.catalog is not None:  # a failed start must not keep the DuckDB file locked
+                self.catalog.close()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -170,12 +175,14 @@ class FaceRecognitionLibrary:
         with self._lock:
             if self.catalog is None:
                 return
-            self.save()
-            if self._feedback is not None:
-                self._feedback.close()
-                self._feedback = None
-            self.catalog.close()
-            self.catalog = None
+            try:
+                self.save()
+            finally:  # a failed save must not keep the DuckDB file locked
+                if self._feedback is not None:
+                    self._feedback.close()
+                    self._feedback = None
+                self.catalog.close()
+                self.catalog = None
 
     def __enter__(self) -> "FaceRecognitionLibrary":
         return self

@@ -238,6 +238,59 @@ class Catalog:
         return {"images": sum(by_status.values()), "by_status": by_status, "rejected_by_reason": reasons,
                 "faces": faces, "valid_faces": valid}
 
+    def export_parquet(self, folder: str | Path) -> dict[str, Path]:
+        """Write the ``images`` and ``faces`` tables to ``folder/images.parquet`` and ``faces.parquet``.
+
+        Each file is written beside its final name and renamed into place, so a reader never sees
+        half a file. Returns table name -> file.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        order = {"images": "image_id", "faces": "image_id, face_index"}
+        written = {}
+        with self._lock:
+            for table, key in order.items():
+                final = folder / f"{table}.parquet"
+                partial = folder / f".{table}.parquet.partial"
+                self.con.execute(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{partial}' (FORMAT parquet)")
+                partial.replace(final)
+                written[table] = final
+        return written
+
+    def import_parquet(self, images_file: str | Path, faces_file: str | Path) -> dict[str, Any]:
+        """Merge images and faces exported by :meth:`export_parquet` of another catalog; idempotent.
+
+        Images whose content this catalog already holds as done (unreadable, or processed by the
+        same model version, as in :meth:`known_hashes`) are skipped; an image processed by another
+        model version replaces its old faces under its existing image id. Faces get new face ids
+        from this catalog's sequence. Everything commits in one transaction, so importing the same
+        files again, or after a crash, adds nothing twice. Returns the counts and the image ids added.
+        """
+        with self.transaction() as con:
+            con.execute(
+                """CREATE OR REPLACE TEMP TABLE staged_images AS
+                   SELECT s.* REPLACE (coalesce((SELECT min(m.image_id) FROM images m
+                                                 WHERE m.content_hash = s.content_hash), s.image_id) AS image_id),
+                          s.image_id AS staged_id
+                   FROM read_parquet(?) s
+                   WHERE NOT EXISTS (SELECT 1 FROM images m WHERE m.content_hash = s.content_hash
+                                     AND (m.status = 'unreadable' OR m.model_version = s.model_version))""",
+                [str(images_file)],
+            )
+            total = con.execute("SELECT count(*) FROM read_parquet(?)", [str(images_file)]).fetchone()[0]
+            con.execute("DELETE FROM faces WHERE image_id IN (SELECT image_id FROM staged_images)")
+            con.execute("INSERT OR REPLACE INTO images BY NAME SELECT * EXCLUDE (staged_id) FROM staged_images")
+            faces = con.execute(
+                """INSERT INTO faces BY NAME
+                   SELECT f.* EXCLUDE (face_id, image_id), st.image_id
+                   FROM read_parquet(?) f JOIN staged_images st ON f.image_id = st.staged_id
+                   ORDER BY st.image_id, f.face_index RETURNING face_id""",
+                [str(faces_file)],
+            ).fetchall()
+            added = [r[0] for r in con.execute("SELECT image_id FROM staged_images ORDER BY image_id").fetchall()]
+            con.execute("DROP TABLE staged_images")
+        return {"images": len(added), "faces": len(faces), "skipped": total - len(added), "image_ids": added}
+
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         """Run a read query and return all rows."""
         with self._lock:

@@ -1,0 +1,85 @@
+"""``defs``: what ``dagster dev``, ``dagster asset materialize`` and the webserver load (``workspace.yaml``).
+
+Jobs:
+
+- ``ingest_images``: one batch (partition) through source images, filtered images and face
+  embeddings; what the new-image sensor requests.
+- ``refresh_index``: the ANN index and its check, over everything merged so far; what the index
+  sensor (after new batches) and the nightly schedule request.
+
+``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
+:func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetSelection,
+    Definitions,
+    ExecutorDefinition,
+    JobDefinition,
+    define_asset_job,
+    in_process_executor,
+    multiprocess_executor,
+)
+
+from ..config import load_settings
+from .assets import ASSETS, ann_index, image_batches
+from .resources import FaceAssetsResource
+from .sensors import build_index_sensor, build_new_images_sensor, build_nightly_schedule
+
+INGEST_JOB = "ingest_images"
+REFRESH_JOB = "refresh_index"
+
+RESOURCES = {"face_assets": FaceAssetsResource()}
+"""Default resources: settings from ``$FACE_ASSETS_CONFIG`` and the environment, like the CLI."""
+
+
+def _ingest_job(executor_def: ExecutorDefinition | None = None):
+    partitioned = [a for a in ASSETS if a.partitions_def == image_batches]
+    return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*partitioned), executor_def=executor_def,
+                            description="One batch of new images filtered, embedded and merged into the catalog.")
+
+
+def _executor(name: str, dask_scheduler: str | None = None) -> ExecutorDefinition:
+    if name == "in_process":
+        return in_process_executor
+    if name == "multiprocess":
+        return multiprocess_executor
+    if name == "dask":
+        from .executors import dask_executor  # optional: pip install 'face_assets[distributed]'
+
+        if dask_scheduler:
+            return dask_executor.configured({"cluster": {"existing": {"address": dask_scheduler}}})
+        return dask_executor
+    raise ValueError(f"unknown executor {name!r}; use in_process, multiprocess or dask")
+
+
+def build_ingest_job(executor: str = "multiprocess") -> JobDefinition:
+    """The ``ingest_images`` job on the named executor, resolved against the assets.
+
+    For ``dagster.build_reconstructable_job`` callers (tests, scripts) that pick the executor per
+    call; executor settings (e.g. a Dask scheduler address) come with the run config.
+    """
+    job = _ingest_job(_executor(executor))
+    return Definitions(assets=ASSETS, resources=RESOURCES, jobs=[job]).resolve_job_def(INGEST_JOB)
+
+
+def build_definitions() -> Definitions:
+    """Assets, jobs, sensors and schedules, with intervals and cron from the settings."""
+    cfg = load_settings().pipeline
+    # Dagster's default executor is multiprocess and still lets a run choose in_process in its config.
+    ingest = _ingest_job(None if cfg.executor == "multiprocess" else _executor(cfg.executor, cfg.dask_scheduler))
+    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index),
+                               description="Bring the ANN index up to date with the catalog and check it.")
+    schedule = build_nightly_schedule(REFRESH_JOB, cfg)
+    return Definitions(
+        assets=ASSETS,
+        jobs=[ingest, refresh],
+        sensors=[build_new_images_sensor(INGEST_JOB, cfg), build_index_sensor(REFRESH_JOB, cfg)],
+        schedules=[schedule] if schedule else [],
+        resources=RESOURCES,
+    )
+
+
+defs = build_definitions()

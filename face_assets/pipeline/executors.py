@@ -1,0 +1,87 @@
+"""Dask execution of the graph's steps: dagster-dask's executor, made to work with concurrency pools.
+
+Needs the optional ``distributed`` extra (``pip install 'face_assets[distributed]'``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Iterator
+
+import dask.distributed
+from dagster import DagsterEvent, DagsterInstance, executor, multiple_process_executor_requirements
+from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
+from dagster_dask.executor import dask_executor as _upstream_dask_executor
+
+POOL_POLL_SECONDS = 1.0
+"""How often a step waiting for a pool slot asks the instance again."""
+
+
+def _run_step(dependencies: list, payload: bytes, pool: str | None) -> list[DagsterEvent]:
+    """Dask task: unpack one step's arguments and run it with dagster-dask's worker function.
+
+    A step in a concurrency pool first takes a slot of that pool from the Dagster instance, as
+    Dagster's own executors do, and waits while the pool is full; so the pool limit holds across
+    Dask workers and across runs on other executors.
+    """
+    recon_job, run, run_config, step_keys, instance_ref, known_state = pickle.loads(payload)
+    if pool is None:
+        return query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+    with DagsterInstance.from_ref(instance_ref) as instance, InstanceConcurrencyContext(instance, run) as slots:
+        while not slots.claim(pool, step_keys[0]):
+            time.sleep(POOL_POLL_SECONDS)
+        try:
+            return query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+        finally:
+            slots.free_step(step_keys[0])
+
+
+class PoolSafeDaskExecutor(DaskExecutor):
+    """dagster-dask's executor for runs whose steps use concurrency pools or partitions.
+
+    Dask (2025 and later) walks the tuple arguments of a submitted task, and a Dagster run carries
+    records that refuse iteration (its pool summary, its partition subset), so the upstream
+    executor fails before any step starts. Here each step's arguments travel pickled, as bytes
+    Dask does not look into; the worker runs the step with upstream's own function. Upstream also
+    ignores concurrency pools; here a pooled step claims its slot from the instance before it runs.
+    Task keys carry the run id, so concurrent runs of the job do not collide on the cluster.
+
+    Clusters: ``existing`` (a scheduler address: the way to use a cluster that Kubernetes, YARN or
+    a batch system runs) and ``local``.
+    """
+
+    def execute(self, plan_context, execution_plan) -> Iterator[DagsterEvent]:
+        """Submit every step to the cluster, each after the steps it depends on; yield their events."""
+        if not plan_context.instance.is_persistent:
+            raise ValueError("Dask execution requires a persistent DagsterInstance (set DAGSTER_HOME)")
+        job_name, run = plan_context.job_name, plan_context.dagster_run
+        if self.cluster_type == "existing":
+            cluster = self.cluster_configuration["address"]
+        elif self.cluster_type == "local":
+            cluster = dask.distributed.LocalCluster(**self.build_dict(job_name))
+        else:
+            raise ValueError(f"cluster type {self.cluster_type!r}: start that cluster with its own tooling "
+                             "and give its scheduler as cluster: {existing: {address: ...}}")
+        instance_ref = plan_context.instance.get_ref()
+        with dask.distributed.Client(cluster) as client:
+            futures = {}
+            for level in execution_plan.get_steps_to_execute_by_level():
+                for step in level:
+                    upstream = [futures[key] for step_input in step.step_inputs for key in step_input.dependency_keys]
+                    payload = pickle.dumps((plan_context.reconstructable_job, run, plan_context.run_config,
+                                            [step.key], instance_ref, execution_plan.known_state))
+                    futures[step.key] = client.submit(
+                        _run_step, upstream, payload, step.pool, key=f"{job_name}.{step.key}.{run.run_id}", pure=False,
+                        resources=get_dask_resource_requirements(step.tags))
+            for _, events in dask.distributed.as_completed(list(futures.values()), with_results=True):
+                yield from events
+
+
+@executor(name="dask", config_schema=_upstream_dask_executor.config_schema,
+          requirements=multiple_process_executor_requirements())
+def dask_executor(init_context) -> PoolSafeDaskExecutor:
+    """Steps as Dask tasks: ``cluster: {existing: {address: "tcp://scheduler:8786"}}`` or ``{local: {...}}``."""
+    ((cluster_type, cluster_configuration),) = init_context.executor_config["cluster"].items()
+    return PoolSafeDaskExecutor(cluster_type, cluster_configuration)

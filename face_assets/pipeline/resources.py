@@ -1,0 +1,73 @@
+"""The library as a Dagster resource: settings, models, catalog and folders, configured in one place."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from dagster import ConfigurableResource
+
+from ..config import Settings, load_settings
+from ..filtering import FaceFilter
+from ..library import FaceRecognitionLibrary
+from ..models import builtin_pack_dir
+from ..store import Catalog
+from .batches import BatchStore
+
+
+@lru_cache(maxsize=4)
+def _face_filter(config_path: str | None, data_dir: str | None) -> FaceFilter:
+    # Models load once per process and configuration: a run process (or Dask worker) that
+    # materializes several steps reuses them.
+    return FaceFilter(_load(config_path, data_dir))
+
+
+def _load(config_path: str | None, data_dir: str | None) -> Settings:
+    overrides: dict[str, Any] = {"storage": {"data_dir": data_dir}} if data_dir else {}
+    return load_settings(config_path, overrides=overrides or None)
+
+
+class FaceAssetsResource(ConfigurableResource):
+    """face_assets configured for the graph: the same settings a user's ``FaceRecognitionLibrary`` reads.
+
+    ``config_path`` defaults to ``$FACE_ASSETS_CONFIG`` and ``data_dir`` to ``storage.data_dir``
+    (environment overrides ``FACE_ASSETS__SECTION__KEY`` apply as everywhere).
+    """
+
+    config_path: str | None = None
+    data_dir: str | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The validated settings."""
+        return _load(self.config_path, self.data_dir)
+
+    @property
+    def pipeline_dir(self) -> Path:
+        """Files of the graph that are not in the catalog: batch manifests and staged Parquet."""
+        return Path(self.settings.storage.data_dir).absolute() / "pipeline"
+
+    def batches(self) -> BatchStore:
+        """The batch manifests (the dynamic partitions' contents)."""
+        return BatchStore(self.pipeline_dir / "batches")
+
+    def watched_folders(self) -> list[Path]:
+        """Folders to scan: ``pipeline.watched_folders``, else the model pack's sample photos."""
+        folders = self.settings.pipeline.watched_folders
+        if folders:
+            return [Path(f).expanduser().absolute() for f in folders]
+        sample = builtin_pack_dir()
+        return [sample] if sample else []
+
+    def face_filter(self) -> FaceFilter:
+        """Detector, recognizer and cartoon classifier, loaded once per process."""
+        return _face_filter(self.config_path, self.data_dir)
+
+    def catalog(self) -> Catalog:
+        """The main DuckDB catalog, opened for writing (only steps in the ``face_catalog`` pool call this)."""
+        return Catalog(self.settings.storage.duckdb_path)
+
+    def library(self) -> FaceRecognitionLibrary:
+        """The user-facing library over the main catalog and index (opening it reconciles the index)."""
+        return FaceRecognitionLibrary(settings=self.settings)

@@ -1,0 +1,367 @@
+"""The Dagster asset graph on real images, real models, real DuckDB files and a real Dagster instance.
+
+One module-scoped materialization of a few shared images is reused by the incremental, sensor and
+executor tests; the CLI and webserver tests run Dagster's own processes against a temporary
+``DAGSTER_HOME`` holding the project's ``dagster.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    ReexecutionOptions,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+    build_reconstructable_job,
+    build_sensor_context,
+    execute_job,
+    materialize,
+)
+
+from face_assets.library import FaceRecognitionLibrary
+from face_assets.pipeline.assets import ASSETS, CATALOG_POOL, image_batches
+from face_assets.pipeline.definitions import defs
+from face_assets.pipeline.resources import FaceAssetsResource
+from face_assets.pipeline.sensors import pending_batches
+from face_assets.store import Catalog
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIRST = ["real/lfw10/Ariel_Sharon/Ariel_Sharon_0001.jpg", "real/lfw10/Ariel_Sharon/Ariel_Sharon_0002.jpg",
+         "cartoon/dualstylegan/cartoon/cartoon_000.png", "corrupted/all_white_640x480.jpg",
+         "corrupted/truncated_50pct.jpg"]
+LATER = ["real/lfw10/Colin_Powell/Colin_Powell_0001.jpg", "real/lfw10/Arnold_Schwarzenegger/Arnold_Schwarzenegger_0001.jpg"]
+FACE_COLUMNS = ("i.content_hash, f.face_index, f.x1, f.y1, f.x2, f.y2, f.det_score, f.quality, "
+                "f.is_valid, f.rejection_reason, f.embedding")
+
+
+class Workspace:
+    """A watched folder, a config file naming it, a data folder and a Dagster instance, all temporary."""
+
+    def __init__(self, root: Path, datasets: Path, files: list[str]):
+        self.root, self.datasets = root, datasets
+        self.photos, self.data, self.home = root / "photos", root / "data", root / "home"
+        self.photos.mkdir(parents=True)
+        self.add(files)
+        self.config = root / "face_assets.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(self.data)},
+            "pipeline": {"watched_folders": [str(self.photos)], "batch_size": 100},
+        }))
+        self.resource = FaceAssetsResource(config_path=str(self.config))
+        self.home.mkdir()
+        # As the project's dagster.yaml: one step at a time in each pool (the catalog writers).
+        self.instance = DagsterInstance.local_temp(str(self.home), overrides={
+            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
+
+    def add(self, files: list[str]) -> None:
+        """Copy shared images into the watched folder (names prefixed by their dataset folder)."""
+        for rel in files:
+            shutil.copy(self.datasets / rel, self.photos / rel.replace("/", "_"))
+
+    def plan(self) -> list[str]:
+        """New batches for the watched folder, added as partitions as the sensor would."""
+        keys = pending_batches(self.resource, set(self.instance.get_dynamic_partitions(image_batches.name)))
+        self.instance.add_dynamic_partitions(image_batches.name, keys)
+        return keys
+
+    def materialize(self, key: str):
+        """The whole graph for one partition, in process."""
+        return materialize(ASSETS, partition_key=key, instance=self.instance, resources={"face_assets": self.resource})
+
+    def sql(self, query: str, params=None) -> list[tuple]:
+        """Read the main catalog."""
+        return _sql(self.data, query, params)
+
+    def faces(self, hashes=None) -> list[tuple]:
+        """Every face with its verdict and embedding, in a stable order, optionally only some contents."""
+        return _faces(self.data, hashes)
+
+    def run_config(self, **execution) -> dict:
+        """Run config for the reconstructable ingest job: this workspace's resource (and an executor)."""
+        config = {"resources": {"face_assets": {"config": {"config_path": str(self.config)}}}}
+        return config | ({"execution": {"config": execution}} if execution else {})
+
+
+def _sql(data: Path, query: str, params=None) -> list[tuple]:
+    with Catalog(data / "face_assets.duckdb", read_only=True) as catalog:
+        return catalog.query(query, params)
+
+
+def _faces(data: Path, hashes=None) -> list[tuple]:
+    where = "WHERE i.content_hash IN (SELECT unnest(?))" if hashes is not None else ""
+    return _sql(data, f"SELECT {FACE_COLUMNS} FROM faces f JOIN images i USING (image_id) {where} "
+                "ORDER BY i.content_hash, f.face_index", [list(hashes)] if hashes is not None else None)
+
+
+def _latest_metadata(instance: DagsterInstance, asset: str, partition: str | None = None) -> dict:
+    event = instance.get_latest_materialization_event(AssetKey(asset))
+    if partition is not None:
+        records = instance.fetch_materializations(AssetKey(asset), limit=50).records
+        event = next(r.event_log_entry for r in records if r.partition_key == partition)
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def _same_faces(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for ra, rb in zip(a, b):
+        assert ra[:2] == rb[:2] and ra[8:10] == rb[8:10]  # same content, face, verdict and reason
+        np.testing.assert_allclose(ra[2:8], rb[2:8], atol=1e-3)
+        np.testing.assert_allclose(np.asarray(ra[10]), np.asarray(rb[10]), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ws(datasets, tmp_path_factory) -> Workspace:
+    """The first batch materialized once, shared by the tests below in file order."""
+    w = Workspace(tmp_path_factory.mktemp("pipeline"), datasets, FIRST)
+    (w.key,) = w.plan()
+    w.first_run = w.materialize(w.key)
+    assert w.first_run.success
+    return w
+
+
+def test_graph_materializes_what_the_library_would_store(ws, tmp_path):
+    status = dict(ws.sql("SELECT status, count(*) FROM images GROUP BY ALL"))
+    assert status == {"valid": 2, "rejected": 2, "unreadable": 1}
+    # The graph stores exactly what a user indexing the same files with the library stores.
+    with FaceRecognitionLibrary(index_dir=tmp_path / "lib") as lib:
+        summary = lib.index_batch(sorted(ws.photos.iterdir()))
+        assert summary.total == 5 and summary.valid == 2
+    _same_faces(ws.faces(), _faces(tmp_path / "lib"))
+
+    meta = _latest_metadata(ws.instance, "filtered_images", ws.key)
+    assert meta["dagster/row_count"] == 5 and meta["valid_images"] == 2 and meta["unreadable_images"] == 1
+    assert sum(meta["rejected_by_reason"].values()) == 2 and "det_score" in meta["charts"]
+    index_meta = _latest_metadata(ws.instance, "ann_index")
+    valid_faces = ws.sql("SELECT count(*) FROM faces WHERE is_valid")[0][0]
+    assert index_meta["dagster/row_count"] == valid_faces > 0
+    checks = {e.check_name: e.passed for e in ws.first_run.get_asset_check_evaluations()}
+    assert checks == {"embeddings_finite_and_normalized": True, "catalog_and_index_agree": True}
+
+
+def test_same_images_again_add_nothing(ws):
+    before = ws.sql("SELECT face_id, image_id FROM faces ORDER BY face_id")
+    assert ws.plan() == []  # nothing new in the folder: no batch, no partition
+    assert ws.materialize(ws.key).success  # re-materializing the same partition is idempotent
+    assert ws.sql("SELECT face_id, image_id FROM faces ORDER BY face_id") == before
+    assert ws.sql("SELECT count(*) FROM images")[0][0] == 5
+    assert _latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
+
+
+def test_sensor_requests_runs_for_just_the_new_files(ws):
+    sensor = defs.resolve_sensor_def("new_images_sensor")
+    context = build_sensor_context(instance=ws.instance, resources={"face_assets": ws.resource})
+    assert isinstance(sensor(context), SkipReason)
+
+    ws.add(LATER)
+    result = sensor(build_sensor_context(instance=ws.instance, resources={"face_assets": ws.resource}))
+    assert isinstance(result, SensorResult)
+    (request,) = result.run_requests
+    (added,) = result.dynamic_partitions_requests
+    assert added.partition_keys == [request.partition_key] and request.run_key == request.partition_key
+    files = ws.resource.batches().files(request.partition_key)
+    assert sorted(Path(f.path).name for f in files) == sorted(r.replace("/", "_") for r in LATER)
+
+    ws.instance.add_dynamic_partitions(image_batches.name, added.partition_keys)
+    assert isinstance(sensor(build_sensor_context(instance=ws.instance, resources={"face_assets": ws.resource})),
+                      SkipReason)
+    ws.later_key = request.partition_key
+
+
+def test_new_images_add_only_themselves(ws):
+    before = ws.sql("SELECT face_id, image_id FROM faces ORDER BY face_id")
+    assert ws.materialize(ws.later_key).success
+    after = ws.sql("SELECT face_id, image_id FROM faces ORDER BY face_id")
+    assert after[: len(before)] == before and len(after) > len(before)
+    new_paths = ws.sql("SELECT path FROM images WHERE image_id IN (SELECT unnest(?))",
+                       [sorted({i for _, i in after[len(before):]})])
+    assert sorted(Path(p).name for (p,) in new_paths) == sorted(r.replace("/", "_") for r in LATER)
+    assert ws.sql("SELECT count(*) FROM images")[0][0] == 7
+    meta = _latest_metadata(ws.instance, "face_embeddings", ws.later_key)
+    assert meta["images_added"] == 2 and meta["images_already_in_catalog"] == 0
+
+
+def test_index_sensor_requests_one_refresh_per_new_merges(ws):
+    sensor = defs.resolve_sensor_def("index_refresh_sensor")
+    context = build_sensor_context(instance=ws.instance)
+    request = sensor(context)
+    assert isinstance(request, RunRequest) and context.cursor is not None
+    assert isinstance(sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor)), SkipReason)
+    assert ws.materialize(ws.key).success  # a batch merged again: one more refresh
+    again = sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor))
+    assert isinstance(again, RunRequest) and again.run_key != request.run_key
+
+
+def _job(executor: str):
+    return build_reconstructable_job("face_assets.pipeline.definitions", "build_ingest_job",
+                                     reconstructable_kwargs={"executor": executor})
+
+
+def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_path):
+    w = Workspace(tmp_path, datasets, FIRST[:2])
+    (key,) = w.plan()
+    catalog_file = w.data / "face_assets.duckdb"
+    catalog_file.mkdir(parents=True)  # the catalog cannot be opened: the merge step fails
+    with execute_job(_job("in_process"), instance=w.instance, run_config=w.run_config(),
+                     tags={"dagster/partition": key}, raise_on_error=False) as failed:
+        assert not failed.success
+        assert {e.step_key for e in failed.get_step_success_events()} == {"source_images", "filtered_images"}
+        assert {e.step_key for e in failed.get_step_failure_events()} == {"face_embeddings"}
+
+    catalog_file.rmdir()
+    options = ReexecutionOptions.from_failure(failed.run_id, w.instance)
+    with execute_job(_job("in_process"), instance=w.instance, reexecution_options=options,
+                     tags={"dagster/partition": key}, raise_on_error=False) as retried:
+        assert retried.success
+        assert {e.step_key for e in retried.get_step_success_events()} == {"face_embeddings"}
+    stored = w.sql("SELECT face_id, image_id FROM faces ORDER BY face_id")
+    assert len(stored) == 2 and len({i for _, i in stored}) == 2
+    # Every step again (a full re-execution of the batch) adds nothing.
+    with execute_job(_job("in_process"), instance=w.instance, run_config=w.run_config(),
+                     tags={"dagster/partition": key}) as again:
+        assert again.success
+    assert w.sql("SELECT face_id, image_id FROM faces ORDER BY face_id") == stored
+    assert _latest_metadata(w.instance, "face_embeddings", key)["images_added"] == 0
+
+
+def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_path):
+    from dask.distributed import LocalCluster
+
+    hashes = [h for (h,) in ws.sql("SELECT content_hash FROM images WHERE path IN (SELECT unnest(?))",
+                                   [[str(ws.photos / r.replace("/", "_")) for r in FIRST]])]
+    expected = ws.faces(hashes)
+    runs = {"multiprocess": {"max_concurrent": 2}}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert len(cluster.workers) == 2
+        runs["dask"] = {"cluster": {"existing": {"address": cluster.scheduler_address}}}
+        for name, execution in runs.items():
+            w = Workspace(tmp_path / name, ws.datasets, FIRST)
+            (key,) = w.plan()
+            with execute_job(_job(name), instance=w.instance, run_config=w.run_config(**execution),
+                             tags={"dagster/partition": key}) as result:
+                assert result.success
+                steps = {e.step_key for e in result.get_step_success_events()}
+            assert steps == {"source_images", "filtered_images", "face_embeddings"}
+            _same_faces(w.faces(), expected)
+            # The catalog writers went through the pool of one slot, and gave their slot back.
+            pool = w.instance.event_log_storage.get_concurrency_info(CATALOG_POOL)
+            assert pool.slot_count == 1 and pool.active_slot_count == 0
+
+
+def _env(home: Path, config: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACE_ASSETS__")}
+    return env | {"DAGSTER_HOME": str(home), "FACE_ASSETS_CONFIG": str(config), "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def test_dagster_cli_materializes_into_duckdb(datasets, tmp_path, monkeypatch):
+    w = Workspace(tmp_path / "w", datasets, FIRST[:2])
+    shutil.copy(REPO_ROOT / "dagster.yaml", w.home / "dagster.yaml")
+    monkeypatch.chdir(tmp_path)  # the project's dagster.yaml keeps its storage under ./data/dagster
+    instance = DagsterInstance.from_config(str(w.home))
+    (key,) = pending_batches(w.resource, set())
+    instance.add_dynamic_partitions(image_batches.name, [key])
+    proc = subprocess.run(
+        [_bin("dagster"), "asset", "materialize", "-m", "face_assets.pipeline.definitions",
+         "--select", "*", "--partition", key,
+         "--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})],  # one process: faster
+        cwd=tmp_path, env=_env(w.home, w.config), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "data" / "dagster" / "storage").is_dir()
+    rows = w.sql("""SELECT i.status, count(DISTINCT i.image_id), count(f.face_id) FILTER (WHERE f.is_valid)
+                    FROM images i LEFT JOIN faces f USING (image_id) GROUP BY ALL""")
+    assert rows == [("valid", 2, 2)]
+    assert instance.get_latest_materialization_event(AssetKey("ann_index")) is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_webserver_lists_the_assets_over_graphql(datasets, tmp_path):
+    w = Workspace(tmp_path / "w", datasets, [])
+    shutil.copy(REPO_ROOT / "dagster.yaml", w.home / "dagster.yaml")
+    port = _free_port()
+    server = subprocess.Popen(
+        [_bin("dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=_env(w.home, w.config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        query = json.dumps({"query": "{ assetNodes { assetKey { path } groupName } }"}).encode()
+        deadline, nodes = time.monotonic() + 120, None
+        while time.monotonic() < deadline and nodes is None:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    data = json.load(resp)["data"]["assetNodes"]
+                nodes = data or None  # the code location may still be loading
+            except OSError:
+                pass
+            if nodes is None:
+                time.sleep(1)
+        assert nodes is not None, "webserver did not list assets in time"
+        assert {n["assetKey"]["path"][0]: n["groupName"] for n in nodes} == {
+            "source_images": "ingest", "filtered_images": "ingest", "face_embeddings": "ingest", "ann_index": "index"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            pytest.fail("webserver did not stop on SIGTERM")
+    assert server.returncode is not None
+
+
+def test_merge_replaces_faces_of_another_model_version(ws, tmp_path):
+    folder = ws.resource.batches().folder(ws.key)
+    files = (folder / "images.parquet", folder / "faces.parquet")
+    with Catalog(tmp_path / "catalog.duckdb") as catalog:
+        assert catalog.import_parquet(*files)["images"] == 5
+        old = catalog.query("SELECT face_id FROM faces ORDER BY face_id")
+        # One image stored under a user's id by an older model: the merge re-embeds it in place.
+        with catalog.transaction() as con:
+            (image_id,) = con.execute("SELECT min(image_id) FROM images WHERE status = 'valid'").fetchone()
+            con.execute("UPDATE faces SET model_version = 'old', image_id = 'user-1' WHERE image_id = ?", [image_id])
+            con.execute("UPDATE images SET model_version = 'old', image_id = 'user-1' WHERE image_id = ?", [image_id])
+        merged = catalog.import_parquet(*files)
+        assert merged == {"images": 1, "faces": 1, "skipped": 4, "image_ids": ["user-1"]}
+        assert catalog.query("SELECT count(*), count(DISTINCT model_version) FROM images WHERE status <> 'unreadable'") == [(4, 1)]
+        (new_face,) = catalog.query("SELECT face_id FROM faces WHERE image_id = 'user-1'")
+        assert new_face[0] > max(i for (i,) in old) and len(catalog.query("SELECT * FROM faces")) == len(old)
+
+
+def test_pipeline_command_runs_the_graph_once(datasets, tmp_path, capsys):
+    from face_assets.cli import main
+
+    w = Workspace(tmp_path / "w", datasets, FIRST[:2])
+    argv = ["--config", str(w.config), "pipeline", "--dagster-home", str(tmp_path / "cli_home"), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["partitions"]) == 1 and first["success"] and "dagster dev" in first["ui"]
+    assert first["stats"]["images"] == 2 and first["stats"]["index_size"] == 2
+    assert main(argv) == 0  # nothing new: no partition runs, the index is only refreshed
+    again = json.loads(capsys.readouterr().out)
+    assert again["partitions"] == [] and again["stats"] == first["stats"]
