@@ -62,3 +62,11 @@ class IndexNotFoundError(FaceRecognitionError):
 
 class IndexCorruptError(FaceRecognitionError):
     """An index file exists but cannot be read back (truncated, garbage, checksum mismatch)."""
+
+
+class TrainingError(FaceRecognitionError):
+    """Fine-tuning cannot proceed or produced a model that fails its checks (conversion, export, data)."""
+
+
+class ModelVersionError(FaceRecognitionError, ValueError):
+    """A model version is unknown, or its status forbids the requested promotion or rollback."""
