@@ -1,9 +1,10 @@
 """Fine-tuning scenario: simulated user votes on the base model's mistakes, fine-tune, gain and no loss elsewhere.
 
-    python benchmarks/finetune_scenario.py [--folder imfdb] [--user-share 0.6] [--max-pairs 600] [--out DIR]
+    python benchmarks/finetune_scenario.py [--folder imfdb] [--voters 5] [--user-share 0.6] [--max-pairs 600] [--out DIR]
 
-From the shared labelled faces of ``real/<folder>`` (default IMFDB, 8 actors), each person's images are
-split in name order into "user" images (the first ``--user-share``) and held-out images. Among all
+From the shared labelled faces of ``real/<folder>`` (default IMFDB, 8 actors), the first ``--voters``
+persons in name order are the user's; the others stay unseen and join the gate's general set. Each
+voter's images are split in name order into "user" images (the first ``--user-share``) and held-out images. Among all
 pairs of user images, the votes a user would give on the base model's mistakes at the match threshold
 are written in the feedback export's ``pairs.parquet`` contract: ``vote_up`` for same-person pairs
 scored below it, ``vote_down`` for different-person pairs above it, and as many ``mined_negative``
@@ -108,6 +109,7 @@ def held_out_report(recognizer: Recognizer, crops: np.ndarray, labels: np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="imfdb", help="folder of real/ whose persons vote")
+    parser.add_argument("--voters", type=int, default=5, help="persons of the folder the user votes on")
     parser.add_argument("--user-share", type=float, default=0.6, help="share of each person's images the user sees")
     parser.add_argument("--max-pairs", type=int, default=600)
     parser.add_argument("--per-person", type=int, default=0, help="use only the first N images of each person")
@@ -118,6 +120,7 @@ def main() -> None:
 
     root = datasets_root() / "real" / args.folder
     people = {d.name: sorted(p for p in d.iterdir() if p.is_file()) for d in sorted(root.iterdir()) if d.is_dir()}
+    people = dict(list(people.items())[: args.voters])
     if args.per_person:
         people = {k: v[: args.per_person] for k, v in people.items()}
     with tempfile.TemporaryDirectory() as tmp:

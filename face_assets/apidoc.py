@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from . import errors, library
+from . import errors, evaluation, library
 from .filtering import FaceFilter, filter_image
 from .ingest import IngestSummary
 
@@ -17,6 +17,7 @@ SECTIONS = [
     ("Library", [library.FaceRecognitionLibrary]),
     ("Results", [library.SearchResult, library.IndexedImage, library.Comparison, IngestSummary]),
     ("Filtering", [filter_image, FaceFilter]),
+    ("Evaluation gate", [evaluation.gate, evaluation.GateResult, evaluation.pair_metrics, evaluation.identity_metrics]),
     ("Exceptions", [obj for _, obj in inspect.getmembers(errors, inspect.isclass)
                     if issubclass(obj, errors.FaceRecognitionError) and obj.__module__ == errors.__name__]),
 ]

@@ -185,6 +185,8 @@ def export_onnx(model: nn.Module, like: Path, path: Path) -> Path:
     with warnings.catch_warnings():
         # onnx2torch's PReLU checks slope shapes in Python; the tracer warns though shapes are fixed
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the TorchScript exporter is chosen on purpose: it round-trips this graph exactly
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(cpu, torch.zeros(1, 3, dims[2] or 112, dims[3] or 112), str(tmp), dynamo=False,
                           input_names=[in_name], output_names=[out_name], opset_version=max(opset, 11),
                           dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}})
@@ -226,14 +228,17 @@ class FeedbackData:
 
     pairs: list[tuple[FaceRef, FaceRef, int, str]] = field(default_factory=list)
     triplets: list[tuple[FaceRef, FaceRef, FaceRef]] = field(default_factory=list)
+    rejected: int = 0  # rows without a usable path, box or label, skipped with a warning
+
+
+def _face_ref(path: Any, bbox: Any, face_id: Any, what: str) -> FaceRef:
+    if path is None or bbox is None or len(bbox) != 4:
+        raise TrainingError(f"{what}: needs a path and a bbox of 4 numbers, got {path!r}, {bbox!r}")
+    return FaceRef(str(path), tuple(float(v) for v in bbox), None if face_id is None else int(face_id))
 
 
 def _ref(row: Mapping[str, Any], prefix: str) -> FaceRef:
-    bbox = row[f"{prefix}_bbox"]
-    if bbox is None or len(bbox) != 4:
-        raise TrainingError(f"{prefix}_bbox must hold 4 numbers, got {bbox!r}")
-    face_id = row.get(f"{prefix}_face_id")
-    return FaceRef(str(row[f"{prefix}_path"]), tuple(float(v) for v in bbox), None if face_id is None else int(face_id))
+    return _face_ref(row.get(f"{prefix}_path"), row.get(f"{prefix}_bbox"), row.get(f"{prefix}_face_id"), prefix)
 
 
 def load_feedback(pairs: Path | None = None, triplets: Path | None = None,
@@ -250,12 +255,20 @@ def load_feedback(pairs: Path | None = None, triplets: Path | None = None,
         if missing:
             raise TrainingError(f"{pairs} lacks columns {sorted(missing)}")
         for row in frame.iter_rows(named=True):
-            result = {"result_path": row["result_path"], "result_bbox": row["result_bbox"],
-                      "result_face_id": row.get("result_face_id")}
-            data.pairs.append((_ref(row, "query"), _ref(result, "result"), int(row["label"]), str(row.get("source") or "")))
+            try:
+                if row["label"] not in (0, 1):
+                    raise TrainingError(f"label must be 0 or 1, got {row['label']!r}")
+                data.pairs.append((_ref(row, "query"), _ref(row, "result"), int(row["label"]), str(row.get("source") or "")))
+            except TrainingError as exc:
+                data.rejected += 1
+                logger.warning("pair %s skipped: %s", row.get("query_id"), exc)
     if triplets is not None:
         for row in pl.read_parquet(triplets).iter_rows(named=True):
-            data.triplets.append((_ref(row, "anchor"), _ref(row, "positive"), _ref(row, "negative")))
+            try:
+                data.triplets.append((_ref(row, "anchor"), _ref(row, "positive"), _ref(row, "negative")))
+            except TrainingError as exc:
+                data.rejected += 1
+                logger.warning("triplet skipped: %s", exc)
     if persons:
         names = sorted(persons)
         for i, name in enumerate(names):
@@ -264,6 +277,19 @@ def load_feedback(pairs: Path | None = None, triplets: Path | None = None,
             data.pairs += [(a, b, 1, "confirmed_person") for a, b in combos]
             data.pairs += [(faces[0], persons[other][0], 0, "confirmed_person") for other in names[i + 1:] if persons[other]]
     return data
+
+
+def load_persons(path: Path) -> dict[str, list[FaceRef]]:
+    """Confirmed persons from Parquet (``person_id``, ``path``, ``bbox``, optional ``face_id``)."""
+    frame = pl.read_parquet(path)
+    missing = {"person_id", "path", "bbox"} - set(frame.columns)
+    if missing:
+        raise TrainingError(f"{path} lacks columns {sorted(missing)}")
+    persons: dict[str, list[FaceRef]] = {}
+    for row in frame.iter_rows(named=True):
+        ref = _face_ref(row["path"], row["bbox"], row.get("face_id"), f"person {row['person_id']}")
+        persons.setdefault(str(row["person_id"]), []).append(ref)
+    return persons
 
 
 def _iou(a: np.ndarray, b: Sequence[float]) -> float:
@@ -359,10 +385,19 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
     for a, p, _ in data.triplets:
         if a.key in index and p.key in index:
             persons.union(a.key, p.key)
-    roots = sorted({persons.find(k) for k in index})
-    order = sorted(roots, key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
-    n_val = int(round(len(order) * val_fraction)) if len(order) >= 2 else 0
-    val_roots = set(order[:n_val])
+    sizes: dict[str, int] = {}
+    for key in index:
+        sizes[persons.find(key)] = sizes.get(persons.find(key), 0) + 1
+    order = sorted(sizes, key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
+    # persons join validation until it holds val_fraction of the faces (not of the persons: most
+    # feedback persons are single faces, and a validation set of those has no same-person pairs)
+    val_roots: set[str] = set()
+    in_val = 0
+    for root in order[:-1]:
+        if in_val >= val_fraction * len(index):
+            break
+        val_roots.add(root)
+        in_val += sizes[root]
     side = {k: persons.find(k) in val_roots for k in index}
     train_pairs, val_pairs, dropped = [], [], 0
     for a, b, label, _ in data.pairs:
@@ -767,7 +802,7 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
         run_id=run_dir.name, run_dir=str(run_dir), model_path=str(exported), parent=parent,
         sha256=_file_digest(exported), passed_gate=verdict.passed, gate_reasons=verdict.reasons, metrics=metrics,
         history=history,
-        data={"pairs": len(data.pairs), "triplets": len(data.triplets), "faces": len(keys), "faces_not_found": failed,
+        data={"pairs": len(data.pairs), "triplets": len(data.triplets), "rows_rejected": data.rejected, "faces": len(keys), "faces_not_found": failed,
               "train_pairs": len(train.pairs), "val_pairs": len(val.pairs), "train_triplets": len(train.triplets),
               "dropped_across_split": dropped, "general_images": len(general[1])},
         conversion_max_diff=conversion_diff, export_max_diff=export_diff,
