@@ -176,7 +176,7 @@ def main() -> None:
         print(f"{name:<34}{m['auc']:>8.4f}{m['tar_at_far']:>10.3f}{m['rank1']:>8.3f}")
     for name, key in (("held-out feedback pairs, base", "current"), ("held-out feedback pairs, fine-tuned", "candidate")):
         m = report["feedback_val"][key]
-        print(f"{name:<34}{m.get('auc', float('nan')):>8.4f}{m.get('tar_at_far', float('nan')):>10.3f}{'':>8}{m['accuracy']:>9.4f}")
+        print(f"{name:<34}{m.get('auc', float('nan')):>8.4f}{m.get('tar_at_far', float('nan')):>10.3f}{'':>8}{m.get('accuracy', float('nan')):>9.4f}")
     print(f"gate: {'PASSED' if result.passed_gate else 'REJECTED'}; " + "; ".join(result.gate_reasons))
     print(f"best epoch {report['best_epoch']}; training {report['training_seconds'] / 60:.1f} min "
           f"({len(result.history)} epochs, {result.data['train_pairs']} training pairs) on {report['cpu_cores']} cores "

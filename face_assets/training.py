@@ -366,6 +366,7 @@ class PairSet:
 
     pairs: np.ndarray  # [n, 3] int64: i, j, label
     triplets: np.ndarray  # [m, 3] int64: anchor, positive, negative
+    feedback_pairs: int = 0  # how many of ``pairs`` were given; the rest follow from them (see implied_pairs)
 
     def keys(self) -> np.ndarray:
         """Indices of every crop the set uses."""
@@ -420,7 +421,29 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
     def arr(rows: list, width: int = 3) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, width)
 
-    return PairSet(arr(train_pairs), arr(train_trip)), PairSet(arr(val_pairs), arr(val_trip)), dropped
+    person = np.array([persons.find(k) for k in sorted(index, key=index.get)])
+    train = implied_pairs(arr(train_pairs), person, seed)
+    return (PairSet(train, arr(train_trip), len(train_pairs)),
+            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs)), dropped)
+
+
+def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int = 50_000) -> np.ndarray:
+    """The given pairs plus those they imply: all faces of one person are the same person, and two
+    persons with one different-person pair between them differ in every pair of their faces.
+
+    ``person`` gives each crop index its person; at most ``limit`` implied pairs are kept (random).
+    """
+    members: dict[str, list[int]] = {}
+    for i in np.unique(pairs[:, :2]):
+        members.setdefault(person[i], []).append(int(i))
+    rows = {(min(a, b), max(a, b), 1) for faces in members.values() for k, a in enumerate(faces) for b in faces[k + 1:]}
+    differ = {tuple(sorted((person[i], person[j]))) for i, j, label in pairs if label == 0}
+    rows |= {(min(a, b), max(a, b), 0) for p, q in differ for a in members[p] for b in members[q]}
+    rows -= {(min(i, j), max(i, j), int(label)) for i, j, label in pairs}
+    extra = np.array(sorted(rows), np.int64).reshape(-1, 3)
+    if len(extra) > limit:
+        extra = extra[np.sort(np.random.default_rng(seed).choice(len(extra), limit, replace=False))]
+    return np.concatenate([pairs, extra])
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -510,8 +533,8 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch: configured, or enough to see every training pair once."""
-        return self.cfg.steps_per_epoch or max(1, math.ceil(len(self.train.pairs) / self.cfg.batch_size))
+        """Batches per epoch: configured, or as many pairs as were given (implied pairs only widen the choice)."""
+        return self.cfg.steps_per_epoch or max(1, math.ceil(self.train.feedback_pairs / self.cfg.batch_size))
 
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` when present; returns whether a run was resumed."""
@@ -803,7 +826,8 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
         sha256=_file_digest(exported), passed_gate=verdict.passed, gate_reasons=verdict.reasons, metrics=metrics,
         history=history,
         data={"pairs": len(data.pairs), "triplets": len(data.triplets), "rows_rejected": data.rejected, "faces": len(keys), "faces_not_found": failed,
-              "train_pairs": len(train.pairs), "val_pairs": len(val.pairs), "train_triplets": len(train.triplets),
+              "train_pairs": train.feedback_pairs, "implied_train_pairs": len(train.pairs) - train.feedback_pairs,
+              "val_pairs": len(val.pairs), "train_triplets": len(train.triplets),
               "dropped_across_split": dropped, "general_images": len(general[1])},
         conversion_max_diff=conversion_diff, export_max_diff=export_diff,
         seconds=round(time.perf_counter() - start, 1), device=str(trainer.device),
