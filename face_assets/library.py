@@ -427,8 +427,8 @@ class FaceRecognitionLibrary:
         """
         with self._lock:
             row = registry.version_row(self.catalog, version)
-            if row["status"] == "rejected" and not force:
-                reasons = "; ".join((row["metrics"] or {}).get("gate", {}).get("reasons", []))
+            if registry.failed_gate(row) and not force:
+                reasons = "; ".join(row["metrics"]["gate"]["reasons"])
                 raise ModelVersionError(f"model version '{version}' failed the evaluation gate ({reasons}); "
                                         "use force to promote it anyway")
             if row["status"] != "promoted":
@@ -442,7 +442,7 @@ class FaceRecognitionLibrary:
             target = version or (self.catalog.previous_model(current) if current else None)
             if target is None:
                 raise ModelVersionError(f"nothing to roll back to from '{current}'")
-            if registry.version_row(self.catalog, target)["status"] == "rejected":
+            if registry.failed_gate(registry.version_row(self.catalog, target)):
                 raise ModelVersionError(f"model version '{target}' failed the evaluation gate; promote it with force")
             if target != current:
                 self.catalog.promote_model(target, action="rollback")

@@ -50,6 +50,11 @@ def version_row(catalog: Catalog, version: str) -> dict:
     raise ModelVersionError(f"unknown model version '{version}' (known: {known})")
 
 
+def failed_gate(row: dict) -> bool:
+    """Whether a registry row is a candidate the evaluation gate rejected (its status may have moved on since)."""
+    return not ((row.get("metrics") or {}).get("gate") or {"passed": True})["passed"]
+
+
 def model_file(catalog: Catalog, settings: Settings, pack: ModelPack, version: str) -> Path:
     """The ONNX file of ``version`` (the pack's recognizer for ``base``), checked to exist."""
     if version == BASE:

@@ -228,6 +228,9 @@ def test_train_registry_promote_rollback_and_hot_swap(faces, tmp_path, datasets)
         assert lib.search(faces["paths"][0], top_k=1)[0].path == str(gallery[0])
         with pytest.raises(ModelVersionError):
             lib.rollback("no-such-version")
+        if not result.passed_gate:  # retired after the rollback, still refused without force
+            with pytest.raises(ModelVersionError):
+                lib.promote(result.version)
 
     cli = [sys.executable, "-m", "face_assets.cli", "--data-dir", str(settings.storage.data_dir), "model"]
     listed = json.loads(subprocess.run(cli + ["list", "--json"], cwd=REPO, capture_output=True, text=True,
