@@ -151,7 +151,7 @@ class TrainingSettings(_Section):
     batch_size: int = Field(32, ge=2, description="Pairs per batch, half same-person and half different-person.")
     triplets_per_batch: int = Field(8, ge=0, description="Triplets added to each batch when any exist.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Learning-rate schedule over epochs.")

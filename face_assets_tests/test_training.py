@@ -254,3 +254,28 @@ def test_scenario_votes_on_mistakes_improve_held_out_persons(tmp_path, datasets)
     assert tuned["auc"] >= base["auc"] - 0.005
     for key in ("auc", "tar_at_far", "rank1"):
         assert report["general"]["candidate"][key] >= report["general"]["current"][key] - 0.005
+
+
+def test_feedback_files_bad_rows_are_counted_and_pairs_implied(tmp_path):
+    box = [1.0, 2.0, 30.0, 40.0]
+    pl.DataFrame({"query_id": ["a", "b", "c"], "query_path": ["x.jpg", "y.jpg", "x.jpg"],
+                  "query_bbox": [box, box[:3], box], "result_face_id": [1, 2, 3],
+                  "result_path": ["y.jpg", "z.jpg", "z.jpg"], "result_bbox": [box, box, box],
+                  "label": pl.Series([1, 0, 2], dtype=pl.Int8), "source": ["vote_up", "vote_down", "vote_down"]}
+                 ).write_parquet(tmp_path / "pairs.parquet")
+    pl.DataFrame({"anchor_path": ["x.jpg"], "anchor_bbox": [box], "positive_path": ["y.jpg"], "positive_bbox": [box],
+                  "negative_path": ["z.jpg"], "negative_bbox": [box], "negative_similarity": [0.3], "source": ["vote_down"]}
+                 ).write_parquet(tmp_path / "triplets.parquet")
+    pl.DataFrame({"person_id": ["p", "p", "q"], "path": ["x.jpg", "y.jpg", "z.jpg"], "bbox": [box, box, box]}
+                 ).write_parquet(tmp_path / "persons.parquet")
+    persons = T.load_persons(tmp_path / "persons.parquet")
+    assert {k: len(v) for k, v in persons.items()} == {"p": 2, "q": 1}
+    data = T.load_feedback(tmp_path / "pairs.parquet", tmp_path / "triplets.parquet", persons)
+    assert data.rejected == 2  # a 3-number box and a label of 2
+    assert len(data.triplets) == 1 and data.triplets[0][2].path == "z.jpg"
+    assert [(a.path, b.path, label) for a, b, label, _ in data.pairs] == [
+        ("x.jpg", "y.jpg", 1), ("x.jpg", "y.jpg", 1), ("x.jpg", "z.jpg", 0)]
+
+    # faces 0,1 one person, 2,3 another; one different-person vote implies the other three
+    implied = T.implied_pairs(np.array([[0, 1, 1], [2, 3, 1], [0, 2, 0]]), np.array(["p", "p", "q", "q"]), 0)
+    assert {tuple(r) for r in implied} == {(0, 1, 1), (2, 3, 1), (0, 2, 0), (0, 3, 0), (1, 2, 0), (1, 3, 0)}
