@@ -37,6 +37,7 @@ from face_assets.evaluation import identity_metrics, pair_metrics  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
 from face_assets.models import Recognizer  # noqa: E402
+from face_assets.training import normalize  # noqa: E402
 
 
 def detect(lib: FaceRecognitionLibrary, paths: list[Path]) -> tuple[list[Path], np.ndarray, list[list[float]]]:
@@ -91,14 +92,12 @@ def simulate_votes(paths: list[Path], labels: np.ndarray, boxes: list[list[float
 
 def held_out_report(recognizer: Recognizer, crops: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
     """Identity metrics and errors at the match threshold on held-out images."""
-    emb, _ = recognizer.embed_aligned(list(crops))
-    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = normalize(recognizer.embed_aligned(list(crops))[0])
     iu = np.triu_indices(len(labels), 1)
     same = labels[iu[0]] == labels[iu[1]]
-    pm = pair_metrics((emb @ emb.T)[iu], same, threshold)
     sims = (emb @ emb.T)[iu]
     return identity_metrics(emb, labels) | {
-        "accuracy_at_threshold": pm["accuracy"],
+        "accuracy_at_threshold": pair_metrics(sims, same, threshold)["accuracy"],
         "false_rejects": int(np.sum(same & (sims < threshold))),
         "false_accepts": int(np.sum(~same & (sims >= threshold))),
         "genuine_pairs": int(same.sum()),
@@ -138,8 +137,7 @@ def main() -> None:
             h_paths, h_crops, _ = detect(lib, [p for _, p in held])
             h_labels = np.array([n for n, p in held if p in set(h_paths)])
             base = lib.filter.analyzer.recognizer
-            u_emb, _ = base.embed_aligned(list(u_crops))
-            u_emb = u_emb / np.linalg.norm(u_emb, axis=1, keepdims=True)
+            u_emb = normalize(base.embed_aligned(list(u_crops))[0])
             pairs = simulate_votes(u_paths, u_labels, u_boxes, u_emb, threshold, lib.model_version, args.max_pairs)
             pairs_file = out / "pairs.parquet"
             pairs.write_parquet(pairs_file)
