@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/face-assets: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,train]'
 	touch $@
 
 setup: $(BIN)/face-assets

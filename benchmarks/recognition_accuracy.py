@@ -24,24 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from face_assets import FaceRecognitionError, load_settings  # noqa: E402
 from face_assets.config import datasets_root  # noqa: E402
+from face_assets.evaluation import roc_auc, threshold_at_far  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
 
 FOLDERS = ("lfw10", "deepface", "imfdb", "dlib_johns", "ageitgey")
-
-
-
-
-def threshold_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> tuple[float, float]:
-    """Cosine threshold whose false accept rate on impostor pairs is ``far``, and the TAR there."""
-    thr = float(np.quantile(impostor, 1.0 - far))
-    return thr, float(np.mean(genuine >= thr))
-
-
-def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
-    """Probability that a genuine pair scores above an impostor pair (Mann-Whitney U)."""
-    scores = np.concatenate([genuine, impostor])
-    ranks = scores.argsort().argsort() + 1.0
-    return float((ranks[: len(genuine)].sum() - len(genuine) * (len(genuine) + 1) / 2) / (len(genuine) * len(impostor)))
 
 
 def main() -> None:

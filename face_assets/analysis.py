@@ -7,6 +7,7 @@ same pass yields the inner-layer texture statistics the cartoon classifier reads
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,29 @@ class FaceAnalyzer:
         self.settings = settings
         self.pack: ModelPack = resolve_pack(settings.models)
         self.detector = FaceDetector(load_detector(self.pack, settings.models, settings.detection), settings.detection)
-        same = texture_model is None or texture_model == self.pack.recognizer_sha256
-        self.recognizer = Recognizer(self.pack.recognizer, settings.models, taps if same else ())
-        self.texture_recognizer: Recognizer | None = None
-        if taps and not same:
-            self.texture_recognizer = Recognizer(_texture_model_path(texture_model), settings.models, taps)
+        self._taps, self._texture_model = tuple(taps), texture_model
+        self.recognizer, self.texture_recognizer = self._recognizers(self.pack)
+
+    def _recognizers(self, pack: ModelPack) -> tuple[Recognizer, Recognizer | None]:
+        """The pack's recognizer, and a second one for the texture taps when they belong to another file."""
+        taps, texture_model = self._taps, self._texture_model
+        same = texture_model is None or texture_model == pack.recognizer_sha256
+        recognizer = Recognizer(pack.recognizer, self.settings.models, taps if same else ())
+        texture = Recognizer(_texture_model_path(texture_model), self.settings.models, taps) if taps and not same else None
+        return recognizer, texture
+
+    def use_recognizer(self, path: Path) -> bool:
+        """Switch to another recognizer file (a fine-tuned version); returns False when it is already in use.
+
+        The models load first and are swapped in one step; callers that analyze from several threads
+        hold their own lock around the swap (the library does), so no analysis mixes two recognizers.
+        """
+        if Path(path).resolve() == self.pack.recognizer.resolve():
+            return False
+        pack = dataclasses.replace(self.pack, recognizer=Path(path))
+        recognizer, texture = self._recognizers(pack)
+        self.pack, self.recognizer, self.texture_recognizer = pack, recognizer, texture
+        return True
 
     @property
     def model_version(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from . import errors, feedback, library
+from . import errors, evaluation, feedback, library
 from .filtering import FaceFilter, filter_image
 from .ingest import IngestSummary
 
@@ -19,6 +19,7 @@ SECTIONS = [
     ("Filtering", [filter_image, FaceFilter]),
     ("Feedback", [library.FeedbackQuery, feedback.Vote, feedback.ExportReport, feedback.FeedbackStore,
                   feedback.mine_negatives]),
+    ("Evaluation gate", [evaluation.gate, evaluation.GateResult, evaluation.pair_metrics, evaluation.identity_metrics]),
     ("Exceptions", [obj for _, obj in inspect.getmembers(errors, inspect.isclass)
                     if issubclass(obj, errors.FaceRecognitionError) and obj.__module__ == errors.__name__]),
 ]

@@ -176,6 +176,8 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
         s = lib.feedback_stats()
     _print(args, s, "\n".join(f"{k}: {v}" for k, v in s.items()))
     return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline.resources import FaceAssetsResource
     from .pipeline.runner import dagster_home, open_instance, run_pipeline
@@ -194,6 +196,44 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
            f"-> {lib.settings.storage.duckdb_path}\n"
            f"Open the Dagster UI (asset graph, runs, metadata): {ui}\nthen browse http://127.0.0.1:3000")
     return 0 if done.success else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        persons = None
+        if args.persons:
+            from .training import load_persons
+
+            persons = load_persons(Path(args.persons))
+        r = lib.train(args.pairs, args.triplets, persons)
+    cand, cur = r.metrics["candidate"], r.metrics["current"]
+    _print(args, r.to_dict(),
+           f"candidate {r.version} from {r.parent}: {'passed the gate' if r.passed_gate else 'REJECTED by the gate'}\n"
+           + "\n".join(f"  {reason}" for reason in r.gate_reasons)
+           + f"\n  feedback pairs: {cur['feedback']} -> {cand['feedback']}\n  general set: {cur['general']} -> {cand['general']}"
+           + f"\n  {r.data['train_pairs']} training pairs, {len(r.history)} epochs, {r.seconds / 60:.1f} min on {r.device}; "
+           f"curves in {r.run_dir}\n"
+           + (f"promote with: face-assets model promote {r.version}" if r.passed_gate else ""))
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        if args.model_command == "promote":
+            summary = lib.promote(args.version, force=args.force)
+            out = {"active": lib.active_model, "model_version": lib.model_version,
+                   "reembedded": summary.to_dict() if summary else None}
+        elif args.model_command == "rollback":
+            lib.rollback(args.version)
+            out = {"active": lib.active_model, "model_version": lib.model_version}
+        else:
+            rows = lib.list_models()
+            _print(args, rows, "\n".join(
+                f"{'*' if r['active'] else ' '} {r['version']:<34} {r['status']:<10} parent={r['parent'] or '-':<34} "
+                f"{r['path'] or '(pack recognizer)'}" for r in rows))
+            return 0
+    _print(args, out, f"running {out['active']} ({out['model_version']})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,10 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     q = fsub.add_parser("stats", help="counts of queries and votes")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_feedback_stats)
+
     p = sub.add_parser("pipeline", help="materialize the Dagster asset graph over the watched folders (default: the sample photos)")
     p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("train", help="fine-tune the recognizer on exported feedback; registers a candidate version")
+    p.add_argument("--pairs", help="pairs.parquet of the feedback export")
+    p.add_argument("--triplets", help="triplets.parquet of the feedback export")
+    p.add_argument("--persons", help="Parquet of confirmed persons: person_id, path, bbox")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("model", help="recognizer versions: list, promote, rollback")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    q = model_sub.add_parser("list", help="registered versions; * marks the one running")
+    q.add_argument("--json", action="store_true")
+    q = model_sub.add_parser("promote", help="make a version the running one (re-embeds the catalog)")
+    q.add_argument("version")
+    q.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    q.add_argument("--json", action="store_true")
+    q = model_sub.add_parser("rollback", help="go back to VERSION, by default the one the current replaced")
+    q.add_argument("version", nargs="?")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.add_argument("--write", help="also write it to this file")

@@ -214,6 +214,59 @@ class PipelineSettings(_Section):
     )
 
 
+class TrainingSettings(_Section):
+    """Fine-tuning the recognizer from feedback, the evaluation gate and the model registry."""
+
+    active_model: str | None = Field(
+        None,
+        description="Registry version the library runs; None follows the registry (the promoted version, "
+        "else the pack's own recognizer); `base` pins the pack's recognizer.",
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="torch device for training: cpu, cuda, or auto.")
+    threads: int = Field(0, ge=0, description="torch CPU threads while training; 0 = torch's default.")
+    epochs: int = Field(6, ge=1, description="Passes over the training pairs.")
+    steps_per_epoch: int = Field(0, ge=0, description="Batches per epoch; 0 = enough to see every pair once.")
+    batch_size: int = Field(32, ge=2, description="Pairs per batch, half same-person and half different-person.")
+    triplets_per_batch: int = Field(8, ge=0, description="Triplets added to each batch when any exist.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Learning-rate schedule over epochs.")
+    lr_step_epochs: int = Field(2, ge=1, description="`step` schedule: epochs between decays.")
+    lr_gamma: float = Field(0.5, gt=0.0, le=1.0, description="`step` schedule: decay factor.")
+    freeze: Literal["none", "head", "last_blocks"] = Field(
+        "last_blocks",
+        description="What trains: every layer, only the embedding head (linear + batch norm), or the head "
+        "and the last `trainable_blocks` convolution blocks.",
+    )
+    trainable_blocks: int = Field(6, ge=0, description="`last_blocks`: convolutions (with their PReLU) that train.")
+    unfreeze_epoch: int | None = Field(
+        None, ge=1, description="From this epoch (1-based) on every layer trains; None keeps the freeze."
+    )
+    pair_margin: float = Field(0.1, ge=0.0, le=1.0, description="Cosine margin of the pair loss around the threshold.")
+    pair_scale: float = Field(16.0, gt=0.0, description="Scale of the pair loss logits.")
+    triplet_margin: float = Field(0.2, ge=0.0, le=2.0, description="Cosine margin of the triplet loss.")
+    triplet_weight: float = Field(1.0, ge=0.0, description="Weight of the triplet loss.")
+    keep_close_weight: float = Field(
+        2.0, ge=0.0, description="Weight of 1 - cos(new, original embedding): keeps the index from drifting."
+    )
+    hard_negative_temperature: float = Field(
+        0.1, gt=0.0, description="Negatives are drawn with weight exp(similarity / T): lower favours hard ones."
+    )
+    augment: bool = Field(True, description="Random flip, colour, blur and scale of the training crops.")
+    val_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of persons held out for validation.")
+    seed: int = Field(0, description="Seed of sampling, augmentation and the person split.")
+    verify_tolerance: float = Field(1e-4, gt=0.0, description="Max abs difference allowed by conversion/export checks.")
+    gate_max_drop: float = Field(
+        0.005, ge=0.0, description="Largest drop of any general-set metric a promotion tolerates (0.005 = 0.5 point)."
+    )
+    general_eval_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders of `<identity>/<image>` for the general gate set; empty = the shared labelled faces.",
+    )
+
+
 class Settings(_Section):
     """All settings of face_assets, one section per concern."""
 
@@ -225,6 +278,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""

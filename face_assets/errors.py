@@ -92,3 +92,9 @@ class UnknownFaceError(FeedbackError, KeyError):
 
 class FeedbackStoreUnavailableError(FaceRecognitionError):
     """The feedback store's database cannot be reached (PostgreSQL down, wrong DSN)."""
+class TrainingError(FaceRecognitionError):
+    """Fine-tuning cannot proceed or produced a model that fails its checks (conversion, export, data)."""
+
+
+class ModelVersionError(FaceRecognitionError, ValueError):
+    """A model version is unknown, or its status forbids the requested promotion or rollback."""

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -23,14 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from . import registry
 from .config import Settings, load_settings
 from .errors import (EmbeddingError, FeedbackError, ImageLoadError, IndexCorruptError, IndexNotFoundError,
-                     NoFaceDetectedError, UnknownFaceError, UnknownQueryError)
+                     ModelVersionError, NoFaceDetectedError, TrainingError, UnknownFaceError, UnknownQueryError)
 from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, export_feedback, save_query_image
 from .imaging import content_hash
+from .detection import box_iou
 from .filtering import FaceFilter
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
+from .models import resolve_pack
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
@@ -148,6 +152,7 @@ class FaceRecognitionLibrary:
             if self.catalog is not None:
                 self.catalog.close()
             self.catalog = Catalog(self.settings.storage.duckdb_path)
+            self._select_model()
             try:
                 index = FaceIndex.load(self.index_path)
                 if index.model_version != self.model_version:
@@ -289,7 +294,8 @@ class FaceRecognitionLibrary:
         For a query image with several faces only the main face is searched; call
         :meth:`search_embedding` with each face's embedding to search the others.
         """
-        return self.search_embedding(self.get_embedding(image), top_k=top_k, threshold=threshold)
+        with self._lock:  # the query is embedded and searched by the same model version, even across a swap
+            return self.search_embedding(self.get_embedding(image), top_k=top_k, threshold=threshold)
 
     def search_embedding(self, vector: Any, top_k: int = 10, threshold: float | None = None) -> list[SearchResult]:
         """Faces most similar to an embedding (normalized here), best first, at least ``threshold``.
@@ -333,7 +339,8 @@ class FaceRecognitionLibrary:
 
     def compare(self, image1: Any, image2: Any) -> Comparison:
         """1:1 verification of the main faces of two images against ``search.match_threshold``."""
-        a, b = self.get_embedding(image1), self.get_embedding(image2)
+        with self._lock:  # both faces embedded by the same model version, even across a swap
+            a, b = self.get_embedding(image1), self.get_embedding(image2)
         sim = float(np.dot(a, b))
         thr = self.settings.search.match_threshold
         return Comparison(similarity=round(sim, 6), is_match=sim >= thr, threshold=thr)
@@ -479,17 +486,118 @@ class FaceRecognitionLibrary:
         rows = self.catalog.query(
             """SELECT f.face_id, f.x1, f.y1, f.x2, f.y2 FROM faces f JOIN images i USING (image_id)
                WHERE i.content_hash = ?""", [digest])
-        best = max(rows, key=lambda r: _iou(bbox, r[1:]), default=None)
-        return int(best[0]) if best is not None and _iou(bbox, best[1:]) >= 0.5 else None
+        best = max(rows, key=lambda r: box_iou(bbox, r[1:]), default=None)
+        return int(best[0]) if best is not None and box_iou(bbox, best[1:]) >= 0.5 else None
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    # -- model versions: fine-tuning, registry, hot-swap ------------------------------------------
+    def _select_model(self) -> None:
+        """Load the recognizer version chosen by config or the registry (at open, before the index)."""
+        pack = resolve_pack(self.settings.models)
+        registry.ensure_base(self.catalog, pack)
+        version = registry.active_version(self.catalog, self.settings)
+        self.filter.analyzer.use_recognizer(registry.model_file(self.catalog, self.settings, pack, version))
+        self.active_model = version
+        stale = len(self.catalog.image_sources(self.model_version))
+        if stale:
+            logger.warning("%d images were embedded by another model version and are not searchable until "
+                           "re-embedded (call reembed())", stale)
+
+    def list_models(self) -> list[dict]:
+        """Registered recognizer versions, oldest first, each with ``active`` (the one this library runs)."""
+        with self._lock:
+            return [row | {"active": row["version"] == self.active_model} for row in self.catalog.model_versions()]
+
+    def reembed(self, on_progress: ProgressCallback | None = None) -> IngestSummary:
+        """Process again every image embedded by another model version (same image ids and metadata)."""
+        with self._lock:
+            sources = self.catalog.image_sources(self.model_version)
+            return self._ingest([Path(p) for _, p, _ in sources], on_progress,
+                                image_ids=[i for i, _, _ in sources], metadata=[m for _, _, m in sources])
+
+    def use_model(self, version: str, on_progress: ProgressCallback | None = None) -> IngestSummary | None:
+        """Hot-swap the recognizer to a registered version, without restart, and re-embed the catalog.
+
+        The library lock is held throughout: searches wait and then see only the new version's
+        faces, never a mix. Returns the re-embedding summary, or None when ``version`` already runs.
+        """
+        with self._lock:
+            path = registry.model_file(self.catalog, self.settings, resolve_pack(self.settings.models), version)
+            if not self.filter.analyzer.use_recognizer(path):
+                self.active_model = version
+                return None
+            self.active_model = version
+            self.index = self._new_index()
+            self._reconcile()
+            summary = self.reembed(on_progress)
+            self.save()
+            logger.info("now running model %s (%s): %d images re-embedded", version, self.model_version, summary.total)
+            return summary
+
+    def train(self, pairs: str | os.PathLike | None = None, triplets: str | os.PathLike | None = None,
+              persons: dict | None = None, on_epoch_end: Callable[[int, dict], None] | None = None):
+        """Fine-tune the running recognizer on exported feedback; register the candidate (not promoted).
+
+        ``pairs`` / ``triplets`` are the feedback export's Parquet files; ``persons`` maps a confirmed
+        person to its faces (:class:`face_assets.training.FaceRef`). The candidate is registered as
+        ``candidate`` when it passes the evaluation gate, else ``rejected``. Rerunning the same call
+        resumes an interrupted run or returns the finished one. Needs the ``train`` extra (torch).
+
+        Returns:
+            :class:`face_assets.training.TrainResult` with ``version`` set.
+        """
+        try:
+            from . import training
+        except ImportError as exc:
+            raise TrainingError(f"fine-tuning needs the train extra (pip install 'face_assets[train]'): {exc}") from None
+        pairs = Path(pairs) if pairs is not None else None
+        triplets = Path(triplets) if triplets is not None else None
+        analyzer = self.filter.analyzer
+        run_id = training.run_id_for(self.settings, analyzer.pack.recognizer_sha256, pairs, triplets, persons)
+        result = training.fine_tune(self.settings, analyzer, self.active_model, registry.runs_dir(self.settings) / run_id,
+                                    pairs, triplets, persons, on_epoch_end)
+        with self._lock:
+            known = [r["version"] for r in self.catalog.model_versions() if r["sha256"] == result.sha256]
+            result.version = known[0] if known else registry.new_version_name(result.sha256)
+            if not known:
+                target = registry.versions_dir(self.settings) / f"{result.version}.onnx"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(result.model_path, target)
+                self.catalog.add_model_version(
+                    result.version, result.parent, str(target.relative_to(self.settings.storage.data_dir)),
+                    result.sha256, "candidate" if result.passed_gate else "rejected",
+                    {"gate": {"passed": result.passed_gate, "reasons": result.gate_reasons}} | result.metrics
+                    | {"run_id": result.run_id, "data": result.data, "seconds": result.seconds})
+        return result
+
+    def promote(self, version: str, force: bool = False) -> IngestSummary | None:
+        """Make ``version`` the promoted model and hot-swap to it (re-embedding the catalog).
+
+        A version the gate rejected needs ``force=True``. Returns what :meth:`use_model` returns.
+        """
+        with self._lock:
+            row = registry.version_row(self.catalog, version)
+            if registry.failed_gate(row) and not force:
+                reasons = "; ".join(row["metrics"]["gate"]["reasons"])
+                raise ModelVersionError(f"model version '{version}' failed the evaluation gate ({reasons}); "
+                                        "use force to promote it anyway")
+            if row["status"] != "promoted":
+                self.catalog.promote_model(version)
+            return self.use_model(version)
+
+    def rollback(self, version: str | None = None) -> str:
+        """Go back to ``version``, by default the one the promoted model replaced; hot-swaps. Returns the version."""
+        with self._lock:
+            current = self.catalog.promoted_model()
+            target = version or (self.catalog.previous_model(current) if current else None)
+            if target is None:
+                raise ModelVersionError(f"nothing to roll back to from '{current}'")
+            if registry.failed_gate(registry.version_row(self.catalog, target)):
+                raise ModelVersionError(f"model version '{target}' failed the evaluation gate; promote it with force")
+            if target != current:
+                self.catalog.promote_model(target, action="rollback")
+            self.use_model(target)
+            return target
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:

@@ -261,6 +261,16 @@ class Recognizer:
         return int(self._arcface.input_size[0])
 
     @property
+    def input_mean(self) -> float:
+        """Pixel value subtracted before the network (insightface reads it from the graph)."""
+        return float(self._arcface.input_mean)
+
+    @property
+    def input_std(self) -> float:
+        """Pixel scale divided out before the network."""
+        return float(self._arcface.input_std)
+
+    @property
     def sha256(self) -> str:
         """Content hash of the recognizer file."""
         return file_sha256(self.model_path)
