@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
 
+from .. import registry
 from ..config import Settings, load_settings
+from ..errors import ModelVersionError
 from ..filtering import FaceFilter
 from ..library import FaceRecognitionLibrary
-from ..models import builtin_pack_dir
+from ..models import builtin_pack_dir, resolve_pack
 from ..store import Catalog
 from .batches import BatchStore
 
@@ -60,9 +63,41 @@ class FaceAssetsResource(ConfigurableResource):
         sample = builtin_pack_dir()
         return [sample] if sample else []
 
-    def face_filter(self) -> FaceFilter:
-        """Detector, recognizer and cartoon classifier, loaded once per process."""
-        return _face_filter(self.config_path, self.data_dir)
+    def face_filter(self, recognizer: Path | None = None) -> FaceFilter:
+        """Detector, recognizer and cartoon classifier, loaded once per process.
+
+        ``recognizer`` (a registry version's ONNX file, see :meth:`active_recognizer`) replaces the
+        pack's own, as the library does for the version it runs.
+        """
+        face_filter = _face_filter(self.config_path, self.data_dir)
+        if recognizer is not None:
+            face_filter.analyzer.use_recognizer(recognizer)
+        return face_filter
+
+    def active_recognizer(self) -> tuple[str, Path, str]:
+        """The registry version the library runs now, its ONNX file and its embedding tag.
+
+        The same choice as the library's (``registry.active_version``: ``training.active_model``, else
+        the promoted version, else ``base``), read from the catalog without writing to it. Before a
+        catalog exists only ``base`` can run.
+
+        Raises:
+            ModelVersionError: the version is unknown or its file is missing.
+        """
+        settings = self.settings
+        pack = resolve_pack(settings.models)
+        path = settings.storage.duckdb_path
+        if path.is_file():
+            with Catalog(path, read_only=True) as catalog:
+                version = registry.active_version(catalog, settings)
+                model = registry.model_file(catalog, settings, pack, version)
+        else:
+            version = settings.training.active_model or registry.BASE
+            if version != registry.BASE:
+                raise ModelVersionError(f"training.active_model is '{version}' but there is no catalog "
+                                        f"(and so no registry) at {path}")
+            model = pack.recognizer
+        return version, model, dataclasses.replace(pack, recognizer=model).model_version
 
     def catalog(self) -> Catalog:
         """The main DuckDB catalog, opened for writing (only steps in the ``face_catalog`` pool call this)."""
