@@ -6,8 +6,14 @@ partitions added by the new-image sensor). DuckDB takes one writer, so the expen
 library's ``ingest_paths`` into its own staging catalog and exports it to Parquet in the batch
 folder, so any number of partitions can run at once, in processes or on other machines. Only
 ``face_embeddings`` (the merge of one partition into the main catalog) and ``ann_index`` open the
-main catalog, and both run in the ``face_catalog`` pool, whose limit of one (``dagster.yaml``)
-makes them one writer across all runs.
+main catalog for writing, and both run in the ``face_catalog`` pool, whose limit of one
+(``dagster.yaml``) makes them one writer across all runs.
+
+Every batch is embedded by the model version the library runs (the registry's active version):
+``source_images``, in the same pool because it reads the registry, records that version in the
+batch folder (``model.json``), ``filtered_images`` embeds with it, and ``face_embeddings`` refuses a
+batch whose version is no longer the active one, so the catalog never mixes versions behind the
+library's back.
 """
 
 
@@ -23,12 +29,14 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
+from ..errors import ModelVersionError
 from ..index import FaceIndex
 from ..ingest import ingest_paths
 from ..store import Catalog
@@ -44,6 +52,9 @@ CATALOG_POOL = "face_catalog"
 NORM_TOLERANCE = 1e-3
 """How far from 1 the length of a stored (normalized) embedding may be."""
 
+MODEL_FILE = "model.json"
+"""Per batch: the registry version, recognizer file and embedding tag the batch is embedded with."""
+
 
 def _seconds(start: float) -> MetadataValue:
     return MetadataValue.float(round(time.perf_counter() - start, 3))
@@ -51,13 +62,15 @@ def _seconds(start: float) -> MetadataValue:
 
 @asset(
     partitions_def=image_batches,
+    pool=CATALOG_POOL,
     group_name="ingest",
     kinds={"python", "parquet"},
     description="The files of one batch found in the watched folders: path, folder, size, time, present. "
-    "File: `pipeline/batches/<partition>/source_images.parquet`.",
+    "Files: `pipeline/batches/<partition>/source_images.parquet`, and `model.json` (the active model version "
+    "the batch is embedded with).",
 )
 def source_images(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> MaterializeResult:
-    """List the batch's files as planned by the sensor, noting those gone since."""
+    """List the batch's files as planned by the sensor, noting those gone since, and pin the active model version."""
     start = time.perf_counter()
     store = face_assets.batches()
     files = store.files(context.partition_key)
@@ -75,6 +88,10 @@ def source_images(context: AssetExecutionContext, face_assets: FaceAssetsResourc
     partial = out.with_name("." + out.name + ".partial")
     frame.write_parquet(partial)
     partial.replace(out)
+    version, recognizer, tag = face_assets.active_recognizer()
+    model = store.folder(context.partition_key) / MODEL_FILE
+    model.write_text(json.dumps({"version": version, "recognizer": str(recognizer), "model_version": tag}),
+                     encoding="utf-8")
     per_folder = dict(frame.group_by("folder").len().iter_rows())
     return MaterializeResult(
         metadata={
@@ -83,6 +100,7 @@ def source_images(context: AssetExecutionContext, face_assets: FaceAssetsResourc
             "bytes": int(frame["size"].sum() or 0),
             "files_per_folder": MetadataValue.md(counts_markdown("files per folder", per_folder)),
             "path": MetadataValue.path(str(out)),
+            "model_version": version,
             "seconds": _seconds(start),
         }
     )
@@ -107,7 +125,8 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     start = time.perf_counter()
     folder = face_assets.batches().folder(context.partition_key)
     sources = pl.read_parquet(folder / "source_images.parquet").filter(pl.col("present"))
-    face_filter = face_assets.face_filter()
+    model = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    face_filter = face_assets.face_filter(Path(model["recognizer"]))
     stage_path = folder / "stage.duckdb"
     with Catalog(stage_path) as stage:
         summary = ingest_paths(sources["path"].to_list(), face_filter, stage)
@@ -146,6 +165,7 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
             "charts": MetadataValue.md(charts),
             "images_per_second": MetadataValue.float(round(summary.total / seconds, 2) if seconds else 0.0),
             "model_version": face_filter.analyzer.model_version,
+            "registry_version": model["version"],
             "images_file": MetadataValue.path(str(files["images"])),
             "faces_file": MetadataValue.path(str(files["faces"])),
             "seconds": MetadataValue.float(round(seconds, 3)),
@@ -165,10 +185,23 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     "in `faces.embedding`); content already there is skipped.",
 )
 def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> MaterializeResult:
-    """Merge the partition's Parquet files into the main catalog in one transaction (idempotent)."""
+    """Merge the partition's Parquet files into the main catalog in one transaction (idempotent).
+
+    Raises:
+        ModelVersionError: the batch was embedded by another model version than the one active now (a
+            version was promoted meanwhile); materialize the whole partition again.
+    """
     start = time.perf_counter()
     folder = face_assets.batches().folder(context.partition_key)
     images_file = folder / "images.parquet"
+    version, _, active_tag = face_assets.active_recognizer()
+    staged = {t for t in pl.read_parquet(images_file, columns=["model_version"])["model_version"].to_list() if t}
+    if staged - {active_tag}:
+        # Merging would replace newer faces of the same content with older ones, or add faces the
+        # library's index never holds: the batch is embedded again instead.
+        raise ModelVersionError(f"batch {context.partition_key} was embedded by {', '.join(sorted(staged))}, but "
+                                f"model version '{version}' ({active_tag}) is active now: materialize the whole "
+                                "partition again")
     with face_assets.catalog() as catalog:
         merged = catalog.import_parquet(images_file, folder / "faces.parquet")
         # Every face of this batch's content, whether it came now or with an earlier batch.
@@ -199,6 +232,7 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
             "catalog_valid_faces": totals["valid_faces"],
             "catalog_rejected_by_reason": MetadataValue.json(totals["rejected_by_reason"]),
             "catalog": MetadataValue.path(str(catalog.path)),
+            "model_version": version,
             "seconds": _seconds(start),
         },
         check_results=[check],
@@ -214,7 +248,8 @@ def _previous_count(index_path: Path) -> int | None:
 
 
 @asset(
-    deps=[face_embeddings],
+    # reembedded_catalog (module learning) re-embeds the catalog after a promotion; the index follows it.
+    deps=[face_embeddings, AssetKey("reembedded_catalog")],
     pool=CATALOG_POOL,
     group_name="index",
     kinds={"faiss"},
