@@ -212,6 +212,28 @@ class PipelineSettings(_Section):
         description="Address of the Dask scheduler for `executor: dask` (e.g. `tcp://scheduler:8786`); "
         "None = a local Dask cluster per run.",
     )
+    feedback_export_dir: str = Field(
+        "feedback/export",
+        description="Folder inside `storage.data_dir` where the `feedback_pairs` asset writes `pairs.parquet`, "
+        "`triplets.parquet` and `report.json`.",
+    )
+    retrain_min_new_votes: int = Field(
+        100,
+        ge=1,
+        description="The retraining sensor requests a fine-tuning run once this many votes were cast or "
+        "changed since the last run it requested.",
+    )
+    retrain_check_seconds: int = Field(300, ge=5, description="How often the retraining sensor counts new votes.")
+    auto_promote: bool = Field(
+        False,
+        description="The retraining job also promotes a candidate that passed the evaluation gate (hot-swap "
+        "and re-embedding); False leaves promotion to a person (`promoted_model` in the UI, or the CLI).",
+    )
+    reembed_check_seconds: int = Field(
+        60,
+        ge=5,
+        description="How often the re-embedding sensor looks for a newly promoted model version.",
+    )
 
 
 class TrainingSettings(_Section):

@@ -6,6 +6,10 @@ Jobs:
   embeddings; what the new-image sensor requests.
 - ``refresh_index``: the ANN index and its check, over everything merged so far; what the index
   sensor (after new batches) and the nightly schedule request.
+- ``retrain_model``: feedback pairs exported and a candidate fine-tuned (and promoted, with
+  ``pipeline.auto_promote``, when its gate passed); what the retraining sensor requests.
+- ``reembed_catalog``: the catalog re-embedded by the active model version, then the ANN index;
+  what the re-embedding sensor requests after a promotion.
 
 ``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
 :func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
@@ -25,11 +29,22 @@ from dagster import (
 
 from ..config import load_settings
 from .assets import ASSETS, ann_index, image_batches
+from .learning import LEARNING_ASSETS, feedback_pairs, fine_tuned_model, promoted_model, reembedded_catalog
 from .resources import FaceAssetsResource
-from .sensors import build_index_sensor, build_new_images_sensor, build_nightly_schedule
+from .sensors import (
+    build_index_sensor,
+    build_new_images_sensor,
+    build_nightly_schedule,
+    build_reembed_sensor,
+    build_retraining_sensor,
+)
 
 INGEST_JOB = "ingest_images"
 REFRESH_JOB = "refresh_index"
+RETRAIN_JOB = "retrain_model"
+REEMBED_JOB = "reembed_catalog"
+ALL_ASSETS = ASSETS + LEARNING_ASSETS
+"""Every asset of the graph: ingest and index, then learning from feedback."""
 
 RESOURCES = {"face_assets": FaceAssetsResource()}
 """Default resources: settings from ``$FACE_ASSETS_CONFIG`` and the environment, like the CLI."""
@@ -62,7 +77,19 @@ def build_ingest_job(executor: str = "multiprocess") -> JobDefinition:
     call; executor settings (e.g. a Dask scheduler address) come with the run config.
     """
     job = _ingest_job(_executor(executor))
-    return Definitions(assets=ASSETS, resources=RESOURCES, jobs=[job]).resolve_job_def(INGEST_JOB)
+    return Definitions(assets=ALL_ASSETS, resources=RESOURCES, jobs=[job]).resolve_job_def(INGEST_JOB)
+
+
+def build_retrain_job(auto_promote: bool):
+    """The ``retrain_model`` job: export and fine-tune, and promote too when ``auto_promote``.
+
+    Promotion follows the blocking gate check of ``fine_tuned_model``: a rejected candidate stops
+    the run before ``promoted_model``.
+    """
+    selected = [feedback_pairs, fine_tuned_model] + ([promoted_model] if auto_promote else [])
+    return define_asset_job(RETRAIN_JOB, selection=AssetSelection.assets(*selected),
+                            description="Export the feedback, fine-tune a candidate and gate it"
+                            + (", promote it when it passed." if auto_promote else "."))
 
 
 def build_definitions() -> Definitions:
@@ -72,11 +99,14 @@ def build_definitions() -> Definitions:
     ingest = _ingest_job(None if cfg.executor == "multiprocess" else _executor(cfg.executor, cfg.dask_scheduler))
     refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index),
                                description="Bring the ANN index up to date with the catalog and check it.")
+    reembed = define_asset_job(REEMBED_JOB, selection=AssetSelection.assets(reembedded_catalog, ann_index),
+                               description="Re-embed the catalog with the active model version, then the index.")
     schedule = build_nightly_schedule(REFRESH_JOB, cfg)
     return Definitions(
-        assets=ASSETS,
-        jobs=[ingest, refresh],
-        sensors=[build_new_images_sensor(INGEST_JOB, cfg), build_index_sensor(REFRESH_JOB, cfg)],
+        assets=ALL_ASSETS,
+        jobs=[ingest, refresh, build_retrain_job(cfg.auto_promote), reembed],
+        sensors=[build_new_images_sensor(INGEST_JOB, cfg), build_index_sensor(REFRESH_JOB, cfg),
+                 build_retraining_sensor(RETRAIN_JOB, cfg), build_reembed_sensor(REEMBED_JOB, cfg)],
         schedules=[schedule] if schedule else [],
         resources=RESOURCES,
     )

@@ -1,10 +1,14 @@
-"""Automation: the new-image sensor, the index sensor and the optional nightly schedule.
+"""Automation: the new-image, index, retraining and re-embedding sensors, and the optional nightly schedule.
 
 Each sensor or schedule is built from the settings by a small factory, so the interval, folders
 and cron live in the config file like every other setting. Sensors that follow the same pattern
 (a threshold from the settings, a cursor over materializations, run requests for a job) go here.
 """
 
+import json
+from datetime import datetime, timezone
+
+import duckdb
 from dagster import (
     DefaultSensorStatus,
     RunRequest,
@@ -17,9 +21,16 @@ from dagster import (
 )
 
 from ..config import PipelineSettings
+from ..errors import FeedbackStoreUnavailableError
+from ..feedback import FeedbackStore
+from ..store import Catalog
 from .assets import face_embeddings, image_batches
 from .batches import scan
+from .learning import promoted_model
 from .resources import FaceAssetsResource
+
+_NEW_VOTES = "SELECT count(*) AS n, max(updated_at) AS last FROM feedback WHERE updated_at > ?"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def pending_batches(face_assets: FaceAssetsResource, registered: set[str]) -> list[str]:
@@ -87,3 +98,88 @@ def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefi
     return ScheduleDefinition(name="nightly_refresh", cron_schedule=cfg.nightly_cron, job_name=job_name,
                               default_status=DefaultSensorStatus.RUNNING,
                               description="Refreshes what depends on the whole catalog (the ANN index) and runs its checks.")
+
+
+def new_votes(face_assets: FaceAssetsResource, since: datetime | None) -> tuple[int, datetime | None]:
+    """Votes cast or changed after ``since`` (all when None), and the time of the newest; read without writing.
+
+    The store is ``feedback.backend``: the catalog's DuckDB file (opened read-only; no votes before it
+    exists) or the PostgreSQL server.
+    """
+    settings = face_assets.settings
+    params = [since or _EPOCH]
+    if settings.feedback.backend == "postgresql":
+        store = FeedbackStore.open(settings.feedback, None)
+        try:
+            row = store.query(_NEW_VOTES, params)[0]
+        finally:
+            store.close()
+        return int(row["n"]), row["last"]
+    path = settings.storage.duckdb_path
+    if not path.is_file():
+        return 0, None
+    with Catalog(path, read_only=True) as catalog:
+        if not catalog.query("SELECT 1 FROM information_schema.tables WHERE table_name = 'feedback'"):
+            return 0, None
+        row = catalog.records(_NEW_VOTES, params)[0]
+    return int(row["n"]), row["last"]
+
+
+def build_retraining_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
+    """Sensor requesting ``job_name`` (export and fine-tune) once ``pipeline.retrain_min_new_votes`` new votes arrived.
+
+    Its cursor holds the time of the newest vote handed to a training run (and how many votes that
+    run got): votes cast or changed after it are new. A tick while a run holds the DuckDB catalog is
+    skipped and the next one counts again.
+    """
+
+    @sensor(name="retraining_sensor", job_name=job_name, minimum_interval_seconds=cfg.retrain_check_seconds,
+            default_status=DefaultSensorStatus.RUNNING,
+            description="Requests a fine-tuning run when pipeline.retrain_min_new_votes votes were cast or changed "
+            "since the last one.")
+    def retraining_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        since = datetime.fromisoformat(cursor["last_vote_at"]) if cursor.get("last_vote_at") else None
+        try:
+            count, last = new_votes(face_assets, since)
+        except (duckdb.IOException, FeedbackStoreUnavailableError) as exc:  # a run holds the file, or the server is down
+            return SkipReason(f"feedback store not readable now: {exc}")
+        threshold = face_assets.settings.pipeline.retrain_min_new_votes
+        if count < threshold:
+            return SkipReason(f"{count} new vote(s) since the last training, waiting for {threshold}")
+        context.update_cursor(json.dumps({"last_vote_at": last.isoformat(), "votes": count}))
+        context.log.info("%d new votes (newest %s): requesting a fine-tuning run", count, last)
+        return RunRequest(run_key=f"retrain-{last.isoformat()}", tags={"face_assets/new_votes": str(count)})
+
+    return retraining_sensor
+
+
+def build_reembed_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
+    """Sensor requesting ``job_name`` (re-embed the catalog, refresh the index) when the active model version changes.
+
+    Its cursor is the version seen last (the registry's promoted one, or ``training.active_model``).
+    The first tick only records it. A promotion made by the graph's own ``promoted_model`` has
+    already re-embedded the catalog and needs no run.
+    """
+
+    @sensor(name="reembed_sensor", job_name=job_name, minimum_interval_seconds=cfg.reembed_check_seconds,
+            default_status=DefaultSensorStatus.RUNNING,
+            description="Re-embeds the catalog and refreshes the index when another model version was promoted.")
+    def reembed_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
+        try:
+            version = face_assets.active_recognizer()[0]
+        except duckdb.IOException as exc:
+            return SkipReason(f"catalog not readable now: {exc}")
+        if context.cursor is None or context.cursor == version:
+            context.update_cursor(version)
+            return SkipReason(f"model version {version} is still the active one")
+        previous = context.cursor
+        context.update_cursor(version)
+        event = context.instance.get_latest_materialization_event(promoted_model.key)
+        if event is not None and event.asset_materialization.metadata["version"].value == version:
+            return SkipReason(f"{version} was promoted by promoted_model, which re-embedded the catalog")
+        context.log.info("model version %s replaced %s: requesting re-embedding", version, previous)
+        # No run key: the cursor makes one request per change, and a version may come back after a rollback.
+        return RunRequest(tags={"face_assets/model_version": version})
+
+    return reembed_sensor
