@@ -6,8 +6,9 @@ It holds no face logic: every asset calls the library (``ingest_paths``, ``Catal
 - :mod:`.batches`: which files are new, grouped into batches that become dynamic partitions;
 - :mod:`.resources`: the configured library (settings, models, catalog, folders) as a resource;
 - :mod:`.assets`: source images -> filtered images -> face embeddings -> ANN index, with checks;
+- :mod:`.learning`: feedback pairs -> fine-tuned model (gate check) -> promoted model, and re-embedding;
 - :mod:`.charts`: markdown charts for the UI metadata;
-- :mod:`.sensors`: the new-image sensor, the index sensor and the optional nightly schedule;
+- :mod:`.sensors`: the new-image, index, retraining and re-embedding sensors, the optional nightly schedule;
 - :mod:`.definitions`: ``defs`` for ``dagster dev`` / ``dagster asset materialize``, and the jobs;
 - :mod:`.executors`: the Dask executor (optional ``distributed`` extra);
 - :mod:`.runner`: ``face-assets pipeline``, the main job of ``make run``.
