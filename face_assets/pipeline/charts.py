@@ -28,12 +28,13 @@ def histogram_markdown(title: str, values: Sequence[float], bins: int = 10, widt
     return "\n".join(lines) + "\n"
 
 
-def counts_markdown(title: str, counts: Mapping[str, int], width: int = 30) -> str:
-    """A markdown bar chart of named counts, largest first."""
+def counts_markdown(title: str, counts: Mapping[str, int], width: int = 30, largest_first: bool = True) -> str:
+    """A markdown bar chart of named counts, largest first (or in the mapping's order)."""
     if not counts:
         return f"**{title}**: none\n"
     peak = max(max(counts.values()), 1)
     lines = [f"**{title}**", "", "| | count | |", "|---|---:|---|"]
-    for name, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if largest_first else counts.items()
+    for name, c in items:
         lines.append(f"| {name} | {c} | {BAR * round(width * c / peak)} |")
     return "\n".join(lines) + "\n"

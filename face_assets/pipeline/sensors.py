@@ -142,7 +142,7 @@ def build_retraining_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
         since = datetime.fromisoformat(cursor["last_vote_at"]) if cursor.get("last_vote_at") else None
         try:
             count, last = new_votes(face_assets, since)
-        except (duckdb.IOException, FeedbackStoreUnavailableError) as exc:  # a run holds the file, or the server is down
+        except (duckdb.IOException, FeedbackStoreUnavailableError) as exc:  # a run holds the file, or no server
             return SkipReason(f"feedback store not readable now: {exc}")
         threshold = face_assets.settings.pipeline.retrain_min_new_votes
         if count < threshold:
