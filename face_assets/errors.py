@@ -62,3 +62,18 @@ class IndexNotFoundError(FaceRecognitionError):
 
 class IndexCorruptError(FaceRecognitionError):
     """An index file exists but cannot be read back (truncated, garbage, checksum mismatch)."""
+
+
+class ClusterNotFoundError(FaceRecognitionError, KeyError):
+    """No person cluster with this id."""
+
+    def __init__(self, cluster_id: object):
+        self.cluster_id = cluster_id
+        super().__init__(f"no cluster {cluster_id}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CurationError(FaceRecognitionError, ValueError):
+    """A merge, split or move request that cannot be done (unknown face, empty side, too few faces)."""
