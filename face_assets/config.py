@@ -149,7 +149,11 @@ class ClusteringSettings(_Section):
         0.5, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
     )
     tau_inf: float = Field(
-        0.25, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
+        0.27, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
+    )
+    tau_face: float = Field(
+        0.22, ge=-1.0, le=1.0,
+        description="The limit for one face joining a cluster (full runs and incremental assignment).",
     )
     tau_decay: float = Field(
         1.0, gt=0.0, description="Threshold between clusters of sizes a, b: tau_inf + (tau_1 - tau_inf) / (a*b)**tau_decay."
@@ -168,7 +172,11 @@ class ClusteringSettings(_Section):
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `clustering.cluster_embeddings` from these settings."""
         return {"k": self.k, "pca_dim": self.pca_dim, "list_size": self.list_size, "nprobe": self.nprobe,
-                "tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay}
+                "tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face}
+
+    def link_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the merge threshold law (`clustering.merge_threshold` and its users)."""
+        return {"tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face}
 
 
 class Settings(_Section):

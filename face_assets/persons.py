@@ -275,8 +275,7 @@ class PersonClusters:
         def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
             return np.array([(int(new[i]), int(c_ids[j])) in banned for i, j in zip(r, c)], bool)
 
-        best, score = assign_to_clusters(x, means, sizes, tau_1=cfg.tau_1, tau_inf=cfg.tau_inf, decay=cfg.tau_decay,
-                                     banned=is_banned if banned else None)
+        best, score = assign_to_clusters(x, means, sizes, **cfg.link_kwargs(), banned=is_banned if banned else None)
         assigned = np.where(best >= 0, c_ids[np.maximum(best, 0)], -1)
         # Two new faces of one photo must not both join the same cluster: the second starts its own.
         taken: set[tuple[str, int]] = set()
