@@ -11,7 +11,8 @@ Curation decisions are stored as face-pair constraints, which every later run ho
 * ``merge``: every face of the merged clusters must-links the kept cluster's representative;
 * ``split``: the faces of each part must-link the part's first face; the parts' first faces
   cannot-link each other;
-* ``move``: the face must-links the target's representative and cannot-links its old cluster's.
+* ``move``: the face must-links every face of the target and cannot-links its old cluster's
+  representative.
 
 Two faces of one photo are never put in one person unless a must-link says so (a user decision).
 A later decision on the same pair of faces replaces an earlier one.
@@ -419,7 +420,11 @@ class PersonClusters:
         return [self.get(c) for c in new_ids]
 
     def move(self, face_id: int, cluster_id: int) -> ClusterInfo:
-        """Move one face to another cluster; it stays there through re-clustering."""
+        """Move one face to another cluster; it stays there through re-clustering.
+
+        The face must-links every face of the target (a must-link to one face alone could take that
+        face away from its cluster), and cannot-links the representative of the cluster it leaves.
+        """
         face_id, cluster_id = int(face_id), int(cluster_id)
         target = self.get(cluster_id)
         rows = self.catalog.query("SELECT cluster_id FROM face_clusters WHERE face_id = ?", [face_id])
@@ -431,11 +436,10 @@ class PersonClusters:
             old = rows[0][0]
         if old == cluster_id:
             return target
-        anchor = target.representative_face_id or target.face_ids[0]
         with self.catalog.transaction() as con:
             _drop_constraints(con, "must_link", [face_id], None)
             _drop_constraints(con, "cannot_link", [face_id], target.face_ids)
-            self.catalog.add_constraints([(face_id, anchor)], "must_link", "move", con)
+            self.catalog.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move", con)
             if old is not None:
                 old_members = [r[0] for r in con.execute(
                     "SELECT face_id FROM face_clusters WHERE cluster_id = ? AND face_id <> ? ORDER BY face_id",
