@@ -148,7 +148,7 @@ def kmeans_oracle(x: np.ndarray, k: int, niter: int = 10) -> np.ndarray:
 def hdbscan_labels(x: np.ndarray) -> np.ndarray:
     from sklearn.cluster import HDBSCAN
 
-    lab = HDBSCAN(min_cluster_size=2, metric="euclidean").fit_predict(x).astype(np.int64)
+    lab = HDBSCAN(min_cluster_size=2, metric="euclidean", copy=True).fit_predict(x).astype(np.int64)
     noise = lab < 0
     lab[noise] = lab.max() + 1 + np.arange(noise.sum())
     return lab
@@ -159,23 +159,27 @@ def hdbscan_labels(x: np.ndarray) -> np.ndarray:
 ROWS: list[dict] = []
 
 
-def record(method: str, n: int, seconds: float, peak_gb: float, pred: np.ndarray, true: np.ndarray, note: str = "") -> dict:
+def record(method: str, n: int, seconds: float, peak_gb: float | None, pred: np.ndarray, true: np.ndarray,
+           note: str = "") -> dict:
+    """Score a clustering against the truth and add it to the table (``peak_gb`` None: not measured)."""
     m = clustering_metrics(pred, true)
-    row = {"method": method, "n": n, "seconds": round(seconds, 1), "peak_gb": round(peak_gb, 2), "note": note,
+    row = {"method": method, "n": n, "seconds": round(seconds, 1),
+           "peak_gb": None if peak_gb is None else round(peak_gb, 2), "note": note,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
     ROWS.append(row)
-    log(f"{method} n={n}: {seconds:.1f}s peak {peak_gb:.2f} GB pairwise F {m['pairwise_f']:.4f} "
+    log(f"{method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise F {m['pairwise_f']:.4f} "
         f"BCubed F {m['bcubed_f']:.4f} clusters {m['clusters']} / {m['true_clusters']}")
     return row
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"| {'method':<34} | {'faces':>9} | {'time s':>7} | {'peak GB':>7} | {'pw P':>6} | {'pw R':>6} | {'pw F':>6} "
+    head = (f"| {'method':<36} | {'faces':>9} | {'time s':>7} | {'peak GB':>7} | {'pw P':>6} | {'pw R':>6} | {'pw F':>6} "
             f"| {'B3 P':>6} | {'B3 R':>6} | {'B3 F':>6} | {'clusters':>9} | {'true':>9} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(
-            f"| {r['method']:<34} | {r['n']:>9,} | {r['seconds']:>7.1f} | {r['peak_gb']:>7.2f} | {r['pairwise_precision']:>6.4f} "
+            f"| {r['method']:<36} | {r['n']:>9,} | {r['seconds']:>7.1f} | "
+            f"{'-' if r['peak_gb'] is None else format(r['peak_gb'], '.2f'):>7} | {r['pairwise_precision']:>6.4f} "
             f"| {r['pairwise_recall']:>6.4f} | {r['pairwise_f']:>6.4f} | {r['bcubed_precision']:>6.4f} "
             f"| {r['bcubed_recall']:>6.4f} | {r['bcubed_f']:>6.4f} | {r['clusters']:>9,} | {r['true_clusters']:>9,} |")
     return "\n".join(lines)
@@ -318,7 +322,7 @@ def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.nd
                          "recluster_seconds": round(t_full, 1)}
     log(f"stable ids: {changed_id.mean():.4%} of faces changed id, {(~same).mean():.4%} changed cluster "
         f"membership, {(changed_id & same).sum()} id changes without a membership change")
-    record("ours, re-clustering with +1 % faces", len(x), t_full, 0.0, lab2, labels,
+    record("ours, re-clustering with +1 % faces", len(x), t_full, None, lab2, labels,
            "linkage only: graph shared with the first run")
     full = ids2[n : n + n_assign]
     old_id_set = np.unique(ids1)
@@ -343,14 +347,14 @@ def run_real(cfg: ClusteringSettings) -> None:
     record("real: ours", len(x), res.seconds["total"], mem.gb, res.labels, true)
     g = knn_graph(x, cfg.k, pca_dim=cfg.pca_dim, list_size=cfg.list_size, nprobe=cfg.nprobe)
     t = time.perf_counter()
-    record("real: Immich-style DBSCAN (0.5, 3)", len(x), time.perf_counter() - t, 0.0,
+    record("real: Immich-style DBSCAN (0.5, 3)", len(x), time.perf_counter() - t, None,
            immich_dbscan(g.neighbors, g.scores), true)
     t = time.perf_counter()
     lab = kmeans_oracle(x, len(np.unique(true)))
-    record("real: faiss k-means (true k)", len(x), time.perf_counter() - t, 0.0, lab, true)
+    record("real: faiss k-means (true k)", len(x), time.perf_counter() - t, None, lab, true)
     t = time.perf_counter()
     lab = hdbscan_labels(x)
-    record("real: HDBSCAN (min_cluster_size 2)", len(x), time.perf_counter() - t, 0.0, lab, true)
+    record("real: HDBSCAN (min_cluster_size 2)", len(x), time.perf_counter() - t, None, lab, true)
 
 
 def main(argv: list[str] | None = None) -> int:
