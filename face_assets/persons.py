@@ -205,9 +205,11 @@ class PersonClusters:
         labels = np.array([r[1] for r in rows], np.int64)
         ids, x = self.catalog.embeddings(fids.tolist())
         labels = labels[np.searchsorted(fids, ids)]
-        quality = cluster_quality(x, labels, sample=1) if len(ids) else None
-        self.catalog.write_clusters(con, self._cluster_rows(x, ids, labels, None, quality),
-                                    (np.zeros(0, np.int64), np.zeros(0, np.int64)), source, replace_all=False)
+        rows = self._cluster_rows(x, ids, labels, None, cluster_quality(x, labels, sample=1))
+        for r in rows:  # separation needs every other cluster: left to the next full run
+            r["separation"] = r["confidence"] = None
+        self.catalog.write_clusters(con, rows, (np.zeros(0, np.int64), np.zeros(0, np.int64)), source,
+                                    replace_all=False)
 
     # -- runs ------------------------------------------------------------------------------------
 
