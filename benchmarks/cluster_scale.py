@@ -167,9 +167,15 @@ def record(method: str, n: int, seconds: float, peak_gb: float | None, pred: np.
            "peak_gb": None if peak_gb is None else round(peak_gb, 2), "note": note,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
     ROWS.append(row)
-    log(f"{method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise F {m['pairwise_f']:.4f} "
-        f"BCubed F {m['bcubed_f']:.4f} clusters {m['clusters']} / {m['true_clusters']}")
+    log(f"{method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise P/R/F {m['pairwise_precision']:.4f} "
+        f"{m['pairwise_recall']:.4f} {m['pairwise_f']:.4f} BCubed P/R/F {m['bcubed_precision']:.4f} "
+        f"{m['bcubed_recall']:.4f} {m['bcubed_f']:.4f} clusters {m['clusters']} / {m['true_clusters']}")
+    if OUT.get("json"):  # written as it goes: a long run stopped early keeps its rows
+        OUT["json"].write_text(json.dumps(OUT["results"] | {"rows": ROWS}, indent=2, default=float))
     return row
+
+
+OUT: dict = {}
 
 
 def table(rows: list[dict]) -> str:
@@ -220,7 +226,7 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
     x, labels = make_data(n, n_new, args.seed)
     log(f"generated in {time.perf_counter() - t:.0f}s")
     old_x, old_true = x[:n], labels[:n]
-    link = cfg.link_kwargs()
+    link = cfg.link_kwargs() | {"min_ratio": cfg.min_ratio}
     results: dict = {}
 
     with PeakRSS() as mem:
@@ -236,6 +242,13 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
     results["linkage_seconds"] = round(t_link, 1)
     record("ours: kNN graph + average linkage", n, t_graph + t_link, mem.gb, lab1, old_true,
            f"graph {t_graph:.0f}s on {len(x):,} faces + linkage {t_link:.0f}s")
+    for variant in args.variants:  # other merge thresholds on the same graph (tuning at this size)
+        src, dst = restrict(graph, n)
+        t = time.perf_counter()
+        lab = average_linkage(old_x, src, dst, **(link | variant))
+        record(f"ours, linkage {json.dumps(variant)}", n, time.perf_counter() - t, None, lab, old_true,
+               "linkage only, same graph")
+        del src, dst, lab
 
     if not args.skip_baselines:
         with PeakRSS() as mem:
@@ -281,7 +294,7 @@ def same_members(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.ndarray, n: int, lab1: np.ndarray,
                            graph: KnnGraph, n_assign: int) -> dict:
     """Stable ids across a re-clustering with the new faces, and incremental assignment of the first ones."""
-    link = cfg.link_kwargs()
+    link = cfg.link_kwargs() | {"min_ratio": cfg.min_ratio}
     out: dict = {}
     faces = np.arange(len(x))
     ids1, next_id = match_ids(np.zeros(0), np.zeros(0), faces[:n], lab1, 1)
@@ -293,7 +306,7 @@ def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.nd
         c_ids, means, sizes = cluster_means(x[:n], lab1)
         t_means = time.perf_counter() - t
         t = time.perf_counter()
-        best, _ = assign_to_clusters(x[n : n + n_assign], means, sizes, **link)
+        best, _ = assign_to_clusters(x[n : n + n_assign], means, sizes, **cfg.link_kwargs())
         t_assign = time.perf_counter() - t
     # Stable id of each cluster row of `means`: the id its faces carry.
     row_of_face = np.searchsorted(c_ids, lab1)
@@ -369,11 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a clustering setting, e.g. --set tau_1=0.5")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--variant", dest="variants", action="append", default=[], type=json.loads,
+                   help='also run the linkage with these settings on the same graph, e.g. \'{"tau_inf": 0.3}\'')
+    p.add_argument("--json", type=Path, help="also write the results here (updated after every row)")
     args = p.parse_args(argv)
     cfg = ClusteringSettings(**{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
     log(f"settings: {cfg.model_dump()}")
     results: dict = {"settings": cfg.model_dump(), "n": args.n}
+    OUT.update(results=results, json=args.json)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.n:
         results.update(run_synthetic(args, cfg))
     if args.real:
@@ -383,7 +401,6 @@ def main(argv: list[str] | None = None) -> int:
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results | {"rows": ROWS}, indent=2, default=float))
     return 0
 

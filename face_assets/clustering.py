@@ -6,14 +6,14 @@ The method (decision and evidence: ``docs/clustering.md``):
    axes (uncentred, so reduced inner products estimate cosines), spread over ~``n / list_size``
    spherical k-means lists, and every face is compared with the members of its ``nprobe`` nearest
    lists: one BLAS product per list (faiss' exhaustive k-NN), the best ``k`` kept per face. The
-   projection quarters the arithmetic, which buys more probed lists, i.e. more of the true
-   neighbours, for the same time. Memory stays at ``n x (pca_dim + 2 k)`` numbers besides the input.
+   projection (256 of 512 dimensions) halves the arithmetic of the join. Memory stays at
+   ``n x (pca_dim + 2 k)`` numbers besides the input.
 2. **Average-linkage merging** (:func:`average_linkage`) on that graph. Clusters carry the sum of
    their embeddings, so the average cosine between two clusters, ``sum_A . sum_B / (|A| |B|)``, is
    exact in the full dimension whatever the graph's precision. Each round every cluster picks its
-   best neighbour above a size-dependent threshold ``tau(|A|, |B|) = tau_inf + (tau_1 - tau_inf) /
-   sqrt(|A| |B|)``: two single faces need a cosine the ~2M impostors of a face almost never reach,
-   while large clusters, whose average is precise, merge at a lower average. Mutually best pairs
+   best neighbour above a size-dependent threshold (:func:`merge_threshold`): two single faces
+   need a cosine the ~2M strangers of a face almost never reach, while large clusters, whose
+   average is precise, merge at a lower average. Mutually best pairs
    merge, and with them the clusters that point at either (one level, no chains). Must-link
    groups start merged; cannot-link pairs (two faces of one photo, curation) never end up together.
 3. **Stable ids** (:func:`match_ids`): a new clustering inherits, cluster by cluster, the id of the
@@ -212,6 +212,12 @@ def merge_threshold(size_a: np.ndarray, size_b: np.ndarray, tau_1: float, tau_in
     return (low + (tau_1 - low) / (a * b) ** decay).astype(np.float32)
 
 
+def _shrunk_cohesion(size: np.ndarray, sq_norm: np.ndarray, prior: float) -> np.ndarray:
+    """Mean cosine between a cluster's faces, ``(|sum|^2 - n) / (n (n - 1))``, plus one pseudo-pair at ``prior``."""
+    n = np.asarray(size, np.float64)
+    return np.maximum(((np.asarray(sq_norm, np.float64) - n) / 2 + prior) / (n * (n - 1) / 2 + 1.0), 0.01)
+
+
 class _Sums:
     """Sum of the embeddings of each cluster (cluster id = a face row); singletons read ``x``."""
 
@@ -283,6 +289,8 @@ def average_linkage(
     must_link: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
     tau_face: float | None = 0.22,
+    min_ratio: float | None = 0.6,
+    prior_cohesion: float = 0.46,
     max_rounds: int = 100,
     drop_margin: float = 0.1,
     log: Callable[[str], None] = _log_default,
@@ -293,6 +301,11 @@ def average_linkage(
         x: float32 [n, d] unit embeddings.
         src, dst: candidate face pairs (e.g. :meth:`KnnGraph.edges`).
         tau_1, tau_inf, decay, tau_face: the merge threshold law, see :func:`merge_threshold`.
+        min_ratio: two clusters of 2 faces or more also need an average cosine of at least this
+            fraction of ``sqrt(cohesion_A cohesion_B)`` (cohesions shrunk towards
+            ``prior_cohesion`` by one pseudo-pair). Two parts of one person score ~1 whatever the
+            photos' quality; two look-alike people score the cosine of their centres (< 0.5), even
+            when both are photographed so well that their average cosine passes ``tau_inf``.
         must_link: int [m, 2] face pairs that start in one cluster.
         cannot_link: int [c, 2] face pairs never put in one cluster (unless must-linked).
         max_rounds: rounds of merges at most.
@@ -307,13 +320,16 @@ def average_linkage(
     cl = np.zeros((0, 2), np.int64) if cannot_link is None else np.asarray(cannot_link, np.int64).reshape(-1, 2)
     lab = _union_find(n, ml[:, 0], ml[:, 1])
     size = np.bincount(lab, minlength=n).astype(np.int64)
+    sq = np.ones(n, np.float64)  # |sum of the cluster's embeddings|^2
     sums = _Sums(x)
     grouped = np.flatnonzero(size > 1)
     if len(grouped):
         pos = np.full(n, -1, np.int64)
         pos[grouped] = np.arange(len(grouped))
         rows = np.flatnonzero(size[lab] > 1)
-        sums.set(grouped, _group_sum(pos[lab[rows]], len(grouped), x[rows]))
+        acc = _group_sum(pos[lab[rows]], len(grouped), x[rows])
+        sums.set(grouped, acc)
+        sq[grouped] = np.einsum("ij,ij->i", acc, acc)
     # Cannot-link pairs inside a must-link group are overridden by the user's must-link.
     cl = cl[lab[cl[:, 0]] != lab[cl[:, 1]]] if len(cl) else cl
 
@@ -336,6 +352,11 @@ def average_linkage(
         live = ps >= thr - drop_margin
         pa, pb, ps, thr = pa[live], pb[live], ps[live], thr[live]
         ok = ps >= thr
+        if min_ratio is not None and ok.any():
+            big = ok & (np.minimum(size[pa], size[pb]) >= 2)
+            coh = np.sqrt(_shrunk_cohesion(size[pa[big]], sq[pa[big]], prior_cohesion)
+                          * _shrunk_cohesion(size[pb[big]], sq[pb[big]], prior_cohesion))
+            ok[big] = ps[big] >= min_ratio * coh
         if len(cl) and ok.any():
             ca, cb = lab[cl[:, 0]], lab[cl[:, 1]]
             banned = np.unique(np.minimum(ca, cb) * n + np.maximum(ca, cb))
@@ -380,6 +401,7 @@ def average_linkage(
         size[movers] = 0
         sums.drop(movers)
         sums.set(roots, acc)
+        sq[roots] = np.einsum("ij,ij->i", acc, acc)
         lab = target[lab]
         changed[:] = False
         changed[roots] = True
@@ -523,6 +545,7 @@ def cluster_embeddings(
     tau_inf: float = 0.27,
     decay: float = 1.0,
     tau_face: float | None = 0.22,
+    min_ratio: float | None = 0.6,
     must_link: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
     seed: int = _SEED,
@@ -535,7 +558,7 @@ def cluster_embeddings(
     del g
     t = time.perf_counter()
     labels = average_linkage(x, src, dst, tau_1=tau_1, tau_inf=tau_inf, decay=decay, tau_face=tau_face,
-                             must_link=must_link, cannot_link=cannot_link, log=log)
+                             min_ratio=min_ratio, must_link=must_link, cannot_link=cannot_link, log=log)
     secs = {"graph": t - t0, "linkage": time.perf_counter() - t, "total": time.perf_counter() - t0}
     return ClusteringResult(labels, int(len(np.unique(labels))), secs)
 

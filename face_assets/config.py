@@ -158,6 +158,11 @@ class ClusteringSettings(_Section):
     tau_decay: float = Field(
         1.0, gt=0.0, description="Threshold between clusters of sizes a, b: tau_inf + (tau_1 - tau_inf) / (a*b)**tau_decay."
     )
+    min_ratio: float = Field(
+        0.6, ge=0.0, le=1.0,
+        description="Clusters of 2+ faces also need an average cosine of this fraction of sqrt(cohesion_A * "
+        "cohesion_B): keeps well-photographed look-alike people apart.",
+    )
     split_k: int = Field(2, ge=2, description="Default number of sub-clusters of an automatic split.")
     quality_sample: int = Field(10_000, ge=1, description="Faces sampled for the silhouette of a run.")
     recluster_growth: float = Field(
@@ -172,7 +177,8 @@ class ClusteringSettings(_Section):
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `clustering.cluster_embeddings` from these settings."""
         return {"k": self.k, "pca_dim": self.pca_dim, "list_size": self.list_size, "nprobe": self.nprobe,
-                "tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face}
+                "tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face,
+                "min_ratio": self.min_ratio}
 
     def link_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the merge threshold law (`clustering.merge_threshold` and its users)."""
