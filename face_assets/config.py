@@ -149,10 +149,10 @@ class ClusteringSettings(_Section):
         0.5, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
     )
     tau_inf: float = Field(
-        0.27, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
+        0.3, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
     )
     tau_face: float = Field(
-        0.22, ge=-1.0, le=1.0,
+        0.27, ge=-1.0, le=1.0,
         description="The limit for one face joining a cluster (full runs and incremental assignment).",
     )
     tau_decay: float = Field(
