@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-frac", type=float, default=0.01, help="new faces, as a fraction of --n")
     p.add_argument("--n-assign", type=int, default=10_000, help="new faces assigned incrementally")
-    p.add_argument("--kmeans-max", type=int, default=50_000)
-    p.add_argument("--hdbscan-max", type=int, default=20_000)
+    p.add_argument("--kmeans-max", type=int, default=20_000)
+    p.add_argument("--hdbscan-max", type=int, default=5_000)
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
