@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 
-from . import errors, evaluation, feedback, library
+from . import errors, evaluation, feedback, library, persons
+from .clustering import ReclusterDecision
 from .filtering import FaceFilter, filter_image
 from .ingest import IngestSummary
 
@@ -20,6 +21,7 @@ SECTIONS = [
     ("Feedback", [library.FeedbackQuery, feedback.Vote, feedback.ExportReport, feedback.FeedbackStore,
                   feedback.mine_negatives]),
     ("Evaluation gate", [evaluation.gate, evaluation.GateResult, evaluation.pair_metrics, evaluation.identity_metrics]),
+    ("Person clusters", [persons.ClusterInfo, persons.ClusterRun, ReclusterDecision]),
     ("Exceptions", [obj for _, obj in inspect.getmembers(errors, inspect.isclass)
                     if issubclass(obj, errors.FaceRecognitionError) and obj.__module__ == errors.__name__]),
 ]
@@ -33,7 +35,8 @@ def _signature(name: str, obj: object) -> str:
     try:
         text = f"{name}{inspect.signature(obj, eval_str=True)}"
         for prefix in ("typing.", "collections.abc.", "face_assets.config.", "face_assets.library.", "face_assets.ingest.",
-                       "face_assets.schemas.", "face_assets.cartoon.", "face_assets.feedback.", "face_assets.analysis.", "numpy.", "pathlib."):
+                       "face_assets.schemas.", "face_assets.cartoon.", "face_assets.feedback.", "face_assets.analysis.",
+                       "face_assets.persons.", "face_assets.clustering.", "numpy.", "pathlib."):
             text = text.replace(prefix, "")
         return text
     except (NameError, TypeError, ValueError):

@@ -236,6 +236,43 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        if args.action == "run":
+            out: Any = dataclasses.asdict(lib.cluster())
+            text = (f"run {out['run_id']}: {out['faces']} faces -> {out['clusters']} clusters "
+                    f"({out['singletons']} single faces) in {out['seconds']:.1f}s; ids changed for "
+                    f"{out['id_changed'] if out['id_changed'] is not None else 0:.2%} of faces; quality {out['quality']}")
+        elif args.action == "assign":
+            out = dataclasses.asdict(lib.assign_new())
+            text = (f"run {out['run_id']}: {out['new_faces']} new faces, {out['unassigned']} started new clusters; "
+                    f"{out['clusters']} clusters")
+        elif args.action == "list":
+            out = [dataclasses.asdict(c) for c in lib.list_clusters(min_size=args.min_size, limit=args.limit)]
+            text = "\n".join(f"{c['cluster_id']:>8}  {c['size']:>6} faces  {c['label'] or ''}" for c in out) or "no clusters"
+        elif args.action == "show":
+            out = dataclasses.asdict(lib.get_cluster(args.ids[0]))
+            text = "\n".join(f"{k}: {v}" for k, v in out.items())
+        elif args.action == "merge":
+            out = dataclasses.asdict(lib.merge(args.ids))
+            text = f"merged into cluster {out['cluster_id']} ({out['size']} faces)"
+        elif args.action == "split":
+            parts = lib.split(args.ids[0], face_ids=args.faces, k=args.k)
+            out = [dataclasses.asdict(c) for c in parts]
+            text = ", ".join(f"cluster {c['cluster_id']} ({c['size']} faces)" for c in out)
+        elif args.action == "move":
+            out = dataclasses.asdict(lib.move(args.ids[0], args.ids[1]))
+            text = f"face {args.ids[0]} moved to cluster {out['cluster_id']} ({out['size']} faces)"
+        else:  # rename
+            out = dataclasses.asdict(lib.rename(args.ids[0], args.label))
+            text = f"cluster {out['cluster_id']} is now {out['label']!r}"
+    _print(args, out, text)
+    return 0
+
+
+_CLUSTER_IDS = {"show": 1, "merge": None, "split": 1, "move": 2, "rename": 1}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``face-assets`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="face-assets", description=__doc__)
@@ -327,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model)
 
+    p = sub.add_parser("cluster", help="person clusters: run, assign, list, show, merge, split, move, rename")
+    p.add_argument("action", choices=["run", "assign", "list", "show", "merge", "split", "move", "rename"])
+    p.add_argument("ids", nargs="*", type=int,
+                   help="show/split/rename: CLUSTER; merge: CLUSTER CLUSTER...; move: FACE CLUSTER")
+    p.add_argument("--faces", nargs="+", type=int, help="split: the faces that form the new cluster")
+    p.add_argument("--k", type=int, help="split: number of parts of an automatic split")
+    p.add_argument("--label", help="rename: the person's name (omit to clear)")
+    p.add_argument("--min-size", type=int, default=1, help="list: smallest cluster shown")
+    p.add_argument("--limit", type=int, help="list: at most this many clusters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cluster)
+
     p = sub.add_parser("config", help="print the effective configuration")
     p.add_argument("--write", help="also write it to this file")
     p.add_argument("--reference", action="store_true", help="print the markdown reference of every setting")
@@ -336,7 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``face-assets`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "cluster" and args.action in _CLUSTER_IDS:
+        want = _CLUSTER_IDS[args.action]
+        if (want is None and len(args.ids) < 2) or (want is not None and len(args.ids) != want):
+            parser.error(f"cluster {args.action} takes {want or 'two or more'} id(s), got {len(args.ids)}")
     try:
         return args.func(args)
     except FaceRecognitionError as exc:

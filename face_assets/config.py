@@ -289,6 +289,55 @@ class TrainingSettings(_Section):
     )
 
 
+class ClusteringSettings(_Section):
+    """Person clustering (`face_assets.clustering`); thresholds tuned on the synthetic benchmark, see docs/clustering.md."""
+
+    k: int = Field(16, ge=1, le=256, description="Neighbours per face in the kNN graph.")
+    pca_dim: int = Field(
+        256, ge=8, description="Dimension of the subspace the kNN graph is searched in (>= embedding size: full)."
+    )
+    list_size: int = Field(512, ge=16, description="Target faces per inverted list of the kNN graph join.")
+    nprobe: int = Field(24, ge=1, description="Inverted lists each face is compared with.")
+    tau_1: float = Field(
+        0.5, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
+    )
+    tau_inf: float = Field(
+        0.3, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
+    )
+    tau_face: float = Field(
+        0.27, ge=-1.0, le=1.0,
+        description="The limit for one face joining a cluster (full runs and incremental assignment).",
+    )
+    tau_decay: float = Field(
+        1.0, gt=0.0, description="Threshold between clusters of sizes a, b: tau_inf + (tau_1 - tau_inf) / (a*b)**tau_decay."
+    )
+    min_ratio: float = Field(
+        0.6, ge=0.0, le=1.0,
+        description="Clusters of 2+ faces also need an average cosine of this fraction of sqrt(cohesion_A * "
+        "cohesion_B): keeps well-photographed look-alike people apart.",
+    )
+    split_k: int = Field(2, ge=2, description="Default number of sub-clusters of an automatic split.")
+    quality_sample: int = Field(10_000, ge=1, description="Faces sampled for the silhouette of a run.")
+    recluster_growth: float = Field(
+        0.2, gt=0.0, description="Re-cluster fully once the library grew by this fraction since the last full run."
+    )
+    recluster_unassigned: float = Field(
+        0.05, gt=0.0, le=1.0,
+        description="Re-cluster fully once this fraction of faces was left alone by incremental assignment.",
+    )
+    recluster_max_age_days: float = Field(30.0, gt=0.0, description="Re-cluster fully at this age if anything changed.")
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `clustering.cluster_embeddings` from these settings."""
+        return {"k": self.k, "pca_dim": self.pca_dim, "list_size": self.list_size, "nprobe": self.nprobe,
+                "tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face,
+                "min_ratio": self.min_ratio}
+
+    def link_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the merge threshold law (`clustering.merge_threshold` and its users)."""
+        return {"tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face}
+
+
 class Settings(_Section):
     """All settings of face_assets, one section per concern."""
 
@@ -301,6 +350,7 @@ class Settings(_Section):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""

@@ -98,3 +98,18 @@ class TrainingError(FaceRecognitionError):
 
 class ModelVersionError(FaceRecognitionError, ValueError):
     """A model version is unknown, or its status forbids the requested promotion or rollback."""
+
+
+class ClusterNotFoundError(FaceRecognitionError, KeyError):
+    """No person cluster with this id."""
+
+    def __init__(self, cluster_id: object):
+        self.cluster_id = cluster_id
+        super().__init__(f"no cluster {cluster_id}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CurationError(FaceRecognitionError, ValueError):
+    """A merge, split or move request that cannot be done (unknown face, empty side, too few faces)."""

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,10 @@ from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths,
 from .models import resolve_pack
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
+
+if TYPE_CHECKING:
+    from .clustering import ReclusterDecision
+    from .persons import ClusterInfo, ClusterRun, PersonClusters
 
 logger = logging.getLogger(__name__)
 
@@ -598,6 +602,68 @@ class FaceRecognitionLibrary:
                 self.catalog.promote_model(target, action="rollback")
             self.use_model(target)
             return target
+
+    # -- person clusters (docs/clustering.md) -----------------------------------------------------
+    @property
+    def persons(self) -> "PersonClusters":
+        """The person clusters of this library's catalog (see :mod:`face_assets.persons`)."""
+        from .persons import PersonClusters
+
+        return PersonClusters(self.catalog, self.settings.clustering, self.model_version)
+
+    def cluster(self) -> "ClusterRun":
+        """Cluster every valid face into persons (full run); cluster ids stay stable across runs.
+
+        Honours the curation constraints and never puts two faces of one photo together unless a
+        user merged or moved them so. Returns what the run did, with its quality metrics.
+        """
+        with self._lock:
+            return self.persons.run()
+
+    def assign_new(self) -> "ClusterRun":
+        """Incremental: faces without a cluster join the nearest cluster if close enough, else new ones."""
+        with self._lock:
+            return self.persons.assign_new()
+
+    def update_clusters(self) -> "ClusterRun":
+        """What a pipeline calls after indexing: a full run when :meth:`recluster_policy` says so, else :meth:`assign_new`."""
+        with self._lock:
+            return self.cluster() if self.recluster_policy().recluster else self.assign_new()
+
+    def recluster_policy(self) -> "ReclusterDecision":
+        """Whether a full re-clustering is due (drift policy), and why."""
+        with self._lock:
+            return self.persons.decision()
+
+    def merge(self, cluster_ids: Sequence[int]) -> "ClusterInfo":
+        """Merge person clusters into the largest one; the decision survives re-clustering."""
+        with self._lock:
+            return self.persons.merge(list(cluster_ids))
+
+    def split(self, cluster_id: int, face_ids: Sequence[int] | None = None, k: int | None = None) -> list["ClusterInfo"]:
+        """Split a cluster: ``face_ids`` become a new person, or (none given) k-means into ``k`` parts."""
+        with self._lock:
+            return self.persons.split(cluster_id, list(face_ids) if face_ids else None, k)
+
+    def move(self, face_id: int, cluster_id: int) -> "ClusterInfo":
+        """Move a face to another person cluster; it stays there through re-clustering."""
+        with self._lock:
+            return self.persons.move(face_id, cluster_id)
+
+    def rename(self, cluster_id: int, label: str | None) -> "ClusterInfo":
+        """Name (label) a person cluster; ``None`` clears the name."""
+        with self._lock:
+            return self.persons.rename(cluster_id, label)
+
+    def get_cluster(self, cluster_id: int) -> "ClusterInfo":
+        """One person cluster with its face ids."""
+        with self._lock:
+            return self.persons.get(cluster_id)
+
+    def list_clusters(self, min_size: int = 1, limit: int | None = None, offset: int = 0) -> list["ClusterInfo"]:
+        """Person clusters of at least ``min_size`` faces, largest first."""
+        with self._lock:
+            return self.persons.list(min_size, limit, offset)
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:

@@ -16,7 +16,6 @@ request can name a path.
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .errors import (FeedbackError, FeedbackStoreUnavailableError, ImageLoadError, NoFaceDetectedError,
                      UnknownFaceError, UnknownQueryError)
+from .feedback import Vote
 from .imaging import load_image
 from .library import FaceRecognitionLibrary
 
@@ -44,20 +44,6 @@ class FeedbackIn(BaseModel):
     vote: Literal["up", "down"] = Field(description="`up`: same person; `down`: different person.")
     voter: str | None = Field(None, min_length=1, max_length=200,
                               description="Who votes; default: the page's session cookie, else `anonymous`.")
-
-
-class VoteOut(BaseModel):
-    """The stored vote; ``revisions`` > 0 when it replaced an earlier vote of the same voter."""
-
-    feedback_id: int
-    query_id: str
-    result_id: int
-    vote: str
-    voter: str
-    similarity: float
-    created_at: datetime
-    updated_at: datetime
-    revisions: int
 
 
 class Hit(BaseModel):
@@ -177,12 +163,11 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
             Hit(face_id=r.face_id, image_id=r.image_id, similarity=r.similarity, cluster_id=r.cluster_id,
                 thumbnail_url=_thumbnail_url(r.face_id)) for r in q.results])
 
-    @app.post("/api/feedback", response_model=VoteOut, responses={404: {}, 409: {}, 422: {}})
-    def feedback(request: Request, body: FeedbackIn) -> VoteOut:
+    @app.post("/api/feedback", response_model=Vote, responses={404: {}, 409: {}, 422: {}})
+    def feedback(request: Request, body: FeedbackIn) -> Vote:
         """Store a thumbs up/down; the same voter voting again on the same pair updates the vote."""
         session = request.cookies.get(SESSION_COOKIE)
-        v = library.record_feedback(body.query_id, body.result_id, body.vote, voter=body.voter, session_id=session)
-        return VoteOut(**vars(v))
+        return library.record_feedback(body.query_id, body.result_id, body.vote, voter=body.voter, session_id=session)
 
     @app.get("/api/faces", response_model=list[FaceOut])
     def faces(limit: int = Query(24, ge=1, le=200), offset: int = Query(0, ge=0)) -> list[FaceOut]:

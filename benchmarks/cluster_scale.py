@@ -1,0 +1,409 @@
+"""Person clustering at scale: our method against the baselines, stable ids, incremental assignment.
+
+    python benchmarks/cluster_scale.py --n 100000            # development size, all baselines
+    python benchmarks/cluster_scale.py --n 2000000           # the target size
+    python benchmarks/cluster_scale.py --n 0 --real          # only the shared real labelled faces
+
+Data: :class:`face_assets.synthetic.SyntheticFaces` (seeded, calibrated on real embeddings, long-tail
+identity sizes, 5 % look-alikes). ``--n`` faces are the library; 1 % more (``--new-frac``) arrive
+later, half fresh photos of people already in the library, half the photos of new people.
+
+Printed, in one table (time, peak resident memory of this process during the step, pairwise and
+BCubed precision / recall / F, clusters found vs true):
+
+* ours: :func:`face_assets.clustering.cluster_embeddings` (kNN graph + average linkage);
+* Immich-style incremental DBSCAN: faces in order; a face with ``min_faces`` neighbours within
+  ``max_distance`` (cosine distance; Immich's defaults 0.5 and 3) is a core face and joins the
+  person of its nearest neighbour that has one, or founds a person; non-core faces are deferred and
+  then join the person of their nearest neighbour within the distance, if any. Neighbours come from
+  our kNN graph (its time is counted), since exact radius search at this size is what Immich
+  delegates to its vector database;
+* faiss k-means with the true number of people (an oracle advantage), on the largest subsample
+  ``--kmeans-max`` its quadratic cost allows;
+* HDBSCAN (scikit-learn, ``min_cluster_size=2``, noise = single-face clusters) on ``--hdbscan-max``
+  faces; ours is re-run on the same subsamples for a like-for-like row.
+
+Then the stable-id experiment (a full re-clustering of library + 1 % new faces; fraction of the
+old faces whose cluster id changed vs whose cluster truly changed) and the incremental one (the
+first ``--n-assign`` new faces assigned to the first clustering; time, and agreement with the full
+re-clustering). Both clusterings use one kNN graph computed over library + new faces (for the first
+run, restricted to the library's faces), so the graph is built once. With ``--real``, the same
+table on the shared real labelled faces (embedded by the library; cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from face_assets.clustering import (  # noqa: E402
+    KnnGraph,
+    assign_to_clusters,
+    average_linkage,
+    cluster_embeddings,
+    cluster_means,
+    clustering_metrics,
+    knn_graph,
+    match_ids,
+)
+from face_assets.config import ClusteringSettings  # noqa: E402
+from face_assets.synthetic import SyntheticFaces  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class PeakRSS:
+    """Peak resident memory of this process between ``start()`` and ``stop()`` (sampled, GB)."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peak, self._run = every, 0, False
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _loop(self) -> None:
+        while self._run:
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak, self._run = self.now(), True
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run = False
+        self._t.join()
+        self.peak = max(self.peak, self.now())
+
+    @property
+    def gb(self) -> float:
+        return self.peak / 2**30
+
+
+# -- baselines -------------------------------------------------------------------------------------
+
+
+def immich_dbscan(neighbors: np.ndarray, scores: np.ndarray, max_distance: float = 0.5, min_faces: int = 3) -> np.ndarray:
+    """Immich's incremental DBSCAN-like person assignment on k-NN lists; unassigned faces stay alone."""
+    from numba import njit
+
+    @njit(cache=False)
+    def run(nbr, sc, min_sim, min_faces):
+        n, k = nbr.shape
+        person = np.full(n, -1, np.int64)
+        next_person = 0
+        for deferred in range(2):
+            for i in range(n):
+                if person[i] >= 0:
+                    continue
+                count = 1  # the face itself is among its own search results in Immich
+                for j in range(k):
+                    if nbr[i, j] >= 0 and sc[i, j] >= min_sim:
+                        count += 1
+                core = count >= min_faces
+                if not core and deferred == 0:
+                    continue
+                for j in range(k):
+                    m = nbr[i, j]
+                    if m >= 0 and sc[i, j] >= min_sim and person[m] >= 0:
+                        person[i] = person[m]
+                        break
+                if person[i] < 0 and core:
+                    person[i] = next_person
+                    next_person += 1
+        for i in range(n):
+            if person[i] < 0:
+                person[i] = next_person
+                next_person += 1
+        return person
+
+    return run(neighbors, scores, 1.0 - max_distance, min_faces)
+
+
+def kmeans_oracle(x: np.ndarray, k: int, niter: int = 10) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=1234, min_points_per_centroid=1,
+                      max_points_per_centroid=64)
+    km.train(np.ascontiguousarray(x))
+    return faiss.knn(x, km.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
+
+
+def hdbscan_labels(x: np.ndarray) -> np.ndarray:
+    from sklearn.cluster import HDBSCAN
+
+    lab = HDBSCAN(min_cluster_size=2, metric="euclidean", copy=True).fit_predict(x).astype(np.int64)
+    noise = lab < 0
+    lab[noise] = lab.max() + 1 + np.arange(noise.sum())
+    return lab
+
+
+# -- table -----------------------------------------------------------------------------------------
+
+ROWS: list[dict] = []
+
+
+def record(method: str, n: int, seconds: float, peak_gb: float | None, pred: np.ndarray, true: np.ndarray,
+           note: str = "") -> dict:
+    """Score a clustering against the truth and add it to the table (``peak_gb`` None: not measured)."""
+    m = clustering_metrics(pred, true)
+    row = {"method": method, "n": n, "seconds": round(seconds, 1),
+           "peak_gb": None if peak_gb is None else round(peak_gb, 2), "note": note,
+           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
+    ROWS.append(row)
+    log(f"{method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise P/R/F {m['pairwise_precision']:.4f} "
+        f"{m['pairwise_recall']:.4f} {m['pairwise_f']:.4f} BCubed P/R/F {m['bcubed_precision']:.4f} "
+        f"{m['bcubed_recall']:.4f} {m['bcubed_f']:.4f} clusters {m['clusters']} / {m['true_clusters']}")
+    if OUT.get("json"):  # written as it goes: a long run stopped early keeps its rows
+        OUT["json"].write_text(json.dumps(OUT["results"] | {"rows": ROWS}, indent=2, default=float))
+    return row
+
+
+OUT: dict = {}
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"| {'method':<36} | {'faces':>9} | {'time s':>7} | {'peak GB':>7} | {'pw P':>6} | {'pw R':>6} | {'pw F':>6} "
+            f"| {'B3 P':>6} | {'B3 R':>6} | {'B3 F':>6} | {'clusters':>9} | {'true':>9} |")
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']:<36} | {r['n']:>9,} | {r['seconds']:>7.1f} | "
+            f"{'-' if r['peak_gb'] is None else format(r['peak_gb'], '.2f'):>7} | {r['pairwise_precision']:>6.4f} "
+            f"| {r['pairwise_recall']:>6.4f} | {r['pairwise_f']:>6.4f} | {r['bcubed_precision']:>6.4f} "
+            f"| {r['bcubed_recall']:>6.4f} | {r['bcubed_f']:>6.4f} | {r['clusters']:>9,} | {r['true_clusters']:>9,} |")
+    return "\n".join(lines)
+
+
+# -- experiments -----------------------------------------------------------------------------------
+
+
+def make_data(n: int, n_new: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` library faces then ``n_new`` new ones (half new people, half known people), one array."""
+    n_people_new = n_new // 2
+    gen = SyntheticFaces(n + n_people_new, seed=seed)
+    x = np.empty((n + n_new, gen.dim), np.float32)
+    gen.embeddings(out=x[: n + n_people_new])
+    labels = np.empty(n + n_new, np.int64)
+    labels[: n + n_people_new] = gen.labels
+    rng = np.random.default_rng(seed + 1)
+    known = gen.labels[rng.integers(0, n, n_new - n_people_new)]  # face-weighted: as photos arrive
+    x[n + n_people_new :] = gen.sample_faces(known, seed=seed + 1)
+    labels[n + n_people_new :] = known
+    # New arrivals in random order, so the first --n-assign mix both kinds.
+    perm = n + rng.permutation(n_new)
+    x[n:], labels[n:] = x[perm], labels[perm]
+    return x, labels
+
+
+def restrict(graph: KnnGraph, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of the graph among rows ``< n`` only."""
+    sub = KnnGraph(np.where(graph.neighbors[:n] < n, graph.neighbors[:n], -1), graph.scores[:n])
+    return sub.edges()
+
+
+def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
+    n = args.n
+    n_new = max(2, int(round(n * args.new_frac)))
+    log(f"generating {n:,} + {n_new:,} synthetic faces (seed {args.seed})")
+    t = time.perf_counter()
+    x, labels = make_data(n, n_new, args.seed)
+    log(f"generated in {time.perf_counter() - t:.0f}s")
+    old_x, old_true = x[:n], labels[:n]
+    link = cfg.link_kwargs() | {"min_ratio": cfg.min_ratio}
+    results: dict = {}
+
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        graph = knn_graph(x, cfg.k, pca_dim=cfg.pca_dim, list_size=cfg.list_size, nprobe=cfg.nprobe, log=log)
+        t_graph = time.perf_counter() - t0
+        src, dst = restrict(graph, n)
+        t = time.perf_counter()
+        lab1 = average_linkage(old_x, src, dst, **link, log=log)
+        t_link = time.perf_counter() - t
+    del src, dst
+    results["graph_seconds"] = {k: round(v, 1) for k, v in graph.seconds.items()}
+    results["linkage_seconds"] = round(t_link, 1)
+    record("ours: kNN graph + average linkage", n, t_graph + t_link, mem.gb, lab1, old_true,
+           f"graph {t_graph:.0f}s on {len(x):,} faces + linkage {t_link:.0f}s")
+    for variant in args.variants:  # other merge thresholds on the same graph (tuning at this size)
+        src, dst = restrict(graph, n)
+        t = time.perf_counter()
+        lab = average_linkage(old_x, src, dst, **(link | variant))
+        record(f"ours, linkage {json.dumps(variant)}", n, time.perf_counter() - t, None, lab, old_true,
+               "linkage only, same graph")
+        del src, dst, lab
+
+    if not args.skip_baselines:
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            sub = KnnGraph(np.where(graph.neighbors[:n] < n, graph.neighbors[:n], -1), graph.scores[:n])
+            lab = immich_dbscan(sub.neighbors, sub.scores)
+            t_imm = time.perf_counter() - t
+        del sub
+        record("Immich-style DBSCAN (0.5, 3)", n, t_graph + t_imm, mem.gb, lab, old_true,
+               f"same kNN graph {t_graph:.0f}s + {t_imm:.0f}s")
+
+    t = time.perf_counter()
+    results.update(stable_and_incremental(cfg, x, labels, n, lab1, graph, args.n_assign))
+    del graph
+    log(f"stable ids + incremental in {time.perf_counter() - t:.0f}s")
+
+    if not args.skip_baselines:
+        rng = np.random.default_rng(args.seed + 2)
+        for name, size in (("kmeans", min(n, args.kmeans_max)), ("hdbscan", min(n, args.hdbscan_max))):
+            pick = np.sort(rng.choice(n, size, replace=False))
+            xs, ts = np.ascontiguousarray(old_x[pick]), old_true[pick]
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                lab = kmeans_oracle(xs, len(np.unique(ts))) if name == "kmeans" else hdbscan_labels(xs)
+                secs = time.perf_counter() - t
+            record("faiss k-means (true k)" if name == "kmeans" else "HDBSCAN (min_cluster_size 2)", size, secs,
+                   mem.gb, lab, ts, "subsample" if size < n else "")
+            if size < n:
+                with PeakRSS() as mem:
+                    res = cluster_embeddings(xs, **cfg.method_kwargs())
+                record("ours, same subsample", size, res.seconds["total"], mem.gb, res.labels, ts)
+    return results
+
+
+def same_members(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per face: is its cluster under labelling ``a`` the same set of faces as under ``b``?"""
+    _, ia, ca = np.unique(a, return_inverse=True, return_counts=True)
+    _, ib, cb = np.unique(b, return_inverse=True, return_counts=True)
+    _, ic, cc = np.unique(ia.astype(np.int64) * (ib.max() + 1) + ib, return_inverse=True, return_counts=True)
+    return (cc[ic] == ca[ia]) & (cc[ic] == cb[ib])
+
+
+def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.ndarray, n: int, lab1: np.ndarray,
+                           graph: KnnGraph, n_assign: int) -> dict:
+    """Stable ids across a re-clustering with the new faces, and incremental assignment of the first ones."""
+    link = cfg.link_kwargs() | {"min_ratio": cfg.min_ratio}
+    out: dict = {}
+    faces = np.arange(len(x))
+    ids1, next_id = match_ids(np.zeros(0), np.zeros(0), faces[:n], lab1, 1)
+
+    # Incremental: the first n_assign new faces against the first clustering.
+    n_assign = min(n_assign, len(x) - n)
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        c_ids, means, sizes = cluster_means(x[:n], lab1)
+        t_means = time.perf_counter() - t
+        t = time.perf_counter()
+        best, _ = assign_to_clusters(x[n : n + n_assign], means, sizes, **cfg.link_kwargs())
+        t_assign = time.perf_counter() - t
+    # Stable id of each cluster row of `means`: the id its faces carry.
+    row_of_face = np.searchsorted(c_ids, lab1)
+    id_of_row = np.empty(len(c_ids), np.int64)
+    id_of_row[row_of_face] = ids1
+    inc = np.where(best >= 0, id_of_row[np.maximum(best, 0)], -1)
+    out["incremental"] = {"faces": int(n_assign), "means_seconds": round(t_means, 2),
+                          "assign_seconds": round(t_assign, 2), "peak_gb": round(mem.gb, 2),
+                          "joined_existing": int((best >= 0).sum())}
+    log(f"incremental: {n_assign} faces in {t_assign:.1f}s (+{t_means:.1f}s cluster means), "
+        f"{(best >= 0).sum()} joined a cluster")
+    del means
+
+    # Full re-clustering of library + new faces.
+    t = time.perf_counter()
+    src, dst = graph.edges()
+    lab2 = average_linkage(x, src, dst, **link, log=log)
+    t_full = time.perf_counter() - t
+    ids2, _ = match_ids(faces[:n], ids1, faces, lab2, next_id)
+    changed_id = ids2[:n] != ids1
+    # A face's cluster truly changed when its cluster, restricted to library faces, is another set.
+    same = same_members(lab1, lab2[:n])
+    out["stable_ids"] = {"faces": int(n), "new_faces": int(len(x) - n), "id_changed": float(changed_id.mean()),
+                         "membership_changed": float((~same).mean()),
+                         "id_changed_but_same_members": int((changed_id & same).sum()),
+                         "recluster_seconds": round(t_full, 1)}
+    log(f"stable ids: {changed_id.mean():.4%} of faces changed id, {(~same).mean():.4%} changed cluster "
+        f"membership, {(changed_id & same).sum()} id changes without a membership change")
+    record("ours, re-clustering with +1 % faces", len(x), t_full, None, lab2, labels,
+           "linkage only: graph shared with the first run")
+    full = ids2[n : n + n_assign]
+    old_id_set = np.unique(ids1)
+    full_lab = np.where(np.isin(full, old_id_set), full, -1)
+    agree = float(np.mean(full_lab == inc))
+    out["incremental"]["agreement_with_full"] = agree
+    log(f"incremental vs full re-clustering: {agree:.4f} agreement on {n_assign} faces")
+    return out
+
+
+def run_real(cfg: ClusteringSettings) -> None:
+    from face_assets.config import datasets_root
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from synthetic_calibration import DEFAULT_CACHE, real_embeddings
+
+    emb, ident, _ = real_embeddings(datasets_root(), DEFAULT_CACHE, log=log)
+    true = np.unique(ident, return_inverse=True)[1]
+    x = np.ascontiguousarray(emb, np.float32)
+    with PeakRSS() as mem:
+        res = cluster_embeddings(x, **cfg.method_kwargs())
+    record("real: ours", len(x), res.seconds["total"], mem.gb, res.labels, true)
+    g = knn_graph(x, cfg.k, pca_dim=cfg.pca_dim, list_size=cfg.list_size, nprobe=cfg.nprobe)
+    t = time.perf_counter()
+    record("real: Immich-style DBSCAN (0.5, 3)", len(x), time.perf_counter() - t, None,
+           immich_dbscan(g.neighbors, g.scores), true)
+    t = time.perf_counter()
+    lab = kmeans_oracle(x, len(np.unique(true)))
+    record("real: faiss k-means (true k)", len(x), time.perf_counter() - t, None, lab, true)
+    t = time.perf_counter()
+    lab = hdbscan_labels(x)
+    record("real: HDBSCAN (min_cluster_size 2)", len(x), time.perf_counter() - t, None, lab, true)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000, help="library size (0: skip the synthetic part)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-frac", type=float, default=0.01, help="new faces, as a fraction of --n")
+    p.add_argument("--n-assign", type=int, default=10_000, help="new faces assigned incrementally")
+    p.add_argument("--kmeans-max", type=int, default=20_000)
+    p.add_argument("--hdbscan-max", type=int, default=5_000)
+    p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a clustering setting, e.g. --set tau_1=0.5")
+    p.add_argument("--variant", dest="variants", action="append", default=[], type=json.loads,
+                   help='also run the linkage with these settings on the same graph, e.g. \'{"tau_inf": 0.3}\'')
+    p.add_argument("--json", type=Path, help="also write the results here (updated after every row)")
+    args = p.parse_args(argv)
+    cfg = ClusteringSettings(**{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
+    log(f"settings: {cfg.model_dump()}")
+    results: dict = {"settings": cfg.model_dump(), "n": args.n}
+    OUT.update(results=results, json=args.json)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.n:
+        results.update(run_synthetic(args, cfg))
+    if args.real:
+        run_real(cfg)
+    print(table(ROWS))
+    for key in ("stable_ids", "incremental"):
+        if key in results:
+            print(f"{key}: {json.dumps(results[key])}")
+    if args.json:
+        args.json.write_text(json.dumps(results | {"rows": ROWS}, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,777 @@
+"""Person clustering of face embeddings: kNN graph, average-linkage merging, metrics, stable ids.
+
+The method (decision and evidence: ``docs/clustering.md``):
+
+1. **kNN graph** (:func:`knn_graph`). Embeddings are projected on their top ``pca_dim`` principal
+   axes (uncentred, so reduced inner products estimate cosines), spread over ~``n / list_size``
+   spherical k-means lists, and every face is compared with the members of its ``nprobe`` nearest
+   lists: one BLAS product per list (faiss' exhaustive k-NN), the best ``k`` kept per face. The
+   projection (256 of 512 dimensions) halves the arithmetic of the join. Memory stays at
+   ``n x (pca_dim + 2 k)`` numbers besides the input.
+2. **Average-linkage merging** (:func:`average_linkage`) on that graph. Clusters carry the sum of
+   their embeddings, so the average cosine between two clusters, ``sum_A . sum_B / (|A| |B|)``, is
+   exact in the full dimension whatever the graph's precision. Each round every cluster picks its
+   best neighbour above a size-dependent threshold (:func:`merge_threshold`): two single faces
+   need a cosine the ~2M strangers of a face almost never reach, while large clusters, whose
+   average is precise, merge at a lower average. Mutually best pairs
+   merge, and with them the clusters that point at either (one level, no chains). Must-link
+   groups start merged; cannot-link pairs (two faces of one photo, curation) never end up together.
+3. **Stable ids** (:func:`match_ids`): a new clustering inherits, cluster by cluster, the id of the
+   old cluster it overlaps most (one-to-one, largest overlaps first).
+4. **Incremental assignment** (:func:`assign_to_clusters`): a new face joins the cluster whose mean
+   gives the best average cosine when it reaches ``tau(1, |C|)``, the merge criterion itself, so
+   assignment agrees with a full re-clustering; the others are clustered among themselves.
+
+Also here: pairwise and BCubed precision/recall/F (:func:`clustering_metrics`), cluster quality
+(:func:`cluster_quality`), k-means sub-clusters for an automatic split (:func:`split_kmeans`)
+and the drift policy for full re-clustering (:func:`recluster_decision`). Pure computations on
+arrays; persistence lives in :mod:`face_assets.store`, the API in :mod:`face_assets.library`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see index.py: same reason, same import order
+import faiss  # noqa: E402
+
+__all__ = [
+    "KnnGraph",
+    "ClusteringResult",
+    "knn_graph",
+    "average_linkage",
+    "cluster_embeddings",
+    "merge_threshold",
+    "clustering_metrics",
+    "pairwise_prf",
+    "bcubed_prf",
+    "match_ids",
+    "assign_to_clusters",
+    "cluster_means",
+    "split_kmeans",
+    "cluster_quality",
+    "recluster_decision",
+    "ReclusterDecision",
+]
+
+_SEED = 1234
+_PCA_SAMPLE = 100_000  # rows used to estimate the projection
+_TRAIN_PER_LIST = 40  # k-means sample per list (faiss wants >= 39)
+_CHUNK = 65_536  # rows per chunk of the projection and the scoring passes
+
+
+def _log_default(msg: str) -> None:  # noqa: ARG001 - silent unless a logger is given
+    return None
+
+
+# -- kNN graph -------------------------------------------------------------------------------------
+
+
+@dataclass
+class KnnGraph:
+    """Approximate k nearest neighbours of every face (rows of the input).
+
+    Attributes:
+        neighbors: int32 [n, k] row indices, best first; -1 where fewer were found.
+        scores: float32 [n, k] reduced-space inner products (estimates of the cosines).
+        seconds: wall time per stage.
+    """
+
+    neighbors: np.ndarray
+    scores: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unique undirected edges ``(src, dst)``, int32, ``src < dst``."""
+        n, k = self.neighbors.shape
+        src = np.repeat(np.arange(n, dtype=np.int64), k)
+        dst = self.neighbors.reshape(-1).astype(np.int64)
+        ok = dst >= 0
+        lo, hi = np.minimum(src[ok], dst[ok]), np.maximum(src[ok], dst[ok])
+        keys = np.unique(lo * n + hi)
+        return (keys // n).astype(np.int32), (keys % n).astype(np.int32)
+
+
+def _projection(x: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """[d, dim] top eigenvectors of the (uncentred) second moment of a sample of ``x``."""
+    rows = np.sort(rng.choice(len(x), min(len(x), _PCA_SAMPLE), replace=False))
+    s = np.asarray(x[rows], dtype=np.float64)
+    w, v = np.linalg.eigh(s.T @ s)
+    return np.ascontiguousarray(v[:, ::-1][:, :dim], dtype=np.float32)
+
+
+def knn_graph(
+    x: np.ndarray,
+    k: int = 16,
+    *,
+    pca_dim: int = 256,
+    list_size: int = 512,
+    nprobe: int = 24,
+    seed: int = _SEED,
+    log: Callable[[str], None] = _log_default,
+) -> KnnGraph:
+    """Approximate k-NN graph of unit embeddings by an inverted-file join in a PCA subspace.
+
+    Args:
+        x: float32 [n, d] unit embeddings (may be a memory map).
+        k: neighbours per face.
+        pca_dim: dimension of the search subspace (``>= d`` searches in the full space).
+        list_size: target faces per inverted list (``n / list_size`` lists).
+        nprobe: lists each face is compared with (its nearest ones).
+        seed: seed of the sample and k-means.
+        log: progress messages.
+    """
+    n, d = x.shape
+    t0 = time.perf_counter()
+    secs: dict[str, float] = {}
+    rng = np.random.default_rng(seed)
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    r = min(pca_dim, d)
+    proj = _projection(x, r, rng) if r < d else None
+    y = np.empty((n, r), dtype=np.float32)
+    for s in range(0, n, _CHUNK):
+        c = np.asarray(x[s : s + _CHUNK], dtype=np.float32)
+        y[s : s + len(c)] = c @ proj if proj is not None else c
+    secs["project"] = time.perf_counter() - t0
+
+    nlist = max(1, min(n // max(list_size, 1), 65_536))
+    nprobe = min(nprobe, nlist)
+    t = time.perf_counter()
+    if nlist > 1:
+        train = y[np.sort(rng.choice(n, min(n, nlist * _TRAIN_PER_LIST), replace=False))]
+        km = faiss.Kmeans(r, nlist, niter=10, spherical=True, seed=seed, max_points_per_centroid=_TRAIN_PER_LIST)
+        km.train(np.ascontiguousarray(train))
+        centroids = km.centroids
+    else:
+        centroids = y[:1].copy()
+    probe = faiss.knn(y, centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1].astype(np.int32)
+    secs["lists"] = time.perf_counter() - t
+    log(f"knn graph: {n} x {d} -> {r} dims, {nlist} lists, nprobe {nprobe}: lists in {secs['lists']:.0f}s")
+
+    # Members of a list: faces whose nearest list it is. Queries of a list: faces probing it.
+    t = time.perf_counter()
+    home = probe[:, 0]
+    member_order = np.argsort(home, kind="stable").astype(np.int32)
+    member_ptr = np.searchsorted(home[member_order], np.arange(nlist + 1))
+    q_lists = probe.reshape(-1)
+    q_order = np.argsort(q_lists, kind="stable")
+    q_rows = (q_order // nprobe).astype(np.int32)
+    q_ptr = np.searchsorted(q_lists[q_order], np.arange(nlist + 1))
+    del probe, q_lists, q_order
+
+    best_s = np.full((n, k), -np.inf, dtype=np.float32)
+    best_i = np.full((n, k), -1, dtype=np.int32)
+    for lst in range(nlist):
+        members = member_order[member_ptr[lst] : member_ptr[lst + 1]]
+        queries = q_rows[q_ptr[lst] : q_ptr[lst + 1]]
+        if len(members) == 0 or len(queries) == 0:
+            continue
+        kk = min(k + 1, len(members))  # +1: a face is a member of its own home list
+        ds, di = faiss.knn(y[queries], y[members], kk, metric=faiss.METRIC_INNER_PRODUCT)
+        di = members[di]
+        ds[di == queries[:, None]] = -np.inf
+        cat_s = np.concatenate([best_s[queries], ds], axis=1)
+        cat_i = np.concatenate([best_i[queries], di.astype(np.int32)], axis=1)
+        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]
+        best_s[queries] = np.take_along_axis(cat_s, top, 1)
+        best_i[queries] = np.take_along_axis(cat_i, top, 1)
+        if log is not _log_default and lst and lst % 1024 == 0:
+            log(f"knn graph: {lst}/{nlist} lists, {time.perf_counter() - t:.0f}s")
+    order = np.argsort(-best_s, axis=1)
+    best_s = np.take_along_axis(best_s, order, 1)
+    best_i = np.take_along_axis(best_i, order, 1)
+    best_i[~np.isfinite(best_s)] = -1
+    secs["join"] = time.perf_counter() - t
+    secs["total"] = time.perf_counter() - t0
+    log(f"knn graph: join {secs['join']:.0f}s, total {secs['total']:.0f}s")
+    return KnnGraph(best_i, best_s, secs)
+
+
+# -- average-linkage merging -----------------------------------------------------------------------
+
+
+def merge_threshold(size_a: np.ndarray, size_b: np.ndarray, tau_1: float, tau_inf: float,
+                    decay: float = 1.0, tau_face: float | None = None) -> np.ndarray:
+    """Average cosine two clusters of these sizes need to merge.
+
+    ``tau_inf + (tau_1 - tau_inf) / (|A| |B|) ** decay``, where a single face joining a cluster
+    has its own limit ``tau_face`` (default ``tau_inf``) instead of ``tau_inf``: a face's
+    average cosine with a large cluster is as precise as the face itself, and a poor photo of a
+    person sits lower than two halves of that person do, while look-alike people stay apart by
+    the face picking its best cluster.
+    """
+    a, b = np.asarray(size_a, np.float64), np.asarray(size_b, np.float64)
+    low = tau_inf if tau_face is None else np.where(np.minimum(a, b) <= 1, tau_face, tau_inf)
+    return (low + (tau_1 - low) / (a * b) ** decay).astype(np.float32)
+
+
+def _shrunk_cohesion(size: np.ndarray, sq_norm: np.ndarray, prior: float) -> np.ndarray:
+    """Mean cosine between a cluster's faces, ``(|sum|^2 - n) / (n (n - 1))``, plus one pseudo-pair at ``prior``."""
+    n = np.asarray(size, np.float64)
+    return np.maximum(((np.asarray(sq_norm, np.float64) - n) / 2 + prior) / (n * (n - 1) / 2 + 1.0), 0.01)
+
+
+class _Sums:
+    """Sum of the embeddings of each cluster (cluster id = a face row); singletons read ``x``."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self.slot = np.full(len(x), -1, dtype=np.int64)
+        self.store = np.zeros((max(16, len(x) // 8), x.shape[1]), dtype=np.float32)
+        self.used = 0
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids), self.x.shape[1]), dtype=np.float32)
+        sl = self.slot[ids]
+        has = sl >= 0
+        if has.any():
+            out[has] = self.store[sl[has]]
+        if not has.all():
+            out[~has] = self.x[ids[~has]]
+        return out
+
+    def set(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        new = self.slot[ids] < 0
+        need = int(new.sum())
+        if self.used + need > len(self.store):
+            self._grow(need)
+        self.slot[ids[new]] = np.arange(self.used, self.used + need)
+        self.used += need
+        self.store[self.slot[ids]] = vectors
+
+    def drop(self, ids: np.ndarray) -> None:
+        self.slot[ids] = -1
+
+    def _grow(self, need: int) -> None:
+        live = np.flatnonzero(self.slot >= 0)
+        cap = max(len(self.store), int(1.25 * (len(live) + need)))
+        store = np.zeros((cap, self.x.shape[1]), dtype=np.float32)
+        store[: len(live)] = self.store[self.slot[live]]
+        self.slot[live] = np.arange(len(live))
+        self.store, self.used = store, len(live)
+
+    def dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(len(a), dtype=np.float32)
+        for s in range(0, len(a), _CHUNK):
+            out[s : s + _CHUNK] = np.einsum("ij,ij->i", self.get(a[s : s + _CHUNK]), self.get(b[s : s + _CHUNK]))
+        return out
+
+
+def _union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Root (smallest member) of each row's component under the pairs ``(a, b)``."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    if len(a) == 0:
+        return np.arange(n, dtype=np.int64)
+    g = sp.coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, comp = connected_components(g, directed=False)
+    first = np.full(comp.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n))
+    return first[comp]
+
+
+def average_linkage(
+    x: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+    *,
+    tau_1: float = 0.5,
+    tau_inf: float = 0.3,
+    decay: float = 1.0,
+    must_link: np.ndarray | None = None,
+    cannot_link: np.ndarray | None = None,
+    tau_face: float | None = 0.27,
+    min_ratio: float | None = 0.6,
+    prior_cohesion: float = 0.46,
+    max_rounds: int = 100,
+    drop_margin: float = 0.1,
+    log: Callable[[str], None] = _log_default,
+) -> np.ndarray:
+    """Cluster rows of ``x`` by average linkage restricted to candidate pairs ``(src, dst)``.
+
+    Args:
+        x: float32 [n, d] unit embeddings.
+        src, dst: candidate face pairs (e.g. :meth:`KnnGraph.edges`).
+        tau_1, tau_inf, decay, tau_face: the merge threshold law, see :func:`merge_threshold`.
+        min_ratio: two clusters of 2 faces or more also need an average cosine of at least this
+            fraction of ``sqrt(cohesion_A cohesion_B)`` (cohesions shrunk towards
+            ``prior_cohesion`` by one pseudo-pair). Two parts of one person score ~1 whatever the
+            photos' quality; two look-alike people score the cosine of their centres (< 0.5), even
+            when both are photographed so well that their average cosine passes ``tau_inf``.
+        must_link: int [m, 2] face pairs that start in one cluster.
+        cannot_link: int [c, 2] face pairs never put in one cluster (unless must-linked).
+        max_rounds: rounds of merges at most.
+        drop_margin: candidate pairs more than this below their threshold are forgotten (they come
+            back through other edges when a side grows).
+
+    Returns:
+        int64 [n] cluster label per row: a row index of its cluster (the cluster's id).
+    """
+    n = len(x)
+    ml = np.zeros((0, 2), np.int64) if must_link is None else np.asarray(must_link, np.int64).reshape(-1, 2)
+    cl = np.zeros((0, 2), np.int64) if cannot_link is None else np.asarray(cannot_link, np.int64).reshape(-1, 2)
+    lab = _union_find(n, ml[:, 0], ml[:, 1])
+    size = np.bincount(lab, minlength=n).astype(np.int64)
+    sq = np.ones(n, np.float64)  # |sum of the cluster's embeddings|^2
+    sums = _Sums(x)
+    grouped = np.flatnonzero(size > 1)
+    if len(grouped):
+        pos = np.full(n, -1, np.int64)
+        pos[grouped] = np.arange(len(grouped))
+        rows = np.flatnonzero(size[lab] > 1)
+        acc = _group_sum(pos[lab[rows]], len(grouped), x[rows])
+        sums.set(grouped, acc)
+        sq[grouped] = np.einsum("ij,ij->i", acc, acc)
+    # Cannot-link pairs inside a must-link group are overridden by the user's must-link.
+    cl = cl[lab[cl[:, 0]] != lab[cl[:, 1]]] if len(cl) else cl
+
+    pa, pb = lab[np.asarray(src, np.int64)], lab[np.asarray(dst, np.int64)]
+    ps = np.full(len(pa), np.nan, np.float32)
+    changed = np.ones(n, dtype=bool)
+    for rnd in range(max_rounds):
+        # Stale pairs (a side changed): relabel, deduplicate, rescore; the others keep their score.
+        stale = changed[pa] | changed[pb]
+        sa, sb = lab[pa[stale]], lab[pb[stale]]
+        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
+        keep = lo != hi
+        keys = np.unique(lo[keep] * n + hi[keep])
+        sa, sb = keys // n, keys % n
+        ss = sums.dots(sa, sb) / (size[sa] * size[sb]).astype(np.float32)
+        pa = np.concatenate([pa[~stale], sa])
+        pb = np.concatenate([pb[~stale], sb])
+        ps = np.concatenate([ps[~stale], ss])
+        thr = merge_threshold(size[pa], size[pb], tau_1, tau_inf, decay, tau_face)
+        live = ps >= thr - drop_margin
+        pa, pb, ps, thr = pa[live], pb[live], ps[live], thr[live]
+        ok = ps >= thr
+        if min_ratio is not None and ok.any():
+            big = ok & (np.minimum(size[pa], size[pb]) >= 2)
+            coh = np.sqrt(_shrunk_cohesion(size[pa[big]], sq[pa[big]], prior_cohesion)
+                          * _shrunk_cohesion(size[pb[big]], sq[pb[big]], prior_cohesion))
+            ok[big] = ps[big] >= min_ratio * coh
+        if len(cl) and ok.any():
+            ca, cb = lab[cl[:, 0]], lab[cl[:, 1]]
+            banned = np.unique(np.minimum(ca, cb) * n + np.maximum(ca, cb))
+            ok[ok] = ~np.isin(pa[ok] * n + pb[ok], banned)
+        if not ok.any():
+            break
+        # Best valid neighbour of every cluster, by average cosine.
+        va, vb, vs = pa[ok], pb[ok], ps[ok]
+        node = np.concatenate([va, vb])
+        nbr = np.concatenate([vb, va])
+        sc = np.concatenate([vs, vs])
+        order = np.lexsort((-sc, node))
+        node, nbr, sc = node[order], nbr[order], sc[order]
+        first = np.ones(len(node), bool)
+        first[1:] = node[1:] != node[:-1]
+        best = np.full(n, -1, np.int64)
+        best[node[first]] = nbr[first]
+        best_score = np.zeros(n, np.float32)
+        best_score[node[first]] = sc[first]
+        cand = node[first]
+        mutual = best[best[cand]] == cand
+        # Roots: mutual pairs, merged into their smaller id. Leaves: clusters pointing at a root.
+        target = np.arange(n, dtype=np.int64)
+        pair_a = cand[mutual & (cand < best[cand])]
+        pair_b = best[pair_a]
+        target[pair_b] = pair_a
+        in_pair = np.zeros(n, bool)
+        in_pair[pair_a] = in_pair[pair_b] = True
+        leaves = cand[~in_pair[cand] & in_pair[best[cand]]]
+        target[leaves] = target[best[leaves]]
+        movers = np.flatnonzero(target != np.arange(n))
+        if len(movers) == 0:
+            break
+        if len(cl):
+            _resolve_cannot_links(target, best_score, lab, cl, in_pair)
+            movers = np.flatnonzero(target != np.arange(n))
+        dest = target[movers]
+        roots = np.unique(dest)
+        acc = _group_sum(np.searchsorted(roots, dest), len(roots), sums.get(movers))
+        acc += sums.get(roots)
+        np.add.at(size, dest, size[movers])
+        size[movers] = 0
+        sums.drop(movers)
+        sums.set(roots, acc)
+        sq[roots] = np.einsum("ij,ij->i", acc, acc)
+        lab = target[lab]
+        changed[:] = False
+        changed[roots] = True
+        changed[movers] = True
+        log(f"average linkage round {rnd + 1}: {len(movers)} merges, {len(pa)} candidate pairs")
+    return lab
+
+
+def _resolve_cannot_links(target: np.ndarray, score: np.ndarray, lab: np.ndarray, cl: np.ndarray,
+                          in_pair: np.ndarray) -> None:
+    """Undo the moves of a round that would put a cannot-link pair together (rare, so in Python).
+
+    In each offending group the mutual pair is kept (a pair is never cannot-linked: checked
+    before), then leaves by decreasing score unless they clash with what is kept.
+    """
+    ca, cb = lab[cl[:, 0]], lab[cl[:, 1]]
+    bad = target[ca] == target[cb]
+    if not bad.any():
+        return
+    banned: dict[int, set[int]] = {}
+    for a, b in zip(ca[bad].tolist(), cb[bad].tolist()):
+        banned.setdefault(a, set()).add(b)
+        banned.setdefault(b, set()).add(a)
+    for g in np.unique(target[ca[bad]]).tolist():
+        group = np.flatnonzero(target == g)
+        kept: list[int] = []
+        for c in sorted(group.tolist(), key=lambda c: (not in_pair[c], -float(score[c]), c)):
+            if not banned.get(c, set()).intersection(kept):
+                kept.append(c)
+        target[group] = group
+        target[np.array(kept)] = kept[0]
+
+
+def cluster_means(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cluster labels, unnormalised means float32 [c, d], sizes)`` of a labelling of ``x``.
+
+    A face's inner product with a mean is its average cosine with the cluster's faces.
+    """
+    ids, inv, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    means = _group_sum(inv, len(ids), x)
+    means /= sizes[:, None].astype(np.float32)
+    return ids, means, sizes
+
+
+def _group_sum(group: np.ndarray, n_groups: int, x: np.ndarray) -> np.ndarray:
+    """float32 [n_groups, d]: sum of the rows of ``x`` per group (a sparse product: np.add.at is ~50x slower)."""
+    import scipy.sparse as sp
+
+    out = np.zeros((n_groups, x.shape[1]), np.float32)
+    for s in range(0, len(x), 8 * _CHUNK):
+        g = group[s : s + 8 * _CHUNK]
+        m = sp.csr_matrix((np.ones(len(g), np.float32), (g, np.arange(len(g)))), shape=(n_groups, len(g)))
+        out += m @ np.asarray(x[s : s + len(g)], np.float32)
+    return out
+
+
+def _mips(means: np.ndarray, queries: np.ndarray, k: int, seed: int = _SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products of queries with means: exact up to 50,000 means, IVF-Flat above."""
+    k = min(k, len(means))
+    if len(means) <= 50_000:
+        return faiss.knn(queries, means, k, metric=faiss.METRIC_INNER_PRODUCT)
+    # Few lists, trained on ~16 points each: the index is built per call, so it must build fast.
+    nlist = int(min(1024, 2 ** round(math.log2(len(means) / 1024))))
+    quant = faiss.IndexFlatIP(means.shape[1])
+    ivf = faiss.IndexIVFFlat(quant, means.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = means[np.sort(rng.choice(len(means), min(len(means), nlist * 16), replace=False))]
+    ivf.train(np.ascontiguousarray(train / np.linalg.norm(train, axis=1, keepdims=True)))
+    ivf.add(means)
+    ivf.nprobe = min(nlist, 24)
+    return ivf.search(queries, k)
+
+
+def assign_to_clusters(
+    queries: np.ndarray,
+    means: np.ndarray,
+    sizes: np.ndarray,
+    *,
+    tau_1: float = 0.5,
+    tau_inf: float = 0.3,
+    decay: float = 1.0,
+    tau_face: float | None = 0.27,
+    k: int = 8,
+    banned: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best cluster of each query face by average cosine, if it reaches the merge threshold.
+
+    The criterion is the merge rule of :func:`average_linkage` for a one-face cluster: the face's
+    average cosine with the cluster (``query . mean``) must reach ``merge_threshold(1, size)``.
+
+    Args:
+        queries: float32 [q, d] unit embeddings.
+        means: float32 [c, d] unnormalised cluster means (:func:`cluster_means`).
+        sizes: int [c] cluster sizes.
+        k: candidate clusters examined per query (by inner product).
+        banned: optional ``f(query rows, cluster rows) -> bool mask`` of forbidden pairs.
+
+    Returns:
+        ``(cluster row int64 [q], score float32 [q])``; row -1 where no cluster qualifies.
+    """
+    if len(means) == 0 or len(queries) == 0:
+        return np.full(len(queries), -1, np.int64), np.zeros(len(queries), np.float32)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    ds, di = _mips(np.ascontiguousarray(means, np.float32), q, k)
+    ok = di >= 0
+    thr = merge_threshold(1, sizes[np.maximum(di, 0)], tau_1, tau_inf, decay, tau_face)
+    ok &= ds >= thr
+    if banned is not None and ok.any():
+        r, c = np.nonzero(ok)
+        ok[r, c] = ~banned(r, di[r, c])
+    score = np.where(ok, ds, -np.inf)
+    j = np.argmax(score, axis=1)
+    rows = np.arange(len(q))
+    best = np.where(ok[rows, j], di[rows, j], -1).astype(np.int64)
+    return best, np.where(best >= 0, ds[rows, j], 0.0).astype(np.float32)
+
+
+@dataclass
+class ClusteringResult:
+    """Labels of a clustering run and what it cost.
+
+    Attributes:
+        labels: int64 [n] cluster of each row (a row index of its cluster).
+        n_clusters: number of clusters (singletons included).
+        seconds: wall time per stage.
+    """
+
+    labels: np.ndarray
+    n_clusters: int
+    seconds: dict[str, float]
+
+
+def cluster_embeddings(
+    x: np.ndarray,
+    *,
+    k: int = 16,
+    pca_dim: int = 256,
+    list_size: int = 512,
+    nprobe: int = 24,
+    tau_1: float = 0.5,
+    tau_inf: float = 0.3,
+    decay: float = 1.0,
+    tau_face: float | None = 0.27,
+    min_ratio: float | None = 0.6,
+    must_link: np.ndarray | None = None,
+    cannot_link: np.ndarray | None = None,
+    seed: int = _SEED,
+    log: Callable[[str], None] = _log_default,
+) -> ClusteringResult:
+    """The full method: :func:`knn_graph`, then :func:`average_linkage` on its edges."""
+    t0 = time.perf_counter()
+    g = knn_graph(x, k, pca_dim=pca_dim, list_size=list_size, nprobe=nprobe, seed=seed, log=log)
+    src, dst = g.edges()
+    del g
+    t = time.perf_counter()
+    labels = average_linkage(x, src, dst, tau_1=tau_1, tau_inf=tau_inf, decay=decay, tau_face=tau_face,
+                             min_ratio=min_ratio, must_link=must_link, cannot_link=cannot_link, log=log)
+    secs = {"graph": t - t0, "linkage": time.perf_counter() - t, "total": time.perf_counter() - t0}
+    return ClusteringResult(labels, int(len(np.unique(labels))), secs)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def _contingency(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sizes of the non-empty (pred, true) cells, and of each pred / true cluster."""
+    _, p = np.unique(np.asarray(pred), return_inverse=True)
+    _, t = np.unique(np.asarray(true), return_inverse=True)
+    key = p.astype(np.int64) * (t.max() + 1) + t
+    _, cell = np.unique(key, return_counts=True)
+    return cell.astype(np.float64), np.bincount(p).astype(np.float64), np.bincount(t).astype(np.float64)
+
+
+def _f(p: float, r: float) -> float:
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def pairwise_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
+    """Pairwise precision, recall and F1: over pairs of faces put together / truly together.
+
+    With no pair on one side (all singletons), that side's value is 1.
+    """
+    cell, ps, ts = _contingency(pred, true)
+    tp = (cell * (cell - 1)).sum() / 2
+    pp = (ps * (ps - 1)).sum() / 2
+    tt = (ts * (ts - 1)).sum() / 2
+    p = tp / pp if pp else 1.0
+    r = tp / tt if tt else 1.0
+    return float(p), float(r), _f(p, r)
+
+
+def bcubed_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
+    """BCubed precision, recall and F1 (per face, averaged over faces; Amigo et al. 2009)."""
+    pred, true = np.asarray(pred), np.asarray(true)
+    _, p = np.unique(pred, return_inverse=True)
+    _, t = np.unique(true, return_inverse=True)
+    key = p.astype(np.int64) * (t.max() + 1) + t
+    _, cell_of, cell = np.unique(key, return_inverse=True, return_counts=True)
+    c = cell[cell_of].astype(np.float64)
+    prec = float(np.mean(c / np.bincount(p)[p]))
+    rec = float(np.mean(c / np.bincount(t)[t]))
+    return prec, rec, _f(prec, rec)
+
+
+def clustering_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Pairwise and BCubed P/R/F and cluster counts of a clustering against the truth."""
+    pp, pr, pf = pairwise_prf(pred, true)
+    bp, br, bf = bcubed_prf(pred, true)
+    return {"pairwise_precision": pp, "pairwise_recall": pr, "pairwise_f": pf,
+            "bcubed_precision": bp, "bcubed_recall": br, "bcubed_f": bf,
+            "clusters": int(len(np.unique(pred))), "true_clusters": int(len(np.unique(true)))}
+
+
+# -- stable ids --------------------------------------------------------------------------------------
+
+
+def match_ids(
+    old_faces: np.ndarray, old_ids: np.ndarray, new_faces: np.ndarray, new_labels: np.ndarray, next_id: int
+) -> tuple[np.ndarray, int]:
+    """Stable cluster ids for a new clustering: each new cluster inherits the old id it overlaps most.
+
+    Matching is one-to-one, largest overlaps first (ties: smaller old id, then smaller new
+    label), so a split keeps the id on its larger part and a merge keeps the id of its largest
+    old part. New clusters left unmatched get fresh ids ``next_id, next_id + 1, ...`` in order of
+    their smallest face id. A cluster whose faces did not change always keeps its id.
+
+    Args:
+        old_faces, old_ids: face ids and their cluster id in the previous run.
+        new_faces, new_labels: face ids and their cluster label in the new run.
+        next_id: the first unused id.
+
+    Returns:
+        ``(stable id per new face int64, next unused id)``.
+    """
+    old_faces, old_ids = np.asarray(old_faces, np.int64), np.asarray(old_ids, np.int64)
+    new_faces, new_labels = np.asarray(new_faces, np.int64), np.asarray(new_labels, np.int64)
+    labs, inv = np.unique(new_labels, return_inverse=True)
+    out_of_label = np.full(len(labs), -1, np.int64)
+    order = np.argsort(old_faces)
+    pos = np.searchsorted(old_faces[order], new_faces)
+    pos = np.minimum(pos, max(len(old_faces) - 1, 0))
+    seen = (old_faces[order][pos] == new_faces) if len(old_faces) else np.zeros(len(new_faces), bool)
+    if seen.any():
+        pair_new = inv[seen].astype(np.int64)
+        pair_old = old_ids[order][pos[seen]]
+        o_vals, o_inv = np.unique(pair_old, return_inverse=True)
+        key = pair_new * len(o_vals) + o_inv
+        keys, counts = np.unique(key, return_counts=True)
+        kn, ko = keys // len(o_vals), o_vals[keys % len(o_vals)]
+        rank = np.lexsort((kn, ko, -counts))
+        used_old: set[int] = set()
+        for a, b in zip(kn[rank].tolist(), ko[rank].tolist()):
+            if out_of_label[a] < 0 and b not in used_old:
+                out_of_label[a] = b
+                used_old.add(b)
+    fresh = np.flatnonzero(out_of_label < 0)
+    if len(fresh):
+        first_face = np.full(len(labs), np.iinfo(np.int64).max)
+        np.minimum.at(first_face, inv, new_faces)
+        fresh = fresh[np.argsort(first_face[fresh], kind="stable")]
+        out_of_label[fresh] = np.arange(next_id, next_id + len(fresh))
+        next_id += len(fresh)
+    return out_of_label[inv], int(next_id)
+
+
+# -- curation helpers and quality ------------------------------------------------------------------
+
+
+def split_kmeans(x: np.ndarray, k: int, seed: int = _SEED) -> np.ndarray:
+    """Labels ``0..k-1`` of a spherical k-means of the rows (an automatic split of one cluster)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if k < 2 or k > len(x):
+        raise ValueError(f"k must be in [2, {len(x)}], got {k}")
+    km = faiss.Kmeans(x.shape[1], k, niter=25, spherical=True, seed=seed, min_points_per_centroid=1)
+    km.train(x)
+    return faiss.knn(x, km.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel().astype(np.int64)
+
+
+def cluster_quality(x: np.ndarray, labels: np.ndarray, *, sample: int = 10_000, seed: int = _SEED) -> dict:
+    """Cohesion, separation and a sampled silhouette of a clustering (cosine on unit rows).
+
+    * cohesion of a cluster: mean cosine between its faces (exact, from the sum of its embeddings);
+    * separation of a cluster: ``1 -`` its best average cosine with another cluster (by means);
+    * silhouette of a face: ``(b - a) / max(a, b)`` with ``a`` its mean cosine distance to its own
+      cluster and ``b`` to the nearest other cluster (average linkage), over ``sample`` faces of
+      clusters with 2 faces or more.
+
+    Returns:
+        ``{"clusters": {label: {"size", "cohesion", "separation"}} for clusters of >= 2 faces,
+        "cohesion": size-weighted mean, "separation": size-weighted mean, "silhouette": mean}``.
+    """
+    ids, means, sizes = cluster_means(x, labels)
+    multi = np.flatnonzero(sizes >= 2)
+    out: dict = {"clusters": {}, "cohesion": None, "separation": None, "silhouette": None}
+    if len(multi) == 0:
+        return out
+    n_m = sizes[multi].astype(np.float64)
+    sq = np.einsum("ij,ij->i", means[multi], means[multi]).astype(np.float64) * n_m**2  # |sum|^2
+    cohesion = (sq - n_m) / (n_m * (n_m - 1))
+    separation = np.ones(len(multi))
+    if len(ids) > 1:
+        ds, di = _mips(means, np.ascontiguousarray(means[multi]), 2)
+        other = np.where(di[:, 0] == multi, 1, 0)
+        r = np.arange(len(multi))
+        separation = 1.0 - ds[r, other].astype(np.float64)
+    out["clusters"] = {int(ids[m]): {"size": int(sizes[m]), "cohesion": float(c), "separation": float(s)}
+                       for m, c, s in zip(multi, cohesion, separation)}
+    w = n_m / n_m.sum()
+    out["cohesion"], out["separation"] = float(w @ cohesion), float(w @ separation)
+    if len(ids) > 1:
+        rng = np.random.default_rng(seed)
+        label_row = np.searchsorted(ids, labels)
+        pool = np.flatnonzero(sizes[label_row] >= 2)
+        pick = np.sort(rng.choice(pool, min(sample, len(pool)), replace=False))
+        q = np.asarray(x[pick], np.float32)
+        own = label_row[pick]
+        n_own = sizes[own].astype(np.float64)
+        a = 1.0 - (np.einsum("ij,ij->i", q, means[own]) * n_own - 1.0) / (n_own - 1.0)
+        ds, di = _mips(means, q, 2)
+        other = np.where(di[:, 0] == own, 1, 0)
+        b = 1.0 - ds[np.arange(len(pick)), other].astype(np.float64)
+        out["silhouette"] = float(np.mean((b - a) / np.maximum(np.maximum(a, b), 1e-12)))
+    return out
+
+
+@dataclass
+class ReclusterDecision:
+    """Whether the pipeline should run a full re-clustering now, and why."""
+
+    recluster: bool
+    reasons: list[str]
+
+
+def recluster_decision(
+    *,
+    faces_now: int,
+    faces_at_last_run: int,
+    unassigned_since: int,
+    days_since: float | None,
+    model_changed: bool = False,
+    max_growth: float = 0.2,
+    max_unassigned: float = 0.05,
+    max_age_days: float = 30.0,
+) -> ReclusterDecision:
+    """The drift policy: when incremental assignment should give way to a full re-clustering.
+
+    Incremental assignment never merges or splits existing clusters, so errors accumulate as the
+    library grows: faces that arrived before their person had a cluster stay apart, and clusters
+    built on few faces never get the benefit of the new ones. Re-cluster when any of:
+
+    * never clustered, or the embedding model changed (old and new similarities do not mix);
+    * the library grew by ``max_growth`` (20 %) since the last full run;
+    * ``max_unassigned`` (5 %) of the faces were left as new single-face clusters by incremental
+      assignment since the last run (new people, or drift);
+    * the last full run is ``max_age_days`` old and something changed since.
+
+    Curation is not a reason: merges, splits and moves are constraints every run honours.
+    """
+    reasons = []
+    if faces_at_last_run <= 0 or days_since is None:
+        reasons.append("never clustered")
+    if model_changed:
+        reasons.append("embedding model changed")
+    if faces_at_last_run > 0:
+        growth = (faces_now - faces_at_last_run) / faces_at_last_run
+        if growth >= max_growth:
+            reasons.append(f"library grew {growth:.0%} since the last full run (limit {max_growth:.0%})")
+        if faces_now and unassigned_since / faces_now >= max_unassigned:
+            reasons.append(f"{unassigned_since} faces ({unassigned_since / faces_now:.1%}) left unassigned "
+                           f"by incremental assignment (limit {max_unassigned:.0%})")
+        if days_since is not None and days_since >= max_age_days and faces_now != faces_at_last_run:
+            reasons.append(f"last full run {days_since:.0f} days ago (limit {max_age_days:.0f})")
+    return ReclusterDecision(bool(reasons), reasons)

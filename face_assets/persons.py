@@ -1,0 +1,464 @@
+"""Person clusters of a library: full runs, incremental assignment, curation, persistence.
+
+This module ties :mod:`face_assets.clustering` (pure computations) to the catalog
+(:mod:`face_assets.store`, tables ``clusters``, ``face_clusters``, ``cluster_constraints``,
+``cluster_runs``). :class:`~face_assets.library.FaceRecognitionLibrary` exposes it as
+``cluster()``, ``assign_new()``, ``merge()``, ``split()``, ``move()``, ``rename()``,
+``get_cluster()``, ``list_clusters()`` and ``recluster_policy()``.
+
+Curation decisions are stored as face-pair constraints, which every later run honours:
+
+* ``merge``: every face of the merged clusters must-links the kept cluster's representative;
+* ``split``: the faces of each part must-link the part's first face; the parts' first faces
+  cannot-link each other;
+* ``move``: the face must-links every face of the target and cannot-links its old cluster's
+  representative.
+
+Two faces of one photo are never put in one person unless a must-link says so (a user decision).
+A later decision on the same pair of faces replaces an earlier one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from .clustering import (
+    ReclusterDecision,
+    assign_to_clusters,
+    cluster_embeddings,
+    cluster_means,
+    cluster_quality,
+    match_ids,
+    recluster_decision,
+    split_kmeans,
+)
+from .config import ClusteringSettings
+from .errors import ClusterNotFoundError, CurationError
+from .store import Catalog
+
+
+@dataclass
+class ClusterInfo:
+    """One person cluster.
+
+    Attributes:
+        cluster_id: stable id (kept across re-clusterings by maximum overlap).
+        size: number of faces.
+        label: the user's name for the person, if any.
+        representative_face_id: the face closest to the cluster's mean.
+        cohesion: mean cosine between the cluster's faces (None for one face).
+        separation: 1 - best average cosine with another cluster (None for one face).
+        confidence: cohesion minus that best average cosine with another cluster.
+        face_ids: the faces, when asked for (``get_cluster``).
+    """
+
+    cluster_id: int
+    size: int
+    label: str | None = None
+    representative_face_id: int | None = None
+    cohesion: float | None = None
+    separation: float | None = None
+    confidence: float | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    face_ids: list[int] | None = None
+
+
+@dataclass
+class ClusterRun:
+    """What a clustering run did.
+
+    Attributes:
+        run_id: row of ``cluster_runs``.
+        kind: ``full`` or ``incremental``.
+        faces: faces clustered (full) or examined (incremental).
+        clusters: clusters after the run.
+        singletons: single-face clusters after the run.
+        new_faces: faces that had no cluster before the run.
+        unassigned: incremental: new faces that joined no existing cluster.
+        id_changed: full: fraction of previously clustered faces whose cluster id changed.
+        seconds: wall time.
+        quality: full: size-weighted cohesion, separation and sampled silhouette.
+    """
+
+    run_id: int
+    kind: str
+    faces: int
+    clusters: int
+    singletons: int
+    new_faces: int = 0
+    unassigned: int = 0
+    id_changed: float | None = None
+    seconds: float = 0.0
+    quality: dict[str, float | None] = field(default_factory=dict)
+
+
+_INFO_COLS = "cluster_id, size, label, representative_face_id, cohesion, separation, confidence, created_at, updated_at"
+
+
+def same_photo_pairs(face_ids: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """int64 [m, 2]: every pair of faces of one image (they are two different people)."""
+    order = np.argsort(image_ids, kind="stable")
+    f, im = face_ids[order], image_ids[order]
+    start = np.flatnonzero(np.r_[True, im[1:] != im[:-1]])
+    ends = np.r_[start[1:], len(im)]
+    pairs = [(int(f[i]), int(f[j])) for s, e in zip(start, ends) if e - s > 1
+             for i in range(s, e) for j in range(i + 1, e)]
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] | None) -> None:
+    """Forget ``kind`` constraints between faces of ``side_a`` and ``side_b`` (None: any face).
+
+    A new curation decision replaces the earlier ones it contradicts.
+    """
+    if side_b is None:
+        con.execute("DELETE FROM cluster_constraints WHERE kind = ? AND (face_a IN (SELECT unnest(?)) "
+                    "OR face_b IN (SELECT unnest(?)))", [kind, side_a, side_a])
+    else:
+        con.execute("DELETE FROM cluster_constraints WHERE kind = ? AND ((face_a IN (SELECT unnest(?)) AND "
+                    "face_b IN (SELECT unnest(?))) OR (face_b IN (SELECT unnest(?)) AND face_a IN (SELECT unnest(?))))",
+                    [kind, side_a, side_b, side_a, side_b])
+
+
+class PersonClusters:
+    """Person clusters over a catalog's valid faces of one model version."""
+
+    def __init__(self, catalog: Catalog, settings: ClusteringSettings, model_version: str):
+        self.catalog = catalog
+        self.settings = settings
+        self.model_version = model_version
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _faces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, images = self.catalog.face_images(self.model_version)
+        fids, x = self.catalog.embeddings(ids.tolist())
+        return fids, x, images
+
+    def _constraint_rows(self, ids: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Must-link and cannot-link pairs as rows of ``ids`` (pairs with unknown faces dropped)."""
+        must, cannot = self.catalog.constraints()
+        cannot = np.concatenate([cannot, same_photo_pairs(ids, images)])
+
+        def rows(pairs: np.ndarray) -> np.ndarray:
+            if len(pairs) == 0 or len(ids) == 0:
+                return np.zeros((0, 2), np.int64)
+            pos = np.minimum(np.searchsorted(ids, pairs), len(ids) - 1)
+            ok = (ids[pos] == pairs).all(axis=1)
+            return pos[ok]
+
+        return rows(must), rows(cannot)
+
+    def _next_id(self) -> int:
+        row = self.catalog.query("SELECT greatest((SELECT max(cluster_id) FROM clusters), "
+                                 "(SELECT max(cluster_id) FROM face_clusters))")
+        return int(row[0][0] or 0) + 1
+
+    def _cluster_rows(self, x: np.ndarray, ids: np.ndarray, labels: np.ndarray, run_id: int | None,
+                      quality: dict | None) -> list[dict[str, Any]]:
+        """Rows of ``clusters`` for a labelling of faces ``ids`` (embeddings ``x``)."""
+        c_ids, means, sizes = cluster_means(x, labels)
+        row = np.searchsorted(c_ids, labels)
+        score = np.einsum("ij,ij->i", x, means[row])
+        order = np.lexsort((-score, row))
+        first = np.r_[True, row[order][1:] != row[order][:-1]]
+        rep = np.empty(len(c_ids), np.int64)
+        rep[row[order][first]] = ids[order][first]
+        per = (quality or {}).get("clusters", {})
+        out = []
+        for i, cid in enumerate(c_ids.tolist()):
+            q = per.get(cid)
+            coh = sep = conf = None
+            if q is not None:
+                coh, sep = q["cohesion"], q["separation"]
+                conf = coh - (1.0 - sep)
+            out.append({"cluster_id": cid, "size": int(sizes[i]), "representative_face_id": int(rep[i]),
+                        "cohesion": coh, "separation": sep, "confidence": conf, "centroid": means[i],
+                        "run_id": run_id})
+        return out
+
+    def _info(self, row: tuple) -> ClusterInfo:
+        return ClusterInfo(*row)
+
+    def _members(self, cluster_id: int) -> list[int]:
+        rows = self.catalog.query("SELECT face_id FROM face_clusters WHERE cluster_id = ? ORDER BY face_id",
+                                  [int(cluster_id)])
+        if not rows:
+            raise ClusterNotFoundError(cluster_id)
+        return [r[0] for r in rows]
+
+    def _rewrite(self, con: Any, cluster_ids: list[int], source: str) -> None:
+        """Recompute the rows of ``cluster_ids`` from their current faces (delete the empty ones)."""
+        rows = con.execute("SELECT face_id, cluster_id FROM face_clusters WHERE cluster_id IN (SELECT unnest(?)) "
+                           "ORDER BY face_id", [cluster_ids]).fetchall()
+        con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?)) AND cluster_id NOT IN "
+                    "(SELECT DISTINCT cluster_id FROM face_clusters)", [cluster_ids])
+        if not rows:
+            return
+        fids = np.array([r[0] for r in rows], np.int64)
+        labels = np.array([r[1] for r in rows], np.int64)
+        ids, x = self.catalog.embeddings(fids.tolist())
+        labels = labels[np.searchsorted(fids, ids)]
+        rows = self._cluster_rows(x, ids, labels, None, cluster_quality(x, labels, sample=1))
+        for r in rows:  # separation needs every other cluster: left to the next full run
+            r["separation"] = r["confidence"] = None
+        self.catalog.write_clusters(con, rows, (np.zeros(0, np.int64), np.zeros(0, np.int64)), source,
+                                    replace_all=False)
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def run(self) -> ClusterRun:
+        """Full clustering of every valid face; ids stay stable by maximum overlap with the last run."""
+        t0 = time.perf_counter()
+        started = datetime.now(timezone.utc)
+        ids, x, images = self._faces()
+        old_f, old_c = self.catalog.face_cluster_map()
+        new_faces = int((~np.isin(ids, old_f)).sum())
+        if len(ids) == 0:
+            labels = np.zeros(0, np.int64)
+        else:
+            must, cannot = self._constraint_rows(ids, images)
+            res = cluster_embeddings(x, must_link=must, cannot_link=cannot, **self.settings.method_kwargs())
+            labels = res.labels
+        stable, _ = match_ids(old_f, old_c, ids, labels, self._next_id())
+        both = np.isin(ids, old_f)
+        prev = dict(zip(old_f.tolist(), old_c.tolist()))
+        changed = [prev[f] != s for f, s in zip(ids[both].tolist(), stable[both].tolist())]
+        id_changed = float(np.mean(changed)) if changed else None
+        quality = cluster_quality(x, stable, sample=self.settings.quality_sample) if len(ids) else {}
+        n_clusters = int(len(np.unique(stable)))
+        singletons = int((np.unique(stable, return_counts=True)[1] == 1).sum()) if len(ids) else 0
+        seconds = time.perf_counter() - t0
+        with self.catalog.transaction() as con:
+            run_id = self.catalog.record_cluster_run(
+                con, kind="full", started_at=started, seconds=seconds, faces=len(ids), clusters=n_clusters,
+                singletons=singletons, new_faces=new_faces, unassigned=0, id_changed=id_changed,
+                cohesion=quality.get("cohesion"), separation=quality.get("separation"),
+                silhouette=quality.get("silhouette"), model_version=self.model_version,
+                settings=self.settings.model_dump())
+            self.catalog.write_clusters(con, self._cluster_rows(x, ids, stable, run_id, quality), (ids, stable),
+                                        "cluster", replace_all=True)
+        return ClusterRun(run_id, "full", len(ids), n_clusters, singletons, new_faces, 0, id_changed, seconds,
+                          {k: quality.get(k) for k in ("cohesion", "separation", "silhouette")})
+
+    def assign_new(self) -> ClusterRun:
+        """Put faces without a cluster into the nearest cluster when close enough, else new clusters.
+
+        A face joins the cluster of best average cosine if it reaches ``merge_threshold(1, size)``
+        (never a cluster holding a face of the same photo or a cannot-linked face); the remaining
+        new faces are clustered among themselves into new clusters.
+        """
+        t0 = time.perf_counter()
+        started = datetime.now(timezone.utc)
+        all_ids, images = self.catalog.face_images(self.model_version)
+        old_f, old_c = self.catalog.face_cluster_map()
+        new = all_ids[~np.isin(all_ids, old_f)]
+        if len(new) == 0:
+            return self._record_incremental(started, t0, 0, 0)
+        new, x = self.catalog.embeddings(new.tolist())
+        rows = self.catalog.query("SELECT cluster_id, size, centroid FROM clusters WHERE centroid IS NOT NULL "
+                                  "ORDER BY cluster_id")
+        c_ids = np.array([r[0] for r in rows], np.int64)
+        sizes = np.array([r[1] for r in rows], np.int64)
+        means = np.array([r[2] for r in rows], np.float32).reshape(len(rows), x.shape[1])
+        # Cannot-link partners of the new faces (same photo, curation) -> their clusters.
+        _, cannot = self.catalog.constraints()
+        pairs = np.concatenate([cannot, same_photo_pairs(all_ids, images)])
+        pairs = np.concatenate([pairs, pairs[:, ::-1]])
+        face_cluster = dict(zip(old_f.tolist(), old_c.tolist()))
+        banned = {(a, face_cluster[b]) for a, b in pairs.tolist() if b in face_cluster}
+        cfg = self.settings
+
+        def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+            return np.array([(int(new[i]), int(c_ids[j])) in banned for i, j in zip(r, c)], bool)
+
+        best, score = assign_to_clusters(x, means, sizes, **cfg.link_kwargs(), banned=is_banned if banned else None)
+        assigned = np.where(best >= 0, c_ids[np.maximum(best, 0)], -1)
+        # Two new faces of one photo must not both join the same cluster: the second starts its own.
+        taken: set[tuple[str, int]] = set()
+        image_of = dict(zip(all_ids.tolist(), images.tolist()))
+        for i in np.argsort(-score, kind="stable"):
+            if assigned[i] >= 0:
+                key = (image_of[int(new[i])], int(assigned[i]))
+                if key in taken:
+                    assigned[i] = -1
+                taken.add(key)
+        rest = np.flatnonzero(assigned < 0)
+        next_id = self._next_id()
+        if len(rest):
+            sub_ids = new[rest]
+            must, cannot = self._constraint_rows(sub_ids, np.array([image_of[int(f)] for f in sub_ids], object))
+            res = cluster_embeddings(x[rest], must_link=must, cannot_link=cannot, **cfg.method_kwargs())
+            fresh, _ = match_ids(np.zeros(0), np.zeros(0), sub_ids, res.labels, next_id)
+            assigned[rest] = fresh
+        touched = sorted(set(assigned.tolist()))
+        with self.catalog.transaction() as con:
+            self.catalog.write_clusters(con, [], (new, assigned), "assign", replace_all=False)
+            self._rewrite(con, touched, "assign")
+            run = self._record_incremental(started, t0, len(new), len(rest), con)
+        return run
+
+    def _record_incremental(self, started: datetime, t0: float, new: int, unassigned: int,
+                            con: Any = None) -> ClusterRun:
+        counts = self.catalog.query("SELECT count(*), count(*) FILTER (WHERE size = 1), coalesce(sum(size), 0) "
+                                    "FROM clusters") if con is None else \
+            con.execute("SELECT count(*), count(*) FILTER (WHERE size = 1), coalesce(sum(size), 0) "
+                        "FROM clusters").fetchall()
+        clusters, singletons, faces = (int(v) for v in counts[0])
+        seconds = time.perf_counter() - t0
+        fields = dict(kind="incremental", started_at=started, seconds=seconds, faces=faces, clusters=clusters,
+                      singletons=singletons, new_faces=new, unassigned=unassigned,
+                      model_version=self.model_version, settings=self.settings.model_dump())
+        if con is None:
+            with self.catalog.transaction() as c:
+                run_id = self.catalog.record_cluster_run(c, **fields)
+        else:
+            run_id = self.catalog.record_cluster_run(con, **fields)
+        return ClusterRun(run_id, "incremental", faces, clusters, singletons, new, unassigned, None, seconds)
+
+    def decision(self) -> ReclusterDecision:
+        """The drift policy (:func:`~face_assets.clustering.recluster_decision`) on this catalog's history."""
+        last = self.catalog.query("SELECT run_id, faces, started_at, model_version FROM cluster_runs "
+                                  "WHERE kind = 'full' ORDER BY run_id DESC LIMIT 1")
+        faces_now = len(self.catalog.valid_face_ids(self.model_version))
+        cfg = self.settings
+        if not last:
+            return recluster_decision(faces_now=faces_now, faces_at_last_run=0, unassigned_since=0, days_since=None,
+                                      max_growth=cfg.recluster_growth, max_unassigned=cfg.recluster_unassigned,
+                                      max_age_days=cfg.recluster_max_age_days)
+        run_id, faces, started, model = last[0]
+        unassigned = self.catalog.query("SELECT coalesce(sum(unassigned), 0) FROM cluster_runs "
+                                        "WHERE kind = 'incremental' AND run_id > ?", [run_id])[0][0]
+        days = (datetime.now(timezone.utc) - started).total_seconds() / 86400
+        return recluster_decision(faces_now=faces_now, faces_at_last_run=int(faces), unassigned_since=int(unassigned),
+                                  days_since=days, model_changed=model != self.model_version,
+                                  max_growth=cfg.recluster_growth, max_unassigned=cfg.recluster_unassigned,
+                                  max_age_days=cfg.recluster_max_age_days)
+
+    # -- curation --------------------------------------------------------------------------------
+
+    def get(self, cluster_id: int, with_faces: bool = True) -> ClusterInfo:
+        """One cluster (with its face ids)."""
+        rows = self.catalog.query(f"SELECT {_INFO_COLS} FROM clusters WHERE cluster_id = ?", [int(cluster_id)])
+        if not rows:
+            raise ClusterNotFoundError(cluster_id)
+        info = self._info(rows[0])
+        if with_faces:
+            info.face_ids = self._members(cluster_id)
+        return info
+
+    def list(self, min_size: int = 1, limit: int | None = None, offset: int = 0) -> list[ClusterInfo]:
+        """Clusters of at least ``min_size`` faces, largest first."""
+        sql = f"SELECT {_INFO_COLS} FROM clusters WHERE size >= ? ORDER BY size DESC, cluster_id"
+        params: list[Any] = [int(min_size)]
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [int(limit), int(offset)]
+        return [self._info(r) for r in self.catalog.query(sql, params)]
+
+    def merge(self, cluster_ids: list[int]) -> ClusterInfo:
+        """Merge clusters into the largest one (its id is kept); the decision survives re-clustering."""
+        ids = sorted(set(int(c) for c in cluster_ids))
+        if len(ids) < 2:
+            raise CurationError("merge needs at least two different cluster ids")
+        infos = [self.get(c) for c in ids]
+        keep = max(infos, key=lambda i: (i.size, -i.cluster_id))
+        anchor = keep.representative_face_id or keep.face_ids[0]
+        faces = [f for i in infos for f in i.face_ids]
+        with self.catalog.transaction() as con:
+            _drop_constraints(con, "cannot_link", faces, faces)
+            self.catalog.add_constraints([(anchor, f) for f in faces], "must_link", "merge", con)
+            con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE cluster_id IN "
+                        "(SELECT unnest(?))", [keep.cluster_id, ids])
+            label = next((i.label for i in [keep, *infos] if i.label), None)
+            self._rewrite(con, ids, "user")
+            if label is not None:
+                con.execute("UPDATE clusters SET label = ? WHERE cluster_id = ?", [label, keep.cluster_id])
+        return self.get(keep.cluster_id)
+
+    def split(self, cluster_id: int, face_ids: list[int] | None = None, k: int | None = None) -> list[ClusterInfo]:
+        """Split a cluster: ``face_ids`` become a new cluster, or (none given) k-means into ``k`` parts.
+
+        The largest part keeps the id. Each part's faces must-link its first face; the parts'
+        first faces cannot-link each other, so re-clustering keeps the parts apart.
+        """
+        members = self._members(cluster_id)
+        if face_ids:
+            chosen = sorted(set(int(f) for f in face_ids))
+            outside = set(chosen) - set(members)
+            if outside:
+                raise CurationError(f"faces {sorted(outside)[:5]} are not in cluster {cluster_id}")
+            if len(chosen) == len(members):
+                raise CurationError("split needs faces on both sides")
+            rest = sorted(set(members) - set(chosen))
+            parts = [chosen, rest]
+        else:
+            k = k or self.settings.split_k
+            if len(members) < k:
+                raise CurationError(f"cluster {cluster_id} has {len(members)} faces, cannot split into {k}")
+            ids, x = self.catalog.embeddings(members)
+            lab = split_kmeans(x, k)
+            parts = [ids[lab == j].tolist() for j in range(k) if (lab == j).any()]
+        parts.sort(key=lambda p: (-len(p), p[0]))
+        next_id = self._next_id()
+        new_ids = [int(cluster_id)] + list(range(next_id, next_id + len(parts) - 1))
+        anchors = [p[0] for p in parts]
+        with self.catalog.transaction() as con:
+            _drop_constraints(con, "must_link", members, members)
+            for part in parts:
+                self.catalog.add_constraints([(part[0], f) for f in part[1:]], "must_link", "split", con)
+            self.catalog.add_constraints([(a, b) for i, a in enumerate(anchors) for b in anchors[i + 1:]],
+                                         "cannot_link", "split", con)
+            for cid, part in zip(new_ids[1:], parts[1:]):
+                con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE face_id IN "
+                            "(SELECT unnest(?))", [cid, part])
+            self._rewrite(con, new_ids, "user")
+        return [self.get(c) for c in new_ids]
+
+    def move(self, face_id: int, cluster_id: int) -> ClusterInfo:
+        """Move one face to another cluster; it stays there through re-clustering.
+
+        The face must-links every face of the target (a must-link to one face alone could take that
+        face away from its cluster), and cannot-links the representative of the cluster it leaves.
+        """
+        face_id, cluster_id = int(face_id), int(cluster_id)
+        target = self.get(cluster_id)
+        rows = self.catalog.query("SELECT cluster_id FROM face_clusters WHERE face_id = ?", [face_id])
+        if not rows:
+            if not self.catalog.query("SELECT 1 FROM faces WHERE face_id = ?", [face_id]):
+                raise CurationError(f"no face {face_id}")
+            old = None
+        else:
+            old = rows[0][0]
+        if old == cluster_id:
+            return target
+        with self.catalog.transaction() as con:
+            _drop_constraints(con, "must_link", [face_id], None)
+            _drop_constraints(con, "cannot_link", [face_id], target.face_ids)
+            self.catalog.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move", con)
+            if old is not None:
+                old_members = [r[0] for r in con.execute(
+                    "SELECT face_id FROM face_clusters WHERE cluster_id = ? AND face_id <> ? ORDER BY face_id",
+                    [old, face_id]).fetchall()]
+                old_rep = con.execute("SELECT representative_face_id FROM clusters WHERE cluster_id = ?",
+                                      [old]).fetchone()
+                other = old_rep[0] if old_rep and old_rep[0] != face_id else (old_members[0] if old_members else None)
+                if other is not None:
+                    self.catalog.add_constraints([(face_id, other)], "cannot_link", "move", con)
+            con.execute("INSERT OR REPLACE INTO face_clusters VALUES (?, ?, 'user', now())", [face_id, cluster_id])
+            self._rewrite(con, [cluster_id] + ([old] if old is not None else []), "user")
+        return self.get(cluster_id)
+
+    def rename(self, cluster_id: int, label: str | None) -> ClusterInfo:
+        """Name (label) a person; ``None`` clears it. Labels follow the id through re-clustering."""
+        self.get(cluster_id, with_faces=False)
+        with self.catalog.transaction() as con:
+            con.execute("UPDATE clusters SET label = ?, updated_at = now() WHERE cluster_id = ?",
+                        [label, int(cluster_id)])
+        return self.get(cluster_id, with_faces=False)
