@@ -234,6 +234,19 @@ class PipelineSettings(_Section):
         ge=5,
         description="How often the re-embedding sensor looks for a newly promoted model version.",
     )
+    cluster_check_seconds: int = Field(
+        120,
+        ge=5,
+        description="How often the cluster sensor looks for batches merged since its last request; all found "
+        "are clustered in one run.",
+    )
+    min_cluster_cohesion: float = Field(
+        0.3,
+        ge=-1.0,
+        le=1.0,
+        description="Floor of the `person_clusters` quality check: the size-weighted mean cosine between the faces "
+        "of each multi-face cluster.",
+    )
 
 
 class TrainingSettings(_Section):

@@ -326,7 +326,7 @@ def test_webserver_lists_the_assets_over_graphql(datasets, tmp_path):
         assert {n["assetKey"]["path"][0]: n["groupName"] for n in nodes} == {
             "source_images": "ingest", "filtered_images": "ingest", "face_embeddings": "ingest", "ann_index": "index",
             "reembedded_catalog": "index", "feedback_pairs": "learning", "fine_tuned_model": "learning",
-            "promoted_model": "learning"}
+            "promoted_model": "learning", "person_clusters": "clusters"}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

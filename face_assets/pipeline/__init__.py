@@ -6,9 +6,10 @@ It holds no face logic: every asset calls the library (``ingest_paths``, ``Catal
 - :mod:`.batches`: which files are new, grouped into batches that become dynamic partitions;
 - :mod:`.resources`: the configured library (settings, models, catalog, folders) as a resource;
 - :mod:`.assets`: source images -> filtered images -> face embeddings -> ANN index, with checks;
+- :mod:`.clusters`: person clusters (incremental assignment, full re-clustering when due), with a check;
 - :mod:`.learning`: feedback pairs -> fine-tuned model (gate check) -> promoted model, and re-embedding;
 - :mod:`.charts`: markdown charts for the UI metadata;
-- :mod:`.sensors`: the new-image, index, retraining and re-embedding sensors, the optional nightly schedule;
+- :mod:`.sensors`: the new-image, index, cluster, retraining and re-embedding sensors, the nightly schedule;
 - :mod:`.definitions`: ``defs`` for ``dagster dev`` / ``dagster asset materialize``, and the jobs;
 - :mod:`.executors`: the Dask executor (optional ``distributed`` extra);
 - :mod:`.runner`: ``face-assets pipeline``, the main job of ``make run``.

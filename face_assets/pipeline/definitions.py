@@ -10,6 +10,8 @@ Jobs:
   ``pipeline.auto_promote``, when its gate passed); what the retraining sensor requests.
 - ``reembed_catalog``: the catalog re-embedded by the active model version, then the ANN index;
   what the re-embedding sensor requests after a promotion.
+- ``update_clusters``: person clusters (incremental, or full when due); what the cluster sensor requests.
+- ``nightly_refresh``: the ANN index and the person clusters; what the nightly schedule runs.
 
 ``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
 :func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
@@ -29,9 +31,11 @@ from dagster import (
 
 from ..config import load_settings
 from .assets import ASSETS, ann_index, image_batches
+from .clusters import CLUSTER_ASSETS, person_clusters
 from .learning import LEARNING_ASSETS, feedback_pairs, fine_tuned_model, promoted_model, reembedded_catalog
 from .resources import FaceAssetsResource
 from .sensors import (
+    build_cluster_sensor,
     build_index_sensor,
     build_new_images_sensor,
     build_nightly_schedule,
@@ -43,8 +47,10 @@ INGEST_JOB = "ingest_images"
 REFRESH_JOB = "refresh_index"
 RETRAIN_JOB = "retrain_model"
 REEMBED_JOB = "reembed_catalog"
-ALL_ASSETS = ASSETS + LEARNING_ASSETS
-"""Every asset of the graph: ingest and index, then learning from feedback."""
+CLUSTER_JOB = "update_clusters"
+NIGHTLY_JOB = "nightly_refresh"
+ALL_ASSETS = ASSETS + CLUSTER_ASSETS + LEARNING_ASSETS
+"""Every asset of the graph: ingest and index, person clusters, then learning from feedback."""
 
 RESOURCES = {"face_assets": FaceAssetsResource()}
 """Default resources: settings from ``$FACE_ASSETS_CONFIG`` and the environment, like the CLI."""
@@ -101,12 +107,17 @@ def build_definitions() -> Definitions:
                                description="Bring the ANN index up to date with the catalog and check it.")
     reembed = define_asset_job(REEMBED_JOB, selection=AssetSelection.assets(reembedded_catalog, ann_index),
                                description="Re-embed the catalog with the active model version, then the index.")
-    schedule = build_nightly_schedule(REFRESH_JOB, cfg)
+    clusters = define_asset_job(CLUSTER_JOB, selection=AssetSelection.assets(person_clusters),
+                                description="Assign new faces to person clusters, or re-cluster fully when due.")
+    nightly = define_asset_job(NIGHTLY_JOB, selection=AssetSelection.assets(ann_index, person_clusters),
+                               description="The ANN index and the person clusters over the whole catalog, with checks.")
+    schedule = build_nightly_schedule(NIGHTLY_JOB, cfg)
     return Definitions(
         assets=ALL_ASSETS,
-        jobs=[ingest, refresh, build_retrain_job(cfg.auto_promote), reembed],
+        jobs=[ingest, refresh, build_retrain_job(cfg.auto_promote), reembed, clusters, nightly],
         sensors=[build_new_images_sensor(INGEST_JOB, cfg), build_index_sensor(REFRESH_JOB, cfg),
-                 build_retraining_sensor(RETRAIN_JOB, cfg), build_reembed_sensor(REEMBED_JOB, cfg)],
+                 build_cluster_sensor(CLUSTER_JOB, cfg), build_retraining_sensor(RETRAIN_JOB, cfg),
+                 build_reembed_sensor(REEMBED_JOB, cfg)],
         schedules=[schedule] if schedule else [],
         resources=RESOURCES,
     )

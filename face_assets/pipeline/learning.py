@@ -33,6 +33,7 @@ from dagster import (
 
 from ..errors import ModelVersionError
 from .assets import CATALOG_POOL, ann_index
+from .clusters import person_clusters
 from .resources import FaceAssetsResource
 
 GATE_CHECK = "candidate_passes_gate"
@@ -61,7 +62,8 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
 
 
 @asset(
-    deps=[ann_index],
+    # the export mines negatives among the index's neighbours, from other person clusters
+    deps=[ann_index, person_clusters],
     pool=CATALOG_POOL,
     group_name="learning",
     kinds={"parquet"},

@@ -23,6 +23,7 @@ from dagster import (
 from ..config import PipelineSettings
 from ..errors import FeedbackStoreUnavailableError
 from ..feedback import FeedbackStore
+from ..persons import PersonClusters
 from ..store import Catalog
 from .assets import face_embeddings, image_batches
 from .batches import scan
@@ -97,7 +98,8 @@ def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefi
         return None
     return ScheduleDefinition(name="nightly_refresh", cron_schedule=cfg.nightly_cron, job_name=job_name,
                               default_status=DefaultSensorStatus.RUNNING,
-                              description="Refreshes what depends on the whole catalog (the ANN index) and runs its checks.")
+                              description="Refreshes what depends on the whole catalog (the ANN index, the person "
+                              "clusters: a full re-clustering when the drift policy says so) and runs the checks.")
 
 
 def new_votes(face_assets: FaceAssetsResource, since: datetime | None) -> tuple[int, datetime | None]:
@@ -183,3 +185,50 @@ def build_reembed_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefiniti
         return RunRequest(tags={"face_assets/model_version": version})
 
     return reembed_sensor
+
+
+def cluster_policy(face_assets: FaceAssetsResource):
+    """The library's re-clustering policy on the catalog as it is, read without writing (None before any catalog)."""
+    settings = face_assets.settings
+    path = settings.storage.duckdb_path
+    if not path.is_file():
+        return None
+    tag = face_assets.active_recognizer()[2]
+    with Catalog(path, read_only=True) as catalog:
+        return PersonClusters(catalog, settings.clustering, tag).decision()
+
+
+def build_cluster_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
+    """Sensor requesting ``job_name`` (person clusters) after new embeddings: a full run when the policy says so.
+
+    Its cursor is the event storage id of the newest ``face_embeddings`` materialization handed to a
+    run. The request is incremental (``assign_new``) unless the library's re-clustering policy
+    (settings ``clustering.recluster_growth``, ``recluster_unassigned``, ``recluster_max_age_days``)
+    calls for a full run, which the run then does whatever it finds.
+    """
+
+    @sensor(name="cluster_sensor", job_name=job_name, minimum_interval_seconds=cfg.cluster_check_seconds,
+            default_status=DefaultSensorStatus.RUNNING,
+            description="After new face_embeddings: assigns new faces to person clusters, or re-clusters fully "
+            "when the library's drift policy says enough has changed.")
+    def cluster_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
+        records = context.instance.fetch_materializations(face_embeddings.key, limit=1).records
+        if not records:
+            return SkipReason("no batch merged yet")
+        latest = records[0].storage_id
+        if context.cursor is not None and latest <= int(context.cursor):
+            return SkipReason("no batch merged since the last clustering request")
+        try:
+            policy = cluster_policy(face_assets)
+        except duckdb.IOException as exc:
+            return SkipReason(f"catalog not readable now: {exc}")
+        context.update_cursor(str(latest))
+        full = bool(policy and policy.recluster)
+        reasons = "; ".join(policy.reasons) if policy else ""
+        context.log.info("new embeddings: requesting %s clustering %s", "a full" if full else "incremental", reasons)
+        return RunRequest(run_key=f"clusters-{latest}",
+                          run_config={"ops": {"person_clusters": {"config": {"full": full}}}},
+                          tags={"face_assets/clustering": "full" if full else "incremental",
+                                "face_assets/reasons": reasons[:200]})
+
+    return cluster_sensor

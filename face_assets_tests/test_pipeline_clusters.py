@@ -1,0 +1,133 @@
+"""Person clusters in the Dagster graph: the cluster sensor, full and incremental runs, the quality check.
+
+Real faces (twelve indexed LFW photos of three persons, then new photos through the ingest graph),
+the library's clustering, a real DuckDB catalog and a real Dagster instance; tests run in file order.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import AssetKey, DagsterInstance, RunRequest, SkipReason, build_sensor_context, materialize
+
+from face_assets.pipeline.assets import ASSETS, image_batches
+from face_assets.pipeline.clusters import QUALITY_CHECK, person_clusters, size_distribution
+from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, NIGHTLY_JOB, defs
+from face_assets.pipeline.resources import FaceAssetsResource
+from face_assets.pipeline.sensors import build_cluster_sensor, pending_batches
+from face_assets.store import Catalog
+
+
+def _metadata(instance: DagsterInstance, asset: str) -> dict:
+    event = instance.get_latest_materialization_event(AssetKey(asset))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+class Workspace:
+    """A copy of the indexed faces, a watched folder, a config file and a Dagster instance."""
+
+    def __init__(self, root: Path, indexed: Path, datasets: Path):
+        self.datasets = datasets
+        self.data, self.photos, self.home = root / "data", root / "photos", root / "home"
+        shutil.copytree(indexed, self.data)
+        self.photos.mkdir()
+        self.home.mkdir()
+        self.config = root / "face_assets.yaml"
+        self.config.write_text(yaml.safe_dump({"storage": {"data_dir": str(self.data)},
+                                               "pipeline": {"watched_folders": [str(self.photos)]}}))
+        self.resources = {"face_assets": FaceAssetsResource(config_path=str(self.config))}
+        self.instance = DagsterInstance.local_temp(str(self.home), overrides={
+            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
+        self.sensor = build_cluster_sensor(CLUSTER_JOB, self.resources["face_assets"].settings.pipeline)
+        self.cursor = None
+
+    def ingest(self, rel: str) -> None:
+        """One shared photo dropped into the watched folder and merged through the ingest graph."""
+        shutil.copy(self.datasets / rel, self.photos / Path(rel).name)
+        registered = set(self.instance.get_dynamic_partitions(image_batches.name))
+        keys = pending_batches(self.resources["face_assets"], registered)
+        self.instance.add_dynamic_partitions(image_batches.name, keys)
+        for key in keys:
+            assert materialize(ASSETS[:3], partition_key=key, instance=self.instance, resources=self.resources).success
+
+    def tick(self):
+        """One evaluation of the cluster sensor, continuing from the last cursor."""
+        context = build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources)
+        result = self.sensor(context)
+        self.cursor = context.cursor
+        return result
+
+    def cluster(self, request: RunRequest, resources=None):
+        """Materialize ``person_clusters`` with the run config the sensor asked for."""
+        return materialize(ALL_ASSETS, selection=[person_clusters], instance=self.instance,
+                           resources=resources or self.resources, run_config=request.run_config)
+
+    def sql(self, query: str, params=None) -> list[tuple]:
+        """Read the main catalog."""
+        with Catalog(self.data / "face_assets.duckdb", read_only=True) as catalog:
+            return catalog.query(query, params)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, indexed_dir, datasets) -> Workspace:
+    """Twelve indexed faces, never clustered."""
+    return Workspace(tmp_path_factory.mktemp("clusters"), indexed_dir, datasets)
+
+
+def test_sensor_waits_for_embeddings_then_asks_for_a_full_run(ws):
+    assert isinstance(ws.tick(), SkipReason)  # nothing merged by the graph yet
+    ws.ingest("real/lfw10/George_W_Bush/George_W_Bush_0001.jpg")
+    request = ws.tick()
+    assert isinstance(request, RunRequest) and request.tags["face_assets/clustering"] == "full"
+    assert "never clustered" in request.tags["face_assets/reasons"]
+    assert isinstance(ws.tick(), SkipReason)  # the same merges are not handed over twice
+
+    result = ws.cluster(request)
+    assert result.success
+    meta = _metadata(ws.instance, "person_clusters")
+    clusters = ws.sql("SELECT cluster_id, size FROM clusters ORDER BY size DESC")
+    assert meta["kind"] == "full" and meta["clusters"] == len(clusters) >= 3
+    assert meta["faces"] == sum(s for _, s in clusters) == ws.sql("SELECT count(*) FROM faces WHERE is_valid")[0][0]
+    assert meta["largest_cluster"] == clusters[0][1] >= 4
+    assert "clusters by size" in meta["cluster_sizes"] and f"| {clusters[0][0]} |" in meta["cluster_sizes"]
+    assert meta["quality"]["silhouette"] is not None
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == QUALITY_CHECK and check.passed
+    assert check.metadata["weighted_cohesion"].value >= 0.3
+
+
+def test_new_faces_are_assigned_incrementally(ws):
+    ws.ingest("real/lfw10/George_W_Bush/George_W_Bush_0002.jpg")
+    request = ws.tick()
+    assert isinstance(request, RunRequest) and request.tags["face_assets/clustering"] == "incremental"
+    assert request.run_config == {"ops": {"person_clusters": {"config": {"full": False}}}}
+    assert ws.cluster(request).success
+    meta = _metadata(ws.instance, "person_clusters")
+    assert meta["kind"] == "incremental" and meta["new_faces"] == 1
+    bush = ws.sql("""SELECT DISTINCT fc.cluster_id FROM face_clusters fc JOIN faces f USING (face_id)
+                     JOIN images i USING (image_id) WHERE i.path LIKE '%George_W_Bush%' AND f.is_valid""")
+    assert len(bush) == 1  # the second photo joined the first one's person
+    assert ws.sql("SELECT count(*) FROM faces f LEFT JOIN face_clusters USING (face_id) "
+                  "WHERE f.is_valid AND cluster_id IS NULL") == [(0,)]
+
+
+def test_quality_below_the_floor_fails_the_check(ws):
+    strict = ws.config.with_name("strict.yaml")
+    strict.write_text(yaml.safe_dump(yaml.safe_load(ws.config.read_text()) | {
+        "pipeline": {"watched_folders": [str(ws.photos)], "min_cluster_cohesion": 0.99}}))
+    result = ws.cluster(RunRequest(run_config={"ops": {"person_clusters": {"config": {"full": True}}}}),
+                        resources={"face_assets": FaceAssetsResource(config_path=str(strict))})
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.metadata["floor"].value == 0.99
+    assert result.success  # not blocking: the clusters are stored, the UI shows the failed check
+    assert _metadata(ws.instance, "person_clusters")["kind"] == "full"
+
+
+def test_jobs_and_size_chart():
+    assert set(defs.resolve_job_def(CLUSTER_JOB).asset_layer.selected_asset_keys) == {person_clusters.key}
+    assert set(defs.resolve_job_def(NIGHTLY_JOB).asset_layer.selected_asset_keys) == {
+        person_clusters.key, AssetKey("ann_index")}
+    assert size_distribution([1, 1, 2, 3, 5, 300]) == {"1 faces": 2, "2-3 faces": 2, "4-7 faces": 1, "256+ faces": 1}
