@@ -192,7 +192,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     _print(args, {"partitions": done.partitions, "run_ids": done.run_ids, "success": done.success, "stats": stats,
                   "ui": ui},
            f"{len(done.partitions)} new batch(es) materialized ({'ok' if done.success else 'FAILED, see the UI'}); "
-           f"catalog {stats['images']} images, {stats['faces']} faces, index {stats['index_size']} faces "
+           f"catalog {stats['images']} images, {stats['faces']} faces, index {stats['index_size']} faces, "
+           f"{stats['persons']} persons "
            f"-> {lib.settings.storage.duckdb_path}\n"
            f"Open the Dagster UI (asset graph, runs, metadata): {ui}\nthen browse http://127.0.0.1:3000")
     return 0 if done.success else 1

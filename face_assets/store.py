@@ -310,14 +310,15 @@ class Catalog:
                 con.execute(f"DELETE FROM {table}")
 
     def stats(self) -> dict[str, Any]:
-        """Image counts by status and rejection reason, and face counts."""
+        """Image counts by status and rejection reason, face counts and the number of person clusters."""
         with self._lock:
             by_status = dict(self.con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
             reasons = dict(self.con.execute(
                 "SELECT rejection_reason, count(*) FROM images WHERE status = 'rejected' GROUP BY ALL").fetchall())
             faces, valid = self.con.execute("SELECT count(*), count(*) FILTER (WHERE is_valid) FROM faces").fetchone()
+            persons = self.con.execute("SELECT count(*) FROM clusters").fetchone()[0]
         return {"images": sum(by_status.values()), "by_status": by_status, "rejected_by_reason": reasons,
-                "faces": faces, "valid_faces": valid}
+                "faces": faces, "valid_faces": valid, "persons": persons}
 
     def export_parquet(self, folder: str | Path) -> dict[str, Path]:
         """Write the ``images`` and ``faces`` tables to ``folder/images.parquet`` and ``faces.parquet``.

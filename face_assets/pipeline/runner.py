@@ -2,7 +2,7 @@
 
 It does what the new-image sensor and the daemon would do, once and in the foreground: plan batches
 for the new files of the watched folders, add them as partitions, materialize each partition not
-yet in the catalog, then the ANN index. The runs are recorded in the instance, so ``dagster dev``
+yet in the catalog, then the ANN index and the person clusters. The runs are recorded in the instance, so ``dagster dev``
 on the same ``DAGSTER_HOME`` shows them.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from dagster import DagsterInstance, materialize
 
 from .assets import ASSETS, ann_index, face_embeddings, image_batches
+from .clusters import CLUSTER_ASSETS, person_clusters
 from .resources import FaceAssetsResource
 from .sensors import pending_batches
 
@@ -44,7 +45,7 @@ def open_instance(folder: str | os.PathLike | None = None) -> DagsterInstance:
 
 
 def run_pipeline(instance: DagsterInstance, face_assets: FaceAssetsResource | None = None) -> PipelineRun:
-    """Materialize every batch of the watched folders not yet merged into the catalog, then the index.
+    """Materialize every batch of the watched folders not yet merged into the catalog, then the index and persons.
 
     Batches already merged are left alone, so running it again over the same folders does nothing
     but refresh the index; a batch whose run failed is tried again.
@@ -64,7 +65,11 @@ def run_pipeline(instance: DagsterInstance, face_assets: FaceAssetsResource | No
                              resources=resources, raise_on_error=False)
         out.run_ids[key] = result.run_id
         out.success &= result.success
-    result = materialize(ASSETS, selection=[ann_index], instance=instance, resources=resources, raise_on_error=False)
-    out.run_ids["ann_index"] = result.run_id
-    out.success &= result.success
+    for asset in (ann_index, person_clusters):
+        if not out.success:
+            break  # persons are built on a complete index only
+        result = materialize(ASSETS + CLUSTER_ASSETS, selection=[asset], instance=instance, resources=resources,
+                             raise_on_error=False)
+        out.run_ids[asset.key.to_user_string()] = result.run_id
+        out.success &= result.success
     return out
