@@ -6,29 +6,52 @@ Public entry points::
 
     with FaceRecognitionLibrary(index_dir="data") as lib:
         lib.index_directory("photos/")
-        matches = lib.search("query.jpg", top_k=10)
+        matches = lib.search("query.jpg", top_k=10)   # each with its person's cluster_id
+        lib.cluster()                                   # persons; then lib.assign_new() as faces arrive
+
+Every error the library raises is a :class:`FaceRecognitionError`; the subclasses are exported here.
 """
 
 from .config import Settings, load_settings
 from .errors import (
+    ClusterNotFoundError,
     ConfigError,
+    CurationError,
+    EmbeddingError,
     FaceRecognitionError,
+    FeedbackError,
     ImageLoadError,
+    IndexCorruptError,
+    IndexNotFoundError,
     ModelNotFoundError,
+    ModelVersionError,
     NoFaceDetectedError,
+    TrainingError,
+    UnknownFaceError,
+    UnknownQueryError,
 )
 from .filtering import FaceFilter, filter_image
 from .library import FaceRecognitionLibrary
 
 __all__ = [
+    "ClusterNotFoundError",
     "ConfigError",
+    "CurationError",
+    "EmbeddingError",
     "FaceFilter",
-    "FaceRecognitionLibrary",
     "FaceRecognitionError",
+    "FaceRecognitionLibrary",
+    "FeedbackError",
     "ImageLoadError",
+    "IndexCorruptError",
+    "IndexNotFoundError",
     "ModelNotFoundError",
+    "ModelVersionError",
     "NoFaceDetectedError",
     "Settings",
+    "TrainingError",
+    "UnknownFaceError",
+    "UnknownQueryError",
     "filter_image",
     "load_settings",
 ]
