@@ -54,6 +54,7 @@ __all__ = [
     "match_ids",
     "assign_to_clusters",
     "cluster_means",
+    "MeansIndex",
     "split_kmeans",
     "cluster_quality",
     "recluster_decision",
@@ -155,28 +156,69 @@ def knn_graph(
     secs["lists"] = time.perf_counter() - t
     log(f"knn graph: {n} x {d} -> {r} dims, {nlist} lists, nprobe {nprobe}: lists in {secs['lists']:.0f}s")
 
-    # Members of a list: faces whose nearest list it is. Queries of a list: faces probing it.
     t = time.perf_counter()
-    home = probe[:, 0]
+    lists = _invert_lists(probe, probe[:, 0], nlist)
+    del probe
+    best_s, best_i = _ivf_join(y, y, lists, k, same=True, log=log)
+    secs["join"] = time.perf_counter() - t
+    secs["total"] = time.perf_counter() - t0
+    log(f"knn graph: join {secs['join']:.0f}s, total {secs['total']:.0f}s")
+    return KnnGraph(best_i, best_s, secs)
+
+
+def _invert_lists(probe: np.ndarray, home: np.ndarray, nlist: int) -> tuple[np.ndarray, ...]:
+    """Inverted lists for :func:`_ivf_join`: members of each list (base rows whose list it is,
+    ``home``) and its queries (query rows probing it, ``probe`` int [nq, nprobe]), as CSR pairs."""
+    nprobe = probe.shape[1]
     member_order = np.argsort(home, kind="stable").astype(np.int32)
     member_ptr = np.searchsorted(home[member_order], np.arange(nlist + 1))
     q_lists = probe.reshape(-1)
     q_order = np.argsort(q_lists, kind="stable")
     q_rows = (q_order // nprobe).astype(np.int32)
     q_ptr = np.searchsorted(q_lists[q_order], np.arange(nlist + 1))
-    del probe, q_lists, q_order
+    return member_order, member_ptr, q_rows, q_ptr
 
-    best_s = np.full((n, k), -np.inf, dtype=np.float32)
-    best_i = np.full((n, k), -1, dtype=np.int32)
+
+def _ivf_join(
+    q: np.ndarray,
+    base: np.ndarray,
+    lists: tuple[np.ndarray, ...],
+    k: int,
+    *,
+    same: bool = False,
+    log: Callable[[str], None] = _log_default,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products of each query with the base rows of the lists it probes.
+
+    One BLAS product per list (its probing queries x its members), not one scan per query: at
+    634k cluster means and 10,000 queries this is ~15x faster than faiss' IVF search.
+
+    Args:
+        q: float32 [nq, d] queries.
+        base: float32 [nb, d] base rows.
+        lists: :func:`_invert_lists` of the queries' probes and the base rows' lists.
+        k: neighbours kept per query.
+        same: ``q`` is ``base`` (a self-join): a row is not its own neighbour.
+        log: progress messages.
+
+    Returns:
+        ``(scores float32 [nq, k], rows int32 [nq, k])``, best first; row -1 where fewer were found.
+    """
+    member_order, member_ptr, q_rows, q_ptr = lists
+    nlist = len(member_ptr) - 1
+    t = time.perf_counter()
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int32)
     for lst in range(nlist):
         members = member_order[member_ptr[lst] : member_ptr[lst + 1]]
         queries = q_rows[q_ptr[lst] : q_ptr[lst + 1]]
         if len(members) == 0 or len(queries) == 0:
             continue
-        kk = min(k + 1, len(members))  # +1: a face is a member of its own home list
-        ds, di = faiss.knn(y[queries], y[members], kk, metric=faiss.METRIC_INNER_PRODUCT)
+        kk = min(k + 1 if same else k, len(members))  # +1: a face is a member of its own home list
+        ds, di = faiss.knn(q[queries], base[members], kk, metric=faiss.METRIC_INNER_PRODUCT)
         di = members[di]
-        ds[di == queries[:, None]] = -np.inf
+        if same:
+            ds[di == queries[:, None]] = -np.inf
         cat_s = np.concatenate([best_s[queries], ds], axis=1)
         cat_i = np.concatenate([best_i[queries], di.astype(np.int32)], axis=1)
         top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]
@@ -188,10 +230,7 @@ def knn_graph(
     best_s = np.take_along_axis(best_s, order, 1)
     best_i = np.take_along_axis(best_i, order, 1)
     best_i[~np.isfinite(best_s)] = -1
-    secs["join"] = time.perf_counter() - t
-    secs["total"] = time.perf_counter() - t0
-    log(f"knn graph: join {secs['join']:.0f}s, total {secs['total']:.0f}s")
-    return KnnGraph(best_i, best_s, secs)
+    return best_s, best_i
 
 
 # -- average-linkage merging -----------------------------------------------------------------------
@@ -458,21 +497,50 @@ def _group_sum(group: np.ndarray, n_groups: int, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mips(means: np.ndarray, queries: np.ndarray, k: int, seed: int = _SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` inner products of queries with means: exact up to 50,000 means, IVF-Flat above."""
-    k = min(k, len(means))
-    if len(means) <= 50_000:
-        return faiss.knn(queries, means, k, metric=faiss.METRIC_INNER_PRODUCT)
-    # Few lists, trained on ~16 points each: the index is built per call, so it must build fast.
-    nlist = int(min(1024, 2 ** round(math.log2(len(means) / 1024))))
-    quant = faiss.IndexFlatIP(means.shape[1])
-    ivf = faiss.IndexIVFFlat(quant, means.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(seed)
-    train = means[np.sort(rng.choice(len(means), min(len(means), nlist * 16), replace=False))]
-    ivf.train(np.ascontiguousarray(train / np.linalg.norm(train, axis=1, keepdims=True)))
-    ivf.add(means)
-    ivf.nprobe = min(nlist, 24)
-    return ivf.search(queries, k)
+class MeansIndex:
+    """Maximum-inner-product search over cluster means: exact up to 50,000 means, inverted lists above.
+
+    Above 50,000 means, the means are spread over ``2 ** round(log2(c / 1024))`` (at most 1024)
+    spherical k-means lists and a query is compared with the members of its ``nprobe`` nearest
+    lists, one BLAS product per list (:func:`_ivf_join`). Build it once per clustering and reuse it
+    for every batch of new faces (:func:`assign_to_clusters` ``index=``): the build is the
+    k-means and the list of every mean, the search is what a call pays.
+    """
+
+    def __init__(self, means: np.ndarray, *, nprobe: int = 32, seed: int = _SEED):
+        self.means = np.ascontiguousarray(means, np.float32)
+        self.centroids: np.ndarray | None = None
+        self.home: np.ndarray | None = None
+        self.nprobe = nprobe
+        c = len(self.means)
+        if c <= 50_000:
+            return
+        nlist = int(min(1024, 2 ** round(math.log2(c / 1024))))
+        rng = np.random.default_rng(seed)
+        train = self.means[np.sort(rng.choice(c, min(c, nlist * 16), replace=False))]
+        km = faiss.Kmeans(train.shape[1], nlist, niter=10, spherical=True, seed=seed, max_points_per_centroid=16)
+        km.train(np.ascontiguousarray(train / np.linalg.norm(train, axis=1, keepdims=True)))
+        self.centroids = km.centroids
+        self.home = faiss.knn(self.means, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
+
+    def __len__(self) -> int:
+        return len(self.means)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(inner products float32 [q, k], mean rows [q, k])``, best first; row -1 where none."""
+        q = np.ascontiguousarray(queries, np.float32)
+        k = min(k, len(self.means))
+        if self.centroids is None:
+            return faiss.knn(q, self.means, k, metric=faiss.METRIC_INNER_PRODUCT)
+        nprobe = min(self.nprobe, len(self.centroids))
+        probe = faiss.knn(q, self.centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1]
+        ds, di = _ivf_join(q, self.means, _invert_lists(probe, self.home, len(self.centroids)), k)
+        return ds, di.astype(np.int64)
+
+
+def _mips(means: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products of queries with means (a :class:`MeansIndex` built for one search)."""
+    return MeansIndex(means).search(queries, k)
 
 
 def assign_to_clusters(
@@ -486,6 +554,7 @@ def assign_to_clusters(
     tau_face: float | None = 0.27,
     k: int = 8,
     banned: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    index: MeansIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best cluster of each query face by average cosine, if it reaches the merge threshold.
 
@@ -498,6 +567,7 @@ def assign_to_clusters(
         sizes: int [c] cluster sizes.
         k: candidate clusters examined per query (by inner product).
         banned: optional ``f(query rows, cluster rows) -> bool mask`` of forbidden pairs.
+        index: a :class:`MeansIndex` of ``means`` kept from an earlier call (built here if None).
 
     Returns:
         ``(cluster row int64 [q], score float32 [q])``; row -1 where no cluster qualifies.
@@ -505,7 +575,7 @@ def assign_to_clusters(
     if len(means) == 0 or len(queries) == 0:
         return np.full(len(queries), -1, np.int64), np.zeros(len(queries), np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    ds, di = _mips(np.ascontiguousarray(means, np.float32), q, k)
+    ds, di = (index if index is not None else MeansIndex(means)).search(q, k)
     ok = di >= 0
     thr = merge_threshold(1, sizes[np.maximum(di, 0)], tau_1, tau_inf, decay, tau_face)
     ok &= ds >= thr

@@ -12,6 +12,7 @@ import pytest
 
 from face_assets.cli import main as cli_main
 from face_assets.clustering import (
+    MeansIndex,
     assign_to_clusters,
     average_linkage,
     bcubed_prf,
@@ -158,6 +159,27 @@ def test_incremental_assignment_agrees(synthetic, generator):
     best, _ = assign_to_clusters(stranger.embeddings()[::10], means, sizes)
     assert (best < 0).mean() > 0.9
 
+
+
+def test_means_index_inverted_lists_find_the_best_mean():
+    # Above 50,000 means the index searches inverted lists; built once, searched per batch.
+    rng = np.random.default_rng(3)
+    means = rng.standard_normal((60_000, 64), dtype=np.float32)
+    means *= (rng.uniform(0.3, 1.0, len(means)) / np.linalg.norm(means, axis=1)).astype(np.float32)[:, None]
+    index = MeansIndex(means)
+    assert index.centroids is not None and len(index) == len(means)
+    target = rng.choice(len(means), 300, replace=False)
+    q = means[target] / np.linalg.norm(means[target], axis=1, keepdims=True)
+    q += 0.05 * rng.standard_normal(q.shape, dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact_s, exact_i = np.sort(q @ means.T, axis=1)[:, ::-1][:, :3], np.argmax(q @ means.T, axis=1)
+    ds, di = index.search(q, 3)
+    assert np.mean(di[:, 0] == exact_i) > 0.95
+    found = di[:, 0] == exact_i
+    np.testing.assert_allclose(ds[found, 0], exact_s[found, 0], rtol=1e-4)
+    # assign_to_clusters with the kept index gives what it computes without one.
+    sizes = np.full(len(means), 50)
+    assert (assign_to_clusters(q, means, sizes, index=index)[0] == assign_to_clusters(q, means, sizes)[0]).all()
 
 def test_split_kmeans_and_policy(synthetic):
     x, labels = synthetic
