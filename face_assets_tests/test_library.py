@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from face_assets import NoFaceDetectedError, load_settings
+from face_assets import NoFaceDetectedError
 from face_assets.errors import EmbeddingError, ImageLoadError
 from face_assets.library import FaceRecognitionLibrary
 
