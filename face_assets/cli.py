@@ -77,6 +77,10 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
+def _key_values(data: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in data.items())
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from .ingest import iter_image_files
 
@@ -114,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _library(args) as lib:
         s = lib.stats()
-    _print(args, s, "\n".join(f"{k}: {v}" for k, v in s.items()))
+    _print(args, s, _key_values(s))
     return 0
 
 
@@ -174,7 +178,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
 def cmd_feedback_stats(args: argparse.Namespace) -> int:
     with _library(args) as lib:
         s = lib.feedback_stats()
-    _print(args, s, "\n".join(f"{k}: {v}" for k, v in s.items()))
+    _print(args, s, _key_values(s))
     return 0
 
 
@@ -253,7 +257,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             text = "\n".join(f"{c['cluster_id']:>8}  {c['size']:>6} faces  {c['label'] or ''}" for c in out) or "no clusters"
         elif args.action == "show":
             out = dataclasses.asdict(lib.get_cluster(args.ids[0]))
-            text = "\n".join(f"{k}: {v}" for k, v in out.items())
+            text = _key_values(out)
         elif args.action == "merge":
             out = dataclasses.asdict(lib.merge(args.ids))
             text = f"merged into cluster {out['cluster_id']} ({out['size']} faces)"

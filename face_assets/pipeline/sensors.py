@@ -68,6 +68,21 @@ def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
     return new_images_sensor
 
 
+def newest_merge(context: SensorEvaluationContext, since: str) -> int | SkipReason:
+    """Storage id of the newest ``face_embeddings`` materialization not yet handled by the sensor's cursor.
+
+    A :class:`SkipReason` when no batch was merged at all, or none since the cursor (``since`` names
+    what the cursor marks, for the message).
+    """
+    records = context.instance.fetch_materializations(face_embeddings.key, limit=1).records
+    if not records:
+        return SkipReason("no batch merged yet")
+    latest = records[0].storage_id
+    if context.cursor is not None and latest <= int(context.cursor):
+        return SkipReason(f"no batch merged since {since}")
+    return latest
+
+
 def build_index_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
     """Sensor requesting a run of ``job_name`` (the ANN index) when batches were merged since the last one.
 
@@ -80,12 +95,9 @@ def build_index_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition
             default_status=DefaultSensorStatus.RUNNING,
             description="Requests an ANN index update when face_embeddings has new materializations.")
     def index_refresh_sensor(context: SensorEvaluationContext):
-        records = context.instance.fetch_materializations(face_embeddings.key, limit=1).records
-        if not records:
-            return SkipReason("no batch merged yet")
-        latest = records[0].storage_id
-        if context.cursor is not None and latest <= int(context.cursor):
-            return SkipReason("no batch merged since the last index update")
+        latest = newest_merge(context, "the last index update")
+        if isinstance(latest, SkipReason):
+            return latest
         context.update_cursor(str(latest))
         return RunRequest(run_key=f"index-{latest}")
 
@@ -212,12 +224,9 @@ def build_cluster_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefiniti
             description="After new face_embeddings: assigns new faces to person clusters, or re-clusters fully "
             "when the library's drift policy says enough has changed.")
     def cluster_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
-        records = context.instance.fetch_materializations(face_embeddings.key, limit=1).records
-        if not records:
-            return SkipReason("no batch merged yet")
-        latest = records[0].storage_id
-        if context.cursor is not None and latest <= int(context.cursor):
-            return SkipReason("no batch merged since the last clustering request")
+        latest = newest_merge(context, "the last clustering request")
+        if isinstance(latest, SkipReason):
+            return latest
         try:
             policy = cluster_policy(face_assets)
         except duckdb.IOException as exc:
