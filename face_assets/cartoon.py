@@ -1,8 +1,8 @@
 """Cartoon / anime / illustration vs real-photo classifier for faces, CPU only, numpy at run time.
 
-Features of a face are its normalized ArcFace embedding (what the face is) and per-channel mean and
-standard deviation of a few inner layers of the same recognizer pass (how the image is drawn:
-flat colour, hard edges, brush strokes). The embedding alone ignores style by design; the texture
+Features of a face are its normalized ArcFace embedding (what the face is) and per-channel mean,
+standard deviation and fraction of positive activations of a few inner layers of the same
+recognizer pass (how the image is drawn: flat colour, hard edges, brush strokes). The embedding alone ignores style by design; the texture
 statistics are what let unseen styles be caught. A small MLP (or a logistic regression, an MLP with
 no hidden layer) on standardized features gives the probability of "not a real photo".
 

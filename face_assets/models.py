@@ -201,26 +201,37 @@ def load_detector(pack: ModelPack, models: ModelSettings, detection: DetectionSe
     return det
 
 
+# Per-channel statistics of every tapped tensor, in the order embed_aligned returns them. The fraction
+# of positive activations says how often a channel's pattern is present at all (flat paint leaves
+# many texture channels silent), which mean and spread alone blur together.
+TAP_STATS = ("mean", "std", "positive")
+
+
 def _with_taps(model_path: Path, taps: tuple[str, ...]) -> bytes:
-    """The recognizer graph with extra outputs: per-channel mean and mean of squares of ``taps``.
+    """The recognizer graph with extra outputs per channel of ``taps``: mean, mean of squares and
+    fraction of positive values.
 
     Pooling inside the graph keeps the extra outputs tiny (N x C) instead of whole feature maps.
     """
     model = onnx.load(str(model_path))
     graph = model.graph
     known = {out for node in graph.node for out in node.output}
+    graph.initializer.append(onnx.helper.make_tensor("fa_zero", onnx.TensorProto.FLOAT, [], [0.0]))
     for i, name in enumerate(taps):
         if name not in known:
             raise ModelNotFoundError(f"tensor '{name}' in recognizer {model_path}")
-        sq = f"fa_tap{i}_sq"
+        sq, gt, on = f"fa_tap{i}_sq", f"fa_tap{i}_gt", f"fa_tap{i}_on"
         graph.node.extend(
             [
                 onnx.helper.make_node("Mul", [name, name], [sq]),
+                onnx.helper.make_node("Greater", [name, "fa_zero"], [gt]),
+                onnx.helper.make_node("Cast", [gt], [on], to=onnx.TensorProto.FLOAT),
                 onnx.helper.make_node("GlobalAveragePool", [name], [f"fa_tap{i}_mean"]),
                 onnx.helper.make_node("GlobalAveragePool", [sq], [f"fa_tap{i}_msq"]),
+                onnx.helper.make_node("GlobalAveragePool", [on], [f"fa_tap{i}_pos"]),
             ]
         )
-        for suffix in ("mean", "msq"):
+        for suffix in ("mean", "msq", "pos"):
             graph.output.append(
                 onnx.helper.make_tensor_value_info(f"fa_tap{i}_{suffix}", onnx.TensorProto.FLOAT, None)
             )
@@ -231,7 +242,7 @@ class Recognizer:
     """ArcFace recognizer (insightface's ``ArcFaceONNX``) with batching and optional texture taps.
 
     ``taps`` names inner tensors of the graph; for each, :meth:`embed_aligned` also returns the
-    per-channel mean and standard deviation over space, computed in the same forward pass.
+    per-channel statistics of :data:`TAP_STATS` over space, computed in the same forward pass.
     """
 
     def __init__(self, model_path: Path, models: ModelSettings, taps: tuple[str, ...] = ()):
@@ -252,7 +263,7 @@ class Recognizer:
                 providers=providers,
             )
         self._outputs = list(self._arcface.output_names) + [
-            f"fa_tap{i}_{s}" for i in range(len(self.taps)) for s in ("mean", "msq")
+            f"fa_tap{i}_{s}" for i in range(len(self.taps)) for s in ("mean", "msq", "pos")
         ]
 
     @property
@@ -282,8 +293,8 @@ class Recognizer:
     def embed_aligned(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw (unnormalized) embeddings of aligned crops, batched; plus tap statistics when tapped.
 
-        Returns ``(embeddings[N, D], taps[N, 2 * sum(C)] or None)``: for every tap, channel means
-        then channel standard deviations.
+        Returns ``(embeddings[N, D], taps[N, 3 * sum(C)] or None)``: for every tap, channel means,
+        channel standard deviations, then fractions of positive values (:data:`TAP_STATS`).
         """
         if not crops:
             return np.zeros((0, self.embedding_dim), np.float32), None
@@ -299,9 +310,9 @@ class Recognizer:
             embs.append(outs[0])
             if self.taps:
                 stats = []
-                for mean, msq in zip(outs[1::2], outs[2::2]):
-                    mean, msq = mean.reshape(len(batch), -1), msq.reshape(len(batch), -1)
-                    stats.append(np.concatenate([mean, np.sqrt(np.maximum(msq - mean**2, 0.0))], axis=1))
+                for mean, msq, pos in zip(outs[1::3], outs[2::3], outs[3::3]):
+                    mean, msq, pos = (a.reshape(len(batch), -1) for a in (mean, msq, pos))
+                    stats.append(np.concatenate([mean, np.sqrt(np.maximum(msq - mean**2, 0.0)), pos], axis=1))
                 taps.append(np.concatenate(stats, axis=1))
         return (
             np.concatenate(embs).astype(np.float32, copy=False),

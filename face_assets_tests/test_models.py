@@ -73,6 +73,8 @@ def test_tapped_recognizer_matches_plain_embedding():
     crops = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
     plain, none = Recognizer(pack.recognizer, settings.models).embed_aligned(crops)
     tapped, taps = Recognizer(pack.recognizer, settings.models, taps=("339",)).embed_aligned(crops)
-    assert none is None and taps.shape == (3, 256)
+    assert none is None and taps.shape == (3, 3 * 128)  # mean, std, fraction positive per channel
     np.testing.assert_allclose(plain, tapped, atol=1e-5)
-    assert (taps[:, 128:] >= 0).all()  # the second half are standard deviations
+    assert (taps[:, 128:256] >= 0).all()  # standard deviations
+    positive = taps[:, 256:]
+    assert ((positive >= 0) & (positive <= 1)).all() and 0 < positive.mean() < 1

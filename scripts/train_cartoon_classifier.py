@@ -1,11 +1,11 @@
 """Rebuild the cartoon / illustration classifier (face_assets/resources/cartoon_classifier.npz).
 
 Method. Every face is described by what ``filter_image`` computes at run time, in the same forward
-pass: the normalized ArcFace embedding (512) and the per-channel mean and standard deviation of a few
-inner layers of the recognizer ("taps"; default 339, 351, 405: first block at 56x56, a 28x28 and a
-14x14 block), passed through ``CartoonClassifier.features``. A class-balanced logistic regression
-(C=0.1) on standardized features gives P(not a real photo); a small MLP and PCA were tried too
-(``--compare``) and generalized no better to unseen styles. The threshold is calibrated on
+pass: the normalized ArcFace embedding (512) and the per-channel mean, standard deviation and fraction
+of positive activations of a few inner layers of the recognizer ("taps"; default 339, 351, 405: first
+block at 56x56, a 28x28 and a 14x14 block), passed through ``CartoonClassifier.features``. A
+class-balanced logistic regression (C=0.1) on standardized features gives P(not a real photo); a small
+MLP and PCA were tried too (``--compare``) and generalized no better to unseen styles. The threshold is calibrated on
 out-of-fold real faces: the higher of the 99.25% quantile of original colour faces and the 98.5%
 quantile of their grayscale copies (targets: <= 1% and <= 2% of real faces rejected; 99.5% / 99%
 cost 5 to 10 points of unseen-style recall, 99% / 98% left no margin on real colour faces).
@@ -61,7 +61,7 @@ from face_assets.config import datasets_root  # noqa: E402
 from face_assets.cartoon import DEFAULT_ARTIFACT, CartoonClassifier  # noqa: E402
 from face_assets.config import load_settings  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
-from face_assets.models import resolve_pack  # noqa: E402
+from face_assets.models import TAP_STATS, resolve_pack  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "data" / "cache"  # git-ignored
 EMB_DIM = 512  # normalized ArcFace embedding: the first columns of CartoonClassifier.features
@@ -69,7 +69,7 @@ EMB_DIM = 512  # normalized ArcFace embedding: the first columns of CartoonClass
 # faces of at least filter.min_face_size (from the settings): smaller ones are low_quality in any case.
 CACHE_MIN_FACE = 24
 REF_MIN_FACE = 40  # faces that size the augmentations (fixed, so cached views stay valid)
-AUG_VERSION = 1  # bump when the augmentations change (part of the cache key)
+AUG_VERSION = 2  # bump when the augmentations or the cached arrays change (part of the cache key)
 REAL_AUGS = ("orig", "gray", "sepia", "blur", "lowres", "jpeg", "old", "up")
 CARTOON_AUGS = ("orig", "gray", "jpeg", "up")
 # Drawings made from real photos by image filters: labelled cartoon, they teach the classifier what
@@ -297,17 +297,19 @@ def tap_channels(model_path: Path, taps: tuple[str, ...]) -> dict[str, int]:
 
 
 def _slice_texture(tex: np.ndarray, have: list[str], channels: dict[str, int], want: tuple[str, ...]) -> np.ndarray:
-    """Columns of ``want`` taps from a texture matrix laid out as [means, stds] per tap of ``have``."""
+    """Columns of ``want`` taps from a texture matrix laid out as TAP_STATS per tap of ``have``."""
+    n = len(TAP_STATS)
     offsets, pos = {}, 0
     for t in have:
         offsets[t] = pos
-        pos += 2 * channels[t]
-    cols = [np.arange(offsets[t], offsets[t] + 2 * channels[t]) for t in want]
+        pos += n * channels[t]
+    cols = [np.arange(offsets[t], offsets[t] + n * channels[t]) for t in want]
     return tex[:, np.concatenate(cols)] if cols else tex[:, :0]
 
 
 _VIEW_KEYS = ("view_rel", "view_aug", "view_size", "view_ref")
-_FACE_KEYS = ("face_view", "emb", "tex", "det", "norm", "size")
+_FACE_KEYS = ("face_view", "emb", "tex", "det", "norm", "size", "crop")
+CROP = 112  # side of the recognizer's aligned crop, cached so that new tap statistics need no new detection
 
 
 def _empty_cache(tex_dim: int) -> dict:
@@ -316,6 +318,7 @@ def _empty_cache(tex_dim: int) -> dict:
         "view_ref": np.zeros(0, np.float32), "face_view": np.zeros(0, np.int32),
         "emb": np.zeros((0, 512), np.float32), "tex": np.zeros((0, tex_dim), np.float32),
         "det": np.zeros(0, np.float32), "norm": np.zeros(0, np.float32), "size": np.zeros(0, np.int32),
+        "crop": np.zeros((0, CROP, CROP, 3), np.uint8),
     }
 
 
@@ -347,18 +350,28 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
                 meta = json.loads(str(data["meta"]))
                 if set(taps) <= set(meta["taps"]):
                     cache = {k: data[k] for k in _VIEW_KEYS + _FACE_KEYS}
-                    cache_taps, path = tuple(meta["taps"]), cand
+                    cache_taps, path, cache_stats = tuple(meta["taps"]), cand, tuple(meta.get("tap_stats", ()))
                     break
     channels = tap_channels(pack.recognizer, cache_taps)
-    if cache is None:
-        cache = _empty_cache(2 * sum(channels.values()))
-        path = CACHE_DIR / f"cartoon_features_{key}_{hashlib.sha256(','.join(taps).encode()).hexdigest()[:8]}.npz"
-    index = {(r, a): i for i, (r, a) in enumerate(zip(cache["view_rel"], cache["view_aug"]))}
     analyzer = None
+    refresh = cache is not None and cache_stats != TAP_STATS
+    if cache is None:
+        cache = _empty_cache(len(TAP_STATS) * sum(channels.values()))
+        path = CACHE_DIR / f"cartoon_features_{key}_{hashlib.sha256(','.join(taps).encode()).hexdigest()[:8]}.npz"
+    elif refresh:
+        # The recognizer's statistics changed, not the faces: rerun it on the cached aligned crops
+        # (what FaceAnalyzer feeds it at run time) instead of detecting everything again.
+        log(f"features: recomputing tap statistics of {len(cache['crop'])} cached face crops")
+        analyzer = FaceAnalyzer(settings, taps=cache_taps, texture_model=sha)
+        recognizer = analyzer.texture_recognizer or analyzer.recognizer
+        cache["tex"] = np.concatenate(
+            [recognizer.embed_aligned(list(cache["crop"][i : i + 256]))[1] for i in range(0, len(cache["crop"]), 256)]
+        )
+    index = {(r, a): i for i, (r, a) in enumerate(zip(cache["view_rel"], cache["view_aug"]))}
     new_views: dict[str, list] = {k: [] for k in _VIEW_KEYS}
     new_faces: dict[str, list] = {k: [] for k in _FACE_KEYS}
 
-    def add_view(it: Item, aug: str, res, ref: float) -> None:
+    def add_view(it: Item, aug: str, res, ref: float, img: np.ndarray) -> None:
         v = len(cache["view_rel"]) + len(new_views["view_rel"])
         index[(it.rel, aug)] = v
         for k, val in zip(_VIEW_KEYS, (it.rel, aug, min(res.faces[0].face_size) if res.faces else 0, ref)):
@@ -367,7 +380,7 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
             if min(f.face_size) < CACHE_MIN_FACE:
                 continue
             for k, val in zip(_FACE_KEYS, (v, f.normed_embedding, f.texture, f.det_score, f.embedding_norm,
-                                          min(f.face_size))):
+                                          min(f.face_size), analyzer.recognizer.align(img, f.kps))):
                 new_faces[k].append(val)
 
     def ref_of(it: Item) -> float:
@@ -380,7 +393,7 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
             or any((it.rel, a) not in index for a in wanted_augs(it, ref_of(it)))]
     if todo:
         log(f"features: computing {len(todo)} of {len(items)} images with taps {','.join(cache_taps)}")
-        analyzer = FaceAnalyzer(settings, taps=cache_taps, texture_model=sha)
+        analyzer = analyzer or FaceAnalyzer(settings, taps=cache_taps, texture_model=sha)
     t0, batch = time.time(), 16
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
@@ -390,20 +403,21 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
         for it, img, res in zip(chunk, imgs, orig):
             refs.append(reference_size(res.faces, img))
             if (it.rel, "orig") not in index:
-                add_view(it, "orig", res, refs[-1])
+                add_view(it, "orig", res, refs[-1], img)
             elif np.isnan(ref_of(it)):
                 cache["view_ref"][index[(it.rel, "orig")]] = refs[-1]
         jobs = [(it, img, a, ref) for it, img, ref in zip(chunk, imgs, refs)
                 for a in wanted_augs(it, ref) if a != "orig" and (it.rel, a) not in index]
-        results = analyzer.analyze_loaded([augment(img, a, ref, it.rel, it.label) for it, img, a, ref in jobs])
-        for (it, _, a, ref), res in zip(jobs, results):
-            add_view(it, a, res, ref)
+        views = [augment(img, a, ref, it.rel, it.label) for it, img, a, ref in jobs]
+        results = analyzer.analyze_loaded(views)
+        for (it, _, a, ref), res, view in zip(jobs, results, views):
+            add_view(it, a, res, ref, view)
         done = start + len(chunk)
         if done % (batch * 10) == 0 or done == len(todo):
             el = time.time() - t0
             log(f"  features: {done}/{len(todo)} images, {len(new_faces['face_view'])} new faces, {el:.0f}s "
                 f"(~{el / done * (len(todo) - done):.0f}s left)")
-    if todo:
+    if todo or refresh:
         for k in _VIEW_KEYS:
             if cache[k].dtype.kind == "U":  # let numpy widen the strings: never truncate a path
                 cache[k] = np.array([*cache[k].tolist(), *new_views[k]], dtype=str)
@@ -413,11 +427,12 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
             arr = np.array(new_faces[k], cache[k].dtype)
             cache[k] = np.concatenate([cache[k], arr.reshape((-1,) + cache[k].shape[1:])])
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        meta = {"taps": list(cache_taps), "channels": channels, "recognizer_sha256": sha}
+        meta = {"taps": list(cache_taps), "tap_stats": list(TAP_STATS), "channels": channels, "recognizer_sha256": sha}
         tmp = path.with_name(path.stem + ".partial.npz")
         np.savez(tmp, meta=np.array(json.dumps(meta)), **cache)
         tmp.replace(path)
-        log(f"features: {len(todo)} images in {time.time() - t0:.0f}s, cached in data/cache/{path.name}")
+        log(f"features: {len(todo)} images ({'and tap statistics of every cached crop, ' if refresh else ''}"
+            f"{time.time() - t0:.0f}s), cached in data/cache/{path.name}")
     else:
         log(f"features: all from cache data/cache/{path.name}")
 
@@ -442,6 +457,7 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
         "det": cache["det"][fmask],
         "norm": cache["norm"][fmask],
         "size": cache["size"][fmask],
+        "crop": cache["crop"][fmask],
         "sha": sha,
     }
     return out
@@ -851,7 +867,7 @@ def main(argv: list[str] | None = None) -> None:
         "trained_by": "scripts/train_cartoon_classifier.py",
         "model": spec,
         "taps": list(taps),
-        "features": f"normalized embedding ({EMB_DIM}) + log1p(mean, std) per channel of each tap",
+        "features": f"normalized embedding ({EMB_DIM}) + log1p(mean, std, fraction positive) per channel of each tap",
         "threshold_rule": f"max(q{QUANTILES['colour']} of held-out real colour, q{QUANTILES['gray']} of held-out real gray)",
         "training_faces": {"real": int((f.y == 0).sum()), "cartoon": int((f.y == 1).sum()), "by_source": train_counts},
         "augmentations": {"real": list(REAL_AUGS), "cartoon": list(CARTOON_AUGS), "synthetic_cartoon": list(SYNTH_AUGS)},
