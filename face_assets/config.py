@@ -312,7 +312,7 @@ class ClusteringSettings(_Section):
     list_size: int = Field(512, ge=16, description="Target faces per inverted list of the kNN graph join.")
     nprobe: int = Field(24, ge=1, description="Inverted lists each face is compared with.")
     tau_1: float = Field(
-        0.5, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
+        0.53, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
     )
     tau_inf: float = Field(
         0.3, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
