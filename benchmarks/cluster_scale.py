@@ -227,7 +227,7 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
     x, labels = make_data(n, n_new, args.seed)
     log(f"generated in {time.perf_counter() - t:.0f}s")
     old_x, old_true = x[:n], labels[:n]
-    link = cfg.link_kwargs() | {"min_ratio": cfg.min_ratio}
+    link = cfg.linkage_kwargs()
     results: dict = {}
 
     with PeakRSS() as mem:
@@ -350,7 +350,7 @@ def assignment_accuracy(lab_old: np.ndarray, true: np.ndarray, placed: np.ndarra
 def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.ndarray, n: int, lab1: np.ndarray,
                            graph: KnnGraph, n_assign: int) -> dict:
     """Stable ids across a re-clustering with the new faces, and incremental assignment of the first ones."""
-    link = cfg.link_kwargs() | {"min_ratio": cfg.min_ratio}
+    link = cfg.linkage_kwargs()
     out: dict = {}
     faces = np.arange(len(x))
     ids1, next_id = match_ids(np.zeros(0), np.zeros(0), faces[:n], lab1, 1)

@@ -16,6 +16,9 @@ The method (decision and evidence: ``docs/clustering.md``):
    average is precise, merge at a lower average. Mutually best pairs
    merge, and with them the clusters that point at either (one level, no chains). Must-link
    groups start merged; cannot-link pairs (two faces of one photo, curation) never end up together.
+   When the graph's candidates are exhausted, every face still alone gets candidates from a search
+   over the cluster means (that of incremental assignment) and merging resumes: a poor photo's
+   nearest faces are strangers, its person's mean is not.
 3. **Stable ids** (:func:`match_ids`): a new clustering inherits, cluster by cluster, the id of the
    old cluster it overlaps most (one-to-one, largest overlaps first).
 4. **Incremental assignment** (:func:`assign_to_clusters`): a new face joins the cluster whose mean
@@ -322,7 +325,7 @@ def average_linkage(
     src: np.ndarray,
     dst: np.ndarray,
     *,
-    tau_1: float = 0.5,
+    tau_1: float = 0.53,
     tau_inf: float = 0.3,
     decay: float = 1.0,
     must_link: np.ndarray | None = None,
@@ -332,6 +335,7 @@ def average_linkage(
     prior_cohesion: float = 0.46,
     max_rounds: int = 100,
     drop_margin: float = 0.1,
+    mean_k: int = 8,
     log: Callable[[str], None] = _log_default,
 ) -> np.ndarray:
     """Cluster rows of ``x`` by average linkage restricted to candidate pairs ``(src, dst)``.
@@ -350,6 +354,11 @@ def average_linkage(
         max_rounds: rounds of merges at most.
         drop_margin: candidate pairs more than this below their threshold are forgotten (they come
             back through other edges when a side grows).
+        mean_k: when the graph's candidates are exhausted, each face still alone gets ``mean_k``
+            more candidates, the clusters whose means give it the best average cosine
+            (:class:`MeansIndex`, :func:`_mean_candidates`), and merging resumes once. A poor photo's nearest faces are
+            strangers, so no graph edge reaches its person; its person's mean does, as in
+            incremental assignment. 0: graph candidates only.
 
     Returns:
         int64 [n] cluster label per row: a row index of its cluster (the cluster's id).
@@ -375,9 +384,10 @@ def average_linkage(
     pa, pb = lab[np.asarray(src, np.int64)], lab[np.asarray(dst, np.int64)]
     ps = np.full(len(pa), np.nan, np.float32)
     changed = np.ones(n, dtype=bool)
+    means_pass = mean_k > 0
     for rnd in range(max_rounds):
-        # Stale pairs (a side changed): relabel, deduplicate, rescore; the others keep their score.
-        stale = changed[pa] | changed[pb]
+        # Stale pairs (a side changed or new): relabel, deduplicate, rescore; the others keep their score.
+        stale = changed[pa] | changed[pb] | np.isnan(ps)
         sa, sb = lab[pa[stale]], lab[pb[stale]]
         lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
         keep = lo != hi
@@ -401,7 +411,14 @@ def average_linkage(
             banned = np.unique(np.minimum(ca, cb) * n + np.maximum(ca, cb))
             ok[ok] = ~np.isin(pa[ok] * n + pb[ok], banned)
         if not ok.any():
-            break
+            if not means_pass:
+                break
+            means_pass = False
+            ma, mb = _mean_candidates(sums, size, mean_k, log)
+            pa, pb = np.concatenate([pa, ma]), np.concatenate([pb, mb])
+            ps = np.concatenate([ps, np.full(len(ma), np.nan, np.float32)])
+            changed[:] = False
+            continue
         # Best valid neighbour of every cluster, by average cosine.
         va, vb, vs = pa[ok], pb[ok], ps[ok]
         node = np.concatenate([va, vb])
@@ -427,7 +444,7 @@ def average_linkage(
         leaves = cand[~in_pair[cand] & in_pair[best[cand]]]
         target[leaves] = target[best[leaves]]
         movers = np.flatnonzero(target != np.arange(n))
-        if len(movers) == 0:
+        if len(movers) == 0:  # every valid pair waits on a cluster that prefers another
             break
         if len(cl):
             _resolve_cannot_links(target, best_score, lab, cl, in_pair)
@@ -447,6 +464,36 @@ def average_linkage(
         changed[movers] = True
         log(f"average linkage round {rnd + 1}: {len(movers)} merges, {len(pa)} candidate pairs")
     return lab
+
+
+def _mean_candidates(sums: _Sums, size: np.ndarray, k: int,
+                     log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs ``(single face, cluster)``: for each face alone in its cluster, the ``k``
+    other clusters whose means give it the best average cosine, single faces included.
+
+    That is the search of incremental assignment (:func:`assign_to_clusters`). Single faces in
+    the list matter: a cluster is a candidate only if its mean beats the faces nearest to the
+    face, so where strangers crowd (a large library) a cluster must be closer to be considered.
+    """
+    t = time.perf_counter()
+    roots = np.flatnonzero(size > 0)
+    single = np.flatnonzero(size[roots] == 1)
+    if len(single) == 0 or len(roots) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    means = np.empty((len(roots), sums.x.shape[1]), np.float32)
+    for s in range(0, len(roots), _CHUNK):
+        r = roots[s : s + _CHUNK]
+        means[s : s + len(r)] = sums.get(r) / size[r, None].astype(np.float32)
+    index = MeansIndex(means)
+    rows = np.concatenate([index.search(means[single[s : s + 8 * _CHUNK]], k + 1)[1]
+                           for s in range(0, len(single), 8 * _CHUNK)])
+    del means, index
+    qa = np.repeat(roots[single], rows.shape[1])
+    qb = np.where(rows >= 0, roots[np.maximum(rows, 0)], -1).reshape(-1)
+    keep = (qb >= 0) & (qb != qa)
+    log(f"average linkage: {int(keep.sum())} candidate pairs from {len(roots)} cluster means for "
+        f"{len(single)} single faces in {time.perf_counter() - t:.0f}s")
+    return qa[keep], qb[keep]
 
 
 def _resolve_cannot_links(target: np.ndarray, score: np.ndarray, lab: np.ndarray, cl: np.ndarray,
@@ -518,7 +565,8 @@ class MeansIndex:
         nlist = int(min(1024, 2 ** round(math.log2(c / 1024))))
         rng = np.random.default_rng(seed)
         train = self.means[np.sort(rng.choice(c, min(c, nlist * 16), replace=False))]
-        km = faiss.Kmeans(train.shape[1], nlist, niter=10, spherical=True, seed=seed, max_points_per_centroid=16)
+        km = faiss.Kmeans(train.shape[1], nlist, niter=10, spherical=True, seed=seed, min_points_per_centroid=16,
+                           max_points_per_centroid=16)
         km.train(np.ascontiguousarray(train / np.linalg.norm(train, axis=1, keepdims=True)))
         self.centroids = km.centroids
         self.home = faiss.knn(self.means, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
@@ -548,7 +596,7 @@ def assign_to_clusters(
     means: np.ndarray,
     sizes: np.ndarray,
     *,
-    tau_1: float = 0.5,
+    tau_1: float = 0.53,
     tau_inf: float = 0.3,
     decay: float = 1.0,
     tau_face: float | None = 0.27,
@@ -611,11 +659,12 @@ def cluster_embeddings(
     pca_dim: int = 256,
     list_size: int = 512,
     nprobe: int = 24,
-    tau_1: float = 0.5,
+    tau_1: float = 0.53,
     tau_inf: float = 0.3,
     decay: float = 1.0,
     tau_face: float | None = 0.27,
     min_ratio: float | None = 0.6,
+    mean_k: int = 8,
     must_link: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
     seed: int = _SEED,
@@ -628,7 +677,8 @@ def cluster_embeddings(
     del g
     t = time.perf_counter()
     labels = average_linkage(x, src, dst, tau_1=tau_1, tau_inf=tau_inf, decay=decay, tau_face=tau_face,
-                             min_ratio=min_ratio, must_link=must_link, cannot_link=cannot_link, log=log)
+                             min_ratio=min_ratio, mean_k=mean_k, must_link=must_link, cannot_link=cannot_link,
+                             log=log)
     secs = {"graph": t - t0, "linkage": time.perf_counter() - t, "total": time.perf_counter() - t0}
     return ClusteringResult(labels, int(len(np.unique(labels))), secs)
 

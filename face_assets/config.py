@@ -312,7 +312,7 @@ class ClusteringSettings(_Section):
     list_size: int = Field(512, ge=16, description="Target faces per inverted list of the kNN graph join.")
     nprobe: int = Field(24, ge=1, description="Inverted lists each face is compared with.")
     tau_1: float = Field(
-        0.5, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
+        0.53, ge=-1.0, le=1.0, description="Cosine two single faces need to be put together (average-linkage law)."
     )
     tau_inf: float = Field(
         0.3, ge=-1.0, le=1.0, description="Average cosine large clusters need to merge (the law's limit)."
@@ -329,6 +329,11 @@ class ClusteringSettings(_Section):
         description="Clusters of 2+ faces also need an average cosine of this fraction of sqrt(cohesion_A * "
         "cohesion_B): keeps well-photographed look-alike people apart.",
     )
+    mean_k: int = Field(
+        8, ge=0,
+        description="Once the graph's candidates are exhausted, faces still alone get this many more: the clusters "
+        "whose means give them the best average cosine, as in incremental assignment (0: graph candidates only).",
+    )
     split_k: int = Field(2, ge=2, description="Default number of sub-clusters of an automatic split.")
     quality_sample: int = Field(10_000, ge=1, description="Faces sampled for the silhouette of a run.")
     recluster_growth: float = Field(
@@ -343,8 +348,11 @@ class ClusteringSettings(_Section):
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `clustering.cluster_embeddings` from these settings."""
         return {"k": self.k, "pca_dim": self.pca_dim, "list_size": self.list_size, "nprobe": self.nprobe,
-                "tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face,
-                "min_ratio": self.min_ratio}
+                **self.linkage_kwargs()}
+
+    def linkage_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `clustering.average_linkage` from these settings."""
+        return {**self.link_kwargs(), "min_ratio": self.min_ratio, "mean_k": self.mean_k}
 
     def link_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the merge threshold law (`clustering.merge_threshold` and its users)."""

@@ -129,6 +129,29 @@ def test_constraints_are_honoured(synthetic):
     assert lab[a] == lab[other]
 
 
+def test_means_pass_reaches_a_poor_photo_without_graph_edges():
+    rng = np.random.default_rng(3)
+    d, m = 512, 20
+
+    def unit(v):
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+    centre = unit(rng.normal(size=d))
+    noise = unit(rng.normal(size=(m + 1, d)))
+    good = unit(0.8 * centre + 0.6 * noise[:m])
+    poor = unit(0.5 * centre + 0.87 * noise[m])  # ~0.4 with each good photo: below tau_1, above tau_face
+    strangers = unit(rng.normal(size=(50, d)))
+    x = np.concatenate([good, poor[None], strangers])
+    i, j = np.triu_indices(m, 1)  # the good photos are each other's neighbours; the poor one only has a stranger
+    src = np.concatenate([i, [m]]).astype(np.int32)
+    dst = np.concatenate([j, [m + 1]]).astype(np.int32)
+    graph_only = average_linkage(x, src, dst, mean_k=0)
+    assert len(set(graph_only[:m].tolist())) == 1 and graph_only[m] != graph_only[0]
+    lab = average_linkage(x, src, dst, mean_k=8)
+    assert lab[m] == lab[0]  # found through the person's mean
+    assert len(set(lab[m + 1 :].tolist())) == 50  # the strangers stay apart
+
+
 def test_match_ids_stable_split_merge():
     old_faces = np.array([1, 2, 3, 4, 5, 6])
     old_ids = np.array([10, 10, 10, 20, 20, 30])
