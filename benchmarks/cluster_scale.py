@@ -320,6 +320,30 @@ def same_people(lab1: np.ndarray, best: np.ndarray, c_ids: np.ndarray, lab2: np.
     return float(np.mean(both_new | majority))
 
 
+def incremental_labels(cfg: ClusteringSettings, x: np.ndarray, lab1: np.ndarray, best: np.ndarray,
+                       c_ids: np.ndarray, n: int) -> np.ndarray:
+    """Labels of the library plus the assigned faces after the library's whole incremental step:
+    assigned faces take their cluster, the others are clustered among themselves into new
+    clusters (what ``PersonClusters.assign_new`` does)."""
+    rest = np.flatnonzero(best < 0)
+    lab = np.concatenate([lab1, np.where(best >= 0, c_ids[np.maximum(best, 0)], -1)])
+    if len(rest):
+        sub = cluster_embeddings(x[n + rest], **cfg.method_kwargs()).labels
+        lab[n + rest] = lab1.max() + 1 + np.unique(sub, return_inverse=True)[1]
+    return lab
+
+
+def same_members_majority(lab_a: np.ndarray, lab_b: np.ndarray, rows: np.ndarray) -> float:
+    """Fraction of ``rows`` whose cluster under ``lab_a`` and under ``lab_b`` share more than half
+    of each (all faces counted, library and new)."""
+    _, ia = np.unique(lab_a, return_inverse=True)
+    _, ib = np.unique(lab_b, return_inverse=True)
+    key = ia.astype(np.int64) * (ib.max() + 1) + ib
+    _, ik, ck = np.unique(key, return_inverse=True, return_counts=True)
+    inter = ck[ik][rows]
+    return float(np.mean((2 * inter > np.bincount(ia)[ia][rows]) & (2 * inter > np.bincount(ib)[ib][rows])))
+
+
 def assignment_accuracy(lab_old: np.ndarray, true: np.ndarray, placed: np.ndarray, c_ids: np.ndarray | None,
                         n: int, n_assign: int) -> float:
     """Fraction of new faces placed right: with the cluster whose majority person is theirs, or
@@ -404,6 +428,12 @@ def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.nd
     agree = same_people(lab1, best, c_ids, lab2, n, n_assign)
     out["incremental"]["agreement_with_full"] = agree
     out["incremental"]["agreement_same_id"] = strict
+    # The library's incremental step also clusters the faces no cluster took; compare whole clusters.
+    inc_lab = incremental_labels(cfg, x, lab1, best, c_ids, n)
+    whole = same_members_majority(inc_lab, lab2[: n + n_assign], np.arange(n, n + n_assign))
+    out["incremental"]["agreement_whole_step"] = whole
+    log(f"incremental step (assignment + the rest clustered among themselves) vs full re-clustering: "
+        f"{whole:.4f} of the new faces in clusters sharing more than half of their faces")
     out["incremental"]["accuracy"] = {"incremental": assignment_accuracy(lab1, labels, best, c_ids, n, n_assign),
                                       "full": assignment_accuracy(lab2[:n], labels, lab2[n : n + n_assign], None, n,
                                                                   n_assign)}
