@@ -44,6 +44,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see index.py: same reason, same import order
 import faiss  # noqa: E402
 
+from .config import ClusteringSettings  # noqa: E402
+
 __all__ = [
     "KnnGraph",
     "ClusteringResult",
@@ -65,6 +67,7 @@ __all__ = [
 ]
 
 _SEED = 1234
+_DEFAULTS = ClusteringSettings()  # the one place the method's defaults are set (and documented)
 _PCA_SAMPLE = 100_000  # rows used to estimate the projection
 _TRAIN_PER_LIST = 40  # k-means sample per list (faiss wants >= 39)
 _CHUNK = 65_536  # rows per chunk of the projection and the scoring passes
@@ -112,11 +115,11 @@ def _projection(x: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray
 
 def knn_graph(
     x: np.ndarray,
-    k: int = 16,
+    k: int = _DEFAULTS.k,
     *,
-    pca_dim: int = 256,
-    list_size: int = 512,
-    nprobe: int = 24,
+    pca_dim: int = _DEFAULTS.pca_dim,
+    list_size: int = _DEFAULTS.list_size,
+    nprobe: int = _DEFAULTS.nprobe,
     seed: int = _SEED,
     log: Callable[[str], None] = _log_default,
 ) -> KnnGraph:
@@ -325,17 +328,17 @@ def average_linkage(
     src: np.ndarray,
     dst: np.ndarray,
     *,
-    tau_1: float = 0.53,
-    tau_inf: float = 0.3,
-    decay: float = 1.0,
+    tau_1: float = _DEFAULTS.tau_1,
+    tau_inf: float = _DEFAULTS.tau_inf,
+    decay: float = _DEFAULTS.tau_decay,
     must_link: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
-    tau_face: float | None = 0.27,
-    min_ratio: float | None = 0.6,
+    tau_face: float | None = _DEFAULTS.tau_face,
+    min_ratio: float | None = _DEFAULTS.min_ratio,
     prior_cohesion: float = 0.46,
     max_rounds: int = 100,
     drop_margin: float = 0.1,
-    mean_k: int = 8,
+    mean_k: int = _DEFAULTS.mean_k,
     log: Callable[[str], None] = _log_default,
 ) -> np.ndarray:
     """Cluster rows of ``x`` by average linkage restricted to candidate pairs ``(src, dst)``.
@@ -596,10 +599,10 @@ def assign_to_clusters(
     means: np.ndarray,
     sizes: np.ndarray,
     *,
-    tau_1: float = 0.53,
-    tau_inf: float = 0.3,
-    decay: float = 1.0,
-    tau_face: float | None = 0.27,
+    tau_1: float = _DEFAULTS.tau_1,
+    tau_inf: float = _DEFAULTS.tau_inf,
+    decay: float = _DEFAULTS.tau_decay,
+    tau_face: float | None = _DEFAULTS.tau_face,
     k: int = 8,
     banned: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     index: MeansIndex | None = None,
@@ -655,16 +658,16 @@ class ClusteringResult:
 def cluster_embeddings(
     x: np.ndarray,
     *,
-    k: int = 16,
-    pca_dim: int = 256,
-    list_size: int = 512,
-    nprobe: int = 24,
-    tau_1: float = 0.53,
-    tau_inf: float = 0.3,
-    decay: float = 1.0,
-    tau_face: float | None = 0.27,
-    min_ratio: float | None = 0.6,
-    mean_k: int = 8,
+    k: int = _DEFAULTS.k,
+    pca_dim: int = _DEFAULTS.pca_dim,
+    list_size: int = _DEFAULTS.list_size,
+    nprobe: int = _DEFAULTS.nprobe,
+    tau_1: float = _DEFAULTS.tau_1,
+    tau_inf: float = _DEFAULTS.tau_inf,
+    decay: float = _DEFAULTS.tau_decay,
+    tau_face: float | None = _DEFAULTS.tau_face,
+    min_ratio: float | None = _DEFAULTS.min_ratio,
+    mean_k: int = _DEFAULTS.mean_k,
     must_link: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
     seed: int = _SEED,
