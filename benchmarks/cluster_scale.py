@@ -51,6 +51,7 @@ from face_assets.clustering import (  # noqa: E402
     MeansIndex,
     assign_to_clusters,
     average_linkage,
+    clear_best_index,
     cluster_embeddings,
     cluster_means,
     clustering_metrics,
@@ -388,9 +389,11 @@ def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.nd
         t_means = time.perf_counter() - t
         t = time.perf_counter()
         index = MeansIndex(means)
+        group_index = clear_best_index(means, sizes)
         t_index = time.perf_counter() - t
         t = time.perf_counter()
-        best, _ = assign_to_clusters(x[n : n + n_assign], means, sizes, **cfg.link_kwargs(), index=index)
+        best, _ = assign_to_clusters(x[n : n + n_assign], means, sizes, **cfg.link_kwargs(), index=index,
+                                     group_index=group_index)
         t_assign = time.perf_counter() - t
     # Stable id of each cluster row of `means`: the id its faces carry.
     row_of_face = np.searchsorted(c_ids, lab1)
@@ -402,7 +405,7 @@ def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.nd
                           "peak_gb": round(mem.gb, 2), "joined_existing": int((best >= 0).sum())}
     log(f"incremental: {n_assign} faces in {t_assign:.1f}s (once per clustering: means {t_means:.1f}s, "
         f"index {t_index:.1f}s over {len(c_ids):,} clusters), {(best >= 0).sum()} joined a cluster")
-    del means, index
+    del means, index, group_index
 
     # Full re-clustering of library + new faces.
     t = time.perf_counter()

@@ -18,12 +18,16 @@ The method (decision and evidence: ``docs/clustering.md``):
    groups start merged; cannot-link pairs (two faces of one photo, curation) never end up together.
    When the graph's candidates are exhausted, every face still alone gets candidates from a search
    over the cluster means (that of incremental assignment) and merging resumes: a poor photo's
-   nearest faces are strangers, its person's mean is not.
+   nearest faces are strangers, its person's mean is not. Last, a face still alone joins the
+   cluster of 2+ faces it is clearly closest to (its cosine with that cluster's mean direction
+   ``join_ratio`` times that with the next one): a poor photo is far from every cluster, but
+   not equally far.
 3. **Stable ids** (:func:`match_ids`): a new clustering inherits, cluster by cluster, the id of the
    old cluster it overlaps most (one-to-one, largest overlaps first).
 4. **Incremental assignment** (:func:`assign_to_clusters`): a new face joins the cluster whose mean
    gives the best average cosine when it reaches ``tau(1, |C|)``, the merge criterion itself, so
-   assignment agrees with a full re-clustering; the others are clustered among themselves.
+   assignment agrees with a full re-clustering; then the same clear-best rule; the others are
+   clustered among themselves.
 
 Also here: pairwise and BCubed precision/recall/F (:func:`clustering_metrics`), cluster quality
 (:func:`cluster_quality`), k-means sub-clusters for an automatic split (:func:`split_kmeans`)
@@ -60,6 +64,7 @@ __all__ = [
     "assign_to_clusters",
     "cluster_means",
     "MeansIndex",
+    "clear_best_index",
     "split_kmeans",
     "cluster_quality",
     "recluster_decision",
@@ -339,6 +344,8 @@ def average_linkage(
     max_rounds: int = 100,
     drop_margin: float = 0.1,
     mean_k: int = _DEFAULTS.mean_k,
+    join_ratio: float = _DEFAULTS.join_ratio,
+    join_floor: float = _DEFAULTS.join_floor,
     log: Callable[[str], None] = _log_default,
 ) -> np.ndarray:
     """Cluster rows of ``x`` by average linkage restricted to candidate pairs ``(src, dst)``.
@@ -362,6 +369,8 @@ def average_linkage(
             (:class:`MeansIndex`, :func:`_mean_candidates`), and merging resumes once. A poor photo's nearest faces are
             strangers, so no graph edge reaches its person; its person's mean does, as in
             incremental assignment. 0: graph candidates only.
+        join_ratio, join_floor: at the end, each face still alone joins the cluster of 2+ faces it
+            is clearly closest to (:func:`_clear_best`), as incremental assignment does.
 
     Returns:
         int64 [n] cluster label per row: a row index of its cluster (the cluster's id).
@@ -466,7 +475,70 @@ def average_linkage(
         changed[roots] = True
         changed[movers] = True
         log(f"average linkage round {rnd + 1}: {len(movers)} merges, {len(pa)} candidate pairs")
+    if join_ratio > 0:
+        lab = _join_clear_best(x, lab, size, sums, cl, join_ratio, join_floor, log)
     return lab
+
+
+def _join_clear_best(x: np.ndarray, lab: np.ndarray, size: np.ndarray, sums: _Sums, cl: np.ndarray,
+                     join_ratio: float, join_floor: float, log: Callable[[str], None]) -> np.ndarray:
+    """Labels after every face still alone joined its :func:`_clear_best` cluster (cannot-links kept)."""
+    t = time.perf_counter()
+    groups = np.flatnonzero(size >= 2)
+    single = np.flatnonzero(size == 1)  # a face alone is its own cluster's root
+    if len(groups) == 0 or len(single) == 0:
+        return lab
+    means = np.empty((len(groups), x.shape[1]), np.float32)
+    for s in range(0, len(groups), _CHUNK):
+        means[s : s + _CHUNK] = sums.get(groups[s : s + _CHUNK])
+    index = clear_best_index(means, size[groups])
+    parts = [_clear_best(x[single[s : s + 8 * _CHUNK]], index, join_ratio, join_floor)
+             for s in range(0, len(single), 8 * _CHUNK)]
+    del means, index
+    row, score = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    face, dest, score = single[row >= 0], groups[row[row >= 0]], score[row >= 0]
+    if len(cl):
+        n = len(lab)
+        banned = np.concatenate([cl[:, 0] * n + lab[cl[:, 1]], cl[:, 1] * n + lab[cl[:, 0]]])
+        keep = ~np.isin(face * n + dest, banned)
+        face, dest, score = face[keep], dest[keep], score[keep]
+        # Two cannot-linked faces joining one cluster: the closer one joins.
+        to, by = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+        to[face], by[face] = dest, score
+        a, b = cl[:, 0], cl[:, 1]
+        clash = (to[a] >= 0) & (to[a] == to[b])
+        to[np.where(by[a[clash]] < by[b[clash]], a[clash], b[clash])] = -1
+        face = face[to[face] >= 0]
+        dest = to[face]
+    out = lab.copy()
+    out[face] = dest
+    log(f"average linkage: {len(face)} of {len(single)} single faces joined the cluster they are clearly "
+        f"closest to in {time.perf_counter() - t:.0f}s")
+    return out
+
+
+def clear_best_index(means: np.ndarray, sizes: np.ndarray) -> MeansIndex:
+    """Index of the mean *directions* of the clusters of 2+ faces (rows ``np.flatnonzero(sizes >= 2)``),
+    which the clear-best rule searches (:func:`assign_to_clusters` ``group_index=``)."""
+    m = means[np.asarray(sizes) >= 2]
+    return MeansIndex(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12))
+
+
+def _clear_best(queries: np.ndarray, index: MeansIndex, join_ratio: float,
+                join_floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row of ``index`` (:func:`clear_best_index`) each query is clearly closest to, or -1.
+
+    Clear: the query's cosine with the best cluster's mean direction reaches ``join_floor`` and
+    ``join_ratio`` times that with the second best. A poor photo sits low against every cluster,
+    its own person's too, so no fixed threshold admits it without admitting strangers; but its
+    person still stands out from the others by a ratio, while a face whose person has no cluster
+    finds only strangers, all alike. Directions, not average cosines: a cluster of sharp photos
+    has a longer mean than one of poor photos, which would rank clusters by their photos' quality.
+    """
+    ds, di = index.search(queries, 2)
+    second = np.where(di[:, 1] >= 0, ds[:, 1], 0.0) if ds.shape[1] > 1 else np.zeros(len(ds), np.float32)
+    ok = (di[:, 0] >= 0) & (ds[:, 0] >= join_floor) & (ds[:, 0] >= join_ratio * second)
+    return np.where(ok, di[:, 0], -1).astype(np.int64), np.where(ok, ds[:, 0], 0.0).astype(np.float32)
 
 
 def _mean_candidates(sums: _Sums, size: np.ndarray, k: int,
@@ -603,14 +675,19 @@ def assign_to_clusters(
     tau_inf: float = _DEFAULTS.tau_inf,
     decay: float = _DEFAULTS.tau_decay,
     tau_face: float | None = _DEFAULTS.tau_face,
+    join_ratio: float = _DEFAULTS.join_ratio,
+    join_floor: float = _DEFAULTS.join_floor,
     k: int = 8,
     banned: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     index: MeansIndex | None = None,
+    group_index: MeansIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best cluster of each query face by average cosine, if it reaches the merge threshold.
 
     The criterion is the merge rule of :func:`average_linkage` for a one-face cluster: the face's
     average cosine with the cluster (``query . mean``) must reach ``merge_threshold(1, size)``.
+    A face no cluster admits that way then joins the cluster of 2+ faces it is clearly closest
+    to (:func:`_clear_best`, ``join_ratio``), as faces left alone do at the end of a full run.
 
     Args:
         queries: float32 [q, d] unit embeddings.
@@ -619,9 +696,11 @@ def assign_to_clusters(
         k: candidate clusters examined per query (by inner product).
         banned: optional ``f(query rows, cluster rows) -> bool mask`` of forbidden pairs.
         index: a :class:`MeansIndex` of ``means`` kept from an earlier call (built here if None).
+        group_index: :func:`clear_best_index` of ``means, sizes`` kept likewise (built here if None).
 
     Returns:
-        ``(cluster row int64 [q], score float32 [q])``; row -1 where no cluster qualifies.
+        ``(cluster row int64 [q], score float32 [q])``; row -1 where no cluster qualifies. The
+        score is the average cosine, or for a clear-best join the cosine with the mean direction.
     """
     if len(means) == 0 or len(queries) == 0:
         return np.full(len(queries), -1, np.int64), np.zeros(len(queries), np.float32)
@@ -637,7 +716,17 @@ def assign_to_clusters(
     j = np.argmax(score, axis=1)
     rows = np.arange(len(q))
     best = np.where(ok[rows, j], di[rows, j], -1).astype(np.int64)
-    return best, np.where(best >= 0, ds[rows, j], 0.0).astype(np.float32)
+    best_score = np.where(best >= 0, ds[rows, j], 0.0).astype(np.float32)
+    groups = np.flatnonzero(sizes >= 2)
+    rest = np.flatnonzero(best < 0)
+    if join_ratio > 0 and len(groups) and len(rest):
+        index = group_index if group_index is not None else clear_best_index(means, sizes)
+        row, sc = _clear_best(q[rest], index, join_ratio, join_floor)
+        hit = row >= 0
+        if banned is not None and hit.any():
+            hit[hit] = ~banned(rest[hit], groups[row[hit]])
+        best[rest[hit]], best_score[rest[hit]] = groups[row[hit]], sc[hit]
+    return best, best_score
 
 
 @dataclass
@@ -668,6 +757,8 @@ def cluster_embeddings(
     tau_face: float | None = _DEFAULTS.tau_face,
     min_ratio: float | None = _DEFAULTS.min_ratio,
     mean_k: int = _DEFAULTS.mean_k,
+    join_ratio: float = _DEFAULTS.join_ratio,
+    join_floor: float = _DEFAULTS.join_floor,
     must_link: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
     seed: int = _SEED,
@@ -680,8 +771,8 @@ def cluster_embeddings(
     del g
     t = time.perf_counter()
     labels = average_linkage(x, src, dst, tau_1=tau_1, tau_inf=tau_inf, decay=decay, tau_face=tau_face,
-                             min_ratio=min_ratio, mean_k=mean_k, must_link=must_link, cannot_link=cannot_link,
-                             log=log)
+                             min_ratio=min_ratio, mean_k=mean_k, join_ratio=join_ratio, join_floor=join_floor,
+                             must_link=must_link, cannot_link=cannot_link, log=log)
     secs = {"graph": t - t0, "linkage": time.perf_counter() - t, "total": time.perf_counter() - t0}
     return ClusteringResult(labels, int(len(np.unique(labels))), secs)
 

@@ -334,6 +334,15 @@ class ClusteringSettings(_Section):
         description="Once the graph's candidates are exhausted, faces still alone get this many more: the clusters "
         "whose means give them the best average cosine, as in incremental assignment (0: graph candidates only).",
     )
+    join_ratio: float = Field(
+        1.25, ge=0.0,
+        description="A face still alone at the end joins the cluster of 2+ faces it is clearly closest to: its cosine "
+        "with that cluster's mean direction at least this many times that with the second-best one (0: off). Full "
+        "runs and incremental assignment alike.",
+    )
+    join_floor: float = Field(
+        0.3, ge=-1.0, le=1.0, description="The cosine with the mean direction such a join needs at least, whatever the ratio."
+    )
     split_k: int = Field(2, ge=2, description="Default number of sub-clusters of an automatic split.")
     quality_sample: int = Field(10_000, ge=1, description="Faces sampled for the silhouette of a run.")
     recluster_growth: float = Field(
@@ -355,8 +364,9 @@ class ClusteringSettings(_Section):
         return {**self.link_kwargs(), "min_ratio": self.min_ratio, "mean_k": self.mean_k}
 
     def link_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of the merge threshold law (`clustering.merge_threshold` and its users)."""
-        return {"tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face}
+        """Keyword arguments of the rule a face joins a cluster by (`clustering.assign_to_clusters`)."""
+        return {"tau_1": self.tau_1, "tau_inf": self.tau_inf, "decay": self.tau_decay, "tau_face": self.tau_face,
+                "join_ratio": self.join_ratio, "join_floor": self.join_floor}
 
 
 class Settings(_Section):

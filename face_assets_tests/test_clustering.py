@@ -145,11 +145,45 @@ def test_means_pass_reaches_a_poor_photo_without_graph_edges():
     i, j = np.triu_indices(m, 1)  # the good photos are each other's neighbours; the poor one only has a stranger
     src = np.concatenate([i, [m]]).astype(np.int32)
     dst = np.concatenate([j, [m + 1]]).astype(np.int32)
-    graph_only = average_linkage(x, src, dst, mean_k=0)
+    graph_only = average_linkage(x, src, dst, mean_k=0, join_ratio=0)
     assert len(set(graph_only[:m].tolist())) == 1 and graph_only[m] != graph_only[0]
-    lab = average_linkage(x, src, dst, mean_k=8)
+    lab = average_linkage(x, src, dst, mean_k=8, join_ratio=0)
     assert lab[m] == lab[0]  # found through the person's mean
     assert len(set(lab[m + 1 :].tolist())) == 50  # the strangers stay apart
+
+
+def test_a_face_alone_joins_the_cluster_it_is_clearly_closest_to():
+    rng = np.random.default_rng(5)
+    d, m = 512, 10
+
+    def unit(v):
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+    a, b = unit(rng.normal(size=(2, d)))
+    good = np.concatenate([unit(0.8 * c + 0.6 * unit(rng.normal(size=(m, d)))) for c in (a, b)])
+    dir_a, dir_b = unit(good[:m].mean(0)), unit(good[m:].mean(0))
+    noise = rng.normal(size=(2, d))
+    noise -= noise @ np.stack([dir_a, dir_b]).T @ np.linalg.pinv(np.stack([dir_a, dir_b]).T)  # orthogonal to both
+    noise = unit(noise)
+    # Cosine 0.33 with A's mean direction: an average cosine of ~0.27 with A's photos, below every threshold.
+    poor = unit(0.33 * dir_a + np.sqrt(1 - 0.33**2) * noise[0])
+    between = unit(0.45 * unit(dir_a + dir_b) + np.sqrt(1 - 0.45**2) * noise[1])  # ~0.32 with both: no clear choice
+    x = np.concatenate([good, poor[None], between[None], unit(rng.normal(size=(20, d)))])
+    src, dst = np.triu_indices(len(x), 1)
+    off = average_linkage(x, src, dst, join_ratio=0)
+    assert len({off[0], off[m]}) == 2 and off[2 * m] != off[0] and off[2 * m + 1] not in (off[0], off[m])
+    lab = average_linkage(x, src, dst)
+    assert lab[2 * m] == lab[0]  # the poor photo joins its person, the only cluster it stands out for
+    assert lab[2 * m + 1] not in (lab[0], lab[m])  # between two people: stays alone
+    assert len(set(lab[2 * m + 2 :].tolist())) == 20 and not set(lab[2 * m + 2 :]) & {lab[0], lab[m]}
+    # Unless a cannot-link (e.g. the same photo) forbids it.
+    kept = average_linkage(x, src, dst, cannot_link=np.array([[2 * m, 3]]))
+    assert kept[2 * m] != kept[0]
+    # Incremental assignment follows the same rule.
+    c_ids, means, sizes = cluster_means(x[: 2 * m], off[: 2 * m])
+    best, _ = assign_to_clusters(x[2 * m : 2 * m + 2], means, sizes)
+    assert c_ids[best[0]] == off[0] and best[1] == -1
+    assert assign_to_clusters(x[2 * m : 2 * m + 1], means, sizes, join_ratio=0)[0][0] == -1
 
 
 def test_match_ids_stable_split_merge():
