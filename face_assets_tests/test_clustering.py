@@ -160,14 +160,14 @@ def test_a_face_alone_joins_the_cluster_it_is_clearly_closest_to():
         return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
     a, b = unit(rng.normal(size=(2, d)))
-    good = np.concatenate([unit(0.8 * c + 0.6 * unit(rng.normal(size=(m, d)))) for c in (a, b)])
+    good = np.concatenate([unit(0.75 * c + 0.66 * unit(rng.normal(size=(m, d)))) for c in (a, b)])
     dir_a, dir_b = unit(good[:m].mean(0)), unit(good[m:].mean(0))
     noise = rng.normal(size=(2, d))
     noise -= noise @ np.stack([dir_a, dir_b]).T @ np.linalg.pinv(np.stack([dir_a, dir_b]).T)  # orthogonal to both
     noise = unit(noise)
-    # Cosine 0.33 with A's mean direction: an average cosine of ~0.27 with A's photos, below every threshold.
-    poor = unit(0.33 * dir_a + np.sqrt(1 - 0.33**2) * noise[0])
-    between = unit(0.45 * unit(dir_a + dir_b) + np.sqrt(1 - 0.45**2) * noise[1])  # ~0.32 with both: no clear choice
+    # Cosine 0.37 with A's mean direction: an average cosine of ~0.29 with A's photos, below every threshold.
+    poor = unit(0.37 * dir_a + np.sqrt(1 - 0.37**2) * noise[0])
+    between = unit(0.5 * unit(dir_a + dir_b) + np.sqrt(1 - 0.5**2) * noise[1])  # ~0.36 with both: no clear choice
     x = np.concatenate([good, poor[None], between[None], unit(rng.normal(size=(20, d)))])
     src, dst = np.triu_indices(len(x), 1)
     off = average_linkage(x, src, dst, join_ratio=0)
