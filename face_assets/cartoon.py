@@ -2,9 +2,10 @@
 
 Features of a face are its normalized ArcFace embedding (what the face is) and per-channel mean,
 standard deviation and fraction of positive activations of a few inner layers of the same
-recognizer pass (how the image is drawn: flat colour, hard edges, brush strokes). The embedding alone ignores style by design; the texture
-statistics are what let unseen styles be caught. A small MLP (or a logistic regression, an MLP with
-no hidden layer) on standardized features gives the probability of "not a real photo".
+recognizer pass (how the image is drawn: flat colour, hard edges, brush strokes). The embedding
+alone ignores style by design; the texture statistics are what let unseen styles be caught. A
+small MLP (or a logistic regression, an MLP with no hidden layer) on standardized features gives
+the probability of "not a real photo".
 
 The trained artifact is an ``.npz`` rebuilt by ``scripts/train_cartoon_classifier.py``; it records
 the sha256 of the recognizer it was trained on and the names of its tapped tensors, so it is never

@@ -488,9 +488,7 @@ def _join_clear_best(x: np.ndarray, lab: np.ndarray, size: np.ndarray, sums: _Su
     single = np.flatnonzero(size == 1)  # a face alone is its own cluster's root
     if len(groups) == 0 or len(single) == 0:
         return lab
-    means = np.empty((len(groups), x.shape[1]), np.float32)
-    for s in range(0, len(groups), _CHUNK):
-        means[s : s + _CHUNK] = sums.get(groups[s : s + _CHUNK])
+    means = _means_of(sums, size, groups)
     index = clear_best_index(means, size[groups])
     parts = [_clear_best(x[single[s : s + 8 * _CHUNK]], index, join_ratio, join_floor)
              for s in range(0, len(single), 8 * _CHUNK)]
@@ -541,6 +539,15 @@ def _clear_best(queries: np.ndarray, index: MeansIndex, join_ratio: float,
     return np.where(ok, di[:, 0], -1).astype(np.int64), np.where(ok, ds[:, 0], 0.0).astype(np.float32)
 
 
+def _means_of(sums: _Sums, size: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    """float32 [len(roots), d] mean embedding of each cluster ``roots``, built chunk by chunk."""
+    means = np.empty((len(roots), sums.x.shape[1]), np.float32)
+    for s in range(0, len(roots), _CHUNK):
+        r = roots[s : s + _CHUNK]
+        means[s : s + len(r)] = sums.get(r) / size[r, None].astype(np.float32)
+    return means
+
+
 def _mean_candidates(sums: _Sums, size: np.ndarray, k: int,
                      log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs ``(single face, cluster)``: for each face alone in its cluster, the ``k``
@@ -555,10 +562,7 @@ def _mean_candidates(sums: _Sums, size: np.ndarray, k: int,
     single = np.flatnonzero(size[roots] == 1)
     if len(single) == 0 or len(roots) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    means = np.empty((len(roots), sums.x.shape[1]), np.float32)
-    for s in range(0, len(roots), _CHUNK):
-        r = roots[s : s + _CHUNK]
-        means[s : s + len(r)] = sums.get(r) / size[r, None].astype(np.float32)
+    means = _means_of(sums, size, roots)
     index = MeansIndex(means)
     rows = np.concatenate([index.search(means[single[s : s + 8 * _CHUNK]], k + 1)[1]
                            for s in range(0, len(single), 8 * _CHUNK)])

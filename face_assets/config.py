@@ -341,7 +341,8 @@ class ClusteringSettings(_Section):
         "runs and incremental assignment alike.",
     )
     join_floor: float = Field(
-        0.35, ge=-1.0, le=1.0, description="The cosine with the mean direction such a join needs at least, whatever the ratio."
+        0.35, ge=-1.0, le=1.0,
+        description="The cosine with the mean direction such a join needs at least, whatever the ratio.",
     )
     split_k: int = Field(2, ge=2, description="Default number of sub-clusters of an automatic split.")
     quality_sample: int = Field(10_000, ge=1, description="Faces sampled for the silhouette of a run.")
