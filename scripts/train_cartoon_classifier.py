@@ -15,8 +15,9 @@ lfw10, deepface, dlib_johns, ageitgey (largest face per image) and every face of
 photos in detection/groups and detection/dlib_voc (minus a dog photo and a 3D render). Cartoon:
 cartoon/iiit_cfw and cartoon/dualstylegan/<style>. Augmentations, applied to the whole image before
 analysis: real photos get grayscale, sepia, blur, low resolution, strong JPEG, an "old print" mix, a
-phone's sharpening (weighted 0.3) and (small faces) enlargement; cartoons get grayscale, JPEG and enlargement (the 60x60 DualStyleGAN tiles
-mostly hold faces too small to use, which filter_image rejects anyway). Filtered copies of the real photos
+phone's sharpening (weighted 0.3) and (small faces) enlargement; cartoons get grayscale, JPEG and
+enlargement (the 60x60 DualStyleGAN tiles mostly hold faces too small to use, which filter_image
+rejects anyway). Filtered copies of the real photos
 (cartoon filter, watercolour stylization, pencil sketch, Kuwahara "oil") are added as cartoons: the
 same faces drawn, so the model must read how an image is drawn, not what a cartoon face looks like.
 Only faces of at least ``filter.min_face_size`` px (settings; 37 by default) are used: smaller ones
@@ -608,7 +609,8 @@ def build_faces(items: list[Item], data: dict, min_face: int, k: int = K_FOLDS, 
 def sample_weights(f: Faces, mask: np.ndarray) -> np.ndarray:
     """Class-balanced weights: both classes weigh the same in total; within each class, every source too
     (so 400 IMFDB crops do not drown 17 ageitgey photos, nor 317 cartoons the 120 impasto paintings),
-    with the square root of the source size to keep large sources somewhat heavier."""
+    with the square root of the source size to keep large sources somewhat heavier. Augmentations in
+    ``AUG_WEIGHT`` then count that fraction of a face."""
     w = np.zeros(len(f.y))
     for label in (0, 1):
         sel = mask & (f.y == label)
@@ -616,7 +618,7 @@ def sample_weights(f: Faces, mask: np.ndarray) -> np.ndarray:
         per = {s: np.sqrt(c) / c for s, c in zip(sources, counts)}
         w[sel] = [per[s] for s in f.source[sel]]
         w[sel] /= w[sel].sum()
-    return w[mask]
+    return w[mask] * np.array([AUG_WEIGHT.get(a, 1.0) for a in f.aug[mask]])
 
 
 def calibrate(real_probs: np.ndarray, real_aug: np.ndarray) -> float:
@@ -630,8 +632,7 @@ def calibrate(real_probs: np.ndarray, real_aug: np.ndarray) -> float:
 def fit_on(f: Faces, mask: np.ndarray, spec: dict, taps) -> CartoonClassifier:
     if spec.get("drop_augs"):  # ablation: train without some augmentations
         mask = mask & ~np.isin(f.aug, spec["drop_augs"])
-    w = sample_weights(f, mask) * np.array([AUG_WEIGHT.get(a, 1.0) for a in f.aug[mask]])
-    return fit_classifier(f.X[mask], f.y[mask], w, spec, f.sha, taps)
+    return fit_classifier(f.X[mask], f.y[mask], sample_weights(f, mask), spec, f.sha, taps)
 
 
 def real_oof(f: Faces, spec: dict, taps, exclude: np.ndarray | None = None, extra: np.ndarray | None = None):
