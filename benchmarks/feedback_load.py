@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 
 from face_assets.config import load_settings  # noqa: E402
 from face_assets.feedback import FeedbackStore  # noqa: E402
-from face_assets.store import Catalog  # noqa: E402
 
 VOTERS_PER_CLIENT = 3
 
@@ -133,12 +132,11 @@ async def _load(base: str, pairs: list, clients: int, seconds: float, prefix: st
 def verify(index_dir: Path, acked: dict, uncertain: set, prefix: str) -> dict:
     """Compare the stored votes of the load voters with what the server acknowledged."""
     settings = load_settings(overrides={"storage": {"data_dir": str(index_dir)}})
-    with Catalog(settings.storage.duckdb_path) as catalog:
-        store = FeedbackStore.open(settings.feedback, catalog)
-        try:
-            rows = store.votes(voter_prefix=prefix)
-        finally:
-            store.close()
+    store = FeedbackStore.open(settings)
+    try:
+        rows = store.votes(voter_prefix=prefix)
+    finally:
+        store.close()
     stored = defaultdict(list)
     for r in rows:
         stored[(r["query_id"], r["result_face_id"], r["voter"])].append(r)

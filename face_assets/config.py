@@ -129,11 +129,43 @@ class StorageSettings(_Section):
     index_save_every: int = Field(
         1000, ge=1, description="Save the index after this many new images during bulk indexing."
     )
+    store_dir: str = Field(
+        "store",
+        description="Folder inside `data_dir` of the master store files, which only face_assets opens, in short "
+        "sessions; readers use the published copies (`duckdb_file`, `feedback.duckdb`).",
+    )
+    lock_timeout_seconds: float = Field(
+        120.0, gt=0, description="How long a process waits for another one's session on a store file before "
+        "`StoreBusyError`."
+    )
+    publish_interval_seconds: float = Field(
+        1.0, ge=0, description="At most one publication of a store's committed state per this many seconds and "
+        "process; later changes are published when it has passed."
+    )
+    index_refresh_seconds: float = Field(
+        1.0, ge=0, description="How often a running library (the search service) looks for a newer index file "
+        "published by another process."
+    )
 
     @property
     def duckdb_path(self) -> Path:
-        """Absolute-or-relative path of the DuckDB catalog."""
+        """The published catalog: the file analysts, BI tools and read-only commands open (read-only)."""
         return self.data_dir / self.duckdb_file
+
+    @property
+    def master_path(self) -> Path:
+        """The catalog's master file, opened only by face_assets in short sessions."""
+        return self.data_dir / self.store_dir / "catalog.duckdb"
+
+    @property
+    def feedback_master_path(self) -> Path:
+        """The DuckDB feedback store's master file (votes and queries)."""
+        return self.data_dir / self.store_dir / "feedback.duckdb"
+
+    @property
+    def feedback_path(self) -> Path:
+        """The published feedback store, for analysts and read-only commands."""
+        return self.data_dir / "feedback.duckdb"
 
 
 class FeedbackSettings(_Section):

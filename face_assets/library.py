@@ -16,7 +16,9 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +29,14 @@ import numpy as np
 from . import registry
 from .config import Settings, load_settings
 from .errors import (EmbeddingError, FeedbackError, ImageLoadError, IndexCorruptError, IndexNotFoundError,
-                     ModelVersionError, NoFaceDetectedError, TrainingError, UnknownFaceError, UnknownQueryError)
+                     ModelVersionError, NoFaceDetectedError, NotAResultError, TrainingError, UnknownFaceError, UnknownQueryError)
 from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, export_feedback, save_query_image
 from .imaging import content_hash
 from .detection import box_iou
 from .filtering import FaceFilter
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
-from .models import resolve_pack
+from .models import embedding_dim_of, resolve_pack
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
     from .persons import ClusterInfo, ClusterRun, PersonClusters
 
 logger = logging.getLogger(__name__)
+
+_RECENT_QUERIES = 10_000
+"""Feedback queries a library keeps in memory for the votes that follow them."""
 
 
 @dataclass
@@ -124,23 +129,41 @@ class FaceRecognitionLibrary:
         self.settings = settings or load_settings(config_path, overrides=overrides or None)
         self.index_dir = Path(self.settings.storage.data_dir)
         self._lock = threading.RLock()
-        self.filter = FaceFilter(self.settings)
+        self._filter: FaceFilter | None = None
+        self._pack = resolve_pack(self.settings.models)
+        self._model_file = self._pack.recognizer
         self.catalog: Catalog | None = None
         self.index: FaceIndex | None = None
+        self._index_stamp: tuple[int, int] | None = None
+        self._index_checked = 0.0
         self._unsaved = 0
         self._feedback: FeedbackStore | None = None
-        try:
-            self.load()
-        except BaseException:
-            if self.catalog is not None:  # a failed start must not keep the DuckDB file locked
-                self.catalog.close()
-            raise
+        self._queries: OrderedDict[str, dict] = OrderedDict()
+        self.load()
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
+    def filter(self) -> FaceFilter:
+        """Detector, recognizer (the active version) and cartoon classifier, loaded on first use.
+
+        Reading tables, listing, clustering and index upkeep never load a model.
+        """
+        with self._lock:
+            if self._filter is None:
+                face_filter = FaceFilter(self.settings)
+                face_filter.analyzer.use_recognizer(self._model_file)
+                self._filter = face_filter
+            return self._filter
+
+    @property
     def model_version(self) -> str:
         """Version tag of the embeddings this library produces and searches."""
-        return self.filter.analyzer.model_version
+        return dataclasses.replace(self._pack, recognizer=self._model_file).model_version
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embeddings of the active recognizer (read from its file, no model loaded)."""
+        return embedding_dim_of(str(self._model_file))
 
     @property
     def index_path(self) -> Path:
@@ -150,48 +173,97 @@ class FaceRecognitionLibrary:
     def load(self) -> None:
         """(Re)open the catalog and the index, repairing the index from the catalog if they disagree."""
         with self._lock:
-            if self._feedback is not None:  # a DuckDB feedback store lives on the catalog being reopened
-                self._feedback.close()
-                self._feedback = None
-            if self.catalog is not None:
-                self.catalog.close()
-            self.catalog = Catalog(self.settings.storage.duckdb_path)
+            self._close_stores()
+            self.catalog = Catalog.open(self.settings.storage)
             self._select_model()
-            try:
-                index = FaceIndex.load(self.index_path)
-                if index.model_version != self.model_version:
-                    logger.warning("index holds %s embeddings, library uses %s: rebuilding",
-                                   index.model_version, self.model_version)
-                    index = None
-            except IndexNotFoundError:
+            self.index = self._read_index()
+            if self._reconcile():
+                self._save_index()
+
+    def _read_index(self) -> FaceIndex:
+        """The saved index of the active model version, or a new empty one (missing, corrupt, other version)."""
+        try:
+            index = FaceIndex.load(self.index_path)
+            stamp = self._stamp()
+            if index.model_version != self.model_version:
+                logger.warning("index holds %s embeddings, library uses %s: rebuilding",
+                               index.model_version, self.model_version)
                 index = None
-            except IndexCorruptError as exc:
-                logger.warning("index %s is corrupt (%s): rebuilding from the catalog", self.index_path, exc)
-                index = None
-            self.index = index if index is not None else self._new_index()
-            self._reconcile()
+        except IndexNotFoundError:
+            index, stamp = None, None
+        except IndexCorruptError as exc:
+            logger.warning("index %s is corrupt (%s): rebuilding from the catalog", self.index_path, exc)
+            index, stamp = None, None
+        self._index_stamp = stamp
+        self._index_checked = time.monotonic()
+        return index if index is not None else self._new_index()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.index_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def refresh(self) -> bool:
+        """Load the index again if another process (the pipeline, a CLI command) published a newer one.
+
+        A running service calls it before each search, at most every ``storage.index_refresh_seconds``,
+        so newly indexed faces become searchable without a restart. Returns whether it reloaded.
+        """
+        with self._lock:
+            if time.monotonic() - self._index_checked < self.settings.storage.index_refresh_seconds:
+                return False
+            self._index_checked = time.monotonic()
+            if self._unsaved or self._stamp() == self._index_stamp:
+                return False
+        index = None
+        try:  # loading a large index takes a while: searches go on with the old one meanwhile
+            index = FaceIndex.load(self.index_path, model_version=self.model_version)
+        except (IndexNotFoundError, IndexCorruptError) as exc:
+            logger.warning("published index %s not loaded: %s", self.index_path, exc)
+        with self._lock:
+            if index is None or self._unsaved:
+                return False
+            self.index, self._index_stamp = index, self._stamp()
+            return True
 
     def save(self) -> Path:
-        """Write the index atomically next to the catalog; returns its path."""
+        """Write the index atomically next to the catalog and publish the catalog; returns the index path."""
         with self._lock:
+            self._save_index()
             self.catalog.checkpoint()
-            self.index.save(self.index_path)
-            self._unsaved = 0
             return self.index_path
 
+    def _save_index(self) -> None:
+        # Under the catalog's write lock: two processes never interleave their index and catalog writes.
+        with self.catalog.transaction():
+            if self._stamp() != self._index_stamp:
+                # Another process saved the index since this one read it: take in its faces (and
+                # drop what it removed) from the catalog, which holds both processes' commits.
+                self._reconcile()
+            self.index.save(self.index_path)
+        self._index_stamp = self._stamp()
+        self._unsaved = 0
+
     def close(self) -> None:
-        """Save the index and close the catalog."""
+        """Save the index if this library changed it, publish the catalog and release the stores."""
         with self._lock:
             if self.catalog is None:
                 return
             try:
-                self.save()
-            finally:  # a failed save must not keep the DuckDB file locked
-                if self._feedback is not None:
-                    self._feedback.close()
-                    self._feedback = None
-                self.catalog.close()
-                self.catalog = None
+                if self._unsaved:
+                    self._save_index()
+            finally:
+                self._close_stores()
+
+    def _close_stores(self) -> None:
+        if self._feedback is not None:
+            self._feedback.close()
+            self._feedback = None
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
 
     def __enter__(self) -> "FaceRecognitionLibrary":
         return self
@@ -201,10 +273,10 @@ class FaceRecognitionLibrary:
 
     def _new_index(self) -> FaceIndex:
         cfg = self.settings.storage
-        return FaceIndex(dim=self.filter.analyzer.recognizer.embedding_dim, factory=cfg.index_factory,
-                         model_version=self.model_version)
+        return FaceIndex(dim=self.embedding_dim, factory=cfg.index_factory, model_version=self.model_version)
 
-    def _reconcile(self) -> None:
+    def _reconcile(self) -> bool:
+        """Add the catalog's searchable faces the index misses and drop ids it no longer has; True if changed."""
         catalog_ids = set(self.catalog.valid_face_ids(self.model_version))
         index_ids = set(int(i) for i in self.index.ids())
         extra = index_ids - catalog_ids
@@ -216,7 +288,7 @@ class FaceRecognitionLibrary:
             self.index.add(ids, vectors)
         if extra or missing:
             logger.info("index repaired from catalog: %d added, %d removed", len(missing), len(extra))
-            self.index.save(self.index_path)
+        return bool(extra or missing)
 
     # -- indexing ------------------------------------------------------------------------------
     def index_image(self, path: str | os.PathLike, image_id: str | None = None, metadata: Any = None) -> IndexedImage:
@@ -310,6 +382,7 @@ class FaceRecognitionLibrary:
         query = self._check_vector(vector)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
+        self.refresh()
         with self._lock:
             if len(self.index) == 0:
                 return []
@@ -327,7 +400,7 @@ class FaceRecognitionLibrary:
         return results
 
     def _check_vector(self, vector: Any) -> np.ndarray:
-        dim = self.filter.analyzer.recognizer.embedding_dim
+        dim = self.embedding_dim
         try:
             v = np.asarray(vector, dtype=np.float32).reshape(-1)
         except (TypeError, ValueError) as exc:
@@ -376,10 +449,10 @@ class FaceRecognitionLibrary:
     # -- feedback --------------------------------------------------------------------------------
     @property
     def feedback(self) -> FeedbackStore:
-        """The feedback store of ``feedback.backend`` (the catalog's DuckDB file by default), opened on first use."""
+        """The feedback store of ``feedback.backend`` (its own DuckDB file by default), opened on first use."""
         with self._lock:
             if self._feedback is None:
-                self._feedback = FeedbackStore.open(self.settings.feedback, self.catalog)
+                self._feedback = FeedbackStore.open(self.settings)
             return self._feedback
 
     def feedback_search(self, image: bytes | str | os.PathLike | None = None, *, face_id: int | None = None,
@@ -418,15 +491,37 @@ class FaceRecognitionLibrary:
                                  det_score=main["scores"]["det_score"],
                                  query_face_id=self._catalog_face_of(digest, main["bbox"]), session_id=session_id,
                                  filename=filename, source="upload")
+        hits = self.search_embedding(record.embedding, top_k=(top_k or self.settings.feedback.search_top_k) + 1)
+        # The query face itself is no match to vote on: it would come first at similarity 1.
+        results = [h for h in hits if h.face_id != record.query_face_id][: top_k or self.settings.feedback.search_top_k]
+        record.result_face_ids = [r.face_id for r in results]
         try:
             self.feedback.add_query(record)
         except BaseException:
             if saved is not None:
                 saved.unlink(missing_ok=True)
             raise
-        results = self.search_embedding(record.embedding, top_k=top_k or self.settings.feedback.search_top_k)
+        self._remember_query(record)
         return FeedbackQuery(query_id=query_id, bbox=[float(x) for x in record.bbox],
                              query_face_id=record.query_face_id, results=results)
+
+    def _remember_query(self, record: QueryRecord) -> None:
+        # Votes follow their search within seconds: they find the query here, not in the store.
+        with self._lock:
+            self._queries[record.query_id] = {"query_id": record.query_id, "model_version": record.model_version,
+                                              "embedding": np.asarray(record.embedding, np.float32),
+                                              "result_face_ids": list(record.result_face_ids or [])}
+            while len(self._queries) > _RECENT_QUERIES:
+                self._queries.popitem(last=False)
+
+    def _query(self, query_id: str) -> dict:
+        with self._lock:
+            found = self._queries.get(query_id)
+        if found is None:
+            found = self.feedback.get_query(query_id)
+        if found is None:
+            raise UnknownQueryError(query_id)
+        return found
 
     def record_feedback(self, query_id: str, result_id: int, vote: str, voter: str | None = None,
                         session_id: str | None = None) -> Vote:
@@ -434,17 +529,23 @@ class FaceRecognitionLibrary:
 
         The vote keeps the query and result embeddings, their similarity, the model version and
         the result image's metadata. ``voter`` (default: ``session_id``, else ``anonymous``) names
-        who voted: the same voter voting again on the same pair updates the vote.
+        who voted: the same voter voting again on the same pair updates the vote. It is acknowledged
+        (returned) only once committed.
 
         Raises:
             FeedbackError: ``vote`` is not ``up``/``down``, or the face was embedded by another model.
+            NotAResultError: the face is not among the results the query showed.
             UnknownQueryError / UnknownFaceError: no such query, or no such face in the catalog.
         """
         if vote not in VOTES:
             raise FeedbackError(f"vote must be 'up' or 'down', not {vote!r}")
-        query = self.feedback.get_query(str(query_id))
-        if query is None:
-            raise UnknownQueryError(query_id)
+        query = self._query(str(query_id))
+        try:
+            result_id = int(result_id)
+        except (TypeError, ValueError):
+            raise UnknownFaceError(result_id) from None
+        if result_id not in (query.get("result_face_ids") or []):
+            raise NotAResultError(query["query_id"], result_id)
         face = self._face_record(result_id)
         if face["model_version"] != query["model_version"]:
             raise FeedbackError(f"face {face['face_id']} is embedded by {face['model_version']}, the query by "
@@ -474,10 +575,7 @@ class FaceRecognitionLibrary:
             face_id = int(face_id)
         except (TypeError, ValueError):
             raise UnknownFaceError(face_id) from None
-        rows = self.catalog.records(
-            """SELECT f.face_id, f.image_id, f.model_version, f.embedding, f.det_score, i.path, i.content_hash,
-                      i.width, i.height, i.metadata, [f.x1, f.y1, f.x2, f.y2] AS bbox
-               FROM faces f JOIN images i USING (image_id) WHERE f.face_id = ?""", [face_id])
+        rows = self.catalog.face_records([face_id])
         if not rows:
             raise UnknownFaceError(face_id)
         face = rows[0]
@@ -496,16 +594,24 @@ class FaceRecognitionLibrary:
 
     # -- model versions: fine-tuning, registry, hot-swap ------------------------------------------
     def _select_model(self) -> None:
-        """Load the recognizer version chosen by config or the registry (at open, before the index)."""
-        pack = resolve_pack(self.settings.models)
-        registry.ensure_base(self.catalog, pack)
+        """Choose the recognizer version of config or the registry (at open, before the index); loads no model."""
+        registry.ensure_base(self.catalog, self._pack)
         version = registry.active_version(self.catalog, self.settings)
-        self.filter.analyzer.use_recognizer(registry.model_file(self.catalog, self.settings, pack, version))
+        self._use_file(registry.model_file(self.catalog, self.settings, self._pack, version))
         self.active_model = version
         stale = len(self.catalog.image_sources(self.model_version))
         if stale:
             logger.warning("%d images were embedded by another model version and are not searchable until "
                            "re-embedded (call reembed())", stale)
+
+    def _use_file(self, path: Path) -> bool:
+        """Run the recognizer file ``path`` from now on (loaded models swap at once); False if it already runs."""
+        if Path(path).resolve() == self._model_file.resolve():
+            return False
+        if self._filter is not None:
+            self._filter.analyzer.use_recognizer(path)
+        self._model_file = Path(path)
+        return True
 
     def list_models(self) -> list[dict]:
         """Registered recognizer versions, oldest first, each with ``active`` (the one this library runs)."""
@@ -526,8 +632,8 @@ class FaceRecognitionLibrary:
         faces, never a mix. Returns the re-embedding summary, or None when ``version`` already runs.
         """
         with self._lock:
-            path = registry.model_file(self.catalog, self.settings, resolve_pack(self.settings.models), version)
-            if not self.filter.analyzer.use_recognizer(path):
+            path = registry.model_file(self.catalog, self.settings, self._pack, version)
+            if not self._use_file(path):
                 self.active_model = version
                 return None
             self.active_model = version

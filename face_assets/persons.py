@@ -373,7 +373,7 @@ class PersonClusters:
         faces = [f for i in infos for f in i.face_ids]
         with self.catalog.transaction() as con:
             _drop_constraints(con, "cannot_link", faces, faces)
-            self.catalog.add_constraints([(anchor, f) for f in faces], "must_link", "merge", con)
+            self.catalog.add_constraints([(anchor, f) for f in faces], "must_link", "merge")
             con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE cluster_id IN "
                         "(SELECT unnest(?))", [keep.cluster_id, ids])
             label = next((i.label for i in [keep, *infos] if i.label), None)
@@ -412,9 +412,9 @@ class PersonClusters:
         with self.catalog.transaction() as con:
             _drop_constraints(con, "must_link", members, members)
             for part in parts:
-                self.catalog.add_constraints([(part[0], f) for f in part[1:]], "must_link", "split", con)
+                self.catalog.add_constraints([(part[0], f) for f in part[1:]], "must_link", "split")
             self.catalog.add_constraints([(a, b) for i, a in enumerate(anchors) for b in anchors[i + 1:]],
-                                         "cannot_link", "split", con)
+                                         "cannot_link", "split")
             for cid, part in zip(new_ids[1:], parts[1:]):
                 con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE face_id IN "
                             "(SELECT unnest(?))", [cid, part])
@@ -441,7 +441,7 @@ class PersonClusters:
         with self.catalog.transaction() as con:
             _drop_constraints(con, "must_link", [face_id], None)
             _drop_constraints(con, "cannot_link", [face_id], target.face_ids)
-            self.catalog.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move", con)
+            self.catalog.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move")
             if old is not None:
                 old_members = [r[0] for r in con.execute(
                     "SELECT face_id FROM face_clusters WHERE cluster_id = ? AND face_id <> ? ORDER BY face_id",
@@ -450,7 +450,7 @@ class PersonClusters:
                                       [old]).fetchone()
                 other = old_rep[0] if old_rep and old_rep[0] != face_id else (old_members[0] if old_members else None)
                 if other is not None:
-                    self.catalog.add_constraints([(face_id, other)], "cannot_link", "move", con)
+                    self.catalog.add_constraints([(face_id, other)], "cannot_link", "move")
             con.execute("INSERT OR REPLACE INTO face_clusters VALUES (?, ?, 'user', now())", [face_id, cluster_id])
             self._rewrite(con, [cluster_id] + ([old] if old is not None else []), "user")
         return self.get(cluster_id)

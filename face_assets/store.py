@@ -20,7 +20,7 @@ Each image is written in one transaction, so a crash never leaves half an image 
 from __future__ import annotations
 
 import json
-import threading
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,7 +30,9 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from .config import StorageSettings
 from .schemas import FilterResult, ImageAnalysis
+from .storage import DuckDBFile
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS face_id_seq START 1;
@@ -142,22 +144,47 @@ CREATE TABLE IF NOT EXISTS cluster_runs (
 
 
 class Catalog:
-    """DuckDB catalog of images and faces; thread-safe for one process (DuckDB has one writer)."""
+    """The DuckDB catalog of images and faces, in short sessions (see :mod:`face_assets.storage`).
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    Args:
+        path: the file sessions open: the master of a data folder (see :meth:`open`), or a private
+            file such as a run's staging catalog.
+        read_only: open ``path`` read-only in each read session and refuse writes (for the
+            published file, which writers replace but never change in place).
+        published: where committed states are published for readers (None: never).
+        lock_timeout / publish_interval: see :class:`face_assets.storage.DuckDBFile`.
+
+    Thread-safe; no DuckDB connection stays open between calls, so other processes share the file.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False, *, published: str | Path | None = None,
+                 lock_timeout: float = 120.0, publish_interval: float = 1.0):
         self.path = Path(path)
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self.con = duckdb.connect(str(self.path), read_only=read_only)
-        if not read_only:
-            self.con.execute(SCHEMA)
-            self.con.execute(CLUSTER_SCHEMA)
+        self.read_only = read_only
+        self.db = DuckDBFile(self.path, published, schema=SCHEMA + CLUSTER_SCHEMA, lock_timeout=lock_timeout,
+                             publish_interval=publish_interval, read_only=read_only)
+
+    @classmethod
+    def open(cls, storage: StorageSettings, read_only: bool = False) -> "Catalog":
+        """The catalog of a data folder: its master (published to ``storage.duckdb_path``), or with
+        ``read_only`` the published file itself, which readers share with no lock.
+
+        A data folder written before the master existed gets its catalog file copied to the master
+        once, so nothing stored is lost.
+        """
+        if read_only:
+            return cls(storage.duckdb_path, read_only=True)
+        master = storage.master_path
+        if not master.is_file() and storage.duckdb_path.is_file():
+            master.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(storage.duckdb_path, master.with_name(master.name + ".partial"))
+            master.with_name(master.name + ".partial").replace(master)
+        return cls(master, published=storage.duckdb_path, lock_timeout=storage.lock_timeout_seconds,
+                   publish_interval=storage.publish_interval_seconds)
 
     def close(self) -> None:
-        """Checkpoint and close the database file."""
-        with self._lock:
-            self.con.close()
+        """Publish what is pending (nothing stays open between calls)."""
+        self.db.close()
 
     def __enter__(self) -> "Catalog":
         return self
@@ -166,16 +193,16 @@ class Catalog:
         self.close()
 
     @contextmanager
+    def _read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for reading (a read session)."""
+        with self.db.read() as con:
+            yield con
+
+    @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """All statements inside commit together or not at all."""
-        with self._lock:
-            self.con.execute("BEGIN TRANSACTION")
-            try:
-                yield self.con
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
-            self.con.execute("COMMIT")
+        """All statements inside commit together or not at all (one write session)."""
+        with self.db.write() as con:
+            yield con
 
     def known_hashes(self, hashes: Sequence[str], model_version: str) -> dict[str, tuple[str, bool]]:
         """Content hashes already in the catalog -> (image id, done), ``done`` when nothing is left to do.
@@ -185,8 +212,8 @@ class Catalog:
         """
         if not hashes:
             return {}
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 """SELECT content_hash, image_id, status = 'unreadable' OR model_version = ?
                    FROM images WHERE content_hash IN (SELECT unnest(?))""",
                 [model_version, list(hashes)],
@@ -241,14 +268,13 @@ class Catalog:
         return face_ids
 
     def checkpoint(self) -> None:
-        """Flush the write-ahead log into the database file."""
-        with self._lock:
-            self.con.execute("CHECKPOINT")
+        """Publish the committed state now (every write session already checkpoints the master)."""
+        self.db.publish()
 
     def valid_face_ids(self, model_version: str) -> list[int]:
         """Ids of the searchable faces: valid, embedded by ``model_version``."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 "SELECT face_id FROM faces WHERE is_valid AND model_version = ? ORDER BY face_id", [model_version]
             ).fetchall()
         return [r[0] for r in rows]
@@ -256,9 +282,9 @@ class Catalog:
     def embeddings(self, face_ids: Sequence[int], batch: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
         """``(ids int64 [n], embeddings float32 [n, d])`` of the given faces, read in batches."""
         parts = []
-        with self._lock:
+        with self._read() as con:
             for start in range(0, len(face_ids), batch):
-                rows = self.con.execute(
+                rows = con.execute(
                     "SELECT face_id, embedding FROM faces WHERE face_id IN (SELECT unnest(?)) ORDER BY face_id",
                     [list(face_ids[start : start + batch])],
                 ).fetchnumpy()
@@ -269,21 +295,48 @@ class Catalog:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def faces_by_id(self, face_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """Face id -> image id, path, box, image metadata and person cluster id, for search results."""
-        if not face_ids:
-            return {}
-        with self._lock:
-            rows = self.con.execute(
-                """SELECT f.face_id, f.image_id, i.path, f.x1, f.y1, f.x2, f.y2, i.metadata, c.cluster_id
-                   FROM faces f JOIN images i USING (image_id) LEFT JOIN face_clusters c USING (face_id)
-                   WHERE f.face_id IN (SELECT unnest(?))""",
-                [list(face_ids)],
-            ).fetchall()
+        """Face id -> image id, path, box, image metadata and person cluster id, for search results.
+
+        Read from the published catalog when it has the faces (a search never waits for a writer),
+        else from the master.
+        """
+        sql = """SELECT f.face_id, f.image_id, i.path, f.x1, f.y1, f.x2, f.y2, i.metadata, c.cluster_id
+                 FROM faces f JOIN images i USING (image_id) LEFT JOIN face_clusters c USING (face_id)
+                 WHERE f.face_id IN (SELECT unnest(?))"""
+        rows = self._published_first(sql, [int(i) for i in face_ids])
         return {
             r[0]: {"image_id": r[1], "path": r[2], "bbox": [r[3], r[4], r[5], r[6]],
                    "metadata": json.loads(r[7]) if r[7] else None, "cluster_id": r[8]}
             for r in rows
         }
+
+    def face_records(self, face_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Faces with their image: ids, path, box, det_score, embedding, model version, image metadata.
+
+        Read like :meth:`faces_by_id`: the published catalog first, the master for the rest.
+        """
+        sql = """SELECT f.face_id, f.image_id, f.model_version, f.embedding, f.det_score, i.path, i.content_hash,
+                        i.width, i.height, i.metadata, [f.x1, f.y1, f.x2, f.y2] AS bbox
+                 FROM faces f JOIN images i USING (image_id) WHERE f.face_id IN (SELECT unnest(?))"""
+        names = ["face_id", "image_id", "model_version", "embedding", "det_score", "path", "content_hash",
+                 "width", "height", "metadata", "bbox"]
+        return [dict(zip(names, r)) for r in self._published_first(sql, [int(i) for i in face_ids])]
+
+    def _published_first(self, sql: str, face_ids: list[int]) -> list[tuple]:
+        """Rows of ``sql`` (first column: face id; one parameter: the ids) from the published file, then
+        from the master for the ids the published file does not have yet."""
+        if not face_ids:
+            return []
+        rows: list[tuple] = []
+        with self.db.snapshot_lock:
+            con = None if self.db.read_only else self.db.snapshot()
+            if con is not None:
+                rows = con.execute(sql, [face_ids]).fetchall()
+        missing = sorted(set(face_ids) - {r[0] for r in rows})
+        if missing:
+            with self._read() as con:
+                rows += con.execute(sql, [missing]).fetchall()
+        return rows
 
     def remove_image(self, image_id: str) -> list[int]:
         """Delete an image and its faces; returns the removed face ids."""
@@ -311,12 +364,12 @@ class Catalog:
 
     def stats(self) -> dict[str, Any]:
         """Image counts by status and rejection reason, face counts and the number of person clusters."""
-        with self._lock:
-            by_status = dict(self.con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
-            reasons = dict(self.con.execute(
+        with self._read() as con:
+            by_status = dict(con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
+            reasons = dict(con.execute(
                 "SELECT rejection_reason, count(*) FROM images WHERE status = 'rejected' GROUP BY ALL").fetchall())
-            faces, valid = self.con.execute("SELECT count(*), count(*) FILTER (WHERE is_valid) FROM faces").fetchone()
-            persons = self.con.execute("SELECT count(*) FROM clusters").fetchone()[0]
+            faces, valid = con.execute("SELECT count(*), count(*) FILTER (WHERE is_valid) FROM faces").fetchone()
+            persons = con.execute("SELECT count(*) FROM clusters").fetchone()[0]
         return {"images": sum(by_status.values()), "by_status": by_status, "rejected_by_reason": reasons,
                 "faces": faces, "valid_faces": valid, "persons": persons}
 
@@ -330,11 +383,11 @@ class Catalog:
         folder.mkdir(parents=True, exist_ok=True)
         order = {"images": "image_id", "faces": "image_id, face_index"}
         written = {}
-        with self._lock:
+        with self._read() as con:
             for table, key in order.items():
                 final = folder / f"{table}.parquet"
                 partial = folder / f".{table}.parquet.partial"
-                self.con.execute(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{partial}' (FORMAT parquet)")
+                con.execute(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{partial}' (FORMAT parquet)")
                 partial.replace(final)
                 written[table] = final
         return written
@@ -387,8 +440,8 @@ class Catalog:
 
     def model_versions(self) -> list[dict[str, Any]]:
         """Every registered recognizer version, oldest first."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 """SELECT version, parent, path, sha256, status, metrics, created_at
                    FROM model_versions ORDER BY created_at, version"""
             ).fetchall()
@@ -397,8 +450,8 @@ class Catalog:
 
     def promoted_model(self) -> str | None:
         """The version with status ``promoted``, if any."""
-        with self._lock:
-            row = self.con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
+        with self._read() as con:
+            row = con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
         return row[0] if row else None
 
     def promote_model(self, version: str, action: str = "promote") -> str | None:
@@ -413,16 +466,16 @@ class Catalog:
 
     def previous_model(self, version: str) -> str | None:
         """The version that ``version`` replaced when it was last promoted."""
-        with self._lock:
-            row = self.con.execute(
+        with self._read() as con:
+            row = con.execute(
                 "SELECT previous FROM model_promotions WHERE version = ? ORDER BY promoted_at DESC LIMIT 1", [version]
             ).fetchone()
         return row[0] if row else None
 
     def image_sources(self, exclude_model_version: str) -> list[tuple[str, str, dict | None]]:
         """``(image_id, path, metadata)`` of readable images not yet processed by ``exclude_model_version``."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 """SELECT image_id, path, metadata FROM images
                    WHERE status <> 'unreadable' AND model_version IS DISTINCT FROM ? ORDER BY image_id""",
                 [exclude_model_version],
@@ -433,37 +486,38 @@ class Catalog:
 
     def face_images(self, model_version: str) -> tuple[np.ndarray, np.ndarray]:
         """``(face ids, image ids)`` of the valid faces of ``model_version``, by face id."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 "SELECT face_id, image_id FROM faces WHERE is_valid AND model_version = ? ORDER BY face_id",
                 [model_version]).fetchnumpy()
         return rows["face_id"].astype(np.int64), np.asarray(rows["image_id"], dtype=object)
 
     def face_cluster_map(self) -> tuple[np.ndarray, np.ndarray]:
         """``(face ids, cluster ids)`` of every clustered face, by face id."""
-        with self._lock:
-            rows = self.con.execute("SELECT face_id, cluster_id FROM face_clusters ORDER BY face_id").fetchnumpy()
+        with self._read() as con:
+            rows = con.execute("SELECT face_id, cluster_id FROM face_clusters ORDER BY face_id").fetchnumpy()
         return rows["face_id"].astype(np.int64), rows["cluster_id"].astype(np.int64)
 
     def constraints(self) -> tuple[np.ndarray, np.ndarray]:
         """``(must-link pairs, cannot-link pairs)``, int64 [m, 2] face ids, from curation."""
-        with self._lock:
-            rows = self.con.execute("SELECT face_a, face_b, kind FROM cluster_constraints").fetchall()
+        with self._read() as con:
+            rows = con.execute("SELECT face_a, face_b, kind FROM cluster_constraints").fetchall()
         must = np.array([(a, b) for a, b, k in rows if k == "must_link"], np.int64).reshape(-1, 2)
         cannot = np.array([(a, b) for a, b, k in rows if k == "cannot_link"], np.int64).reshape(-1, 2)
         return must, cannot
 
-    def add_constraints(self, pairs: Sequence[tuple[int, int]], kind: str, reason: str,
-                        con: duckdb.DuckDBPyConnection | None = None) -> None:
-        """Record must-link / cannot-link face pairs; a later decision on a pair replaces the earlier one."""
+    def add_constraints(self, pairs: Sequence[tuple[int, int]], kind: str, reason: str) -> None:
+        """Record must-link / cannot-link face pairs; a later decision on a pair replaces the earlier one.
+
+        Inside a :meth:`transaction` of the same thread it joins that transaction.
+        """
         if kind not in ("must_link", "cannot_link"):
             raise ValueError(f"kind must be must_link or cannot_link, got {kind!r}")
         rows = [(min(a, b), max(a, b), kind, reason, _now()) for a, b in pairs if a != b]
         if not rows:
             return
-        with self._lock:
-            target = con or self.con
-            target.executemany("INSERT OR REPLACE INTO cluster_constraints VALUES (?, ?, ?, ?, ?)", rows)
+        with self.transaction() as con:
+            con.executemany("INSERT OR REPLACE INTO cluster_constraints VALUES (?, ?, ?, ?, ?)", rows)
 
     def write_clusters(self, con: duckdb.DuckDBPyConnection, clusters: Sequence[dict[str, Any]],
                        assignments: tuple[np.ndarray, np.ndarray], source: str, replace_all: bool) -> None:
@@ -526,13 +580,13 @@ class Catalog:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         """Run a read query and return all rows."""
-        with self._lock:
-            return self.con.execute(sql, params or []).fetchall()
+        with self._read() as con:
+            return con.execute(sql, params or []).fetchall()
 
     def records(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Run a query and return its rows as dicts keyed by column name."""
-        with self._lock:
-            cursor = self.con.execute(sql, params or [])
+        with self._read() as con:
+            cursor = con.execute(sql, params or [])
             if cursor.description is None:
                 return []
             names = [d[0] for d in cursor.description]

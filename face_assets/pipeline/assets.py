@@ -131,7 +131,7 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     with Catalog(stage_path) as stage:
         summary = ingest_paths(sources["path"].to_list(), face_filter, stage)
         files = stage.export_parquet(folder)
-    for leftover in (stage_path, stage_path.with_name(stage_path.name + ".wal")):
+    for leftover in (stage_path, *(stage_path.with_name(stage_path.name + s) for s in (".wal", ".lock"))):
         leftover.unlink(missing_ok=True)
 
     images = pl.read_parquet(files["images"], columns=["status", "rejection_reason"])

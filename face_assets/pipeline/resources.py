@@ -88,7 +88,7 @@ class FaceAssetsResource(ConfigurableResource):
         pack = resolve_pack(settings.models)
         path = settings.storage.duckdb_path
         if path.is_file():
-            with Catalog(path, read_only=True) as catalog:
+            with Catalog.open(settings.storage, read_only=True) as catalog:
                 version = registry.active_version(catalog, settings)
                 model = registry.model_file(catalog, settings, pack, version)
         else:
@@ -100,8 +100,8 @@ class FaceAssetsResource(ConfigurableResource):
         return version, model, dataclasses.replace(pack, recognizer=model).model_version
 
     def catalog(self) -> Catalog:
-        """The main DuckDB catalog, opened for writing (only steps in the ``face_catalog`` pool call this)."""
-        return Catalog(self.settings.storage.duckdb_path)
+        """The main DuckDB catalog's master, written in short sessions (see :mod:`face_assets.storage`)."""
+        return Catalog.open(self.settings.storage)
 
     def library(self) -> FaceRecognitionLibrary:
         """The user-facing library over the main catalog and index (opening it reconciles the index)."""

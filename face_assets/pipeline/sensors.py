@@ -117,25 +117,18 @@ def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefi
 def new_votes(face_assets: FaceAssetsResource, since: datetime | None) -> tuple[int, datetime | None]:
     """Votes cast or changed after ``since`` (all when None), and the time of the newest; read without writing.
 
-    The store is ``feedback.backend``: the catalog's DuckDB file (opened read-only; no votes before it
-    exists) or the PostgreSQL server.
+    The store is ``feedback.backend``: the published copy of the DuckDB feedback store (no votes
+    before it exists), or the PostgreSQL server.
     """
     settings = face_assets.settings
-    params = [since or _EPOCH]
-    if settings.feedback.backend == "postgresql":
-        store = FeedbackStore.open(settings.feedback, None)
-        try:
-            row = store.query(_NEW_VOTES, params)[0]
-        finally:
-            store.close()
-        return int(row["n"]), row["last"]
-    path = settings.storage.duckdb_path
-    if not path.is_file():
+    postgres = settings.feedback.backend == "postgresql"
+    if not postgres and not settings.storage.feedback_path.is_file():
         return 0, None
-    with Catalog(path, read_only=True) as catalog:
-        if not catalog.query("SELECT 1 FROM information_schema.tables WHERE table_name = 'feedback'"):
-            return 0, None
-        row = catalog.records(_NEW_VOTES, params)[0]
+    store = FeedbackStore.open(settings, read_only=not postgres)
+    try:
+        row = store.query(_NEW_VOTES, [since or _EPOCH])[0]
+    finally:
+        store.close()
     return int(row["n"]), row["last"]
 
 
@@ -206,7 +199,7 @@ def cluster_policy(face_assets: FaceAssetsResource):
     if not path.is_file():
         return None
     tag = face_assets.active_recognizer()[2]
-    with Catalog(path, read_only=True) as catalog:
+    with Catalog.open(settings.storage, read_only=True) as catalog:
         return PersonClusters(catalog, settings.clustering, tag).decision()
 
 
