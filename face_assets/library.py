@@ -209,7 +209,9 @@ class FaceRecognitionLibrary:
         """Load the index again if another process (the pipeline, a CLI command) published a newer one.
 
         A running service calls it before each search, at most every ``storage.index_refresh_seconds``,
-        so newly indexed faces become searchable without a restart. Returns whether it reloaded.
+        so newly indexed faces become searchable without a restart. An index of another model
+        version (a promotion made elsewhere) switches this library to the registry's active version
+        first. Returns whether it reloaded.
         """
         with self._lock:
             if time.monotonic() - self._index_checked < self.settings.storage.index_refresh_seconds:
@@ -219,12 +221,18 @@ class FaceRecognitionLibrary:
                 return False
         index = None
         try:  # loading a large index takes a while: searches go on with the old one meanwhile
-            index = FaceIndex.load(self.index_path, model_version=self.model_version)
+            index = FaceIndex.load(self.index_path)
         except (IndexNotFoundError, IndexCorruptError) as exc:
             logger.warning("published index %s not loaded: %s", self.index_path, exc)
         with self._lock:
             if index is None or self._unsaved:
                 return False
+            if index.model_version != self.model_version:
+                self._select_model()
+                if index.model_version != self.model_version:
+                    return False  # a half-finished switch elsewhere: keep searching the index we have
+                logger.info("now running model %s (%s), promoted by another process", self.active_model,
+                            self.model_version)
             self.index, self._index_stamp = index, self._stamp()
             return True
 

@@ -66,7 +66,6 @@ class _FileLock:
         self._fd: int | None = None
         self._mode: int | None = None
         self._depth = 0
-        self.schema_done = False  # the store's schema was created by this process
 
     @contextmanager
     def hold(self, exclusive: bool, timeout: float) -> Iterator[None]:
@@ -159,6 +158,7 @@ class DuckDBFile:
         self.lock_timeout = lock_timeout
         self.publish_interval = publish_interval
         self._schema = schema
+        self._schema_done = False
         self._lock = _file_lock(None if self._memory is not None else self.master.with_name(self.master.name + ".lock"))
         self._local = threading.local()
         self._queue: list[_Pending] = []
@@ -241,9 +241,9 @@ class DuckDBFile:
             con = self._connect(read_only=False)
             self._local.session = (con, True)
             try:
-                if self._schema is not None and not self._lock.schema_done:
+                if self._schema is not None and not self._schema_done:
                     con.execute(self._schema)
-                    self._lock.schema_done = True
+                    self._schema_done = True
                 con.execute("BEGIN TRANSACTION")
                 try:
                     yield con

@@ -10,7 +10,7 @@ main catalog for writing, and both run in the ``face_catalog`` pool, whose limit
 (``dagster.yaml``) makes them one writer across all runs.
 
 Every batch is embedded by the model version the library runs (the registry's active version):
-``source_images``, in the same pool because it reads the registry, records that version in the
+``source_images`` records that version (read from the published registry) in the
 batch folder (``model.json``), ``filtered_images`` embeds with it, and ``face_embeddings`` refuses a
 batch whose version is no longer the active one, so the catalog never mixes versions behind the
 library's back.
@@ -62,7 +62,6 @@ def _seconds(start: float) -> MetadataValue:
 
 @asset(
     partitions_def=image_batches,
-    pool=CATALOG_POOL,
     group_name="ingest",
     kinds={"python", "parquet"},
     description="The files of one batch found in the watched folders: path, folder, size, time, present. "

@@ -2,8 +2,9 @@
 
 Each asset calls the library exactly as a user does (``export_feedback``, ``train``, ``promote``,
 ``reembed``), so the pipeline and a person at the CLI produce the same files and registry rows.
-All of them open the library, i.e. the main DuckDB catalog, so all run in the ``face_catalog``
-pool: one writer, also while a model trains (a merge of new images waits for the training step).
+All of them open the library, whose DuckDB sessions are short (:mod:`face_assets.storage`); only
+``promoted_model`` and ``reembedded_catalog``, which rewrite the whole catalog, run in the
+``face_catalog`` pool, so a merge of new images never waits for a model to train.
 
 - ``feedback_pairs``: the votes exported as ``pairs.parquet`` / ``triplets.parquet`` / ``report.json``
   under ``<data_dir>/<pipeline.feedback_export_dir>``.
@@ -64,7 +65,6 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
 @asset(
     # the export mines negatives among the index's neighbours, from other person clusters
     deps=[ann_index, person_clusters],
-    pool=CATALOG_POOL,
     group_name="learning",
     kinds={"parquet"},
     description="The feedback votes exported as training data by the library: `pairs.parquet`, `triplets.parquet` "
@@ -102,8 +102,9 @@ def feedback_pairs(context: AssetExecutionContext, face_assets: FaceAssetsResour
 
 
 @asset(
+    # No pool: training reads the catalog and writes the registry in short sessions (face_assets.storage),
+    # so merges of new images go on while a model trains.
     deps=[feedback_pairs],
-    pool=CATALOG_POOL,
     group_name="learning",
     kinds={"pytorch", "onnx"},
     check_specs=[AssetCheckSpec(GATE_CHECK, asset="fine_tuned_model", blocking=True,

@@ -86,9 +86,9 @@ class FaceAssetsResource(ConfigurableResource):
         """
         settings = self.settings
         pack = resolve_pack(settings.models)
-        path = settings.storage.duckdb_path
+        path = settings.storage.master_path
         if path.is_file():
-            with Catalog.open(settings.storage, read_only=True) as catalog:
+            with Catalog.open(settings.storage) as catalog:  # the master: a promotion counts at once
                 version = registry.active_version(catalog, settings)
                 model = registry.model_file(catalog, settings, pack, version)
         else:
