@@ -71,7 +71,7 @@ class Deployment:
             "storage": {"data_dir": str(self.data)},
             "pipeline": {"watched_folders": [str(self.incoming)], "sensor_interval_seconds": sensor_seconds,
                          "index_refresh_seconds": sensor_seconds, "cluster_check_seconds": sensor_seconds,
-                         "batch_size": 64},
+                         "batch_size": 64, "retrain_min_new_votes": 1_000_000},
         }))
         instance = yaml.safe_load((REPO / "dagster.yaml").read_text())
         instance["storage"] = {"sqlite": {"base_dir": str(self.home / "storage")}}

@@ -175,6 +175,9 @@ class FaceRecognitionLibrary:
         with self._lock:
             self._close_stores()
             self.catalog = Catalog.open(self.settings.storage)
+            from .persons import ClusterStore  # clustering imports scipy: only for libraries that open a catalog
+
+            self._clusters = ClusterStore(self.catalog)
             self._select_model()
             self.index = self._read_index()
             if self._reconcile():
@@ -397,6 +400,7 @@ class FaceRecognitionLibrary:
             scores, ids = self.index.search(query[None, :], top_k)
             hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and (threshold is None or s >= threshold)]
             rows = self.catalog.faces_by_id([i for i, _ in hits])
+            clusters = self.persons.store.cluster_ids([i for i, _ in hits])
         results = []
         for face_id, score in hits:
             row = rows.get(face_id)
@@ -404,7 +408,7 @@ class FaceRecognitionLibrary:
                 continue  # removed from the catalog after the search began
             results.append(SearchResult(face_id=face_id, image_id=row["image_id"], path=row["path"], bbox=row["bbox"],
                                         similarity=round(score, 6), metadata=row["metadata"],
-                                        cluster_id=row.get("cluster_id")))
+                                        cluster_id=clusters.get(face_id)))
         return results
 
     def _check_vector(self, vector: Any) -> np.ndarray:
@@ -434,7 +438,9 @@ class FaceRecognitionLibrary:
     def remove(self, id_: str | int) -> int:
         """Remove an image (by image id, a string) or one face (by face id, an int); returns faces removed."""
         with self._lock:
-            face_ids = self.catalog.remove_image(id_) if isinstance(id_, str) else self.catalog.remove_face(int(id_))
+            with self.catalog.transaction():  # the faces and their person memberships go together
+                face_ids = self.catalog.remove_image(id_) if isinstance(id_, str) else self.catalog.remove_face(int(id_))
+                self.persons.store.forget_faces(face_ids)
             if face_ids:
                 self.index.remove(np.array(face_ids, np.int64))
                 self.save()
@@ -443,14 +449,16 @@ class FaceRecognitionLibrary:
     def clear(self) -> None:
         """Delete every image, face and the index."""
         with self._lock:
-            self.catalog.clear()
+            with self.catalog.transaction():
+                self.catalog.clear()
+                self.persons.store.clear()
             self.index = self._new_index()
             self.save()
 
     def stats(self) -> dict:
         """Counts per status and reason, faces, index size and type, model version."""
         with self._lock:
-            s = self.catalog.stats()
+            s = self.catalog.stats() | {"persons": self.persons.store.count()}
             return s | {"index_size": len(self.index), "index_type": self.index.resolved_factory,
                         "model_version": self.model_version, "index_dir": str(self.index_dir)}
 
@@ -723,7 +731,7 @@ class FaceRecognitionLibrary:
         """The person clusters of this library's catalog (see :mod:`face_assets.persons`)."""
         from .persons import PersonClusters
 
-        return PersonClusters(self.catalog, self.settings.clustering, self.model_version)
+        return PersonClusters(self.catalog, self.settings.clustering, self.model_version, store=self._clusters)
 
     def cluster(self) -> "ClusterRun":
         """Cluster every valid face into persons (full run); cluster ids stay stable across runs.

@@ -108,7 +108,7 @@ def test_feedback_validation_stores_nothing(client, lib, feedback_people):
         ('{"query_id": "%s", "result_id": %d, "vote": "up", "admin": 1}' % (qid, fid), 422, "admin"),
         ('[1, 2]', 422, "dict"),
         ('{"query_id": "nope", "result_id": %d, "vote": "up"}' % fid, 404, "unknown query_id"),
-        ('{"query_id": "%s", "result_id": 999999, "vote": "up"}' % qid, 404, "unknown face id"),
+        ('{"query_id": "%s", "result_id": 999999, "vote": "up"}' % qid, 409, "not among the results"),
     ]
     for payload, status, text in bad:
         r = client.post("/api/feedback", content=payload, headers={"Content-Type": "application/json"})
