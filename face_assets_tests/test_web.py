@@ -144,7 +144,8 @@ def test_images_only_by_face_id(client, lib):
     # a face whose image file vanished is a 404, never another file
     face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
     path = Path(lib.catalog.faces_by_id([face_id])[face_id]["path"])
-    lib.catalog.query("UPDATE images SET path = ? WHERE path = ?", [str(path) + ".missing", str(path)])
+    with lib.catalog.transaction() as con:
+        con.execute("UPDATE images SET path = ? WHERE path = ?", [str(path) + ".missing", str(path)])
     assert client.get(f"/api/faces/{face_id}/thumbnail").status_code == 404
 
 
