@@ -179,8 +179,26 @@ class PipelineSettings(_Section):
 
     watched_folders: list[Path] = Field(
         default_factory=list,
-        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = the sample "
-        "photos of the built-in model pack (the input of `face-assets index`).",
+        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = `incoming/` inside "
+        "`storage.data_dir` (created when missing).",
+    )
+    settle_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A file is read only once neither its content nor its metadata changed for this long, "
+        "so a file still being copied is left for a later scan.",
+    )
+    max_partition_retries: int = Field(
+        3,
+        ge=0,
+        description="How many times a failed run of a batch is launched again (from the failed step) before "
+        "the batch is left failed; Dagster's run retries, done by the daemon and by `face-assets pipeline`.",
+    )
+    step_retries: int = Field(
+        4,
+        ge=0,
+        description="How many times a step that touches the shared catalog or index files is retried within "
+        "its run after an error (a held lock, a busy file), with exponential backoff and jitter.",
     )
     recursive: bool = Field(True, description="Scan the watched folders recursively.")
     extensions: list[str] = Field(

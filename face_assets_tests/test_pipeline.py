@@ -61,7 +61,7 @@ class Workspace:
         self.config = root / "face_assets.yaml"
         self.config.write_text(yaml.safe_dump({
             "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.photos)], "batch_size": 100},
+            "pipeline": {"watched_folders": [str(self.photos)], "batch_size": 100, "settle_seconds": 0},
         }))
         self.resource = FaceAssetsResource(config_path=str(self.config))
         self.home.mkdir()

@@ -59,7 +59,7 @@ class Workspace:
         self.config = root / "face_assets.yaml"
         self.config.write_text(yaml.safe_dump({
             "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.photos)], "retrain_min_new_votes": MIN_VOTES,
+            "pipeline": {"watched_folders": [str(self.photos)], "settle_seconds": 0, "retrain_min_new_votes": MIN_VOTES,
                          "auto_promote": True},
             "training": TRAINING | {"general_eval_dirs": [str(datasets / "real" / "dlib_johns")]},
         }))
