@@ -85,7 +85,9 @@ class PoolSafeDaskExecutor(DaskExecutor):
             raise ValueError("Dask execution requires a persistent DagsterInstance (set DAGSTER_HOME)")
         job_name, run = plan_context.job_name, plan_context.dagster_run
         instance_ref = plan_context.instance.get_ref()
-        run_config = portable_run_config(plan_context.run_config, plan_context.resolved_run_config)
+        run_config = portable_run_config(plan_context.run_config,
+                                         ResolvedRunConfig.build(plan_context.job.get_definition(),
+                                                                 plan_context.run_config))
         with contextlib.ExitStack() as stack:
             if self.cluster_type == "existing":
                 cluster = self.cluster_configuration["address"]
