@@ -78,8 +78,10 @@ MODEL_FILE = "model.json"
 """Per batch: the registry version, recognizer file and embedding tag the batch is embedded with."""
 
 
-SHARED_FILE_RETRY = RetryPolicy(max_retries=4, delay=1.0, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
-"""Steps that open the shared catalog or index files: up to 4 retries after about 1, 2, 4 and 8 seconds."""
+SHARED_FILE_RETRY = RetryPolicy(max_retries=4, delay=0.5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+"""Steps that open the shared catalog or index files: up to 4 retries, after about 0.5, 1.5, 3.5 and 7.5
+seconds (Dagster's exponential backoff), each moved at random by up to 0.5 s so that concurrent
+steps do not retry in step."""
 
 AFTER_UPSTREAM_UPDATES = (
     AutomationCondition.any_deps_updated().since_last_handled()
