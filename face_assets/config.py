@@ -212,8 +212,8 @@ class PipelineSettings(_Section):
     index_refresh_seconds: int = Field(
         60,
         ge=5,
-        description="How often the index sensor looks for batches merged since the last index update; "
-        "all found are indexed in one run.",
+        description="How often the automation sensor of `ann_index` evaluates its condition; the batches "
+        "merged in between are indexed in one run.",
     )
     nightly_cron: str | None = Field(
         None,
@@ -222,8 +222,8 @@ class PipelineSettings(_Section):
     )
     executor: Literal["multiprocess", "in_process", "dask"] = Field(
         "multiprocess",
-        description="Where the steps of the ingest job run: a process each, all in the run's process, "
-        "or tasks on a Dask cluster (docs/scaling.md).",
+        description="Where the steps of the ingest job run (also when launched by `face-assets pipeline`): a "
+        "process each, all in the run's process, or tasks on a Dask cluster (docs/scaling.md).",
     )
     dask_scheduler: str | None = Field(
         None,
@@ -255,8 +255,8 @@ class PipelineSettings(_Section):
     cluster_check_seconds: int = Field(
         120,
         ge=5,
-        description="How often the cluster sensor looks for batches merged since its last request; all found "
-        "are clustered in one run.",
+        description="How often the automation sensor of `person_clusters` evaluates its condition (after a "
+        "published index); all new faces are clustered in one run.",
     )
     min_cluster_cohesion: float = Field(
         0.3,
