@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_feedback_stats)
 
-    p = sub.add_parser("pipeline", help="run the Dagster jobs over the new files of the watched folders (default: data/incoming)")
+    p = sub.add_parser("pipeline", help="run the Dagster jobs over the new files of the watched folders "
+                       "(default: data/incoming)")
     p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every Dagster event (DEBUG)")
     p.add_argument("--json", action="store_true")

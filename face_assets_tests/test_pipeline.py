@@ -28,7 +28,6 @@ from dagster import (
     AssetSelection,
     DagsterInstance,
     ReexecutionOptions,
-    RunRequest,
     SensorResult,
     SkipReason,
     build_reconstructable_job,
@@ -341,7 +340,7 @@ def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_
 
 
 def _defs_job(resource: FaceAssetsResource):
-    """The ingest job as the code location defines it for the resource's settings (what ``face-assets pipeline`` runs)."""
+    """The ingest job as the code location defines it for the resource's settings (as ``face-assets pipeline``)."""
     return build_reconstructable_job("face_assets.pipeline.definitions", "resolve_job",
                                      reconstructable_args=(INGEST_JOB, resource.settings.pipeline.model_dump_json()))
 

@@ -36,8 +36,9 @@ class Workspace:
         self.photos.mkdir()
         self.home.mkdir()
         self.config = root / "face_assets.yaml"
-        self.config.write_text(yaml.safe_dump({"storage": {"data_dir": str(self.data)},
-                                               "pipeline": {"watched_folders": [str(self.photos)], "settle_seconds": 0}}))
+        self.config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(self.data)},
+            "pipeline": {"watched_folders": [str(self.photos)], "settle_seconds": 0}}))
         self.resources = {"face_assets": FaceAssetsResource(config_path=str(self.config))}
         self.instance = DagsterInstance.local_temp(str(self.home), overrides={
             "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})

@@ -223,7 +223,7 @@ STAGED_CHECK = "embeddings_finite_and_normalized"
              description="Every embedding staged for the batch (faces.parquet) is finite and of unit length; "
              "a batch that fails is never merged into the catalog.")
 def staged_embeddings_check(context: AssetCheckExecutionContext, face_assets: FaceAssetsResource) -> AssetCheckResult:
-    """Read the staged Parquet of the run's batch; fail (and so block the merge) on a non-finite or non-unit embedding."""
+    """Read the staged Parquet of the run's batch; fail (blocking the merge) on a non-finite or non-unit embedding."""
     key = context.run.tags["dagster/partition"]
     faces = pl.read_parquet(face_assets.batches().folder(key) / "faces.parquet", columns=["embedding"])
     rows = faces["embedding"].drop_nulls().to_list()

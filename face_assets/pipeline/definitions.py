@@ -118,7 +118,8 @@ def build_retrain_job(auto_promote: bool):
 def _jobs(cfg: PipelineSettings) -> list:
     ingest = _ingest_job(_settings_executor(cfg), cfg.max_partition_retries)
     # One step each: in the run's own process, as a step process would only add its start-up.
-    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index), executor_def=in_process_executor,
+    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index),
+                               executor_def=in_process_executor,
                                description="Bring the ANN index up to date with the catalog, check it, publish it.")
     reembed = define_asset_job(REEMBED_JOB, selection=AssetSelection.assets(reembedded_catalog, ann_index),
                                description="Re-embed the catalog with the active model version, then the index.")
