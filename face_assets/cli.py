@@ -184,18 +184,22 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline.resources import FaceAssetsResource
-    from .pipeline.runner import dagster_home, open_instance, run_pipeline
+    from .pipeline.runner import dagster_home, open_instance, run_pipeline, seed_incoming
 
     home = dagster_home(args.dagster_home)
     instance = open_instance(home)
     resource = FaceAssetsResource(config_path=args.config, data_dir=args.data_dir)
-    done = run_pipeline(instance, resource)
+    seeded = seed_incoming(resource, builtin_pack_dir())
+    if seeded:
+        print(f"copied {len(seeded)} sample photos into {resource.incoming_dir} (the default watched folder)",
+              file=sys.stderr)
+    done = run_pipeline(instance, resource, progress=lambda line: print(line, file=sys.stderr), verbose=args.verbose)
     with _library(args) as lib:
         stats = lib.stats()
     ui = f"DAGSTER_HOME={home} {Path(sys.executable).parent / 'dagster'} dev -w workspace.yaml"
     _print(args, {"partitions": done.partitions, "run_ids": done.run_ids, "success": done.success, "stats": stats,
-                  "ui": ui},
-           f"{len(done.partitions)} new batch(es) materialized ({'ok' if done.success else 'FAILED, see the UI'}); "
+                  "ui": ui, "runs": [dataclasses.asdict(r) for r in done.runs]},
+           f"{len(done.partitions)} batch(es) run ({'ok' if done.success else 'FAILED, see the UI'}); "
            f"catalog {stats['images']} images, {stats['faces']} faces, index {stats['index_size']} faces, "
            f"{stats['persons']} persons "
            f"-> {lib.settings.storage.duckdb_path}\n"
@@ -344,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_feedback_stats)
 
-    p = sub.add_parser("pipeline", help="materialize the Dagster asset graph over the watched folders (default: the sample photos)")
+    p = sub.add_parser("pipeline", help="run the Dagster jobs over the new files of the watched folders "
+                       "(default: data/incoming)")
     p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every Dagster event (DEBUG)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pipeline)
 

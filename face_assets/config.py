@@ -211,8 +211,26 @@ class PipelineSettings(_Section):
 
     watched_folders: list[Path] = Field(
         default_factory=list,
-        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = the sample "
-        "photos of the built-in model pack (the input of `face-assets index`).",
+        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = `incoming/` inside "
+        "`storage.data_dir` (created when missing).",
+    )
+    settle_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A file is read only once neither its content nor its metadata changed for this long, "
+        "so a file still being copied is left for a later scan.",
+    )
+    max_partition_retries: int = Field(
+        3,
+        ge=0,
+        description="How many times a failed run of a batch is launched again (from the failed step) before "
+        "the batch is left failed; Dagster's run retries, done by the daemon and by `face-assets pipeline`.",
+    )
+    step_retries: int = Field(
+        4,
+        ge=0,
+        description="How many times a step that touches the shared catalog or index files is retried within "
+        "its run after an error (a held lock, a busy file), with exponential backoff and jitter.",
     )
     recursive: bool = Field(True, description="Scan the watched folders recursively.")
     extensions: list[str] = Field(
@@ -226,8 +244,8 @@ class PipelineSettings(_Section):
     index_refresh_seconds: int = Field(
         60,
         ge=5,
-        description="How often the index sensor looks for batches merged since the last index update; "
-        "all found are indexed in one run.",
+        description="How often the automation sensor of `ann_index` evaluates its condition; the batches "
+        "merged in between are indexed in one run.",
     )
     nightly_cron: str | None = Field(
         None,
@@ -236,8 +254,8 @@ class PipelineSettings(_Section):
     )
     executor: Literal["multiprocess", "in_process", "dask"] = Field(
         "multiprocess",
-        description="Where the steps of the ingest job run: a process each, all in the run's process, "
-        "or tasks on a Dask cluster (docs/scaling.md).",
+        description="Where the steps of the ingest job run (also when launched by `face-assets pipeline`): a "
+        "process each, all in the run's process, or tasks on a Dask cluster (docs/scaling.md).",
     )
     dask_scheduler: str | None = Field(
         None,
@@ -269,8 +287,8 @@ class PipelineSettings(_Section):
     cluster_check_seconds: int = Field(
         120,
         ge=5,
-        description="How often the cluster sensor looks for batches merged since its last request; all found "
-        "are clustered in one run.",
+        description="How often the automation sensor of `person_clusters` evaluates its condition (after a "
+        "published index); all new faces are clustered in one run.",
     )
     min_cluster_cohesion: float = Field(
         0.3,

@@ -248,7 +248,7 @@ class FaceRecognitionLibrary:
 
     def _save_index(self) -> None:
         # Under the catalog's write lock: two processes never interleave their index and catalog writes.
-        with self.catalog.transaction():
+        with self.catalog.db.locked():
             if self._stamp() != self._index_stamp:
                 # Another process saved the index since this one read it: take in its faces (and
                 # drop what it removed) from the catalog, which holds both processes' commits.

@@ -283,6 +283,15 @@ class DuckDBFile:
         if con is not self._memory:
             con.close()
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's exclusive lock without opening it: for a file that changes together with
+        the store (the faiss index beside the catalog), so no writer of the store interleaves."""
+        if self.read_only:
+            raise PermissionError(f"{self.master} is a published copy: lock the store's master")
+        with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
+            yield
+
     def submit(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``fn(connection)`` in a write transaction, grouped with other threads' concurrent calls.
 

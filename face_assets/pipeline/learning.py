@@ -33,7 +33,7 @@ from dagster import (
 )
 
 from ..errors import ModelVersionError
-from .assets import CATALOG_POOL, ann_index
+from .assets import CATALOG_POOL, SHARED_FILE_RETRY, ann_index
 from .clusters import person_clusters
 from .resources import FaceAssetsResource
 
@@ -65,6 +65,7 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
 @asset(
     # the export mines negatives among the index's neighbours, from other person clusters
     deps=[ann_index, person_clusters],
+    retry_policy=SHARED_FILE_RETRY,
     group_name="learning",
     kinds={"parquet"},
     description="The feedback votes exported as training data by the library: `pairs.parquet`, `triplets.parquet` "
@@ -105,6 +106,7 @@ def feedback_pairs(context: AssetExecutionContext, face_assets: FaceAssetsResour
     # No pool: training reads the catalog and writes the registry in short sessions (face_assets.storage),
     # so merges of new images go on while a model trains.
     deps=[feedback_pairs],
+    # No step retry: a retry would train again from the start; a failed run is re-executed instead.
     group_name="learning",
     kinds={"pytorch", "onnx"},
     check_specs=[AssetCheckSpec(GATE_CHECK, asset="fine_tuned_model", blocking=True,
@@ -166,6 +168,7 @@ def latest_candidate(context: AssetExecutionContext) -> str:
 @asset(
     deps=[fine_tuned_model],
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="learning",
     kinds={"onnx"},
     description="The latest candidate promoted by the library (hot-swap, catalog re-embedded, index rebuilt). "
@@ -193,6 +196,7 @@ def promoted_model(context: AssetExecutionContext, face_assets: FaceAssetsResour
 
 @asset(
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="index",
     kinds={"duckdb"},
     description="Every catalog image embedded by the active model version (after a promotion): the library's "
