@@ -314,6 +314,13 @@ class FeedbackStore:
                     vote=row["vote"], voter=row["voter"], similarity=float(row["similarity"]),
                     created_at=row["created_at"], updated_at=row["updated_at"], revisions=int(row["revisions"]))
 
+    def delete_vote(self, query_id: str, result_face_id: int, voter: str) -> bool:
+        """Delete the vote of ``voter`` on one (query, result) pair; returns whether a row was deleted."""
+        with self._backend.transaction() as rows:
+            found = rows("DELETE FROM feedback WHERE query_id = ? AND result_face_id = ? AND voter = ? "
+                         "RETURNING feedback_id", [query_id, int(result_face_id), voter])
+        return bool(found)
+
     def votes(self, query_id: str | None = None, voter_prefix: str | None = None) -> list[dict[str, Any]]:
         """Stored votes without their embeddings, oldest first, optionally of one query or voters by prefix."""
         where, params = [], []
