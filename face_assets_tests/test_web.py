@@ -31,9 +31,9 @@ from face_assets.library import FaceRecognitionLibrary
 from face_assets.web import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, create_app, serve
 
 
-def web_settings(data_dir: Path, **web) -> dict:
+def web_settings(data_dir: Path, feedback: dict | None = None, **web) -> dict:
     """Overrides for a test library: the data folder, small uploads, the test client's Host allowed."""
-    return {"storage": {"data_dir": str(data_dir)}, "feedback": {"max_upload_bytes": 400_000},
+    return {"storage": {"data_dir": str(data_dir)}, "feedback": {"max_upload_bytes": 400_000} | (feedback or {}),
             "web": {"allowed_hosts": ["testserver", "127.0.0.1", "localhost"]} | web}
 
 
@@ -45,8 +45,9 @@ def data_dir(indexed_dir, tmp_path) -> Path:
 
 
 @contextmanager
-def open_library(data_dir: Path, **web) -> Iterator[FaceRecognitionLibrary]:
-    with FaceRecognitionLibrary(settings=load_settings(overrides=web_settings(data_dir, **web))) as library:
+def open_library(data_dir: Path, feedback: dict | None = None, **web) -> Iterator[FaceRecognitionLibrary]:
+    """A library over ``data_dir`` with :func:`web_settings` and these ``feedback`` / ``web`` settings."""
+    with FaceRecognitionLibrary(settings=load_settings(overrides=web_settings(data_dir, feedback, **web))) as library:
         yield library
 
 

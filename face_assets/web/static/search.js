@@ -88,7 +88,7 @@ function card(hit) {
     el("div", { class: "name" + (hit.person ? "" : " unnamed"), text: name, title: name }),
     el("div", { class: "meta" },
       el("span", { text: `similarity ${hit.similarity.toFixed(3)}` }),
-      el("span", { class: hit.is_match ? "badge match" : "badge", text: hit.is_match ? "match" : "below threshold" })),
+      el("span", { class: hit.is_match ? "badge match" : "badge", text: hit.is_match ? "match" : "no match" })),
   );
   const votes = el("div", { class: "votes", role: "group", "aria-label": `is this the same person? (face ${hit.face_id})` });
   for (const [vote, label] of [["up", "same person"], ["down", "different person"]]) {
