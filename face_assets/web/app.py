@@ -11,15 +11,17 @@ store names, so no request can name a path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -198,11 +200,22 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     audit = AuditLog(data_dir / cfg.audit_file)
     thumbnails = ThumbnailCache(library, data_dir / cfg.thumbnail_dir, fcfg.thumbnail_size)
     searches = threading.BoundedSemaphore(cfg.max_concurrent_searches)
+    # Decoding and detection run on these threads only: the memory each thread's allocator keeps
+    # after a large image is then bounded by the number of searches at once, not of requests.
+    search_pool = ThreadPoolExecutor(cfg.max_concurrent_searches, thread_name_prefix="search")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        search_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def in_pool(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(search_pool, fn, *args)
     threshold = settings.search.match_threshold
     viewer, reviewer, admin = guard.role("viewer"), guard.role("reviewer"), guard.role("admin")
 
     app = FastAPI(title="face_assets review", version="2", docs_url=None, redoc_url=None,
-                  max_body_size=cfg.max_json_bytes,
+                  max_body_size=cfg.max_json_bytes, lifespan=lifespan,
                   description="Search faces, vote on the results (votes become training data), curate persons.")
     _install_error_handlers(app)
     secret = session_secret(data_dir / Path(cfg.tokens_file).parent / "session.key")
@@ -323,18 +336,18 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
                 data = await image.read(upload_limit + 1)
                 if len(data) > upload_limit:
                     return _error(413, f"image larger than {upload_limit} bytes")
-                data = await run_in_threadpool(prepare_query_image, data, cfg.max_query_pixels, cfg.max_decode_pixels)
-                q = await run_in_threadpool(lambda: library.feedback_search(
+                data = await in_pool(prepare_query_image, data, cfg.max_query_pixels, cfg.max_decode_pixels)
+                q = await in_pool(lambda: library.feedback_search(
                     data, top_k=fields["top_k"], session_id=who.token_id, filename=(image.filename or "")[:200],
                     face_index=fields["face_index"]))
             else:
-                q = await run_in_threadpool(lambda: library.feedback_search(
+                q = await in_pool(lambda: library.feedback_search(
                     face_id=fields["face_id"], top_k=fields["top_k"], session_id=who.token_id))
             stored = library.feedback.get_query(q.query_id)
             return SearchOut(query_id=q.query_id, query_face_id=q.query_face_id, bbox=q.bbox, faces=q.faces,
                              face_index=q.face_index, image_size=[int(stored["width"] or 0), int(stored["height"] or 0)],
                              image_url=f"/api/queries/{q.query_id}/image", threshold=threshold,
-                             results=await run_in_threadpool(hits, q.results))
+                             results=await in_pool(hits, q.results))
         finally:
             searches.release()
 

@@ -48,15 +48,16 @@ def prepare_query_image(data: bytes, max_pixels: int, max_decode_pixels: int) ->
         target = (max(1, int(w * scale)), max(1, int(h * scale)))
         try:
             img.draft("RGB", target)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, a fraction of the memory
+            if img.mode in ("P", "1", "I", "F", "I;16"):
+                img = img.convert("RGBA")  # these modes resize poorly (nearest neighbour) or not at all
+            side = max(target)  # a square box: the EXIF rotation, applied after, may swap width and height
+            img.thumbnail((side, side), Image.Resampling.LANCZOS)  # in place: one full decode, then small copies
             small = ImageOps.exif_transpose(img)
-            if small.mode in ("RGBA", "LA", "PA", "P"):
-                small = small.convert("RGBA")
+            if small.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
                 flat = Image.new("RGB", small.size, "white")  # transparency on white, as load_image does
-                flat.paste(small, mask=small.getchannel("A"))
+                flat.paste(small.convert("RGBA"), mask=small.convert("RGBA").getchannel("A"))
                 small = flat
             small = small.convert("RGB")
-            side = max(target)  # a square box: the EXIF rotation may have swapped width and height
-            small.thumbnail((side, side), Image.Resampling.LANCZOS)
         except (OSError, ValueError, SyntaxError):
             raise ImageLoadError(_UPLOAD, "truncated or corrupt image") from None
         out = io.BytesIO()
