@@ -172,18 +172,26 @@ class _PostgresBackend:
         return cursor.fetchall() if cursor.description else []
 
     @contextmanager
-    def transaction(self) -> Iterator[Rows]:
+    def _alive(self) -> Iterator[None]:
+        """Reconnect a broken connection; a connection lost mid-statement is the store being unavailable."""
+        import psycopg
+
         with self._lock:
-            if self.con.broken or self.con.closed:
-                self.con = self._connect()
-            with self.con.transaction():
-                yield self._rows
+            try:
+                if self.con.broken or self.con.closed:
+                    self.con = self._connect()
+                yield
+            except psycopg.OperationalError as exc:  # the connection is marked broken: the next call reconnects
+                raise FeedbackStoreUnavailableError(f"lost the PostgreSQL feedback store: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Rows]:
+        with self._alive(), self.con.transaction():
+            yield self._rows
 
     def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """One read statement (autocommit: a statement is its own transaction)."""
-        with self._lock:
-            if self.con.broken or self.con.closed:
-                self.con = self._connect()
+        with self._alive():
             return self._rows(sql, params)
 
     def vector(self, values: Any) -> list[float]:

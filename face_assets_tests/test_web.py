@@ -455,3 +455,20 @@ def test_openapi_describes_the_api(client):
     assert spec["components"]["schemas"]["FeedbackIn"]["properties"]["vote"]["enum"] == ["up", "down"]
     assert "image" in spec["paths"]["/api/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"][
         "properties"]
+
+
+def test_feedback_store_lost_is_503_then_recovers(data_dir, tokens, feedback_people, postgres_dsn):
+    import psycopg
+
+    with open_library(data_dir, feedback={"backend": "postgresql", "postgresql_dsn": postgres_dsn}) as library:
+        client = TestClient(create_app(library))
+        body = search(client, tokens["reviewer"], next(iter(feedback_people.values()))[0])
+        vote = {"query_id": body["query_id"], "result_id": body["results"][1]["face_id"], "vote": "up"}
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:  # the server drops our connection
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        r = client.post("/api/feedback", json=vote, headers=bearer(tokens["reviewer"]))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "unavailable" in r.json()["detail"] and "terminat" not in r.text  # no server internals
+        r = client.post("/api/feedback", json=vote, headers=bearer(tokens["reviewer"]))
+        assert r.status_code == 200 and [v["vote"] for v in library.feedback.votes()] == ["up"]
