@@ -28,7 +28,7 @@ from face_assets import load_settings
 from face_assets.auth import TokenStore
 from face_assets.errors import ConfigError
 from face_assets.library import FaceRecognitionLibrary
-from face_assets.web import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, create_app, serve
+from face_assets.web import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, check_bind, create_app, serve
 
 
 def web_settings(data_dir: Path, feedback: dict | None = None, **web) -> dict:
@@ -294,7 +294,10 @@ def test_no_auth_mode_is_loopback_only_and_still_csrf_safe(data_dir, feedback_pe
         with pytest.raises(ConfigError, match="loopback"):
             serve(library, host="0.0.0.0", port=1)
         with pytest.raises(ConfigError, match="loopback"):
-            serve(library, host="192.168.1.10", port=1)
+            check_bind(library, "192.168.1.10")
+        with caplog.at_level("WARNING", logger="face_assets.web.app"):
+            check_bind(library, "127.0.0.1")
+        assert "AUTHENTICATION IS OFF" in caplog.text
         client = TestClient(create_app(library))
         assert client.get("/api/me").json() == {"name": "local", "role": "admin", "auth": "none"}
         photo = next(iter(feedback_people.values()))[0]
@@ -399,14 +402,18 @@ def test_pixel_budget_refuses_cheaply_and_downscales(client, lib, tokens, feedba
     assert stored.size == (w, h) and body["results"][0]["similarity"] > 0.9
 
 
-def test_rate_limit_per_token(data_dir, tokens):
-    with open_library(data_dir, rate_limit="5/minute") as library:
+def test_rate_limits_per_token(data_dir, tokens, feedback_people):
+    with open_library(data_dir, rate_limit="5/minute", search_rate_limit="2/minute") as library:
         client = TestClient(create_app(library))
         codes = [client.get("/api/me", headers=bearer(tokens["viewer"])).status_code for _ in range(6)]
         assert codes == [200] * 5 + [429]
         r = client.get("/api/me", headers=bearer(tokens["viewer"]))
         assert int(r.headers["retry-after"]) >= 1
         assert client.get("/api/me", headers=bearer(tokens["reviewer"])).status_code == 200  # per token
+        photo = next(iter(feedback_people.values()))[0]
+        codes = [client.post("/api/search", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                             headers=bearer(tokens["admin"])).status_code for _ in range(3)]
+        assert codes == [200, 200, 429] and library.feedback_stats()["queries"] == 2
 
 
 @contextmanager

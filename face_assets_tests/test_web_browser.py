@@ -169,13 +169,21 @@ def test_people_find_rename_merge_split(browser, data_dir, shots):
         assert new.cluster_id != first.cluster_id
         page.screenshot(path=shots / "13_split.png", full_page=True)
 
+        page.locator(".face").first.click()  # one face selected
+        page.click("#search-face-btn")  # search with a catalog face, from the people page
+        page.wait_for_url(base + "/")
+        page.locator(".card").first.wait_for()
+        page.screenshot(path=shots / "14_search_with_face.png", full_page=True)
+        page.go_back()
+        page.wait_for_url("**/people**")
+        page.locator("#back").wait_for()
         page.click("#back")
         page.fill("#q", "grace")
         page.click("#filter-form button")
         page.locator("a.person").first.wait_for()
         page.wait_for_function("document.querySelectorAll('a.person').length === 1")
         assert page.locator("a.person").first.get_attribute("data-cluster-id") == str(first.cluster_id)
-        page.screenshot(path=shots / "14_found.png", full_page=True)
+        page.screenshot(path=shots / "15_found.png", full_page=True)
         log = AuditLog(data_dir / "audit" / "people.jsonl").tail()
         assert [(e["actor"], e["action"]) for e in reversed(log)] == [("grace", "rename"), ("grace", "merge"),
                                                                       ("grace", "split")]

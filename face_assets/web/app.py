@@ -407,8 +407,12 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
                 for i in ids if i in rows]
 
     @app.get("/api/faces/{face_id}/thumbnail", response_class=Response, responses={404: {}})
-    def thumbnail(face_id: int = PathParam(ge=1, le=2**62), _who: Principal = Depends(viewer)) -> Response:
-        """JPEG thumbnail of a catalog face (by id only: no request names a file), cached on disk."""
+    def thumbnail(face_id: int = PathParam(ge=1, le=2**62),
+                  _who: Principal = Depends(guard.role("viewer", limited=False))) -> Response:
+        """JPEG thumbnail of a catalog face (by id only: no request names a file), cached on disk.
+
+        Outside the rate limit: a page shows dozens at once, and each is made once, then read from disk.
+        """
         try:
             jpeg = thumbnails.get(face_id)
         except ImageLoadError:
@@ -495,14 +499,12 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     return app
 
 
-def serve(library: FaceRecognitionLibrary, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the app with uvicorn until interrupted (one worker: the catalog has one writer).
+def check_bind(library: FaceRecognitionLibrary, host: str) -> None:
+    """Refuse ``web.auth: none`` beyond loopback; warn loudly about it, about no tokens, about Host names.
 
     Raises:
         ConfigError: ``web.auth`` is ``none`` and ``host`` is not a loopback address.
     """
-    import uvicorn
-
     cfg = library.settings.web
     if cfg.auth == "none":
         if not is_loopback(host):
@@ -514,4 +516,11 @@ def serve(library: FaceRecognitionLibrary, host: str = "127.0.0.1", port: int = 
         logger.warning("no API tokens yet: create one with 'face-assets token create NAME --role reviewer'")
     if not is_loopback(host) and set(cfg.allowed_hosts) <= {"127.0.0.1", "localhost"}:
         logger.warning("serving %s but web.allowed_hosts names loopback only: add the name clients use", host)
+
+
+def serve(library: FaceRecognitionLibrary, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the app with uvicorn until interrupted (one worker: the catalog has one writer); see :func:`check_bind`."""
+    import uvicorn
+
+    check_bind(library, host)
     uvicorn.run(create_app(library), host=host, port=port, log_level="info", workers=1)

@@ -47,6 +47,7 @@ function updateSelection() {
   $("selection").textContent = n ? `${n} face${n === 1 ? "" : "s"} selected` : "Select faces to move or split them.";
   $("move-btn").disabled = n === 0;
   $("split-btn").disabled = n === 0;
+  $("search-face-btn").disabled = n !== 1;
 }
 
 async function openPerson(id, message) {
@@ -72,7 +73,7 @@ async function openPerson(id, message) {
       return b;
     }));
     updateSelection();
-    setStatus($("person-status"), message || "Double-click a face to search with it.");
+    setStatus($("person-status"), message || "Select one face (or double-click it) to search with it.");
     $("person-title").focus?.();
   } catch (e) {
     setStatus($("person-status"), e.message, true);
@@ -120,6 +121,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     const parts = await api("POST", `/api/people/${state.person.cluster_id}/split`, { face_ids: [...state.selected] });
     await openPerson(state.person.cluster_id, `Split into ${parts.map((p) => `#${p.cluster_id} (${p.size})`).join(" and ")}.`);
   }));
+  $("search-face-btn").addEventListener("click", () => { location.href = `/?face=${[...state.selected][0]}`; });
   window.addEventListener("hashchange", route);
   route();
   loadNames().catch(() => {});
