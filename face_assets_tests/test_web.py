@@ -479,3 +479,23 @@ def test_feedback_store_lost_is_503_then_recovers(data_dir, tokens, feedback_peo
         assert "unavailable" in r.json()["detail"] and "terminat" not in r.text  # no server internals
         r = client.post("/api/feedback", json=vote, headers=bearer(tokens["reviewer"]))
         assert r.status_code == 200 and [v["vote"] for v in library.feedback.votes()] == ["up"]
+
+
+def test_token_cli_create_list_revoke_while_serving(client, data_dir, capsys):
+    import json
+
+    from face_assets.cli import main
+
+    assert client.get("/api/me", headers=bearer("fa_" + "0" * 12 + "_" + "x" * 43)).status_code == 401
+    assert main(["--data-dir", str(data_dir), "token", "create", "bob", "--role", "viewer", "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    # the running app picks the new token up without a restart
+    assert client.get("/api/me", headers=bearer(made["token"])).json()["name"] == "bob"
+    assert main(["--data-dir", str(data_dir), "token", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["id"], t["name"], t["role"]) for t in listed] == [(made["id"], "bob", "viewer")]
+    assert made["token"] not in json.dumps(listed)
+    assert main(["--data-dir", str(data_dir), "token", "revoke", made["id"]]) == 0
+    assert client.get("/api/me", headers=bearer(made["token"])).status_code == 401
+    assert main(["--data-dir", str(data_dir), "token", "revoke", "bob"]) == 1  # nothing left to revoke
+    assert main(["--data-dir", str(data_dir), "token", "create", "bad name!"]) == 1
