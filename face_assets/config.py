@@ -215,6 +215,9 @@ class WebSettings(_Section):
         "audit/people.jsonl", description="Append-only log of people-page changes inside `storage.data_dir`."
     )
     thumbnail_dir: str = Field("thumbnails", description="Cache of face thumbnails inside `storage.data_dir`.")
+    prewarm_thumbnails: bool = Field(
+        True, description="At start, make the missing thumbnails in the background (covers first, lowest CPU priority)."
+    )
 
 
 class PipelineSettings(_Section):

@@ -499,3 +499,20 @@ def test_token_cli_create_list_revoke_while_serving(client, data_dir, capsys):
     assert client.get("/api/me", headers=bearer(made["token"])).status_code == 401
     assert main(["--data-dir", str(data_dir), "token", "revoke", "bob"]) == 1  # nothing left to revoke
     assert main(["--data-dir", str(data_dir), "token", "create", "bad name!"]) == 1
+
+
+def test_thumbnails_made_ahead_in_the_background(lib, data_dir, tokens):
+    from face_assets.web.images import ThumbnailCache
+
+    folder = data_dir / "thumbnails" / str(lib.settings.feedback.thumbnail_size)
+    faces = lib.catalog.valid_face_ids(lib.model_version)
+    stopped = threading.Event()
+    stopped.set()
+    assert ThumbnailCache(lib, data_dir / "thumbnails", lib.settings.feedback.thumbnail_size).prewarm(stopped) == 0
+    with uvicorn_server(create_app(lib)):  # the app's start-up begins the warm-up
+        deadline = time.monotonic() + 60
+        while len(list(folder.glob("*.jpg"))) < len(faces):
+            assert time.monotonic() < deadline, "thumbnails not made ahead"
+            time.sleep(0.1)
+    assert sorted(int(p.stem) for p in folder.glob("*.jpg")) == sorted(faces)
+    assert not list(folder.glob("*.tmp"))

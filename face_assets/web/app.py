@@ -204,10 +204,18 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     # after a large image is then bounded by the number of searches at once, not of requests.
     search_pool = ThreadPoolExecutor(cfg.max_concurrent_searches, thread_name_prefix="search")
 
+    stop = threading.Event()
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        warmer = threading.Thread(target=thumbnails.prewarm, args=(stop,), name="thumbnails", daemon=True)
+        if cfg.prewarm_thumbnails:
+            warmer.start()  # cards then find their thumbnail made, not made on demand
         yield
+        stop.set()
         search_pool.shutdown(wait=False, cancel_futures=True)
+        if warmer.is_alive():
+            warmer.join(10)
 
     async def in_pool(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(search_pool, fn, *args)

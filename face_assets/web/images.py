@@ -8,7 +8,9 @@ downscaled before detection, so a search's memory is bounded by the decode budge
 from __future__ import annotations
 
 import io
+import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from ..imaging import _open_formats, load_image
 from ..library import FaceRecognitionLibrary
 
 _UPLOAD = "<upload>"
+logger = logging.getLogger(__name__)
 
 
 def prepare_query_image(data: bytes, max_pixels: int, max_decode_pixels: int) -> bytes:
@@ -119,3 +122,25 @@ class ThumbnailCache:
         tmp.write_bytes(jpeg)
         os.replace(tmp, path)
         return jpeg
+
+    def prewarm(self, stop: threading.Event) -> int:
+        """Make the missing thumbnails: person covers first, then every valid face; returns how many were made.
+
+        Runs on a background thread at the lowest CPU priority and returns early when ``stop`` is set.
+        """
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
+        covers = [c.representative_face_id for c in self.library.list_clusters() if c.representative_face_id]
+        faces = [r[0] for r in self.library.catalog.query("SELECT face_id FROM faces WHERE is_valid ORDER BY face_id")]
+        made = 0
+        for face_id in dict.fromkeys(covers + faces):
+            if stop.is_set():
+                break
+            if (self.folder / f"{face_id}.jpg").exists():
+                continue
+            try:
+                self.get(face_id)
+                made += 1
+            except (ImageLoadError, UnknownFaceError) as exc:  # a moved or removed photo: shown as 404 later
+                logger.info("no thumbnail for face %s: %s", face_id, exc)
+        logger.info("thumbnails: %d made ahead", made)
+        return made
