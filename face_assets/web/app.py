@@ -407,9 +407,8 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     @app.get("/api/faces", response_model=list[FaceOut])
     def faces(limit: int = Query(24, ge=1, le=200), offset: int = Query(0, ge=0, le=10**9),
               _who: Principal = Depends(viewer)) -> list[FaceOut]:
-        """Valid catalog faces, in id order."""
-        ids = [r[0] for r in library.catalog.query(
-            "SELECT face_id FROM faces WHERE is_valid ORDER BY face_id LIMIT ? OFFSET ?", [limit, offset])]
+        """Searchable catalog faces, in id order."""
+        ids = library.catalog.valid_face_ids(library.model_version)[offset:offset + limit]
         rows = library.catalog.faces_by_id(ids)
         return [FaceOut(face_id=i, cluster_id=rows[i].get("cluster_id"), thumbnail_url=_thumbnail_url(i))
                 for i in ids if i in rows]

@@ -130,7 +130,7 @@ class ThumbnailCache:
         """
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
         covers = [c.representative_face_id for c in self.library.list_clusters() if c.representative_face_id]
-        faces = [r[0] for r in self.library.catalog.query("SELECT face_id FROM faces WHERE is_valid ORDER BY face_id")]
+        faces = self.library.catalog.valid_face_ids(self.library.model_version)
         made = 0
         for face_id in dict.fromkeys(covers + faces):
             if stop.is_set():
