@@ -206,6 +206,52 @@ class FeedbackSettings(_Section):
     )
 
 
+class WebSettings(_Section):
+    """The review web app (`face-assets serve`): authentication, limits, files (docs/web.md)."""
+
+    auth: Literal["tokens", "none"] = Field(
+        "tokens",
+        description="`tokens`: every request needs an API token (`face-assets token create`) or a page login; "
+        "`none`: no authentication, refused unless the server binds a loopback address.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost"],
+        description="Host header values served (others get 400: DNS rebinding); add the public name when "
+        "running behind a reverse proxy.",
+    )
+    cookie_secure: bool = Field(
+        False, description="Mark the session and CSRF cookies `Secure` (set it when served over HTTPS)."
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="Lifetime of a page login.")
+    max_json_bytes: int = Field(
+        65_536, ge=1024, description="Largest body of a request other than an image upload (413 beyond, unread)."
+    )
+    max_query_pixels: int = Field(
+        4_000_000, ge=10_000, description="Query images with more pixels are downscaled to this before detection."
+    )
+    max_decode_pixels: int = Field(
+        50_000_000, ge=10_000,
+        description="Query images with more pixels (read from the file header) are refused with 413, undecoded.",
+    )
+    max_concurrent_searches: int = Field(
+        2, ge=1, description="Searches run at once; more get 503 with `Retry-After` (bounds memory and CPU)."
+    )
+    rate_limit: str = Field(
+        "600/minute", description="Requests per token (or per client address without auth), `limits` syntax."
+    )
+    search_rate_limit: str = Field("60/minute", description="Searches per token, on top of `rate_limit`.")
+    tokens_file: str = Field(
+        "auth/tokens.json", description="Hashed API tokens inside `storage.data_dir` (written by `face-assets token`)."
+    )
+    audit_file: str = Field(
+        "audit/people.jsonl", description="Append-only log of people-page changes inside `storage.data_dir`."
+    )
+    thumbnail_dir: str = Field("thumbnails", description="Cache of face thumbnails inside `storage.data_dir`.")
+    prewarm_thumbnails: bool = Field(
+        True, description="At start, make the missing thumbnails in the background (covers first, lowest CPU priority)."
+    )
+
+
 class PipelineSettings(_Section):
     """The Dagster asset graph: which folders it watches and how new images are batched."""
 
@@ -433,6 +479,7 @@ class Settings(_Section):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""

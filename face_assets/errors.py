@@ -28,6 +28,10 @@ class ImageLoadError(FaceRecognitionError):
         super().__init__(f"cannot load image {self.path}: {reason}")
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than allowed; refused from its header, before its pixels are decoded."""
+
+
 class NoFaceDetectedError(FaceRecognitionError):
     """An operation that needs a face (embedding, compare, search) found none in the image."""
 

@@ -200,12 +200,22 @@ class _PostgresBackend:
         return cursor.fetchall() if cursor.description else []
 
     @contextmanager
-    def transaction(self) -> Iterator[Rows]:
+    def _alive(self) -> Iterator[None]:
+        """Reconnect a broken connection; a connection lost mid-statement is the store being unavailable."""
+        import psycopg
+
         with self._lock:
-            if self.con.broken or self.con.closed:
-                self.con = self._connect()
-            with self.con.transaction():
-                yield self._rows
+            try:
+                if self.con.broken or self.con.closed:
+                    self.con = self._connect()
+                yield
+            except psycopg.OperationalError as exc:  # the connection is marked broken: the next call reconnects
+                raise FeedbackStoreUnavailableError(f"lost the PostgreSQL feedback store: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Rows]:
+        with self._alive(), self.con.transaction():
+            yield self._rows
 
     def run(self, fn: Callable[[Rows], Any]) -> Any:
         """``fn(rows)`` in one transaction (the server serializes concurrent writers itself)."""
@@ -214,9 +224,7 @@ class _PostgresBackend:
 
     def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """One read statement (autocommit: a statement is its own transaction)."""
-        with self._lock:
-            if self.con.broken or self.con.closed:
-                self.con = self._connect()
+        with self._alive():
             return self._rows(sql, params)
 
     def vector(self, values: Any) -> list[float]:
@@ -316,6 +324,13 @@ class FeedbackStore:
              q.query_face_id, q.source, q.filename, [int(i) for i in q.result_face_ids or []]],
         ))
 
+    def add_results(self, query_id: str, face_ids: Sequence[int]) -> None:
+        """Record more results shown for a query (votes are accepted only on shown results)."""
+        ids = [int(i) for i in face_ids]
+        self._backend.run(lambda rows: rows(
+            """UPDATE feedback_queries SET result_face_ids = CASE WHEN result_face_ids IS NULL THEN ?
+               ELSE array_cat(result_face_ids, ?) END WHERE query_id = ?""", [ids, ids, query_id]))
+
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Run one SQL statement on the store (``?`` placeholders on both backends); rows as dicts."""
         return self._backend.read(sql, params)
@@ -357,6 +372,13 @@ class FeedbackStore:
         return Vote(feedback_id=int(row["feedback_id"]), query_id=row["query_id"], result_id=int(row["result_face_id"]),
                     vote=row["vote"], voter=row["voter"], similarity=float(row["similarity"]),
                     created_at=row["created_at"], updated_at=row["updated_at"], revisions=int(row["revisions"]))
+
+    def delete_vote(self, query_id: str, result_face_id: int, voter: str) -> bool:
+        """Delete the vote of ``voter`` on one (query, result) pair; returns whether a row was deleted."""
+        with self._backend.transaction() as rows:
+            found = rows("DELETE FROM feedback WHERE query_id = ? AND result_face_id = ? AND voter = ? "
+                         "RETURNING feedback_id", [query_id, int(result_face_id), voter])
+        return bool(found)
 
     def votes(self, query_id: str | None = None, voter_prefix: str | None = None) -> list[dict[str, Any]]:
         """Stored votes without their embeddings, oldest first, optionally of one query or voters by prefix."""

@@ -78,12 +78,18 @@ class IndexedImage:
 
 @dataclass
 class FeedbackQuery:
-    """A search people can vote on: its ``query_id``, the main face searched, and the results."""
+    """A search people can vote on: its ``query_id``, the face searched, and the results.
+
+    ``faces`` holds the boxes of every face found in an uploaded query image (the catalog face alone
+    for a catalog query) and ``face_index`` the one searched, so that a page can offer the others.
+    """
 
     query_id: str
     bbox: list[float]
     query_face_id: int | None
     results: list[SearchResult]
+    faces: list[list[float]] = field(default_factory=list)
+    face_index: int = 0
 
 
 @dataclass
@@ -360,11 +366,17 @@ class FaceRecognitionLibrary:
             return summary
 
     # -- search ----------------------------------------------------------------------------------
-    def _main_face(self, image: Any) -> tuple[np.ndarray, FilterResult]:
+    def _main_face(self, image: Any, face_index: int | None = None) -> tuple[np.ndarray, FilterResult]:
+        """Embedding of the main face (or of face ``face_index``) and the filter result naming it in ``face_index``."""
         analysis: ImageAnalysis = self.filter.analyzer.analyze(image)
         result = self.filter.judge(analysis)
+        source = image if isinstance(image, (str, os.PathLike)) else None
         if not analysis.faces:
-            raise NoFaceDetectedError(image if isinstance(image, (str, os.PathLike)) else None)
+            raise NoFaceDetectedError(source)
+        if face_index is not None:
+            if not 0 <= face_index < len(analysis.faces):
+                raise NoFaceDetectedError(source, f"the image has {len(analysis.faces)} faces, no face {face_index}")
+            result = result | {"face_index": face_index}
         return analysis.faces[result["face_index"]].normed_embedding, result
 
     def get_embedding(self, image: Any) -> np.ndarray:
@@ -473,13 +485,14 @@ class FaceRecognitionLibrary:
 
     def feedback_search(self, image: bytes | str | os.PathLike | None = None, *, face_id: int | None = None,
                         top_k: int | None = None, session_id: str | None = None,
-                        filename: str | None = None) -> FeedbackQuery:
+                        filename: str | None = None, face_index: int | None = None) -> FeedbackQuery:
         """Search like :meth:`search` and record the query so that people can vote on its results.
 
         Give either an encoded ``image`` (bytes or a path; it is kept under ``feedback.query_dir``
         so that training can crop the face again) or the ``face_id`` of a catalog face. ``top_k``
         defaults to ``feedback.search_top_k``. An uploaded copy of a catalog image gets the
-        matching catalog face as ``query_face_id``.
+        matching catalog face as ``query_face_id``. ``face_index`` picks another face of an uploaded
+        image (an index into ``FeedbackQuery.faces``) instead of the main face.
 
         Raises:
             ImageLoadError / NoFaceDetectedError: the image cannot be decoded or shows no face.
@@ -497,7 +510,7 @@ class FaceRecognitionLibrary:
                                  query_face_id=face["face_id"], session_id=session_id, source="catalog")
         else:
             data = image if isinstance(image, (bytes, bytearray)) else _read_bytes(image)
-            embedding, result = self._main_face(bytes(data))
+            embedding, result = self._main_face(bytes(data), face_index)
             main = result["faces"][result["face_index"]]
             digest = content_hash(bytes(data))
             saved = save_query_image(bytes(data), self.index_dir / self.settings.feedback.query_dir, query_id)
@@ -518,14 +531,17 @@ class FaceRecognitionLibrary:
                 saved.unlink(missing_ok=True)
             raise
         self._remember_query(record)
+        faces = [[float(x) for x in record.bbox]] if face_id is not None else [f["bbox"] for f in result["faces"]]
         return FeedbackQuery(query_id=query_id, bbox=[float(x) for x in record.bbox],
-                             query_face_id=record.query_face_id, results=results)
+                             query_face_id=record.query_face_id, results=results, faces=faces,
+                             face_index=0 if face_id is not None else result["face_index"])
 
     def _remember_query(self, record: QueryRecord) -> None:
         # Votes follow their search within seconds: they find the query here, not in the store.
         with self._lock:
             self._queries[record.query_id] = {"query_id": record.query_id, "model_version": record.model_version,
                                               "embedding": np.asarray(record.embedding, np.float32),
+                                              "query_face_id": record.query_face_id,
                                               "result_face_ids": list(record.result_face_ids or [])}
             while len(self._queries) > _RECENT_QUERIES:
                 self._queries.popitem(last=False)
@@ -537,6 +553,29 @@ class FaceRecognitionLibrary:
             found = self.feedback.get_query(query_id)
         if found is None:
             raise UnknownQueryError(query_id)
+        return found
+
+    def more_results(self, query_id: str, offset: int, limit: int) -> list[SearchResult]:
+        """Results ``offset`` to ``offset + limit`` of a recorded query (its own face left out).
+
+        They become results of the query that people can vote on.
+
+        Raises:
+            UnknownQueryError: no such query.
+            FeedbackError: the query was embedded by another model version than the one running.
+        """
+        query = self._query(str(query_id))
+        if query["model_version"] != self.model_version:
+            raise FeedbackError("the model changed since this search: search again")
+        found = self.search_embedding(query["embedding"], top_k=offset + limit + 1)
+        found = [r for r in found if r.face_id != query.get("query_face_id")][offset:offset + limit]
+        shown = set(query.get("result_face_ids") or [])
+        new = [r.face_id for r in found if r.face_id not in shown]
+        if new:
+            self.feedback.add_results(query["query_id"], new)
+            with self._lock:
+                if query["query_id"] in self._queries:
+                    self._queries[query["query_id"]]["result_face_ids"] = [*shown, *new]
         return found
 
     def record_feedback(self, query_id: str, result_id: int, vote: str, voter: str | None = None,
@@ -572,6 +611,10 @@ class FaceRecognitionLibrary:
             similarity=float(np.dot(query["embedding"], face["embedding"])), query_embedding=query["embedding"],
             result_embedding=face["embedding"], result_image_id=face["image_id"], result_path=face["path"],
             result_bbox=face["bbox"], result_metadata=face["metadata"])
+
+    def clear_feedback(self, query_id: str, result_id: int, voter: str) -> bool:
+        """Withdraw ``voter``'s vote on one result of a query (undo); returns whether there was one."""
+        return self.feedback.delete_vote(str(query_id), int(result_id), voter)
 
     def export_feedback(self, out_dir: str | os.PathLike) -> ExportReport:
         """Write the votes as training ``pairs.parquet`` and ``triplets.parquet`` (see ``docs/feedback.md``).
