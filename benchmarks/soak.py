@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.feedback_load import _free_port, verify  # noqa: E402
+from face_assets.auth import TokenStore  # noqa: E402
 from face_assets.config import datasets_root, load_settings  # noqa: E402
 from face_assets.imaging import content_hash  # noqa: E402
 
@@ -70,8 +71,11 @@ class Deployment:
         self.config.write_text(yaml.safe_dump({
             "storage": {"data_dir": str(self.data)},
             "pipeline": {"watched_folders": [str(self.incoming)], "sensor_interval_seconds": sensor_seconds,
-                         "index_refresh_seconds": sensor_seconds, "cluster_check_seconds": sensor_seconds,
+                         "index_refresh_seconds": sensor_seconds, "settle_seconds": 2.0,
                          "batch_size": 64, "retrain_min_new_votes": 1_000_000},
+            # The load comes from a few tokens: their rate limits are the deployment's to choose.
+            "web": {"rate_limit": "100000/minute", "search_rate_limit": "100000/minute",
+                    "max_concurrent_searches": 4, "prewarm_thumbnails": False},
         }))
         instance = yaml.safe_load((REPO / "dagster.yaml").read_text())
         instance["storage"] = {"sqlite": {"base_dir": str(self.home / "storage")}}
@@ -87,6 +91,21 @@ class Deployment:
                                  "PYTHONPATH": str(REPO)}
         self.procs: dict[str, subprocess.Popen] = {}
         self.base = ""
+        store = TokenStore(self.data / load_settings(self.config).web.tokens_file)
+        self.token = store.create("soak-searcher", "reviewer")[1]
+        self.voter_tokens: dict[str, str] = {}
+
+    def voter(self, name: str) -> dict[str, str]:
+        """Authorization header of a reviewer token named ``name`` (created on first use)."""
+        if name not in self.voter_tokens:
+            store = TokenStore(self.data / load_settings(self.config).web.tokens_file)
+            self.voter_tokens[name] = store.create(name, "reviewer")[1]
+        return {"Authorization": f"Bearer {self.voter_tokens[name]}"}
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Authorization header of the searcher's token."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """``face-assets ARGS`` as a separate process."""
@@ -106,7 +125,7 @@ class Deployment:
             if self.procs["serve"].poll() is not None:
                 raise RuntimeError(f"service exited: {(self.work / 'serve.log').read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.base}/api/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}/api/health", headers=self.auth, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -165,7 +184,8 @@ def _searcher(dep: Deployment, photos: list[Path], rec: Recorder, stop: threadin
             path = rng.choice(photos)
             start = time.perf_counter()
             try:
-                r = http.post(f"{dep.base}/api/search", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+                r = http.post(f"{dep.base}/api/search", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                              headers=dep.auth)
                 ok = r.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -181,6 +201,8 @@ def _searcher(dep: Deployment, photos: list[Path], rec: Recorder, stop: threadin
 async def _voters(dep: Deployment, rec: Recorder, stop: threading.Event, clients: int, prefix: str) -> None:
     acked: dict = rec.acked  # type: ignore[attr-defined]
     uncertain: set = rec.uncertain  # type: ignore[attr-defined]
+    names = [f"{prefix}{c}-{j}" for c in range(clients) for j in range(3)]
+    headers = {name: dep.voter(name) for name in names}
     async with httpx.AsyncClient(timeout=30) as http:
 
         async def one(c: int) -> None:
@@ -195,8 +217,8 @@ async def _voters(dep: Deployment, rec: Recorder, stop: threading.Event, clients
                 voter, vote = f"{prefix}{c}-{rng.randrange(3)}", rng.choice(("up", "down"))
                 key = (query_id, face_id, voter)
                 try:
-                    r = await http.post(f"{dep.base}/api/feedback",
-                                        json={"query_id": query_id, "result_id": face_id, "vote": vote, "voter": voter})
+                    r = await http.post(f"{dep.base}/api/feedback", headers=headers[voter],
+                                        json={"query_id": query_id, "result_id": face_id, "vote": vote})
                 except httpx.HTTPError as exc:
                     uncertain.add(key)
                     rec.add("vote_errors", repr(exc))
@@ -251,7 +273,7 @@ def _searchable(dep: Deployment, path: Path) -> bool:
     """Whether the service's search finds ``path`` itself (its content) as the best match."""
     try:
         r = httpx.post(f"{dep.base}/api/search", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
-                       timeout=60)
+                       headers=dep.auth, timeout=60)
     except httpx.HTTPError:
         return False
     hits = r.json().get("results", []) if r.status_code == 200 else []

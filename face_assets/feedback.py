@@ -65,6 +65,13 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS feedback_queries_time_idx ON feedback_queries (created_at)",
     # The results a query showed: a vote is accepted only for one of them (added after the first release).
     "ALTER TABLE feedback_queries ADD COLUMN IF NOT EXISTS result_face_ids BIGINT[]",
+    # Results shown later ("more results"); a table of their own, as DuckDB cannot update a row that
+    # votes reference.
+    """CREATE TABLE IF NOT EXISTS feedback_more_results (
+        query_id VARCHAR NOT NULL,
+        face_id BIGINT NOT NULL,
+        PRIMARY KEY (query_id, face_id)
+    )""",
     """CREATE TABLE IF NOT EXISTS feedback (
         feedback_id BIGINT PRIMARY KEY DEFAULT nextval('feedback_id_seq'),
         query_id VARCHAR NOT NULL REFERENCES feedback_queries (query_id),
@@ -326,22 +333,29 @@ class FeedbackStore:
 
     def add_results(self, query_id: str, face_ids: Sequence[int]) -> None:
         """Record more results shown for a query (votes are accepted only on shown results)."""
-        ids = [int(i) for i in face_ids]
-        self._backend.run(lambda rows: rows(
-            """UPDATE feedback_queries SET result_face_ids = CASE WHEN result_face_ids IS NULL THEN ?
-               ELSE array_cat(result_face_ids, ?) END WHERE query_id = ?""", [ids, ids, query_id]))
+        def write(rows: Rows) -> None:
+            for face_id in face_ids:
+                rows("INSERT INTO feedback_more_results VALUES (?, ?) ON CONFLICT DO NOTHING", [query_id, int(face_id)])
+
+        self._backend.run(write)
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Run one SQL statement on the store (``?`` placeholders on both backends); rows as dicts."""
         return self._backend.read(sql, params)
 
     def get_query(self, query_id: str) -> dict[str, Any] | None:
-        """The stored query (every column, ``embedding`` as float32 array), or None."""
+        """The stored query (every column, ``embedding`` as float32 array), or None.
+
+        ``result_face_ids`` lists every result it showed, the first ones and those shown later.
+        """
         found = self._backend.read("SELECT * FROM feedback_queries WHERE query_id = ?", [query_id])
         if not found:
             return None
         q = found[0]
         q["embedding"] = np.asarray(q["embedding"], np.float32)
+        more = self._backend.read("SELECT face_id FROM feedback_more_results WHERE query_id = ? ORDER BY face_id",
+                                  [query_id])
+        q["result_face_ids"] = [int(i) for i in q.get("result_face_ids") or []] + [int(r["face_id"]) for r in more]
         return q
 
     def upsert_vote(self, *, query_id: str, result_face_id: int, vote: str, voter: str, session_id: str | None,

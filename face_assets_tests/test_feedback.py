@@ -226,3 +226,20 @@ def test_cli_feedback_stats_and_export(indexed_dir, feedback_people, tmp_path, c
     assert report["votes_read"] == 3 and report["pairs"] == pl.read_parquet(tmp_path / "out" / "pairs.parquet").height
     assert cli(["--data-dir", str(folder), "feedback", "export", str(tmp_path / "out")]) == 0
     assert "3 votes read" in capsys.readouterr().out
+
+
+def test_more_results_become_votable(lib):
+    face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
+    q = lib.feedback_search(face_id=face_id, top_k=2)
+    lib.record_feedback(q.query_id, q.results[0].face_id, "up", voter="v")
+    later = lib.more_results(q.query_id, 2, 3)
+    assert len(later) == 3 and not {r.face_id for r in later} & {face_id, *(r.face_id for r in q.results)}
+    beyond = lib.search_embedding(lib.catalog.embeddings([face_id])[1][0], top_k=12)[-1].face_id
+    with pytest.raises(NotAResultError):  # never shown
+        lib.record_feedback(q.query_id, beyond, "up", voter="v")
+    # Another process (no memory of the query) accepts a vote on a result shown later.
+    other = FaceRecognitionLibrary(settings=lib.settings)
+    try:
+        assert other.record_feedback(q.query_id, later[2].face_id, "down", voter="v").vote == "down"
+    finally:
+        other.close()

@@ -244,7 +244,7 @@ def test_a_batch_that_fails_its_staged_check_is_never_merged(datasets, tmp_path)
     assert check.check_name == "embeddings_finite_and_normalized" and not check.passed
     assert check.metadata["non_finite"].value == 1 and check.metadata["not_unit_length"].value == 1
     assert "face_embeddings" not in {e.step_key for e in result.get_step_success_events()}
-    assert not (w.data / "face_assets.duckdb").exists()  # nothing merged: the catalog was never even opened
+    assert not w.resource.settings.storage.master_path.exists()  # nothing merged: the catalog was never opened
     assert w.instance.get_latest_materialization_event(face_embeddings.key) is None
     after = evaluate_automation_conditions(defs, w.instance, cursor=baseline.cursor)
     assert after.total_requested == 0  # neither the index nor the clusters are asked for
@@ -285,25 +285,33 @@ def test_a_file_still_being_written_is_not_planned_until_settled(datasets, tmp_p
     assert planned.size == len(data) and planned.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_merge_retries_while_a_reader_holds_the_catalog(datasets, tmp_path):
+def test_merge_goes_on_while_readers_hold_the_catalog(datasets, tmp_path):
+    """An analyst's session on the published catalog never blocks the merge; one on the master only delays it."""
     w = Workspace(tmp_path, datasets, FIRST[:1])
     (key,) = w.plan()
     assert w.materialize(key, selection=[source_images, filtered_images]).success
-    catalog = w.data / "face_assets.duckdb"
-    Catalog(catalog).close()  # an empty catalog for the reader to open
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; con = duckdb.connect(sys.argv[1], read_only=True); "
-         "print('held', flush=True); time.sleep(3)", str(catalog)], stdout=subprocess.PIPE, text=True)
+    settings = w.resource.settings.storage
+    Catalog.open(settings).close()  # an empty catalog (master and published copy) for the readers to open
+    code = ("import duckdb, sys, time; con = duckdb.connect(sys.argv[1], read_only=True); "
+            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True); time.sleep(float(sys.argv[2])); "
+            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True)")
+    analyst = subprocess.Popen([sys.executable, "-c", code, str(settings.duckdb_path), "20"], stdout=subprocess.PIPE,
+                               text=True)
+    # A tool that opens the master itself (it should not) holds DuckDB's own lock for 3 s.
+    intruder = subprocess.Popen([sys.executable, "-c", code, str(settings.master_path), "3"], stdout=subprocess.PIPE,
+                                text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert analyst.stdout.readline().strip() == "0" and intruder.stdout.readline().strip() == "0"
+        start = time.monotonic()
         result = w.materialize(key, selection=[face_embeddings])
-        assert holder.poll() is None or holder.returncode == 0
+        assert result.success and time.monotonic() - start >= 2  # it waited for the intruder, then merged
+        assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert analyst.poll() is None  # the analyst's session was open throughout
     finally:
-        holder.wait(timeout=30)
-    assert result.success
-    assert w.sql("SELECT count(*) FROM images")[0][0] == 1
-    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-    assert len(retries) >= 1  # the first attempt met the reader's lock and waited with backoff
+        out = analyst.communicate(timeout=60)[0]
+        intruder.wait(timeout=30)
+    assert out.strip() == "0"  # the open session kept the state it opened
+    assert w.sql("SELECT count(*) FROM images")[0][0] == 1  # a new one sees the merge
 
 
 def _job(executor: str):
@@ -314,7 +322,7 @@ def _job(executor: str):
 def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_path):
     w = Workspace(tmp_path, datasets, FIRST[:2])
     (key,) = w.plan()
-    catalog_file = w.data / "face_assets.duckdb"
+    catalog_file = w.resource.settings.storage.master_path
     catalog_file.mkdir(parents=True)  # the catalog cannot be opened: the merge step fails
     with execute_job(_job("in_process"), instance=w.instance, run_config=w.run_config(),
                      tags={"dagster/partition": key}, raise_on_error=False) as failed:
