@@ -257,7 +257,9 @@ class TrainingSettings(_Section):
         description="Registry version the library runs; None follows the registry (the promoted version, "
         "else the pack's own recognizer); `base` pins the pack's recognizer.",
     )
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="torch device for training: cpu, cuda, or auto.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="torch device for training: cpu, cuda, or auto (cuda when torch sees one, else cpu)."
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads while training; 0 = torch's default.")
     epochs: int = Field(6, ge=1, description="Passes over the training pairs.")
     steps_per_epoch: int = Field(0, ge=0, description="Batches per epoch; 0 = enough to see every pair once.")
@@ -298,7 +300,18 @@ class TrainingSettings(_Section):
     )
     general_eval_dirs: list[Path] = Field(
         default_factory=list,
-        description="Folders of `<identity>/<image>` for the general gate set; empty = the shared labelled faces.",
+        description="Folders of `<identity>/<image>` for the general gate set; empty = every real face of the "
+        "shared datasets' manifest that names its person.",
+    )
+    calibration_far: float = Field(
+        1e-3, gt=0.0, lt=1.0,
+        description="False accept rate on the general set at which a new version's match threshold is calibrated.",
+    )
+    gate_bootstrap_rounds: int = Field(
+        1000, ge=100, description="Bootstrap draws of the operating-point intervals of the gate."
+    )
+    gate_confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Two-sided level of the gate's operating-point intervals."
     )
 
 
