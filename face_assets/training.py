@@ -8,7 +8,8 @@
 2. **Data.** Feedback pairs and triplets (Parquet, the feedback export's contract) reference faces by
    image path and box; each face is re-detected and aligned with the library's own detector and
    ``norm_crop`` (:meth:`FaceAnalyzer.detector`, :meth:`Recognizer.align`). Faces linked by
-   same-person pairs form persons; persons, not pairs, are split into train and validation, so the
+   same-person pairs form persons (a lone link between two groups, the mark of a wrong vote, does
+   not join them); persons, not pairs, are split into train and validation, so the
    validation faces are never seen. Batches hold as many same-person as different-person pairs;
    negatives are drawn with weight ``exp(similarity / T)`` (hard negatives first); crops are
    augmented (flip, colour, blur, scale).
@@ -55,6 +56,8 @@ import torch.nn.functional as F
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from onnx2torch import convert
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from .analysis import FaceAnalyzer
@@ -358,21 +361,48 @@ def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0.0, 255.0)
 
 
-class _Persons:
-    """Union-find over face keys: faces joined by same-person pairs are one person."""
+def persons_of(n: int, same: np.ndarray) -> np.ndarray:
+    """Person label of each of ``n`` faces from same-person links ``[m, 2]``: connected, less their bridges.
 
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, key: str) -> str:
-        self.parent.setdefault(key, key)
-        while self.parent[key] != key:
-            self.parent[key] = self.parent[self.parent[key]]
-            key = self.parent[key]
-        return key
-
-    def union(self, a: str, b: str) -> None:
-        self.parent[self.find(a)] = self.find(b)
+    A link whose removal would split its group (a bridge) is not trusted to join persons: one wrong
+    "same person" vote between two persons is exactly such a link, and following it would merge both
+    persons and turn every pair across them into a wrong same-person pair (see :func:`implied_pairs`).
+    Real persons, voted on many times, stay joined by cycles. Bridges are found with Tarjan's
+    low-link depth-first search (iterative, so deep chains do not hit the recursion limit).
+    """
+    edges = sorted({(min(a, b), max(a, b)) for a, b in np.asarray(same, np.int64).reshape(-1, 2).tolist() if a != b})
+    adj: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for e, (a, b) in enumerate(edges):
+        adj[a].append((b, e))
+        adj[b].append((a, e))
+    disc, low, bridges, clock = [-1] * n, [0] * n, set(), 0
+    for root in range(n):
+        if disc[root] >= 0:
+            continue
+        disc[root] = low[root] = clock
+        clock += 1
+        stack = [(root, -1, iter(adj[root]))]
+        while stack:
+            v, via, neighbours = stack[-1]
+            for w, e in neighbours:
+                if e == via:
+                    continue
+                if disc[w] < 0:
+                    disc[w] = low[w] = clock
+                    clock += 1
+                    stack.append((w, e, iter(adj[w])))
+                    break
+                low[v] = min(low[v], disc[w])
+            else:
+                stack.pop()
+                if stack:
+                    parent = stack[-1][0]
+                    low[parent] = min(low[parent], low[v])
+                    if low[v] > disc[parent]:
+                        bridges.add(via)
+    kept = np.array([edge for e, edge in enumerate(edges) if e not in bridges], np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(kept)), (kept[:, 0], kept[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
 @dataclass
@@ -382,7 +412,7 @@ class PairSet:
     pairs: np.ndarray  # [n, 3] int64: i, j, label
     triplets: np.ndarray  # [m, 3] int64: anchor, positive, negative
     feedback_pairs: int = 0  # how many of ``pairs`` were given; the rest follow from them (see implied_pairs)
-    person: np.ndarray | None = None  # person of every crop index (faces joined by same-person pairs)
+    person: np.ndarray | None = None  # person of every crop index (see persons_of)
 
     def keys(self) -> np.ndarray:
         """Indices of every crop the set uses."""
@@ -394,34 +424,33 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
     """Train and validation sets with disjoint persons; returns ``(train, val, pairs dropped)``.
 
     A pair or triplet whose faces fall on both sides is dropped rather than leak a validation face.
-    Persons are ordered by a hash of ``seed`` and the smallest ``stable`` id of their faces (see
-    :func:`stable_ids`; default the face keys), so the split does not depend on where the files lie.
+    Persons are those of :func:`persons_of` over the same-person pairs and the anchor-positive pairs
+    of the triplets. They are ordered by a hash of ``seed`` and the smallest ``stable`` id of their
+    faces (see :func:`stable_ids`; default the face keys), so the split does not depend on where the
+    files lie.
     """
-    persons = _Persons()
-    for a, b, label, _ in data.pairs:
-        if label == 1 and a.key in index and b.key in index:
-            persons.union(a.key, b.key)
-    for a, p, _ in data.triplets:
-        if a.key in index and p.key in index:
-            persons.union(a.key, p.key)
-    sizes: dict[str, int] = {}
-    name: dict[str, str] = {}
-    for key in index:
-        root = persons.find(key)
+    links = [(index[a.key], index[b.key]) for a, b, label, _ in data.pairs
+             if label == 1 and a.key in index and b.key in index]
+    links += [(index[a.key], index[p.key]) for a, p, _ in data.triplets if a.key in index and p.key in index]
+    person = persons_of(len(index), np.array(links, np.int64))
+    sizes: dict[int, int] = {}
+    name: dict[int, str] = {}
+    for key, i in index.items():
+        root = int(person[i])
         sizes[root] = sizes.get(root, 0) + 1
         ident = stable[key] if stable else key
         name[root] = min(name.get(root, ident), ident)
     order = sorted(sizes, key=lambda r: hashlib.sha256(f"{seed}:{name[r]}".encode()).hexdigest())
     # persons join validation until it holds val_fraction of the faces (not of the persons: most
     # feedback persons are single faces, and a validation set of those has no same-person pairs)
-    val_roots: set[str] = set()
+    val_roots: set[int] = set()
     in_val = 0
     for root in order[:-1]:
         if in_val >= val_fraction * len(index):
             break
         val_roots.add(root)
         in_val += sizes[root]
-    side = {k: persons.find(k) in val_roots for k in index}
+    side = {k: int(person[i]) in val_roots for k, i in index.items()}
     train_pairs, val_pairs, dropped = [], [], 0
     for a, b, label, _ in data.pairs:
         if a.key not in index or b.key not in index or a.key == b.key:
@@ -443,7 +472,6 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
     def arr(rows: list, width: int = 3) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, width)
 
-    person = np.array([persons.find(k) for k in sorted(index, key=index.get)])
     train = implied_pairs(arr(train_pairs), person, seed)
     return (PairSet(train, arr(train_trip), len(train_pairs), person),
             PairSet(arr(val_pairs), arr(val_trip), len(val_pairs), person), dropped)
@@ -454,15 +482,17 @@ def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int =
     persons with one different-person pair between them differ in every pair of their faces.
 
     ``person`` gives each crop index its person; at most ``limit`` implied pairs are kept (random).
+    A different-person vote inside one person (of :func:`persons_of`, so contradicted by at least
+    two same-person paths) is most likely the wrong one: it stays a given pair, but implies nothing.
     """
-    members: dict[str, list[int]] = {}
+    members: dict[Any, list[int]] = {}
     for i in np.unique(pairs[:, :2]):
         members.setdefault(person[i], []).append(int(i))
     rows = {(min(a, b), max(a, b), 1) for faces in members.values() for k, a in enumerate(faces) for b in faces[k + 1:]}
-    differ = {tuple(sorted((person[i], person[j]))) for i, j, label in pairs if label == 0}
+    differ = {tuple(sorted((person[i], person[j]))) for i, j, label in pairs if label == 0 and person[i] != person[j]}
     rows |= {(min(a, b), max(a, b), 0) for p, q in differ for a in members[p] for b in members[q]}
-    rows -= {(min(i, j), max(i, j), int(label)) for i, j, label in pairs}
-    extra = np.array(sorted(rows), np.int64).reshape(-1, 3)
+    given = {(min(i, j), max(i, j)) for i, j, _ in pairs.tolist()}  # a given vote is never overridden
+    extra = np.array(sorted(r for r in rows if r[:2] not in given), np.int64).reshape(-1, 3)
     if len(extra) > limit:
         extra = extra[np.sort(np.random.default_rng(seed).choice(len(extra), limit, replace=False))]
     return np.concatenate([pairs, extra])

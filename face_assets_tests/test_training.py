@@ -366,3 +366,15 @@ def test_feedback_files_bad_rows_are_counted_and_pairs_implied(tmp_path):
     # faces 0,1 one person, 2,3 another; one different-person vote implies the other three
     implied = T.implied_pairs(np.array([[0, 1, 1], [2, 3, 1], [0, 2, 0]]), np.array(["p", "p", "q", "q"]), 0)
     assert {tuple(r) for r in implied} == {(0, 1, 1), (2, 3, 1), (0, 2, 0), (0, 3, 0), (1, 2, 0), (1, 3, 0)}
+
+
+def test_a_lone_wrong_vote_does_not_merge_two_persons():
+    # faces 0-3 one person and 4-7 another, each voted on all round; one wrong same-person vote 3-4
+    links = [(a, b) for group in (range(4), range(4, 8)) for a, b in combinations(group, 2)] + [(3, 4)]
+    person = T.persons_of(9, np.array(links))
+    assert len(set(person[:4])) == 1 and len(set(person[4:8])) == 1 and person[0] != person[4] != person[8]
+    implied = T.implied_pairs(np.array([[a, b, 1] for a, b in links]), person, 0)
+    assert not [r for r in implied[len(links):] if r[2] == 1 and (r[0] < 4) != (r[1] < 4)]
+    # a different-person vote inside a person is kept as given and implies nothing
+    inside = T.implied_pairs(np.array([[0, 1, 1], [1, 2, 1], [0, 2, 0]]), np.array([0, 0, 0]), 0)
+    assert {tuple(r) for r in inside} == {(0, 1, 1), (1, 2, 1), (0, 2, 0)}
