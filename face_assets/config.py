@@ -286,7 +286,8 @@ class TrainingSettings(_Section):
     triplet_margin: float = Field(0.2, ge=0.0, le=2.0, description="Cosine margin of the triplet loss.")
     triplet_weight: float = Field(1.0, ge=0.0, description="Weight of the triplet loss.")
     keep_close_weight: float = Field(
-        2.0, ge=0.0, description="Weight of 1 - cos(new, original embedding): keeps the index from drifting."
+        2.0, ge=0.0,
+        description="Weight of |e - e0|^2 / |e0|^2 between new and original raw embeddings (the anti-drift term).",
     )
     hard_negative_temperature: float = Field(
         0.1, gt=0.0, description="Negatives are drawn with weight exp(similarity / T): lower favours hard ones."
@@ -306,6 +307,11 @@ class TrainingSettings(_Section):
     calibration_far: float = Field(
         1e-3, gt=0.0, lt=1.0,
         description="False accept rate on the general set at which a new version's match threshold is calibrated.",
+    )
+    calibration_not_above_parent: bool = Field(
+        True,
+        description="Calibrate at the running version's false accept rate on the same set when that is lower, "
+        "so a new version never accepts more strangers there than the one it replaces.",
     )
     gate_bootstrap_rounds: int = Field(
         1000, ge=100, description="Bootstrap draws of the operating-point intervals of the gate."

@@ -363,6 +363,13 @@ def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0.0, 255.0)
 
 
+def components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes joined by ``edges`` [m, 2]."""
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
 def persons_of(n: int, same: np.ndarray) -> np.ndarray:
     """Person label of each of ``n`` faces from same-person links ``[m, 2]``: connected, less their bridges.
 
@@ -402,9 +409,7 @@ def persons_of(n: int, same: np.ndarray) -> np.ndarray:
                     low[parent] = min(low[parent], low[v])
                     if low[v] > disc[parent]:
                         bridges.add(via)
-    kept = np.array([edge for e, edge in enumerate(edges) if e not in bridges], np.int64).reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(kept)), (kept[:, 0], kept[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1].astype(np.int64)
+    return components(n, np.array([edge for e, edge in enumerate(edges) if e not in bridges], np.int64))
 
 
 @dataclass
@@ -426,19 +431,21 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
     """Train and validation sets with disjoint persons; returns ``(train, val, pairs dropped)``.
 
     A pair or triplet whose faces fall on both sides is dropped rather than leak a validation face.
-    Persons are those of :func:`persons_of` over the same-person pairs and the anchor-positive pairs
-    of the triplets. They are ordered by a hash of ``seed`` and the smallest ``stable`` id of their
-    faces (see :func:`stable_ids`; default the face keys), so the split does not depend on where the
-    files lie.
+    The units of the split are the faces connected by same-person pairs (and anchor-positive pairs of
+    triplets), every link followed: a wrong link only makes a unit coarser, and a chain of votes on
+    one person stays on one side. They are ordered by a hash of ``seed`` and the smallest ``stable``
+    id of their faces (see :func:`stable_ids`; default the face keys), so the split does not depend
+    on where the files lie. The persons that imply pairs are finer (:func:`persons_of`).
     """
     links = [(index[a.key], index[b.key]) for a, b, label, _ in data.pairs
              if label == 1 and a.key in index and b.key in index]
     links += [(index[a.key], index[p.key]) for a, p, _ in data.triplets if a.key in index and p.key in index]
+    unit = components(len(index), np.array(links, np.int64))
     person = persons_of(len(index), np.array(links, np.int64))
     sizes: dict[int, int] = {}
     name: dict[int, str] = {}
     for key, i in index.items():
-        root = int(person[i])
+        root = int(unit[i])
         sizes[root] = sizes.get(root, 0) + 1
         ident = stable[key] if stable else key
         name[root] = min(name.get(root, ident), ident)
@@ -452,7 +459,7 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
             break
         val_roots.add(root)
         in_val += sizes[root]
-    side = {k: int(person[i]) in val_roots for k, i in index.items()}
+    side = {k: int(unit[i]) in val_roots for k, i in index.items()}
     train_pairs, val_pairs, dropped = [], [], 0
     for a, b, label, _ in data.pairs:
         if a.key not in index or b.key not in index or a.key == b.key:
@@ -839,8 +846,10 @@ def judge(settings: Settings, embeddings: Mapping[str, tuple[np.ndarray, np.ndar
 
     Returns:
         ``(metrics, GateResult)``; ``metrics["match_threshold"]`` is the candidate's threshold,
-        calibrated at ``training.calibration_far`` on the general set (the current one when the set
-        has no impostor pair).
+        calibrated on the general set at ``training.calibration_far``, or at the current model's
+        false accept rate there when that is lower and ``training.calibration_not_above_parent``
+        (the current threshold when the set has no impostor pair); ``metrics["calibration_far"]``
+        is the rate used.
     """
     cfg = settings.training
     where = {int(k): n for n, k in enumerate(keys)}
@@ -857,6 +866,9 @@ def judge(settings: Settings, embeddings: Mapping[str, tuple[np.ndarray, np.ndar
         sims[name] = ((fb[hi] * fb[hj]).sum(1), (gen[gi] * gen[gj]).sum(1))
     impostor = {name: s[1][~gsame] for name, s in sims.items()}
     far = cfg.calibration_far
+    parent_far = float(np.mean(impostor["current"] >= current_threshold)) if len(impostor["current"]) else far
+    if cfg.calibration_not_above_parent:  # never accept more strangers than the version it replaces
+        far = min(far, parent_far)
     candidate_threshold = calibrate_threshold(impostor["candidate"], far) if len(impostor["candidate"]) else current_threshold
     if len(val.pairs):  # the candidate's accuracy is that at its own threshold (given pairs come first in ``held``)
         accepted = sims["candidate"][0][: len(val.pairs)] >= candidate_threshold
@@ -870,8 +882,9 @@ def judge(settings: Settings, embeddings: Mapping[str, tuple[np.ndarray, np.ndar
                 i, j, same, groups, (sims["current"][k], current_threshold), (sims["candidate"][k], candidate_threshold),
                 rounds=cfg.gate_bootstrap_rounds, confidence=cfg.gate_confidence, seed=cfg.seed)
     metrics |= {"match_threshold": candidate_threshold, "parent_threshold": current_threshold,
-                "parent_calibrated_threshold": calibrate_threshold(impostor["current"], far) if len(impostor["current"]) else None,
-                "calibration_far": far, "operating_point": operating}
+                "parent_calibrated_threshold": calibrate_threshold(impostor["current"], cfg.calibration_far)
+                if len(impostor["current"]) else None,
+                "parent_far": parent_far, "calibration_far": far, "operating_point": operating}
     return metrics, gate(metrics["candidate"], metrics["current"], cfg.gate_max_drop, operating)
 
 
