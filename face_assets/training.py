@@ -420,6 +420,7 @@ class PairSet:
     triplets: np.ndarray  # [m, 3] int64: anchor, positive, negative
     feedback_pairs: int = 0  # how many of ``pairs`` were given; the rest follow from them (see implied_pairs)
     person: np.ndarray | None = None  # person of every crop index (see persons_of)
+    contradicted: int = 0  # different-person votes inside one person, left out as most likely wrong
 
     def keys(self) -> np.ndarray:
         """Indices of every crop the set uses."""
@@ -436,6 +437,11 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
     one person stays on one side. They are ordered by a hash of ``seed`` and the smallest ``stable``
     id of their faces (see :func:`stable_ids`; default the face keys), so the split does not depend
     on where the files lie. The persons that imply pairs are finer (:func:`persons_of`).
+
+    A different-person vote (or triplet negative) between two faces of one such person contradicts
+    at least two same-person paths and is most likely the wrong one: it is left out and counted
+    (``PairSet.contradicted``). Left in, it would be the "hardest negative" of all, the one the
+    sampler draws most.
     """
     links = [(index[a.key], index[b.key]) for a, b, label, _ in data.pairs
              if label == 1 and a.key in index and b.key in index]
@@ -461,11 +467,15 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
         in_val += sizes[root]
     side = {k: int(unit[i]) in val_roots for k, i in index.items()}
     train_pairs, val_pairs, dropped = [], [], 0
+    contradicted = {False: 0, True: 0}  # by side: different-person votes inside one person, left out
     for a, b, label, _ in data.pairs:
         if a.key not in index or b.key not in index or a.key == b.key:
             continue
         if side[a.key] != side[b.key]:
             dropped += 1
+            continue
+        if label == 0 and person[index[a.key]] == person[index[b.key]]:
+            contradicted[side[a.key]] += 1
             continue
         (val_pairs if side[a.key] else train_pairs).append((index[a.key], index[b.key], label))
     train_trip, val_trip = [], []
@@ -476,14 +486,17 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
         if len(sides) > 1:
             dropped += 1
             continue
+        if person[index[a.key]] == person[index[n.key]]:
+            contradicted[side[a.key]] += 1
+            continue
         (val_trip if side[a.key] else train_trip).append((index[a.key], index[p.key], index[n.key]))
 
     def arr(rows: list, width: int = 3) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, width)
 
     train = implied_pairs(arr(train_pairs), person, seed)
-    return (PairSet(train, arr(train_trip), len(train_pairs), person),
-            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs), person), dropped)
+    return (PairSet(train, arr(train_trip), len(train_pairs), person, contradicted[False]),
+            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs), person, contradicted[True]), dropped)
 
 
 def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int = 50_000) -> np.ndarray:
@@ -491,8 +504,8 @@ def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int =
     persons with one different-person pair between them differ in every pair of their faces.
 
     ``person`` gives each crop index its person; at most ``limit`` implied pairs are kept (random).
-    A different-person vote inside one person (of :func:`persons_of`, so contradicted by at least
-    two same-person paths) is most likely the wrong one: it stays a given pair, but implies nothing.
+    A different-person vote inside one person (of :func:`persons_of`) implies nothing
+    (:func:`split_by_person` leaves such votes out before).
     """
     members: dict[Any, list[int]] = {}
     for i in np.unique(pairs[:, :2]):
@@ -979,6 +992,7 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
         data={"pairs": len(data.pairs), "triplets": len(data.triplets), "rows_rejected": data.rejected, "faces": len(keys), "faces_not_found": failed,
               "train_pairs": train.feedback_pairs, "implied_train_pairs": len(train.pairs) - train.feedback_pairs,
               "val_pairs": len(val.pairs), "train_triplets": len(train.triplets),
+              "contradicted_votes": train.contradicted + val.contradicted,
               "dropped_across_split": dropped, "general_images": len(general[1])},
         conversion_max_diff=conversion_diff, export_max_diff=export_diff,
         seconds=round(time.perf_counter() - start, 1), device=str(trainer.device),
