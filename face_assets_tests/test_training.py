@@ -378,3 +378,14 @@ def test_a_lone_wrong_vote_does_not_merge_two_persons():
     # a different-person vote inside a person is kept as given and implies nothing
     inside = T.implied_pairs(np.array([[0, 1, 1], [1, 2, 1], [0, 2, 0]]), np.array([0, 0, 0]), 0)
     assert {tuple(r) for r in inside} == {(0, 1, 1), (1, 2, 1), (0, 2, 0)}
+
+
+def test_a_different_person_vote_inside_a_person_is_left_out():
+    refs = [T.FaceRef(f"f{k}.jpg", (0.0, 0.0, 10.0, 10.0)) for k in range(8)]
+    pairs = [(refs[a], refs[b], 1, "vote_up") for group in (range(4), range(4, 8)) for a, b in combinations(group, 2)]
+    pairs += [(refs[0], refs[2], 0, "vote_down"), (refs[1], refs[5], 0, "vote_down")]  # the first is wrong
+    index = {r.key: k for k, r in enumerate(refs)}
+    train, val, dropped = T.split_by_person(T.FeedbackData(pairs=pairs), index, 0.0, 0)
+    assert train.contradicted == 1 and val.contradicted == 0 and dropped == 0
+    negatives = {tuple(r[:2]) for r in train.pairs if r[2] == 0}
+    assert (0, 2) not in negatives and (1, 5) in negatives and len(negatives) == 16  # 4 x 4 across the persons
