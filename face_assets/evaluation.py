@@ -40,10 +40,12 @@ def calibrate_threshold(impostor: np.ndarray, far: float) -> float:
     Exactly ``floor(far * n)`` impostor pairs score at or above it (ties aside), so the false accept
     rate on the calibration set never exceeds ``far``.
     """
-    scores = np.sort(np.asarray(impostor, np.float64))[::-1]
+    scores = np.sort(np.asarray(impostor))[::-1]
     if not len(scores):
         raise ValueError("no impostor pairs to calibrate a threshold on")
-    return float(np.nextafter(scores[min(int(far * len(scores)), len(scores) - 1)], np.inf))
+    # the next value up in the scores' own dtype: a float32 score compared with a threshold one
+    # float64 step above it would round to the score and be accepted after all
+    return float(np.nextafter(scores[min(int(far * len(scores) + 1e-9), len(scores) - 1)], scores.dtype.type(np.inf)))
 
 
 def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:

@@ -175,6 +175,8 @@ def test_threshold_calibration_and_operating_point_interval():
     impostor = np.linspace(-0.2, 0.4, 2001)
     thr = calibrate_threshold(impostor, 1e-3)
     assert np.sum(impostor >= thr) == 2 and thr > impostor[-3]  # floor(1e-3 * 2001) accepted, no more
+    single = np.float32([0.1, 0.27598003, 0.3, 0.2])  # float32 scores, as the embeddings give
+    assert np.sum(single >= calibrate_threshold(single, 0.5)) == 2  # not 3: strictly above the float32 0.2, not on it
 
     # 40 persons x 5 faces; the candidate accepts 30 more impostor pairs spread over many persons
     labels = np.repeat(np.arange(40), 5)
