@@ -238,8 +238,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         else:
             rows = lib.list_models()
             _print(args, rows, "\n".join(
-                f"{'*' if r['active'] else ' '} {r['version']:<34} {r['status']:<10} parent={r['parent'] or '-':<34} "
-                f"{r['path'] or '(pack recognizer)'}" for r in rows))
+                f"{'*' if r['active'] else ' '} {r['version']:<34} {r['status']:<10} threshold={r['match_threshold']:.4f} "
+                f"parent={r['parent'] or '-':<34} {r['path'] or '(pack recognizer)'}" for r in rows))
             return 0
     _print(args, out, f"running {out['active']} ({out['model_version']})")
     return 0

@@ -353,7 +353,9 @@ class TrainingSettings(_Section):
         description="Registry version the library runs; None follows the registry (the promoted version, "
         "else the pack's own recognizer); `base` pins the pack's recognizer.",
     )
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="torch device for training: cpu, cuda, or auto.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="torch device for training: cpu, cuda, or auto (cuda when torch sees one, else cpu)."
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads while training; 0 = torch's default.")
     epochs: int = Field(6, ge=1, description="Passes over the training pairs.")
     steps_per_epoch: int = Field(0, ge=0, description="Batches per epoch; 0 = enough to see every pair once.")
@@ -380,7 +382,8 @@ class TrainingSettings(_Section):
     triplet_margin: float = Field(0.2, ge=0.0, le=2.0, description="Cosine margin of the triplet loss.")
     triplet_weight: float = Field(1.0, ge=0.0, description="Weight of the triplet loss.")
     keep_close_weight: float = Field(
-        2.0, ge=0.0, description="Weight of 1 - cos(new, original embedding): keeps the index from drifting."
+        2.0, ge=0.0,
+        description="Weight of |e - e0|^2 / |e0|^2 between new and original raw embeddings (the anti-drift term).",
     )
     hard_negative_temperature: float = Field(
         0.1, gt=0.0, description="Negatives are drawn with weight exp(similarity / T): lower favours hard ones."
@@ -394,7 +397,23 @@ class TrainingSettings(_Section):
     )
     general_eval_dirs: list[Path] = Field(
         default_factory=list,
-        description="Folders of `<identity>/<image>` for the general gate set; empty = the shared labelled faces.",
+        description="Folders of `<identity>/<image>` for the general gate set; empty = every real face of the "
+        "shared datasets' manifest that names its person.",
+    )
+    calibration_far: float = Field(
+        1e-3, gt=0.0, lt=1.0,
+        description="False accept rate on the general set at which a new version's match threshold is calibrated.",
+    )
+    calibration_not_above_parent: bool = Field(
+        True,
+        description="Calibrate at the running version's false accept rate on the same set when that is lower, "
+        "so a new version never accepts more strangers there than the one it replaces.",
+    )
+    gate_bootstrap_rounds: int = Field(
+        1000, ge=100, description="Bootstrap draws of the operating-point intervals of the gate."
+    )
+    gate_confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Two-sided level of the gate's operating-point intervals."
     )
 
 

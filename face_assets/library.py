@@ -52,7 +52,10 @@ _RECENT_QUERIES = 10_000
 
 @dataclass
 class SearchResult:
-    """One match: which face, in which image, how similar (cosine, -1..1)."""
+    """One match: which face, in which image, how similar (cosine, -1..1), and whether that is the same person.
+
+    ``is_match``: the similarity reaches the running model version's match threshold.
+    """
 
     face_id: int
     image_id: str
@@ -61,6 +64,7 @@ class SearchResult:
     similarity: float
     metadata: dict | None = None
     cluster_id: int | None = None
+    is_match: bool = False
 
 
 @dataclass
@@ -413,6 +417,7 @@ class FaceRecognitionLibrary:
             hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and (threshold is None or s >= threshold)]
             rows = self.catalog.faces_by_id([i for i, _ in hits])
             clusters = self.persons.store.cluster_ids([i for i, _ in hits])
+            match = self.match_threshold
         results = []
         for face_id, score in hits:
             row = rows.get(face_id)
@@ -420,7 +425,7 @@ class FaceRecognitionLibrary:
                 continue  # removed from the catalog after the search began
             results.append(SearchResult(face_id=face_id, image_id=row["image_id"], path=row["path"], bbox=row["bbox"],
                                         similarity=round(score, 6), metadata=row["metadata"],
-                                        cluster_id=clusters.get(face_id)))
+                                        cluster_id=clusters.get(face_id), is_match=score >= match))
         return results
 
     def _check_vector(self, vector: Any) -> np.ndarray:
@@ -439,11 +444,11 @@ class FaceRecognitionLibrary:
         return v / norm
 
     def compare(self, image1: Any, image2: Any) -> Comparison:
-        """1:1 verification of the main faces of two images against ``search.match_threshold``."""
+        """1:1 verification of the main faces of two images against the running version's :attr:`match_threshold`."""
         with self._lock:  # both faces embedded by the same model version, even across a swap
             a, b = self.get_embedding(image1), self.get_embedding(image2)
+            thr = self.match_threshold
         sim = float(np.dot(a, b))
-        thr = self.settings.search.match_threshold
         return Comparison(similarity=round(sim, 6), is_match=sim >= thr, threshold=thr)
 
     # -- CRUD ------------------------------------------------------------------------------------
@@ -657,7 +662,7 @@ class FaceRecognitionLibrary:
         registry.ensure_base(self.catalog, self._pack)
         version = registry.active_version(self.catalog, self.settings)
         self._use_file(registry.model_file(self.catalog, self.settings, self._pack, version))
-        self.active_model = version
+        self._set_active(version)
         stale = len(self.catalog.image_sources(self.model_version))
         if stale:
             logger.warning("%d images were embedded by another model version and are not searchable until "
@@ -672,10 +677,26 @@ class FaceRecognitionLibrary:
         self._model_file = Path(path)
         return True
 
+    def _set_active(self, version: str) -> None:
+        """Record the running version and its match threshold (read once here, not per search)."""
+        self.active_model = version
+        self._match_threshold = registry.match_threshold(registry.version_row(self.catalog, version), self.settings)
+
+    @property
+    def match_threshold(self) -> float:
+        """Cosine at or above which two faces are the same person, for the running model version.
+
+        Calibrated when the version was trained (see :func:`face_assets.registry.match_threshold`);
+        ``compare``, ``search`` (``SearchResult.is_match``) and the web app's match marking use it.
+        """
+        return self._match_threshold
+
     def list_models(self) -> list[dict]:
-        """Registered recognizer versions, oldest first, each with ``active`` (the one this library runs)."""
+        """Registered recognizer versions, oldest first, each with ``active`` and its ``match_threshold``."""
         with self._lock:
-            return [row | {"active": row["version"] == self.active_model} for row in self.catalog.model_versions()]
+            return [row | {"active": row["version"] == self.active_model,
+                           "match_threshold": registry.match_threshold(row, self.settings)}
+                    for row in self.catalog.model_versions()]
 
     def reembed(self, on_progress: ProgressCallback | None = None) -> IngestSummary:
         """Process again every image embedded by another model version (same image ids and metadata)."""
@@ -693,9 +714,9 @@ class FaceRecognitionLibrary:
         with self._lock:
             path = registry.model_file(self.catalog, self.settings, self._pack, version)
             if not self._use_file(path):
-                self.active_model = version
+                self._set_active(version)
                 return None
-            self.active_model = version
+            self._set_active(version)
             self.index = self._new_index()
             self._reconcile()
             summary = self.reembed(on_progress)
@@ -722,9 +743,10 @@ class FaceRecognitionLibrary:
         pairs = Path(pairs) if pairs is not None else None
         triplets = Path(triplets) if triplets is not None else None
         analyzer = self.filter.analyzer
-        run_id = training.run_id_for(self.settings, analyzer.pack.recognizer_sha256, pairs, triplets, persons)
+        threshold = self.match_threshold
+        run_id = training.run_id_for(self.settings, analyzer.pack.recognizer_sha256, pairs, triplets, persons, threshold)
         result = training.fine_tune(self.settings, analyzer, self.active_model, registry.runs_dir(self.settings) / run_id,
-                                    pairs, triplets, persons, on_epoch_end)
+                                    pairs, triplets, persons, on_epoch_end, threshold=threshold)
         with self._lock:
             known = [r["version"] for r in self.catalog.model_versions() if r["sha256"] == result.sha256]
             result.version = known[0] if known else registry.new_version_name(result.sha256)
@@ -735,7 +757,7 @@ class FaceRecognitionLibrary:
                 self.catalog.add_model_version(
                     result.version, result.parent, str(target.relative_to(self.settings.storage.data_dir)),
                     result.sha256, "candidate" if result.passed_gate else "rejected",
-                    {"gate": {"passed": result.passed_gate, "reasons": result.gate_reasons}} | result.metrics
+                    {"gate": {"passed": result.passed_gate, "reasons": result.gate_reasons, "failed": result.gate_failed}} | result.metrics
                     | {"run_id": result.run_id, "data": result.data, "seconds": result.seconds})
         return result
 

@@ -4,6 +4,11 @@ The registry rows are in the catalog (``model_versions``, see :mod:`face_assets.
 under the data folder, ``<data_dir>/models/versions/<version>.onnx``, stored relative to ``data_dir``
 so a data folder can move. Version ``base`` is the model pack's own recognizer. Nothing here needs
 torch: listing, promoting and rolling back work without the training extra.
+
+Each version carries its own match threshold (:func:`match_threshold`): the cosine at which two
+faces are the same person, calibrated when the version was trained and kept in its row's
+``metrics`` JSON under ``match_threshold``. Whatever version runs, its threshold runs with it, so a
+rollback restores the previous threshold too.
 """
 
 from __future__ import annotations
@@ -58,6 +63,16 @@ def version_row(catalog: Catalog, version: str) -> dict:
 def failed_gate(row: dict) -> bool:
     """Whether a registry row is a candidate the evaluation gate rejected (its status may have moved on since)."""
     return not ((row.get("metrics") or {}).get("gate") or {"passed": True})["passed"]
+
+
+def match_threshold(row: dict | None, settings: Settings) -> float:
+    """The match threshold of a registry row: the one calibrated at training, else ``search.match_threshold``.
+
+    The pack's own recognizer (``base``) and versions registered before thresholds were calibrated
+    have none of their own and run with the configured one.
+    """
+    value = ((row or {}).get("metrics") or {}).get("match_threshold")
+    return float(value) if value is not None else settings.search.match_threshold
 
 
 def model_file(catalog: Catalog, settings: Settings, pack: ModelPack, version: str) -> Path:

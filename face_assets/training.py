@@ -8,7 +8,8 @@
 2. **Data.** Feedback pairs and triplets (Parquet, the feedback export's contract) reference faces by
    image path and box; each face is re-detected and aligned with the library's own detector and
    ``norm_crop`` (:meth:`FaceAnalyzer.detector`, :meth:`Recognizer.align`). Faces linked by
-   same-person pairs form persons; persons, not pairs, are split into train and validation, so the
+   same-person pairs form persons (a lone link between two groups, the mark of a wrong vote, does
+   not join them); persons, not pairs, are split into train and validation, so the
    validation faces are never seen. Batches hold as many same-person as different-person pairs;
    negatives are drawn with weight ``exp(similarity / T)`` (hard negatives first); crops are
    augmented (flip, colour, blur, scale).
@@ -18,8 +19,14 @@
    the index from drifting without need.
 4. **Export.** Back to ONNX (TorchScript exporter, ``dynamo=False``), checked against PyTorch and
    loaded through ``insightface.model_zoo.get_model`` as a recognition model.
-5. **Gate.** Candidate and current model are compared on held-out feedback pairs and on a general set
-   of identities not used in training (:mod:`face_assets.evaluation`).
+5. **Threshold and gate.** The candidate's match threshold is calibrated on a general set of
+   identities not used in training (``training.calibration_far``); candidate and current model are
+   then compared on held-out feedback pairs and on that set, also at the threshold each runs with
+   (:mod:`face_assets.evaluation`).
+
+Runs are reproducible across checkouts: faces are identified by their image's content hash and box
+(:func:`stable_ids`), never by a path, so the person split, the sampling and every figure depend
+only on the data and ``training.seed``.
 
 Every run lives in its own folder (``<data_dir>/models/runs/<run id>``) named by a hash of its inputs:
 the same command after an interruption resumes from the last epoch's checkpoint, and after
@@ -49,20 +56,21 @@ import torch.nn.functional as F
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from onnx2torch import convert
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from .analysis import FaceAnalyzer
 from .config import Settings, datasets_root
 from .detection import box_iou
 from .errors import ConfigError, ImageLoadError, TrainingError
-from .evaluation import gate, identity_metrics, pair_metrics
-from .imaging import load_image
+from .evaluation import all_pairs, calibrate_threshold, gate, identity_metrics, operating_point, pair_metrics
+from .imaging import content_hash, load_image
 from .models import Recognizer
 
 logger = logging.getLogger(__name__)
 
 MIN_IOU = 0.3  # a re-detected face must overlap the referenced box this much to stand for it
-GENERAL_FOLDERS = ("lfw10", "deepface", "imfdb", "dlib_johns", "ageitgey")
 
 
 # -- conversion ------------------------------------------------------------------------------------
@@ -201,7 +209,9 @@ def verify_export(model: nn.Module, path: Path, crops: np.ndarray, settings: Set
     if not isinstance(loaded, ArcFaceONNX):
         raise TrainingError(f"insightface does not load {path} as a recognition model (got {type(loaded).__name__})")
     recognizer = Recognizer(path, settings.models)
-    expected = torch_embed(model, crops, recognizer.input_mean, recognizer.input_std, next(model.parameters()).device)
+    # the reference runs on the CPU in float32: on a GPU, TF32 convolutions alone would exceed the tolerance
+    expected = torch_embed(copy.deepcopy(model).cpu(), crops, recognizer.input_mean, recognizer.input_std,
+                           torch.device("cpu"))
     diff = max_abs_diff(recognizer.embed_aligned(list(crops))[0], expected)
     if diff > settings.training.verify_tolerance:
         raise TrainingError(f"exported ONNX differs from PyTorch by {diff:.2e} > {settings.training.verify_tolerance:.0e}")
@@ -221,6 +231,23 @@ class FaceRef:
     def key(self) -> str:
         """Identity of the face across files: path and box rounded to whole pixels."""
         return f"{self.path}#{','.join(str(int(round(v))) for v in self.bbox)}"
+
+
+def stable_ids(refs: Sequence[FaceRef]) -> dict[str, str]:
+    """An id per face key that does not depend on where the data lies: image content hash and box.
+
+    A face whose file cannot be read keeps its key (it will be reported as not found anyway).
+    """
+    digests: dict[str, str] = {}
+    out = {}
+    for ref in refs:
+        if ref.path not in digests:
+            try:
+                digests[ref.path] = content_hash(Path(ref.path))
+            except ImageLoadError:
+                digests[ref.path] = ref.path
+        out[ref.key] = f"{digests[ref.path]}#{ref.key.rsplit('#', 1)[1]}"
+    return out
 
 
 @dataclass
@@ -336,21 +363,53 @@ def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0.0, 255.0)
 
 
-class _Persons:
-    """Union-find over face keys: faces joined by same-person pairs are one person."""
+def components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes joined by ``edges`` [m, 2]."""
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
 
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
 
-    def find(self, key: str) -> str:
-        self.parent.setdefault(key, key)
-        while self.parent[key] != key:
-            self.parent[key] = self.parent[self.parent[key]]
-            key = self.parent[key]
-        return key
+def persons_of(n: int, same: np.ndarray) -> np.ndarray:
+    """Person label of each of ``n`` faces from same-person links ``[m, 2]``: connected, less their bridges.
 
-    def union(self, a: str, b: str) -> None:
-        self.parent[self.find(a)] = self.find(b)
+    A link whose removal would split its group (a bridge) is not trusted to join persons: one wrong
+    "same person" vote between two persons is exactly such a link, and following it would merge both
+    persons and turn every pair across them into a wrong same-person pair (see :func:`implied_pairs`).
+    Real persons, voted on many times, stay joined by cycles. Bridges are found with Tarjan's
+    low-link depth-first search (iterative, so deep chains do not hit the recursion limit).
+    """
+    edges = sorted({(min(a, b), max(a, b)) for a, b in np.asarray(same, np.int64).reshape(-1, 2).tolist() if a != b})
+    adj: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for e, (a, b) in enumerate(edges):
+        adj[a].append((b, e))
+        adj[b].append((a, e))
+    disc, low, bridges, clock = [-1] * n, [0] * n, set(), 0
+    for root in range(n):
+        if disc[root] >= 0:
+            continue
+        disc[root] = low[root] = clock
+        clock += 1
+        stack = [(root, -1, iter(adj[root]))]
+        while stack:
+            v, via, neighbours = stack[-1]
+            for w, e in neighbours:
+                if e == via:
+                    continue
+                if disc[w] < 0:
+                    disc[w] = low[w] = clock
+                    clock += 1
+                    stack.append((w, e, iter(adj[w])))
+                    break
+                low[v] = min(low[v], disc[w])
+            else:
+                stack.pop()
+                if stack:
+                    parent = stack[-1][0]
+                    low[parent] = min(low[parent], low[v])
+                    if low[v] > disc[parent]:
+                        bridges.add(via)
+    return components(n, np.array([edge for e, edge in enumerate(edges) if e not in bridges], np.int64))
 
 
 @dataclass
@@ -360,6 +419,8 @@ class PairSet:
     pairs: np.ndarray  # [n, 3] int64: i, j, label
     triplets: np.ndarray  # [m, 3] int64: anchor, positive, negative
     feedback_pairs: int = 0  # how many of ``pairs`` were given; the rest follow from them (see implied_pairs)
+    person: np.ndarray | None = None  # person of every crop index (see persons_of)
+    contradicted: int = 0  # different-person votes inside one person, left out as most likely wrong
 
     def keys(self) -> np.ndarray:
         """Indices of every crop the set uses."""
@@ -367,38 +428,54 @@ class PairSet:
 
 
 def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: float,
-                    seed: int) -> tuple[PairSet, PairSet, int]:
+                    seed: int, stable: Mapping[str, str] | None = None) -> tuple[PairSet, PairSet, int]:
     """Train and validation sets with disjoint persons; returns ``(train, val, pairs dropped)``.
 
     A pair or triplet whose faces fall on both sides is dropped rather than leak a validation face.
+    The units of the split are the faces connected by same-person pairs (and anchor-positive pairs of
+    triplets), every link followed: a wrong link only makes a unit coarser, and a chain of votes on
+    one person stays on one side. They are ordered by a hash of ``seed`` and the smallest ``stable``
+    id of their faces (see :func:`stable_ids`; default the face keys), so the split does not depend
+    on where the files lie. The persons that imply pairs are finer (:func:`persons_of`).
+
+    A different-person vote (or triplet negative) between two faces of one such person contradicts
+    at least two same-person paths and is most likely the wrong one: it is left out and counted
+    (``PairSet.contradicted``). Left in, it would be the "hardest negative" of all, the one the
+    sampler draws most.
     """
-    persons = _Persons()
-    for a, b, label, _ in data.pairs:
-        if label == 1 and a.key in index and b.key in index:
-            persons.union(a.key, b.key)
-    for a, p, _ in data.triplets:
-        if a.key in index and p.key in index:
-            persons.union(a.key, p.key)
-    sizes: dict[str, int] = {}
-    for key in index:
-        sizes[persons.find(key)] = sizes.get(persons.find(key), 0) + 1
-    order = sorted(sizes, key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
+    links = [(index[a.key], index[b.key]) for a, b, label, _ in data.pairs
+             if label == 1 and a.key in index and b.key in index]
+    links += [(index[a.key], index[p.key]) for a, p, _ in data.triplets if a.key in index and p.key in index]
+    unit = components(len(index), np.array(links, np.int64))
+    person = persons_of(len(index), np.array(links, np.int64))
+    sizes: dict[int, int] = {}
+    name: dict[int, str] = {}
+    for key, i in index.items():
+        root = int(unit[i])
+        sizes[root] = sizes.get(root, 0) + 1
+        ident = stable[key] if stable else key
+        name[root] = min(name.get(root, ident), ident)
+    order = sorted(sizes, key=lambda r: hashlib.sha256(f"{seed}:{name[r]}".encode()).hexdigest())
     # persons join validation until it holds val_fraction of the faces (not of the persons: most
     # feedback persons are single faces, and a validation set of those has no same-person pairs)
-    val_roots: set[str] = set()
+    val_roots: set[int] = set()
     in_val = 0
     for root in order[:-1]:
         if in_val >= val_fraction * len(index):
             break
         val_roots.add(root)
         in_val += sizes[root]
-    side = {k: persons.find(k) in val_roots for k in index}
+    side = {k: int(unit[i]) in val_roots for k, i in index.items()}
     train_pairs, val_pairs, dropped = [], [], 0
+    contradicted = {False: 0, True: 0}  # by side: different-person votes inside one person, left out
     for a, b, label, _ in data.pairs:
         if a.key not in index or b.key not in index or a.key == b.key:
             continue
         if side[a.key] != side[b.key]:
             dropped += 1
+            continue
+        if label == 0 and person[index[a.key]] == person[index[b.key]]:
+            contradicted[side[a.key]] += 1
             continue
         (val_pairs if side[a.key] else train_pairs).append((index[a.key], index[b.key], label))
     train_trip, val_trip = [], []
@@ -409,15 +486,17 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
         if len(sides) > 1:
             dropped += 1
             continue
+        if person[index[a.key]] == person[index[n.key]]:
+            contradicted[side[a.key]] += 1
+            continue
         (val_trip if side[a.key] else train_trip).append((index[a.key], index[p.key], index[n.key]))
 
     def arr(rows: list, width: int = 3) -> np.ndarray:
         return np.array(rows, np.int64).reshape(-1, width)
 
-    person = np.array([persons.find(k) for k in sorted(index, key=index.get)])
     train = implied_pairs(arr(train_pairs), person, seed)
-    return (PairSet(train, arr(train_trip), len(train_pairs)),
-            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs)), dropped)
+    return (PairSet(train, arr(train_trip), len(train_pairs), person, contradicted[False]),
+            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs), person, contradicted[True]), dropped)
 
 
 def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int = 50_000) -> np.ndarray:
@@ -425,15 +504,17 @@ def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int =
     persons with one different-person pair between them differ in every pair of their faces.
 
     ``person`` gives each crop index its person; at most ``limit`` implied pairs are kept (random).
+    A different-person vote inside one person (of :func:`persons_of`) implies nothing
+    (:func:`split_by_person` leaves such votes out before).
     """
-    members: dict[str, list[int]] = {}
+    members: dict[Any, list[int]] = {}
     for i in np.unique(pairs[:, :2]):
         members.setdefault(person[i], []).append(int(i))
     rows = {(min(a, b), max(a, b), 1) for faces in members.values() for k, a in enumerate(faces) for b in faces[k + 1:]}
-    differ = {tuple(sorted((person[i], person[j]))) for i, j, label in pairs if label == 0}
+    differ = {tuple(sorted((person[i], person[j]))) for i, j, label in pairs if label == 0 and person[i] != person[j]}
     rows |= {(min(a, b), max(a, b), 0) for p, q in differ for a in members[p] for b in members[q]}
-    rows -= {(min(i, j), max(i, j), int(label)) for i, j, label in pairs}
-    extra = np.array(sorted(rows), np.int64).reshape(-1, 3)
+    given = {(min(i, j), max(i, j)) for i, j, _ in pairs.tolist()}  # a given vote is never overridden
+    extra = np.array(sorted(r for r in rows if r[:2] not in given), np.int64).reshape(-1, 3)
     if len(extra) > limit:
         extra = extra[np.sort(np.random.default_rng(seed).choice(len(extra), limit, replace=False))]
     return np.concatenate([pairs, extra])
@@ -488,24 +569,26 @@ class Trainer:
     """One training run over prepared crops: epochs, checkpoints, curves; resumes from ``run_dir``.
 
     Args:
-        settings: validated settings (``training`` section, ``search.match_threshold``).
+        settings: validated settings (``training`` section).
         model: the converted torch recognizer (PReLU slopes as parameters).
         crops: aligned uint8 BGR crops [N, 112, 112, 3].
         original: the current model's raw embeddings of ``crops`` (targets of the keep-close term).
         train, val: pairs and triplets by crop index.
         run_dir: folder of ``checkpoint.pt``, ``best.pt``, ``metrics.csv/json``, ``curves.png``.
         mean, std: input normalization of the recognizer.
+        threshold: match threshold of the current version, the centre of the pair loss
+            (default ``search.match_threshold``).
     """
 
     def __init__(self, settings: Settings, model: torch.fx.GraphModule, crops: np.ndarray, original: np.ndarray,
-                 train: PairSet, val: PairSet, run_dir: Path, mean: float, std: float):
+                 train: PairSet, val: PairSet, run_dir: Path, mean: float, std: float, threshold: float | None = None):
         self.settings, self.cfg = settings, settings.training
         self.device = training_device(settings)
         self.model = model.to(self.device)
         self.crops, self.train, self.val = crops, train, val
         self.original = torch.from_numpy(np.asarray(original, np.float32))
         self.run_dir, self.mean, self.std = run_dir, mean, std
-        self.threshold = settings.search.match_threshold
+        self.threshold = settings.search.match_threshold if threshold is None else threshold
         normed = original / np.linalg.norm(original, axis=1, keepdims=True)
         self.pos = train.pairs[train.pairs[:, 2] == 1]
         self.neg = train.pairs[train.pairs[:, 2] == 0]
@@ -669,30 +752,52 @@ def write_curves(history: Sequence[Mapping[str, float]], run_dir: Path) -> None:
 
 
 # -- evaluation sets -------------------------------------------------------------------------------
-def general_set(settings: Settings, analyzer: FaceAnalyzer, exclude: set[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned main faces and identity labels of the general gate set, minus identities used in training.
+def person_name(identity: str) -> str:
+    """One spelling of a person's name across folders (``Scarlett_Johansson`` = ``Scarlett Johansson``)."""
+    return " ".join(identity.replace("_", " ").lower().split())
 
-    The folders are ``training.general_eval_dirs`` (each ``<identity>/<image>``), by default the shared
-    labelled faces. An identity is left out when any of its images appears in ``exclude`` (resolved
-    paths of the training faces). Crops are cached under ``<data_dir>/models/cache``.
+
+def labelled_images(settings: Settings) -> list[tuple[str, Path]]:
+    """``(person, path)`` of the general set's candidate images, in path order.
+
+    ``training.general_eval_dirs`` (folders of ``<identity>/<image>``) when set, else every real
+    photo of the shared datasets' manifest that names its person (``identity``), the extra folders
+    included; names are compared by :func:`person_name`, so one person in two folders is one person.
     """
-    dirs = settings.training.general_eval_dirs or [datasets_root() / "real" / f for f in GENERAL_FOLDERS]
-    images: list[tuple[str, Path]] = []
-    for folder in dirs:
-        for ident_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []:
-            files = sorted(p for p in ident_dir.iterdir() if p.is_file())
-            if not any(str(p.resolve()) in exclude for p in files):
-                images += [(f"{Path(folder).name}/{ident_dir.name}", p) for p in files]
+    if settings.training.general_eval_dirs:
+        images = []
+        for folder in map(Path, settings.training.general_eval_dirs):
+            for ident_dir in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+                images += [(f"{folder.name}/{ident_dir.name}", p) for p in sorted(ident_dir.iterdir()) if p.is_file()]
+        return images
+    root = datasets_root()
+    if not (root / "manifest.csv").is_file():
+        return []
+    rows = pl.read_csv(root / "manifest.csv", infer_schema_length=0).filter(
+        (pl.col("kind") == "real") & pl.col("identity").is_not_null() & pl.col("path").str.starts_with("real/"))
+    return [(person_name(ident), root / path) for path, ident in sorted(zip(rows["path"], rows["identity"]))]
+
+
+def general_set(settings: Settings, analyzer: FaceAnalyzer, exclude: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned main faces and person labels of the general gate set, minus persons used in training.
+
+    The images are those of :func:`labelled_images`. A person is left out when any of its images
+    has a content hash in ``exclude`` (the training images), wherever those files lie. Crops are
+    cached under ``<data_dir>/models/cache`` by content, so another checkout finds them too.
+    """
+    images = [(ident, path, content_hash(path)) for ident, path in labelled_images(settings) if path.is_file()]
+    used = {ident for ident, _, digest in images if digest in exclude}
+    images = [row for row in images if row[0] not in used]
     if not images:
         return np.zeros((0, 112, 112, 3), np.uint8), np.zeros(0, str)
-    digest = hashlib.sha256(json.dumps([str(p.resolve()) for _, p in images] + [settings.detection.model_dump()],
+    digest = hashlib.sha256(json.dumps([[i, d] for i, _, d in images] + [settings.detection.model_dump()],
                                        default=str).encode()).hexdigest()[:16]
     cache = Path(settings.storage.data_dir) / "models" / "cache" / f"general-{digest}.npz"
     if cache.is_file():
         stored = np.load(cache)
         return stored["crops"], stored["labels"]
     crops, labels = [], []
-    for ident, path in images:
+    for ident, path, _ in images:
         try:
             img = load_image(path, max_pixels=settings.images.max_pixels)
         except ImageLoadError:
@@ -702,8 +807,32 @@ def general_set(settings: Settings, analyzer: FaceAnalyzer, exclude: set[str]) -
             crops.append(analyzer.recognizer.align(img, faces[0].kps))
             labels.append(ident)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, crops=np.asarray(crops, np.uint8), labels=np.asarray(labels))
-    return np.asarray(crops, np.uint8), np.asarray(labels)
+    np.savez(cache, crops=np.asarray(crops, np.uint8).reshape(-1, 112, 112, 3), labels=np.asarray(labels))
+    return np.asarray(crops, np.uint8).reshape(-1, 112, 112, 3), np.asarray(labels)
+
+
+def feedback_crops(refs: Sequence[FaceRef], stable: Mapping[str, str], analyzer: FaceAnalyzer,
+                   cache_dir: Path) -> tuple[dict[str, np.ndarray], int]:
+    """Aligned crops of the feedback faces by face key, and how many were not found; cached by content.
+
+    The cache file is named by the faces' stable ids and the detection settings, so runs that differ
+    only in training settings (an ablation) detect each image once.
+    """
+    digest = hashlib.sha256(json.dumps([sorted(set(stable.values())), analyzer.settings.detection.model_dump()],
+                                       default=str).encode()).hexdigest()[:16]
+    cache = cache_dir / f"faces-{digest}.npz"
+    if cache.is_file():
+        stored = np.load(cache)
+        by_id = dict(zip((str(i) for i in stored["ids"]), stored["crops"]))
+        return {r.key: by_id[stable[r.key]] for r in refs if stable[r.key] in by_id}, int(stored["failed"])
+    found, missing = aligned_crops(refs, analyzer)
+    for key, reason in missing.items():
+        logger.warning("feedback face %s skipped: %s", key, reason)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    ids = sorted({stable[k]: k for k in found})
+    np.savez(cache, ids=np.asarray(ids), failed=len(missing),
+             crops=np.asarray([found[{stable[k]: k for k in found}[i]] for i in ids], np.uint8).reshape(-1, 112, 112, 3))
+    return found, len(missing)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -711,26 +840,71 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def evaluate_model(recognizer: Recognizer, crops: np.ndarray, val: PairSet, general: tuple[np.ndarray, np.ndarray],
-                   threshold: float) -> dict[str, dict[str, float]]:
-    """Gate metrics of one ONNX recognizer: held-out feedback pairs and the general identity set."""
-    out: dict[str, dict[str, float]] = {"feedback": {}, "general": {}}
-    if len(val.pairs):
-        keys = val.keys()
-        emb = normalize(recognizer.embed_aligned(list(crops[keys]))[0])
-        where = {int(k): i for i, k in enumerate(keys)}
-        a = emb[[where[int(i)] for i in val.pairs[:, 0]]]
-        b = emb[[where[int(i)] for i in val.pairs[:, 1]]]
-        out["feedback"] = pair_metrics((a * b).sum(1), val.pairs[:, 2], threshold)
-    if len(general[1]) >= 2:
-        out["general"] = identity_metrics(normalize(recognizer.embed_aligned(list(general[0]))[0]), general[1])
-    return out
+def embed(recognizer: Recognizer, crops: np.ndarray) -> np.ndarray:
+    """Normalized embeddings of aligned crops through onnxruntime, exactly as in production."""
+    return normalize(recognizer.embed_aligned(list(crops))[0]) if len(crops) else np.zeros((0, 512), np.float32)
+
+
+def judge(settings: Settings, embeddings: Mapping[str, tuple[np.ndarray, np.ndarray]], keys: np.ndarray, val: PairSet,
+          general_labels: np.ndarray, current_threshold: float) -> tuple[dict[str, Any], Any]:
+    """Gate metrics and verdict of a candidate against the current model (no I/O).
+
+    Args:
+        embeddings: ``{"current": ..., "candidate": ...}``, each ``(held-out feedback faces [len(keys)],
+            general set)`` normalized embeddings.
+        keys: crop indices of the held-out feedback faces (``val.keys()``).
+        val: the validation pairs and the person of every crop index.
+        general_labels: person of each general-set image.
+        current_threshold: the threshold the current version runs with.
+
+    Returns:
+        ``(metrics, GateResult)``; ``metrics["match_threshold"]`` is the candidate's threshold,
+        calibrated on the general set at ``training.calibration_far``, or at the current model's
+        false accept rate there when that is lower and ``training.calibration_not_above_parent``
+        (the current threshold when the set has no impostor pair); ``metrics["calibration_far"]``
+        is the rate used.
+    """
+    cfg = settings.training
+    where = {int(k): n for n, k in enumerate(keys)}
+    gi, gj, gsame = all_pairs(general_labels)
+    # held-out feedback faces: the given validation pairs and those they imply (all faces of one person)
+    held = implied_pairs(val.pairs, val.person, cfg.seed) if len(val.pairs) else val.pairs
+    hi = np.array([where[int(a)] for a in held[:, 0]], np.int64)
+    hj = np.array([where[int(b)] for b in held[:, 1]], np.int64)
+    sims, metrics = {}, {}
+    for name, (fb, gen) in embeddings.items():
+        fb_sim = (fb[[where[int(a)] for a in val.pairs[:, 0]]] * fb[[where[int(b)] for b in val.pairs[:, 1]]]).sum(1)
+        metrics[name] = {"feedback": pair_metrics(fb_sim, val.pairs[:, 2], current_threshold) if len(val.pairs) else {},
+                         "general": identity_metrics(gen, general_labels) if len(general_labels) >= 2 else {}}
+        sims[name] = ((fb[hi] * fb[hj]).sum(1), (gen[gi] * gen[gj]).sum(1))
+    impostor = {name: s[1][~gsame] for name, s in sims.items()}
+    far = cfg.calibration_far
+    parent_far = float(np.mean(impostor["current"] >= current_threshold)) if len(impostor["current"]) else far
+    if cfg.calibration_not_above_parent:  # never accept more strangers than the version it replaces
+        far = min(far, parent_far)
+    candidate_threshold = calibrate_threshold(impostor["candidate"], far) if len(impostor["candidate"]) else current_threshold
+    if len(val.pairs):  # the candidate's accuracy is that at its own threshold (given pairs come first in ``held``)
+        accepted = sims["candidate"][0][: len(val.pairs)] >= candidate_threshold
+        metrics["candidate"]["feedback"]["accuracy"] = float(np.mean(accepted == val.pairs[:, 2].astype(bool)))
+    operating = {}
+    for set_name, (i, j, same, groups, k) in {
+            "feedback": (hi, hj, held[:, 2].astype(bool), val.person[keys] if len(keys) else keys, 0),
+            "general": (gi, gj, gsame, general_labels, 1)}.items():
+        if len(i) and same.any() and (~same).any():
+            operating[set_name] = operating_point(
+                i, j, same, groups, (sims["current"][k], current_threshold), (sims["candidate"][k], candidate_threshold),
+                rounds=cfg.gate_bootstrap_rounds, confidence=cfg.gate_confidence, seed=cfg.seed)
+    metrics |= {"match_threshold": candidate_threshold, "parent_threshold": current_threshold,
+                "parent_calibrated_threshold": calibrate_threshold(impostor["current"], cfg.calibration_far)
+                if len(impostor["current"]) else None,
+                "parent_far": parent_far, "calibration_far": far, "operating_point": operating}
+    return metrics, gate(metrics["candidate"], metrics["current"], cfg.gate_max_drop, operating)
 
 
 # -- the whole run ---------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    """Outcome of :func:`fine_tune`: the exported candidate, its checks, the gate metrics and verdict."""
+    """Outcome of :func:`fine_tune`: the exported candidate, its checks, threshold, gate metrics and verdict."""
 
     run_id: str
     run_dir: str
@@ -746,6 +920,8 @@ class TrainResult:
     export_max_diff: float
     seconds: float
     device: str
+    gate_failed: list[str] = field(default_factory=list)  # names of the failed checks, e.g. operating.feedback.far
+    match_threshold: float | None = None  # calibrated on the general set; the version runs with it
     version: str | None = None  # registry name, set when the library registers the candidate
 
     def to_dict(self) -> dict[str, Any]:
@@ -758,20 +934,21 @@ def _file_digest(path: Path | None) -> str:
 
 
 def run_id_for(settings: Settings, parent_sha: str, pairs: Path | None, triplets: Path | None,
-               persons: Mapping[str, Sequence[FaceRef]] | None) -> str:
+               persons: Mapping[str, Sequence[FaceRef]] | None, threshold: float | None = None) -> str:
     """Id of a run from everything it depends on, so the same command finds its own checkpoint."""
     cfg = settings.training.model_dump(mode="json", exclude={"active_model", "device", "threads"})
     person_keys = {k: [r.key for r in v] for k, v in (persons or {}).items()}
     blob = json.dumps([parent_sha, _file_digest(pairs), _file_digest(triplets), person_keys, cfg,
-                       settings.search.match_threshold], sort_keys=True)
+                       settings.search.match_threshold if threshold is None else threshold], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: Path, pairs: Path | None = None,
               triplets: Path | None = None, persons: Mapping[str, Sequence[FaceRef]] | None = None,
-              on_epoch_end: EpochCallback | None = None) -> TrainResult:
-    """Fine-tune ``analyzer``'s recognizer (registry version ``parent``) on feedback; export and gate the candidate.
+              on_epoch_end: EpochCallback | None = None, threshold: float | None = None) -> TrainResult:
+    """Fine-tune ``analyzer``'s recognizer (registry version ``parent``) on feedback; export, calibrate and gate.
 
+    ``threshold`` is the match threshold ``parent`` runs with (default ``search.match_threshold``).
     Resumes from ``run_dir`` after an interruption; returns the stored result when the run already finished.
     """
     start = time.perf_counter()
@@ -779,41 +956,35 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
     if result_file.is_file():
         return TrainResult(**json.loads(result_file.read_text()))
     run_dir.mkdir(parents=True, exist_ok=True)
+    threshold = settings.search.match_threshold if threshold is None else threshold
     current = analyzer.recognizer
     data = load_feedback(pairs, triplets, persons)
     refs = {r.key: r for a, b, _, _ in data.pairs for r in (a, b)} | {r.key: r for t in data.triplets for r in t}
-    crops_file = run_dir / "crops.npz"
-    if crops_file.is_file():
-        stored = np.load(crops_file)
-        keys, crops = [str(k) for k in stored["keys"]], stored["crops"]
-        failed = int(stored["failed"])
-    else:
-        found, missing = aligned_crops(list(refs.values()), analyzer)
-        for key, reason in missing.items():
-            logger.warning("feedback face %s skipped: %s", key, reason)
-        keys, failed = sorted(found), len(missing)
-        crops = np.asarray([found[k] for k in keys], np.uint8).reshape(-1, 112, 112, 3)
-        np.savez(crops_file, keys=np.asarray(keys), crops=crops, failed=failed)
+    stable = stable_ids(list(refs.values()))
+    found, failed = feedback_crops(list(refs.values()), stable, analyzer, Path(settings.storage.data_dir) / "models" / "cache")
+    keys = sorted(found, key=lambda k: (stable[k], k))  # crop order follows the data, not the folder it lies in
+    crops = np.asarray([found[k] for k in keys], np.uint8).reshape(-1, 112, 112, 3)
     index = {k: i for i, k in enumerate(keys)}
-    train, val, dropped = split_by_person(data, index, settings.training.val_fraction, settings.training.seed)
+    train, val, dropped = split_by_person(data, index, settings.training.val_fraction, settings.training.seed, stable)
     if not len(train.pairs) and not len(train.triplets):
         raise TrainingError(f"no usable training pairs ({len(data.pairs)} pairs, {failed} faces not found)")
     original, _ = current.embed_aligned(list(crops))
     model = to_torch(current.model_path)
     conversion_diff = verify_conversion(model, current, crops[:32], settings.training.verify_tolerance)
-    trainer = Trainer(settings, model, crops, original, train, val, run_dir, current.input_mean, current.input_std)
+    trainer = Trainer(settings, model, crops, original, train, val, run_dir, current.input_mean, current.input_std,
+                      threshold)
     trainer.resume()
     history = trainer.fit(on_epoch_end)
     best = trainer.best_model()
     exported = export_onnx(best, current.model_path, run_dir / "model.onnx")
     export_diff = verify_export(best, exported, crops[:32], settings)
-    exclude = {str(Path(r.path).resolve()) for r in refs.values()}
-    general = general_set(settings, analyzer, exclude)
-    threshold = settings.search.match_threshold
-    metrics = {"current": evaluate_model(current, crops, val, general, threshold),
-               "candidate": evaluate_model(Recognizer(exported, settings.models), crops, val, general, threshold),
-               "best_epoch": trainer.best[0] + 1}
-    verdict = gate(metrics["candidate"], metrics["current"], settings.training.gate_max_drop)
+    general = general_set(settings, analyzer, {ident.split("#")[0] for ident in stable.values()})
+    val_keys = val.keys()
+    candidate = Recognizer(exported, settings.models)
+    embeddings = {name: (embed(rec, crops[val_keys]), embed(rec, general[0]))
+                  for name, rec in (("current", current), ("candidate", candidate))}
+    metrics, verdict = judge(settings, embeddings, val_keys, val, general[1], threshold)
+    metrics["best_epoch"] = trainer.best[0] + 1
     result = TrainResult(
         run_id=run_dir.name, run_dir=str(run_dir), model_path=str(exported), parent=parent,
         sha256=_file_digest(exported), passed_gate=verdict.passed, gate_reasons=verdict.reasons, metrics=metrics,
@@ -821,9 +992,11 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
         data={"pairs": len(data.pairs), "triplets": len(data.triplets), "rows_rejected": data.rejected, "faces": len(keys), "faces_not_found": failed,
               "train_pairs": train.feedback_pairs, "implied_train_pairs": len(train.pairs) - train.feedback_pairs,
               "val_pairs": len(val.pairs), "train_triplets": len(train.triplets),
+              "contradicted_votes": train.contradicted + val.contradicted,
               "dropped_across_split": dropped, "general_images": len(general[1])},
         conversion_max_diff=conversion_diff, export_max_diff=export_diff,
         seconds=round(time.perf_counter() - start, 1), device=str(trainer.device),
+        gate_failed=verdict.failed, match_threshold=metrics["match_threshold"],
     )
     result_file.write_text(json.dumps(result.to_dict(), indent=2, default=float))
     return result

@@ -70,7 +70,7 @@ class LoginIn(BaseModel):
 
 
 class Hit(BaseModel):
-    """One search result; ``is_match``: at or above ``search.match_threshold``."""
+    """One search result; ``is_match``: at or above the running model version's match threshold."""
 
     face_id: int
     image_id: str
@@ -219,7 +219,6 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
 
     async def in_pool(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(search_pool, fn, *args)
-    threshold = settings.search.match_threshold
     viewer, reviewer, admin = guard.role("viewer"), guard.role("reviewer"), guard.role("admin")
 
     app = FastAPI(title="face_assets review", version="2", docs_url=None, redoc_url=None,
@@ -251,7 +250,7 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
 
     def hits(results: list[SearchResult]) -> list[Hit]:
         labels = names({r.cluster_id for r in results if r.cluster_id is not None})
-        return [Hit(face_id=r.face_id, image_id=r.image_id, similarity=r.similarity, is_match=r.similarity >= threshold,
+        return [Hit(face_id=r.face_id, image_id=r.image_id, similarity=r.similarity, is_match=r.is_match,
                     cluster_id=r.cluster_id, person=labels.get(r.cluster_id), thumbnail_url=_thumbnail_url(r.face_id))
                 for r in results]
 
@@ -354,7 +353,7 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
             stored = library.feedback.get_query(q.query_id)
             return SearchOut(query_id=q.query_id, query_face_id=q.query_face_id, bbox=q.bbox, faces=q.faces,
                              face_index=q.face_index, image_size=[int(stored["width"] or 0), int(stored["height"] or 0)],
-                             image_url=f"/api/queries/{q.query_id}/image", threshold=threshold,
+                             image_url=f"/api/queries/{q.query_id}/image", threshold=library.match_threshold,
                              results=await in_pool(hits, q.results))
         finally:
             searches.release()
