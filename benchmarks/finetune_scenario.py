@@ -31,8 +31,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import shared_datasets  # noqa: E402
 from face_assets import load_settings  # noqa: E402
-from face_assets.config import datasets_root  # noqa: E402
 from face_assets.evaluation import identity_metrics, pair_metrics  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    root = datasets_root() / "real" / args.folder
+    root = shared_datasets() / "real" / args.folder
     people = {d.name: sorted(p for p in d.iterdir() if p.is_file()) for d in sorted(root.iterdir()) if d.is_dir()}
     people = dict(list(people.items())[: args.voters])
     if args.per_person:

@@ -35,6 +35,7 @@ from .filtering import FaceFilter
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
 from .models import resolve_pack
+from .process import apply_process_settings
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
@@ -122,6 +123,7 @@ class FaceRecognitionLibrary:
         if model_name is not None:
             overrides["models"] = {"pack": model_name}
         self.settings = settings or load_settings(config_path, overrides=overrides or None)
+        apply_process_settings(self.settings)  # the first entry point of the process wins
         self.index_dir = Path(self.settings.storage.data_dir)
         self._lock = threading.RLock()
         self.filter = FaceFilter(self.settings)

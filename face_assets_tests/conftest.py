@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from face_assets.config import datasets_root
+from face_assets.config import DATASETS_ENV, datasets_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The shared datasets beside this checkout, for every test and the subprocesses they start,
+    # wherever they run (FACE_ASSETS_DATASETS, when set, wins).
+    os.environ.setdefault(DATASETS_ENV, str(datasets_root(base=REPO_ROOT)))
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ against ``face-assets serve`` in a subprocess.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import threading
@@ -22,11 +21,10 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from benchmarks import feedback_load
 from face_assets import load_settings
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.web import SESSION_COOKIE, create_app
-
-from conftest import REPO_ROOT
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -201,16 +199,9 @@ def test_browser_upload_search_thumbs_down(lib, feedback_people):
     assert Path(lib.feedback.get_query(rows[0]["query_id"])["image_path"]).read_bytes() == photo.read_bytes()
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("feedback_load", REPO_ROOT / "benchmarks" / "feedback_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_load_every_acknowledged_vote_stored_once(data_dir):
     """~10 s of concurrent votes against ``face-assets serve``; figures go to the test output."""
-    out = _load_benchmark().run(data_dir, seconds=10, clients=8, n_queries=3)
+    out = feedback_load.run(data_dir, seconds=10, clients=8, n_queries=3)
     print(f"\nfeedback load: {out['requests_per_second']} req/s, p99 {out['latency_ms']['p99']} ms, "
           f"{out['acknowledged']} acknowledged votes on {out['keys_acknowledged']} keys, {out['rows']} rows")
     assert out["errors"] == 0 and out["server_exit_code"] == 0, out
