@@ -340,8 +340,9 @@ def compare_graphs(args: argparse.Namespace, cfg: ClusteringSettings, x: np.ndar
                            "peak_gb": round(mem.gb, 2), **graph_recall(x, nnd, queries)}}
     log(f"graphs on {len(x):,} faces, recall on {len(queries)} of them: {json.dumps(out)}")
     src, dst = restrict(nnd, n)
+    log(f"pynndescent graph: {len(src):,} edges among the library's faces")
     t = time.perf_counter()
-    lab = average_linkage(old_x, src, dst, **cfg.linkage_kwargs())
+    lab = average_linkage(old_x, src, dst, **cfg.linkage_kwargs(), log=log)
     t_link = time.perf_counter() - t
     record("pynndescent graph + average linkage", n, t_nnd + t_link, mem.gb, lab, old_true,
            f"graph {t_nnd:.0f}s (+{compile_s:.0f}s numba compile) + linkage {t_link:.0f}s")
