@@ -43,6 +43,10 @@ SLOW_TESTS = {
     "test_clustering_quality_and_baseline",
     "test_constraints_are_honoured",
     "test_incremental_and_policy",
+    "test_auto_type_follows_size",  # trains IVF indexes as the size crosses its thresholds
+    "test_removed_ids_are_never_returned",
+    "test_fit_recovers_known_parameters",
+    "test_tight_crops_are_found_by_padding",
 }
 
 
