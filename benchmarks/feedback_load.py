@@ -4,8 +4,9 @@
 
 Starts ``face-assets serve`` on a free loopback port over DIR (a catalog with indexed faces), makes
 a few searches with catalog faces, then ``--clients`` concurrent clients post votes for
-``--seconds``: random (query, result) pairs and votes, each client voting as its own three voters,
-so many votes repeat a pair and must update it instead of adding a row. Then the server is stopped
+``--seconds``: random (query, result) pairs and votes, each client voting as its own three voters
+(each a reviewer with its own API token, created here), so many votes repeat a pair and must update
+it instead of adding a row. Then the server is stopped
 (gracefully) and the store is checked: every acknowledged vote is stored exactly once, i.e. one row
 per (query, result, voter) holding the last acknowledged vote, with ``revisions`` equal to the
 number of acknowledged votes minus one. Prints requests/s and latency percentiles.
@@ -32,9 +33,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from face_assets.auth import TokenStore  # noqa: E402
 from face_assets.config import load_settings  # noqa: E402
 from face_assets.feedback import FeedbackStore  # noqa: E402
-from face_assets.store import Catalog  # noqa: E402
 
 VOTERS_PER_CLIENT = 3
 
@@ -77,12 +78,28 @@ def stop_server(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-def make_pairs(base: str, n_queries: int) -> list[tuple[str, int]]:
+def make_tokens(index_dir: Path, names: list[str]) -> dict[str, str]:
+    """A reviewer token for each voter name (what ``face-assets token create NAME`` does)."""
+    settings = load_settings(overrides={"storage": {"data_dir": str(index_dir)}})
+    store = TokenStore(settings.storage.data_dir / settings.web.tokens_file)
+    return {name: store.create(name, "reviewer")[1] for name in names}
+
+
+def revoke_tokens(index_dir: Path, names: list[str]) -> None:
+    """Remove the load voters' tokens again."""
+    settings = load_settings(overrides={"storage": {"data_dir": str(index_dir)}})
+    store = TokenStore(settings.storage.data_dir / settings.web.tokens_file)
+    for name in names:
+        store.revoke(name)
+
+
+def make_pairs(base: str, n_queries: int, token: str) -> list[tuple[str, int]]:
     """Search with the first catalog faces; returns every (query_id, result face_id) shown."""
-    faces = httpx.get(f"{base}/api/faces", params={"limit": n_queries}, timeout=30).json()
+    auth = {"Authorization": f"Bearer {token}"}
+    faces = httpx.get(f"{base}/api/faces", params={"limit": n_queries}, headers=auth, timeout=30).json()
     pairs = []
     for face in faces:
-        r = httpx.post(f"{base}/api/search", data={"face_id": str(face["face_id"])}, timeout=60)
+        r = httpx.post(f"{base}/api/search", data={"face_id": str(face["face_id"])}, headers=auth, timeout=60)
         r.raise_for_status()
         body = r.json()
         pairs += [(body["query_id"], hit["face_id"]) for hit in body["results"]]
@@ -91,16 +108,17 @@ def make_pairs(base: str, n_queries: int) -> list[tuple[str, int]]:
     return pairs
 
 
-async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: list[str], deadline: float,
+async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: dict[str, str], deadline: float,
                   rng: random.Random, acked: dict, uncertain: set, latencies: list, errors: list) -> None:
+    names = sorted(voters)
     while time.monotonic() < deadline:
         query_id, face_id = rng.choice(pairs)
-        voter, vote = rng.choice(voters), rng.choice(("up", "down"))
+        voter, vote = rng.choice(names), rng.choice(("up", "down"))
         key = (query_id, face_id, voter)
         start = time.perf_counter()
         try:
-            r = await http.post(f"{base}/api/feedback",
-                                json={"query_id": query_id, "result_id": face_id, "vote": vote, "voter": voter})
+            r = await http.post(f"{base}/api/feedback", json={"query_id": query_id, "result_id": face_id, "vote": vote},
+                                headers={"Authorization": f"Bearer {voters[voter]}"})
         except httpx.HTTPError as exc:
             uncertain.add(key)  # may or may not have been stored
             errors.append(repr(exc))
@@ -113,7 +131,8 @@ async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: list[
             errors.append(f"{r.status_code} {r.text[:200]}")
 
 
-async def _load(base: str, pairs: list, clients: int, seconds: float, prefix: str, seed: int) -> dict:
+async def _load(base: str, pairs: list, clients: int, seconds: float, tokens: dict[str, str], prefix: str,
+                seed: int) -> dict:
     acked: dict = defaultdict(list)
     uncertain: set = set()
     latencies: list[float] = []
@@ -123,8 +142,8 @@ async def _load(base: str, pairs: list, clients: int, seconds: float, prefix: st
         start = time.monotonic()
         deadline = start + seconds
         await asyncio.gather(*(
-            _client(http, base, pairs, [f"{prefix}{c}-{j}" for j in range(VOTERS_PER_CLIENT)], deadline,
-                    random.Random(seed * 1000 + c), acked, uncertain, latencies, errors)
+            _client(http, base, pairs, {n: tokens[n] for n in (f"{prefix}{c}-{j}" for j in range(VOTERS_PER_CLIENT))},
+                    deadline, random.Random(seed * 1000 + c), acked, uncertain, latencies, errors)
             for c in range(clients)))
         elapsed = time.monotonic() - start
     return {"acked": acked, "uncertain": uncertain, "latencies": latencies, "errors": errors, "elapsed": elapsed}
@@ -133,12 +152,11 @@ async def _load(base: str, pairs: list, clients: int, seconds: float, prefix: st
 def verify(index_dir: Path, acked: dict, uncertain: set, prefix: str) -> dict:
     """Compare the stored votes of the load voters with what the server acknowledged."""
     settings = load_settings(overrides={"storage": {"data_dir": str(index_dir)}})
-    with Catalog(settings.storage.duckdb_path) as catalog:
-        store = FeedbackStore.open(settings.feedback, catalog)
-        try:
-            rows = store.votes(voter_prefix=prefix)
-        finally:
-            store.close()
+    store = FeedbackStore.open(settings)
+    try:
+        rows = store.votes(voter_prefix=prefix)
+    finally:
+        store.close()
     stored = defaultdict(list)
     for r in rows:
         stored[(r["query_id"], r["result_face_id"], r["voter"])].append(r)
@@ -160,12 +178,15 @@ def run(index_dir: str | Path, seconds: float = 10.0, clients: int = 16, n_queri
     """Start the server, load it, stop it, verify the store; returns the figures and the check."""
     index_dir = Path(index_dir)
     prefix = f"load-{uuid.uuid4().hex[:8]}-"
+    names = [f"{prefix}{c}-{j}" for c in range(clients) for j in range(VOTERS_PER_CLIENT)]
+    tokens = make_tokens(index_dir, names)
     proc, base = start_server(index_dir, index_dir / "feedback_load_server.log")
     try:
-        pairs = make_pairs(base, n_queries)
-        result = asyncio.run(_load(base, pairs, clients, seconds, prefix, seed))
+        pairs = make_pairs(base, n_queries, tokens[names[0]])
+        result = asyncio.run(_load(base, pairs, clients, seconds, tokens, prefix, seed))
     finally:
         code = stop_server(proc)
+        revoke_tokens(index_dir, names)
     lat = np.array(result["latencies"]) * 1000 if result["latencies"] else np.zeros(1)
     acknowledged = sum(len(v) for v in result["acked"].values())
     requests = len(result["latencies"]) + sum(1 for e in result["errors"] if not e[:3].isdigit())

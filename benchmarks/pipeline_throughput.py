@@ -42,7 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         root = Path(root)
         settings = {"models": {"intra_op_threads": args.threads},
-                    "pipeline": {"watched_folders": [str(folder)], "batch_size": args.batch_size}}
+                    "pipeline": {"watched_folders": [str(folder)], "batch_size": args.batch_size,
+                                 "executor": "in_process"}}
         config = root / "config.yaml"
         config.write_text(yaml.safe_dump(settings | {"storage": {"data_dir": str(root / "graph")}}))
 

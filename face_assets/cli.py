@@ -187,18 +187,22 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline.resources import FaceAssetsResource
-    from .pipeline.runner import dagster_home, open_instance, run_pipeline
+    from .pipeline.runner import dagster_home, open_instance, run_pipeline, seed_incoming
 
     home = dagster_home(args.dagster_home)
     instance = open_instance(home)
     resource = FaceAssetsResource(config_path=args.config, data_dir=args.data_dir)
-    done = run_pipeline(instance, resource)
+    seeded = seed_incoming(resource, builtin_pack_dir())
+    if seeded:
+        print(f"copied {len(seeded)} sample photos into {resource.incoming_dir} (the default watched folder)",
+              file=sys.stderr)
+    done = run_pipeline(instance, resource, progress=lambda line: print(line, file=sys.stderr), verbose=args.verbose)
     with _library(args) as lib:
         stats = lib.stats()
     ui = f"DAGSTER_HOME={home} {Path(sys.executable).parent / 'dagster'} dev -w workspace.yaml"
     _print(args, {"partitions": done.partitions, "run_ids": done.run_ids, "success": done.success, "stats": stats,
-                  "ui": ui},
-           f"{len(done.partitions)} new batch(es) materialized ({'ok' if done.success else 'FAILED, see the UI'}); "
+                  "ui": ui, "runs": [dataclasses.asdict(r) for r in done.runs]},
+           f"{len(done.partitions)} batch(es) run ({'ok' if done.success else 'FAILED, see the UI'}); "
            f"catalog {stats['images']} images, {stats['faces']} faces, index {stats['index_size']} faces, "
            f"{stats['persons']} persons "
            f"-> {lib.settings.storage.duckdb_path}\n"
@@ -278,6 +282,29 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """API tokens of the web app (docs/web.md); works while the server runs, which reloads them."""
+    from .auth import TokenStore
+
+    settings = _settings(args)
+    store = TokenStore(settings.storage.data_dir / settings.web.tokens_file)
+    if args.token_command == "create":
+        record, token = store.create(args.name, args.role)
+        _print(args, {"id": record.id, "name": record.name, "role": record.role, "token": token},
+               f"token {record.id} for {record.name} ({record.role}); shown once, keep it secret:\n{token}")
+    elif args.token_command == "list":
+        rows = [{"id": r.id, "name": r.name, "role": r.role, "created_at": r.created_at} for r in store.list()]
+        _print(args, rows, "\n".join(f"{r['id']}  {r['role']:<8}  {r['name']}  {r['created_at']}" for r in rows)
+               or "no tokens")
+    else:
+        gone = store.revoke(args.id_or_name)
+        if not gone:
+            print(f"error: no token with id or name {args.id_or_name!r}", file=sys.stderr)
+            return 1
+        _print(args, [r.id for r in gone], f"revoked {len(gone)} token(s): {', '.join(r.id for r in gone)}")
+    return 0
+
+
 _CLUSTER_IDS = {"show": 1, "merge": None, "split": 1, "move": 2, "rename": 1}
 
 
@@ -337,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-dir", help="folder of the catalog and index (default: storage.data_dir)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("token", help="API tokens of the web app: create, list, revoke")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    q = tsub.add_parser("create", help="issue a token for a user (printed once)")
+    q.add_argument("name", help="the user's name: votes and audit entries carry it")
+    q.add_argument("--role", choices=["viewer", "reviewer", "admin"], default="reviewer")
+    q = tsub.add_parser("list", help="stored tokens (ids, users, roles; never the tokens)")
+    q = tsub.add_parser("revoke", help="delete a token by id, or every token of a user by name")
+    q.add_argument("id_or_name")
+    for q in tsub.choices.values():
+        q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_token)
+
     p = sub.add_parser("feedback", help="votes collected by the search page")
     fsub = p.add_subparsers(dest="feedback_command", required=True)
     q = fsub.add_parser("export", help="write training pairs.parquet and triplets.parquet, report what was dropped")
@@ -347,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_feedback_stats)
 
-    p = sub.add_parser("pipeline", help="materialize the Dagster asset graph over the watched folders (default: the sample photos)")
+    p = sub.add_parser("pipeline", help="run the Dagster jobs over the new files of the watched folders "
+                       "(default: data/incoming)")
     p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every Dagster event (DEBUG)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pipeline)
 

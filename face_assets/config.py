@@ -130,11 +130,43 @@ class StorageSettings(_Section):
     index_save_every: int = Field(
         1000, ge=1, description="Save the index after this many new images during bulk indexing."
     )
+    store_dir: str = Field(
+        "store",
+        description="Folder inside `data_dir` of the master store files, which only face_assets opens, in short "
+        "sessions; readers use the published copies (`duckdb_file`, `feedback.duckdb`).",
+    )
+    lock_timeout_seconds: float = Field(
+        120.0, gt=0, description="How long a process waits for another one's session on a store file before "
+        "`StoreBusyError`."
+    )
+    publish_interval_seconds: float = Field(
+        1.0, ge=0, description="At most one publication of a store's committed state per this many seconds and "
+        "process; later changes are published when it has passed."
+    )
+    index_refresh_seconds: float = Field(
+        1.0, ge=0, description="How often a running library (the search service) looks for a newer index file "
+        "published by another process."
+    )
 
     @property
     def duckdb_path(self) -> Path:
-        """Absolute-or-relative path of the DuckDB catalog."""
+        """The published catalog: the file analysts, BI tools and read-only commands open (read-only)."""
         return self.data_dir / self.duckdb_file
+
+    @property
+    def master_path(self) -> Path:
+        """The catalog's master file, opened only by face_assets in short sessions."""
+        return self.data_dir / self.store_dir / "catalog.duckdb"
+
+    @property
+    def feedback_master_path(self) -> Path:
+        """The DuckDB feedback store's master file (votes and queries)."""
+        return self.data_dir / self.store_dir / "feedback.duckdb"
+
+    @property
+    def feedback_path(self) -> Path:
+        """The published feedback store, for analysts and read-only commands."""
+        return self.data_dir / "feedback.duckdb"
 
 
 class FeedbackSettings(_Section):
@@ -175,13 +207,77 @@ class FeedbackSettings(_Section):
     )
 
 
+class WebSettings(_Section):
+    """The review web app (`face-assets serve`): authentication, limits, files (docs/web.md)."""
+
+    auth: Literal["tokens", "none"] = Field(
+        "tokens",
+        description="`tokens`: every request needs an API token (`face-assets token create`) or a page login; "
+        "`none`: no authentication, refused unless the server binds a loopback address.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost"],
+        description="Host header values served (others get 400: DNS rebinding); add the public name when "
+        "running behind a reverse proxy.",
+    )
+    cookie_secure: bool = Field(
+        False, description="Mark the session and CSRF cookies `Secure` (set it when served over HTTPS)."
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="Lifetime of a page login.")
+    max_json_bytes: int = Field(
+        65_536, ge=1024, description="Largest body of a request other than an image upload (413 beyond, unread)."
+    )
+    max_query_pixels: int = Field(
+        4_000_000, ge=10_000, description="Query images with more pixels are downscaled to this before detection."
+    )
+    max_decode_pixels: int = Field(
+        50_000_000, ge=10_000,
+        description="Query images with more pixels (read from the file header) are refused with 413, undecoded.",
+    )
+    max_concurrent_searches: int = Field(
+        2, ge=1, description="Searches run at once; more get 503 with `Retry-After` (bounds memory and CPU)."
+    )
+    rate_limit: str = Field(
+        "600/minute", description="Requests per token (or per client address without auth), `limits` syntax."
+    )
+    search_rate_limit: str = Field("60/minute", description="Searches per token, on top of `rate_limit`.")
+    tokens_file: str = Field(
+        "auth/tokens.json", description="Hashed API tokens inside `storage.data_dir` (written by `face-assets token`)."
+    )
+    audit_file: str = Field(
+        "audit/people.jsonl", description="Append-only log of people-page changes inside `storage.data_dir`."
+    )
+    thumbnail_dir: str = Field("thumbnails", description="Cache of face thumbnails inside `storage.data_dir`.")
+    prewarm_thumbnails: bool = Field(
+        True, description="At start, make the missing thumbnails in the background (covers first, lowest CPU priority)."
+    )
+
+
 class PipelineSettings(_Section):
     """The Dagster asset graph: which folders it watches and how new images are batched."""
 
     watched_folders: list[Path] = Field(
         default_factory=list,
-        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = the sample "
-        "photos of the built-in model pack (the input of `face-assets index`).",
+        description="Folders the new-image sensor and `face-assets pipeline` scan; empty = `incoming/` inside "
+        "`storage.data_dir` (created when missing).",
+    )
+    settle_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A file is read only once neither its content nor its metadata changed for this long, "
+        "so a file still being copied is left for a later scan.",
+    )
+    max_partition_retries: int = Field(
+        3,
+        ge=0,
+        description="How many times a failed run of a batch is launched again (from the failed step) before "
+        "the batch is left failed; Dagster's run retries, done by the daemon and by `face-assets pipeline`.",
+    )
+    step_retries: int = Field(
+        4,
+        ge=0,
+        description="How many times a step that touches the shared catalog or index files is retried within "
+        "its run after an error (a held lock, a busy file), with exponential backoff and jitter.",
     )
     recursive: bool = Field(True, description="Scan the watched folders recursively.")
     extensions: list[str] = Field(
@@ -195,8 +291,8 @@ class PipelineSettings(_Section):
     index_refresh_seconds: int = Field(
         60,
         ge=5,
-        description="How often the index sensor looks for batches merged since the last index update; "
-        "all found are indexed in one run.",
+        description="How often the automation sensor of `ann_index` evaluates its condition; the batches "
+        "merged in between are indexed in one run.",
     )
     nightly_cron: str | None = Field(
         None,
@@ -205,8 +301,8 @@ class PipelineSettings(_Section):
     )
     executor: Literal["multiprocess", "in_process", "dask"] = Field(
         "multiprocess",
-        description="Where the steps of the ingest job run: a process each, all in the run's process, "
-        "or tasks on a Dask cluster (docs/scaling.md).",
+        description="Where the steps of the ingest job run (also when launched by `face-assets pipeline`): a "
+        "process each, all in the run's process, or tasks on a Dask cluster (docs/scaling.md).",
     )
     dask_scheduler: str | None = Field(
         None,
@@ -238,8 +334,8 @@ class PipelineSettings(_Section):
     cluster_check_seconds: int = Field(
         120,
         ge=5,
-        description="How often the cluster sensor looks for batches merged since its last request; all found "
-        "are clustered in one run.",
+        description="How often the automation sensor of `person_clusters` evaluates its condition (after a "
+        "published index); all new faces are clustered in one run.",
     )
     min_cluster_cohesion: float = Field(
         0.3,
@@ -398,6 +494,7 @@ class Settings(_Section):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
 
     def to_dict(self) -> dict[str, Any]:

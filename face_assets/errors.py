@@ -28,6 +28,10 @@ class ImageLoadError(FaceRecognitionError):
         super().__init__(f"cannot load image {self.path}: {reason}")
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than allowed; refused from its header, before its pixels are decoded."""
+
+
 class NoFaceDetectedError(FaceRecognitionError):
     """An operation that needs a face (embedding, compare, search) found none in the image."""
 
@@ -90,8 +94,28 @@ class UnknownFaceError(FeedbackError, KeyError):
         return self.args[0]
 
 
+class NotAResultError(FeedbackError):
+    """A vote names a face that the query's search did not return."""
+
+    def __init__(self, query_id: object, face_id: object):
+        self.query_id, self.face_id = query_id, face_id
+        super().__init__(f"face {face_id!r} is not among the results of query {query_id!r}")
+
+
 class FeedbackStoreUnavailableError(FaceRecognitionError):
     """The feedback store's database cannot be reached (PostgreSQL down, wrong DSN)."""
+
+
+class StoreBusyError(FaceRecognitionError, TimeoutError):
+    """Another process held a store file longer than ``storage.lock_timeout_seconds``."""
+
+    def __init__(self, path, timeout: float):
+        self.path = str(path)
+        self.timeout = timeout
+        super().__init__(f"{path} stayed locked by another process for {timeout:g} s; try again later "
+                         "or raise storage.lock_timeout_seconds")
+
+
 class TrainingError(FaceRecognitionError):
     """Fine-tuning cannot proceed or produced a model that fails its checks (conversion, export, data)."""
 

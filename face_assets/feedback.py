@@ -38,6 +38,7 @@ from PIL import Image
 
 from .config import FeedbackSettings, Settings
 from .errors import ConfigError, FeedbackError, FeedbackStoreUnavailableError
+from .storage import DuckDBFile
 from .store import Catalog
 
 VOTES = ("up", "down")
@@ -62,6 +63,15 @@ SCHEMA = [
         filename VARCHAR
     )""",
     "CREATE INDEX IF NOT EXISTS feedback_queries_time_idx ON feedback_queries (created_at)",
+    # The results a query showed: a vote is accepted only for one of them (added after the first release).
+    "ALTER TABLE feedback_queries ADD COLUMN IF NOT EXISTS result_face_ids BIGINT[]",
+    # Results shown later ("more results"); a table of their own, as DuckDB cannot update a row that
+    # votes reference.
+    """CREATE TABLE IF NOT EXISTS feedback_more_results (
+        query_id VARCHAR NOT NULL,
+        face_id BIGINT NOT NULL,
+        PRIMARY KEY (query_id, face_id)
+    )""",
     """CREATE TABLE IF NOT EXISTS feedback (
         feedback_id BIGINT PRIMARY KEY DEFAULT nextval('feedback_id_seq'),
         query_id VARCHAR NOT NULL REFERENCES feedback_queries (query_id),
@@ -114,6 +124,8 @@ class _Backend(Protocol):
 
     def transaction(self) -> Any: ...
 
+    def run(self, fn: Callable[[Rows], Any]) -> Any: ...
+
     def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]: ...
 
     def vector(self, values: Any) -> Any: ...
@@ -121,30 +133,53 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _records(con: Any) -> Rows:
+    """A ``rows(sql, params)`` callable over a DuckDB connection, returning dicts."""
+
+    def rows(sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        cursor = con.execute(sql, params or [])
+        if cursor.description is None:
+            return []
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    return rows
+
+
 class _DuckDBBackend:
-    """Votes in the catalog's own DuckDB file, through the catalog's connection and lock."""
+    """Votes in their own DuckDB store file (``<data_dir>/store/feedback.duckdb``), in short sessions.
+
+    Votes of concurrent requests commit together (group commit, :meth:`DuckDBFile.submit`); the
+    committed state is published to ``<data_dir>/feedback.duckdb`` for readers.
+    """
 
     name = "duckdb"
-    concurrent_writers = False  # one process holds the file, and the catalog lock serialises its threads
+    concurrent_writers = False  # every writer holds the store's exclusive lock for its whole transaction
 
-    def __init__(self, catalog: Catalog):
-        self.catalog = catalog
+    def __init__(self, db: DuckDBFile):
+        self.db = db
 
     @contextmanager
     def transaction(self) -> Iterator[Rows]:
-        with self.catalog.transaction():
-            yield self.catalog.records
+        with self.db.write() as con:
+            yield _records(con)
+
+    def run(self, fn: Callable[[Rows], Any]) -> Any:
+        """``fn(rows)`` in a write transaction, grouped with other threads' concurrent calls."""
+        return self.db.submit(lambda con: fn(_records(con)))
 
     def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """One read statement, without the cost of an explicit transaction."""
-        return self.catalog.records(sql, params)
+        """One read statement in a read session."""
+        with self.db.read() as con:
+            return _records(con)(sql, params)
 
     def vector(self, values: Any) -> np.ndarray:
         """A ``REAL[]`` parameter: DuckDB binds a float32 array far faster than a list of floats."""
         return np.ascontiguousarray(values, np.float32).reshape(-1)
 
     def close(self) -> None:
-        """Nothing to do: the catalog belongs to the library."""
+        """Publish what is pending."""
+        self.db.close()
 
 
 class _PostgresBackend:
@@ -172,18 +207,31 @@ class _PostgresBackend:
         return cursor.fetchall() if cursor.description else []
 
     @contextmanager
-    def transaction(self) -> Iterator[Rows]:
+    def _alive(self) -> Iterator[None]:
+        """Reconnect a broken connection; a connection lost mid-statement is the store being unavailable."""
+        import psycopg
+
         with self._lock:
-            if self.con.broken or self.con.closed:
-                self.con = self._connect()
-            with self.con.transaction():
-                yield self._rows
+            try:
+                if self.con.broken or self.con.closed:
+                    self.con = self._connect()
+                yield
+            except psycopg.OperationalError as exc:  # the connection is marked broken: the next call reconnects
+                raise FeedbackStoreUnavailableError(f"lost the PostgreSQL feedback store: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Rows]:
+        with self._alive(), self.con.transaction():
+            yield self._rows
+
+    def run(self, fn: Callable[[Rows], Any]) -> Any:
+        """``fn(rows)`` in one transaction (the server serializes concurrent writers itself)."""
+        with self.transaction() as rows:
+            return fn(rows)
 
     def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """One read statement (autocommit: a statement is its own transaction)."""
-        with self._lock:
-            if self.con.broken or self.con.closed:
-                self.con = self._connect()
+        with self._alive():
             return self._rows(sql, params)
 
     def vector(self, values: Any) -> list[float]:
@@ -214,6 +262,7 @@ class QueryRecord:
     filename: str | None = None
     source: str = "upload"
     created_at: datetime = field(default_factory=_now)
+    result_face_ids: list[int] | None = None
 
 
 @dataclass
@@ -237,20 +286,29 @@ class FeedbackStore:
     Thread-safe: each backend runs one transaction at a time.
     """
 
-    def __init__(self, backend: _Backend):
+    def __init__(self, backend: _Backend, create: bool = True):
         self._backend = backend
-        with backend.transaction() as rows:
-            for statement in SCHEMA:
-                rows(statement)
+        if create:
+            with backend.transaction() as rows:
+                for statement in SCHEMA:
+                    rows(statement)
 
     @classmethod
-    def open(cls, settings: FeedbackSettings, catalog: Catalog) -> "FeedbackStore":
-        """The store ``settings.backend`` names: the catalog's DuckDB file, or ``postgresql_dsn``."""
-        if settings.backend == "postgresql":
-            if not settings.postgresql_dsn:
+    def open(cls, settings: Settings, read_only: bool = False) -> "FeedbackStore":
+        """The store ``feedback.backend`` names: the data folder's DuckDB feedback file, or ``postgresql_dsn``.
+
+        ``read_only`` (DuckDB only) reads the published copy, which never waits for a writer.
+        """
+        feedback = settings.feedback
+        if feedback.backend == "postgresql":
+            if not feedback.postgresql_dsn:
                 raise ConfigError("feedback.backend is 'postgresql' but feedback.postgresql_dsn is empty")
-            return cls(_PostgresBackend(settings.postgresql_dsn))
-        return cls(_DuckDBBackend(catalog))
+            return cls(_PostgresBackend(feedback.postgresql_dsn))
+        storage = settings.storage
+        if read_only:
+            return cls(_DuckDBBackend(DuckDBFile(storage.feedback_path, read_only=True)), create=False)
+        db = DuckDBFile(storage.feedback_master_path, storage.feedback_path, lock_timeout=storage.lock_timeout_seconds, publish_interval=storage.publish_interval_seconds)
+        return cls(_DuckDBBackend(db))
 
     @property
     def backend(self) -> str:
@@ -263,27 +321,41 @@ class FeedbackStore:
 
     def add_query(self, q: QueryRecord) -> None:
         """Store a query; its id must be new."""
-        with self._backend.transaction() as rows:
-            rows(
-                """INSERT INTO feedback_queries (query_id, created_at, session_id, model_version, embedding,
-                   image_path, content_hash, width, height, bbox, det_score, query_face_id, source, filename)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [q.query_id, q.created_at, q.session_id, q.model_version, self._backend.vector(q.embedding),
-                 q.image_path, q.content_hash, q.width, q.height, self._backend.vector(q.bbox), q.det_score, q.query_face_id, q.source,
-                 q.filename],
-            )
+        self._backend.run(lambda rows: rows(
+            """INSERT INTO feedback_queries (query_id, created_at, session_id, model_version, embedding,
+               image_path, content_hash, width, height, bbox, det_score, query_face_id, source, filename,
+               result_face_ids)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [q.query_id, q.created_at, q.session_id, q.model_version, self._backend.vector(q.embedding),
+             q.image_path, q.content_hash, q.width, q.height, self._backend.vector(q.bbox), q.det_score,
+             q.query_face_id, q.source, q.filename, [int(i) for i in q.result_face_ids or []]],
+        ))
+
+    def add_results(self, query_id: str, face_ids: Sequence[int]) -> None:
+        """Record more results shown for a query (votes are accepted only on shown results)."""
+        def write(rows: Rows) -> None:
+            for face_id in face_ids:
+                rows("INSERT INTO feedback_more_results VALUES (?, ?) ON CONFLICT DO NOTHING", [query_id, int(face_id)])
+
+        self._backend.run(write)
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Run one SQL statement on the store (``?`` placeholders on both backends); rows as dicts."""
         return self._backend.read(sql, params)
 
     def get_query(self, query_id: str) -> dict[str, Any] | None:
-        """The stored query (every column, ``embedding`` as float32 array), or None."""
+        """The stored query (every column, ``embedding`` as float32 array), or None.
+
+        ``result_face_ids`` lists every result it showed, the first ones and those shown later.
+        """
         found = self._backend.read("SELECT * FROM feedback_queries WHERE query_id = ?", [query_id])
         if not found:
             return None
         q = found[0]
         q["embedding"] = np.asarray(q["embedding"], np.float32)
+        more = self._backend.read("SELECT face_id FROM feedback_more_results WHERE query_id = ? ORDER BY face_id",
+                                  [query_id])
+        q["result_face_ids"] = [int(i) for i in q.get("result_face_ids") or []] + [int(r["face_id"]) for r in more]
         return q
 
     def upsert_vote(self, *, query_id: str, result_face_id: int, vote: str, voter: str, session_id: str | None,
@@ -301,18 +373,26 @@ class FeedbackStore:
         # Update first: a re-vote then skips binding the embeddings, and in DuckDB an UPDATE or a
         # plain INSERT costs a third of an INSERT ... ON CONFLICT.
         insert = _INSERT + (_ON_CONFLICT if self._backend.concurrent_writers else "") + _RETURNING
-        with self._backend.transaction() as rows:
-            found = rows(_REVOTE, [vote, session_id, now, query_id, int(result_face_id), voter])
-            if not found:
-                found = rows(insert, [query_id, int(result_face_id), vote, voter, session_id, now, now, model_version,
-                                      float(similarity), self._backend.vector(query_embedding),
-                                      self._backend.vector(result_embedding), result_image_id, result_path,
-                                      self._backend.vector(result_bbox),
-                                      json.dumps(result_metadata) if result_metadata is not None else None])
-        row = found[0]
+
+        def write(rows: Rows) -> list[dict[str, Any]]:
+            return rows(_REVOTE, [vote, session_id, now, query_id, int(result_face_id), voter]) or rows(
+                insert, [query_id, int(result_face_id), vote, voter, session_id, now, now, model_version,
+                         float(similarity), self._backend.vector(query_embedding),
+                         self._backend.vector(result_embedding), result_image_id, result_path,
+                         self._backend.vector(result_bbox),
+                         json.dumps(result_metadata) if result_metadata is not None else None])
+
+        row = self._backend.run(write)[0]
         return Vote(feedback_id=int(row["feedback_id"]), query_id=row["query_id"], result_id=int(row["result_face_id"]),
                     vote=row["vote"], voter=row["voter"], similarity=float(row["similarity"]),
                     created_at=row["created_at"], updated_at=row["updated_at"], revisions=int(row["revisions"]))
+
+    def delete_vote(self, query_id: str, result_face_id: int, voter: str) -> bool:
+        """Delete the vote of ``voter`` on one (query, result) pair; returns whether a row was deleted."""
+        with self._backend.transaction() as rows:
+            found = rows("DELETE FROM feedback WHERE query_id = ? AND result_face_id = ? AND voter = ? "
+                         "RETURNING feedback_id", [query_id, int(result_face_id), voter])
+        return bool(found)
 
     def votes(self, query_id: str | None = None, voter_prefix: str | None = None) -> list[dict[str, Any]]:
         """Stored votes without their embeddings, oldest first, optionally of one query or voters by prefix."""

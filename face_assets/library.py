@@ -16,7 +16,9 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +29,14 @@ import numpy as np
 from . import registry
 from .config import Settings, load_settings
 from .errors import (EmbeddingError, FeedbackError, ImageLoadError, IndexCorruptError, IndexNotFoundError,
-                     ModelVersionError, NoFaceDetectedError, TrainingError, UnknownFaceError, UnknownQueryError)
+                     ModelVersionError, NoFaceDetectedError, NotAResultError, TrainingError, UnknownFaceError, UnknownQueryError)
 from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, export_feedback, save_query_image
 from .imaging import content_hash
 from .detection import box_iou
 from .filtering import FaceFilter
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
-from .models import resolve_pack
+from .models import embedding_dim_of, resolve_pack
 from .process import apply_process_settings
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from .persons import ClusterInfo, ClusterRun, PersonClusters
 
 logger = logging.getLogger(__name__)
+
+_RECENT_QUERIES = 10_000
+"""Feedback queries a library keeps in memory for the votes that follow them."""
 
 
 @dataclass
@@ -74,12 +79,18 @@ class IndexedImage:
 
 @dataclass
 class FeedbackQuery:
-    """A search people can vote on: its ``query_id``, the main face searched, and the results."""
+    """A search people can vote on: its ``query_id``, the face searched, and the results.
+
+    ``faces`` holds the boxes of every face found in an uploaded query image (the catalog face alone
+    for a catalog query) and ``face_index`` the one searched, so that a page can offer the others.
+    """
 
     query_id: str
     bbox: list[float]
     query_face_id: int | None
     results: list[SearchResult]
+    faces: list[list[float]] = field(default_factory=list)
+    face_index: int = 0
 
 
 @dataclass
@@ -126,23 +137,41 @@ class FaceRecognitionLibrary:
         apply_process_settings(self.settings)  # the first entry point of the process wins
         self.index_dir = Path(self.settings.storage.data_dir)
         self._lock = threading.RLock()
-        self.filter = FaceFilter(self.settings)
+        self._filter: FaceFilter | None = None
+        self._pack = resolve_pack(self.settings.models)
+        self._model_file = self._pack.recognizer
         self.catalog: Catalog | None = None
         self.index: FaceIndex | None = None
+        self._index_stamp: tuple[int, int] | None = None
+        self._index_checked = 0.0
         self._unsaved = 0
         self._feedback: FeedbackStore | None = None
-        try:
-            self.load()
-        except BaseException:
-            if self.catalog is not None:  # a failed start must not keep the DuckDB file locked
-                self.catalog.close()
-            raise
+        self._queries: OrderedDict[str, dict] = OrderedDict()
+        self.load()
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
+    def filter(self) -> FaceFilter:
+        """Detector, recognizer (the active version) and cartoon classifier, loaded on first use.
+
+        Reading tables, listing, clustering and index upkeep never load a model.
+        """
+        with self._lock:
+            if self._filter is None:
+                face_filter = FaceFilter(self.settings)
+                face_filter.analyzer.use_recognizer(self._model_file)
+                self._filter = face_filter
+            return self._filter
+
+    @property
     def model_version(self) -> str:
         """Version tag of the embeddings this library produces and searches."""
-        return self.filter.analyzer.model_version
+        return dataclasses.replace(self._pack, recognizer=self._model_file).model_version
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embeddings of the active recognizer (read from its file, no model loaded)."""
+        return embedding_dim_of(str(self._model_file))
 
     @property
     def index_path(self) -> Path:
@@ -152,48 +181,108 @@ class FaceRecognitionLibrary:
     def load(self) -> None:
         """(Re)open the catalog and the index, repairing the index from the catalog if they disagree."""
         with self._lock:
-            if self._feedback is not None:  # a DuckDB feedback store lives on the catalog being reopened
-                self._feedback.close()
-                self._feedback = None
-            if self.catalog is not None:
-                self.catalog.close()
-            self.catalog = Catalog(self.settings.storage.duckdb_path)
+            self._close_stores()
+            self.catalog = Catalog.open(self.settings.storage)
+            from .persons import ClusterStore  # clustering imports scipy: only for libraries that open a catalog
+
+            self._clusters = ClusterStore(self.catalog)
             self._select_model()
-            try:
-                index = FaceIndex.load(self.index_path)
+            self.index = self._read_index()
+            if self._reconcile():
+                self._save_index()
+
+    def _read_index(self) -> FaceIndex:
+        """The saved index of the active model version, or a new empty one (missing, corrupt, other version)."""
+        try:
+            index = FaceIndex.load(self.index_path)
+            stamp = self._stamp()
+            if index.model_version != self.model_version:
+                logger.warning("index holds %s embeddings, library uses %s: rebuilding",
+                               index.model_version, self.model_version)
+                index = None
+        except IndexNotFoundError:
+            index, stamp = None, None
+        except IndexCorruptError as exc:
+            logger.warning("index %s is corrupt (%s): rebuilding from the catalog", self.index_path, exc)
+            index, stamp = None, None
+        self._index_stamp = stamp
+        self._index_checked = time.monotonic()
+        return index if index is not None else self._new_index()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.index_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def refresh(self) -> bool:
+        """Load the index again if another process (the pipeline, a CLI command) published a newer one.
+
+        A running service calls it before each search, at most every ``storage.index_refresh_seconds``,
+        so newly indexed faces become searchable without a restart. An index of another model
+        version (a promotion made elsewhere) switches this library to the registry's active version
+        first. Returns whether it reloaded.
+        """
+        with self._lock:
+            if time.monotonic() - self._index_checked < self.settings.storage.index_refresh_seconds:
+                return False
+            self._index_checked = time.monotonic()
+            if self._unsaved or self._stamp() == self._index_stamp:
+                return False
+        index = None
+        try:  # loading a large index takes a while: searches go on with the old one meanwhile
+            index = FaceIndex.load(self.index_path)
+        except (IndexNotFoundError, IndexCorruptError) as exc:
+            logger.warning("published index %s not loaded: %s", self.index_path, exc)
+        with self._lock:
+            if index is None or self._unsaved:
+                return False
+            if index.model_version != self.model_version:
+                self._select_model()
                 if index.model_version != self.model_version:
-                    logger.warning("index holds %s embeddings, library uses %s: rebuilding",
-                                   index.model_version, self.model_version)
-                    index = None
-            except IndexNotFoundError:
-                index = None
-            except IndexCorruptError as exc:
-                logger.warning("index %s is corrupt (%s): rebuilding from the catalog", self.index_path, exc)
-                index = None
-            self.index = index if index is not None else self._new_index()
-            self._reconcile()
+                    return False  # a half-finished switch elsewhere: keep searching the index we have
+                logger.info("now running model %s (%s), promoted by another process", self.active_model,
+                            self.model_version)
+            self.index, self._index_stamp = index, self._stamp()
+            return True
 
     def save(self) -> Path:
-        """Write the index atomically next to the catalog; returns its path."""
+        """Write the index atomically next to the catalog and publish the catalog; returns the index path."""
         with self._lock:
+            self._save_index()
             self.catalog.checkpoint()
-            self.index.save(self.index_path)
-            self._unsaved = 0
             return self.index_path
 
+    def _save_index(self) -> None:
+        # Under the catalog's write lock: two processes never interleave their index and catalog writes.
+        with self.catalog.db.locked():
+            if self._stamp() != self._index_stamp:
+                # Another process saved the index since this one read it: take in its faces (and
+                # drop what it removed) from the catalog, which holds both processes' commits.
+                self._reconcile()
+            self.index.save(self.index_path)
+        self._index_stamp = self._stamp()
+        self._unsaved = 0
+
     def close(self) -> None:
-        """Save the index and close the catalog."""
+        """Save the index if this library changed it, publish the catalog and release the stores."""
         with self._lock:
             if self.catalog is None:
                 return
             try:
-                self.save()
-            finally:  # a failed save must not keep the DuckDB file locked
-                if self._feedback is not None:
-                    self._feedback.close()
-                    self._feedback = None
-                self.catalog.close()
-                self.catalog = None
+                if self._unsaved:
+                    self._save_index()
+            finally:
+                self._close_stores()
+
+    def _close_stores(self) -> None:
+        if self._feedback is not None:
+            self._feedback.close()
+            self._feedback = None
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
 
     def __enter__(self) -> "FaceRecognitionLibrary":
         return self
@@ -203,10 +292,10 @@ class FaceRecognitionLibrary:
 
     def _new_index(self) -> FaceIndex:
         cfg = self.settings.storage
-        return FaceIndex(dim=self.filter.analyzer.recognizer.embedding_dim, factory=cfg.index_factory,
-                         model_version=self.model_version)
+        return FaceIndex(dim=self.embedding_dim, factory=cfg.index_factory, model_version=self.model_version)
 
-    def _reconcile(self) -> None:
+    def _reconcile(self) -> bool:
+        """Add the catalog's searchable faces the index misses and drop ids it no longer has; True if changed."""
         catalog_ids = set(self.catalog.valid_face_ids(self.model_version))
         index_ids = set(int(i) for i in self.index.ids())
         extra = index_ids - catalog_ids
@@ -218,7 +307,7 @@ class FaceRecognitionLibrary:
             self.index.add(ids, vectors)
         if extra or missing:
             logger.info("index repaired from catalog: %d added, %d removed", len(missing), len(extra))
-            self.index.save(self.index_path)
+        return bool(extra or missing)
 
     # -- indexing ------------------------------------------------------------------------------
     def index_image(self, path: str | os.PathLike, image_id: str | None = None, metadata: Any = None) -> IndexedImage:
@@ -279,11 +368,17 @@ class FaceRecognitionLibrary:
             return summary
 
     # -- search ----------------------------------------------------------------------------------
-    def _main_face(self, image: Any) -> tuple[np.ndarray, FilterResult]:
+    def _main_face(self, image: Any, face_index: int | None = None) -> tuple[np.ndarray, FilterResult]:
+        """Embedding of the main face (or of face ``face_index``) and the filter result naming it in ``face_index``."""
         analysis: ImageAnalysis = self.filter.analyzer.analyze(image)
         result = self.filter.judge(analysis)
+        source = image if isinstance(image, (str, os.PathLike)) else None
         if not analysis.faces:
-            raise NoFaceDetectedError(image if isinstance(image, (str, os.PathLike)) else None)
+            raise NoFaceDetectedError(source)
+        if face_index is not None:
+            if not 0 <= face_index < len(analysis.faces):
+                raise NoFaceDetectedError(source, f"the image has {len(analysis.faces)} faces, no face {face_index}")
+            result = result | {"face_index": face_index}
         return analysis.faces[result["face_index"]].normed_embedding, result
 
     def get_embedding(self, image: Any) -> np.ndarray:
@@ -312,12 +407,14 @@ class FaceRecognitionLibrary:
         query = self._check_vector(vector)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
+        self.refresh()
         with self._lock:
             if len(self.index) == 0:
                 return []
             scores, ids = self.index.search(query[None, :], top_k)
             hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and (threshold is None or s >= threshold)]
             rows = self.catalog.faces_by_id([i for i, _ in hits])
+            clusters = self.persons.store.cluster_ids([i for i, _ in hits])
         results = []
         for face_id, score in hits:
             row = rows.get(face_id)
@@ -325,11 +422,11 @@ class FaceRecognitionLibrary:
                 continue  # removed from the catalog after the search began
             results.append(SearchResult(face_id=face_id, image_id=row["image_id"], path=row["path"], bbox=row["bbox"],
                                         similarity=round(score, 6), metadata=row["metadata"],
-                                        cluster_id=row.get("cluster_id")))
+                                        cluster_id=clusters.get(face_id)))
         return results
 
     def _check_vector(self, vector: Any) -> np.ndarray:
-        dim = self.filter.analyzer.recognizer.embedding_dim
+        dim = self.embedding_dim
         try:
             v = np.asarray(vector, dtype=np.float32).reshape(-1)
         except (TypeError, ValueError) as exc:
@@ -355,7 +452,9 @@ class FaceRecognitionLibrary:
     def remove(self, id_: str | int) -> int:
         """Remove an image (by image id, a string) or one face (by face id, an int); returns faces removed."""
         with self._lock:
-            face_ids = self.catalog.remove_image(id_) if isinstance(id_, str) else self.catalog.remove_face(int(id_))
+            with self.catalog.transaction():  # the faces and their person memberships go together
+                face_ids = self.catalog.remove_image(id_) if isinstance(id_, str) else self.catalog.remove_face(int(id_))
+                self.persons.store.forget_faces(face_ids)
             if face_ids:
                 self.index.remove(np.array(face_ids, np.int64))
                 self.save()
@@ -364,35 +463,38 @@ class FaceRecognitionLibrary:
     def clear(self) -> None:
         """Delete every image, face and the index."""
         with self._lock:
-            self.catalog.clear()
+            with self.catalog.transaction():
+                self.catalog.clear()
+                self.persons.store.clear()
             self.index = self._new_index()
             self.save()
 
     def stats(self) -> dict:
         """Counts per status and reason, faces, index size and type, model version."""
         with self._lock:
-            s = self.catalog.stats()
+            s = self.catalog.stats() | {"persons": self.persons.store.count()}
             return s | {"index_size": len(self.index), "index_type": self.index.resolved_factory,
                         "model_version": self.model_version, "index_dir": str(self.index_dir)}
 
     # -- feedback --------------------------------------------------------------------------------
     @property
     def feedback(self) -> FeedbackStore:
-        """The feedback store of ``feedback.backend`` (the catalog's DuckDB file by default), opened on first use."""
+        """The feedback store of ``feedback.backend`` (its own DuckDB file by default), opened on first use."""
         with self._lock:
             if self._feedback is None:
-                self._feedback = FeedbackStore.open(self.settings.feedback, self.catalog)
+                self._feedback = FeedbackStore.open(self.settings)
             return self._feedback
 
     def feedback_search(self, image: bytes | str | os.PathLike | None = None, *, face_id: int | None = None,
                         top_k: int | None = None, session_id: str | None = None,
-                        filename: str | None = None) -> FeedbackQuery:
+                        filename: str | None = None, face_index: int | None = None) -> FeedbackQuery:
         """Search like :meth:`search` and record the query so that people can vote on its results.
 
         Give either an encoded ``image`` (bytes or a path; it is kept under ``feedback.query_dir``
         so that training can crop the face again) or the ``face_id`` of a catalog face. ``top_k``
         defaults to ``feedback.search_top_k``. An uploaded copy of a catalog image gets the
-        matching catalog face as ``query_face_id``.
+        matching catalog face as ``query_face_id``. ``face_index`` picks another face of an uploaded
+        image (an index into ``FeedbackQuery.faces``) instead of the main face.
 
         Raises:
             ImageLoadError / NoFaceDetectedError: the image cannot be decoded or shows no face.
@@ -410,7 +512,7 @@ class FaceRecognitionLibrary:
                                  query_face_id=face["face_id"], session_id=session_id, source="catalog")
         else:
             data = image if isinstance(image, (bytes, bytearray)) else _read_bytes(image)
-            embedding, result = self._main_face(bytes(data))
+            embedding, result = self._main_face(bytes(data), face_index)
             main = result["faces"][result["face_index"]]
             digest = content_hash(bytes(data))
             saved = save_query_image(bytes(data), self.index_dir / self.settings.feedback.query_dir, query_id)
@@ -420,15 +522,63 @@ class FaceRecognitionLibrary:
                                  det_score=main["scores"]["det_score"],
                                  query_face_id=self._catalog_face_of(digest, main["bbox"]), session_id=session_id,
                                  filename=filename, source="upload")
+        hits = self.search_embedding(record.embedding, top_k=(top_k or self.settings.feedback.search_top_k) + 1)
+        # The query face itself is no match to vote on: it would come first at similarity 1.
+        results = [h for h in hits if h.face_id != record.query_face_id][: top_k or self.settings.feedback.search_top_k]
+        record.result_face_ids = [r.face_id for r in results]
         try:
             self.feedback.add_query(record)
         except BaseException:
             if saved is not None:
                 saved.unlink(missing_ok=True)
             raise
-        results = self.search_embedding(record.embedding, top_k=top_k or self.settings.feedback.search_top_k)
+        self._remember_query(record)
+        faces = [[float(x) for x in record.bbox]] if face_id is not None else [f["bbox"] for f in result["faces"]]
         return FeedbackQuery(query_id=query_id, bbox=[float(x) for x in record.bbox],
-                             query_face_id=record.query_face_id, results=results)
+                             query_face_id=record.query_face_id, results=results, faces=faces,
+                             face_index=0 if face_id is not None else result["face_index"])
+
+    def _remember_query(self, record: QueryRecord) -> None:
+        # Votes follow their search within seconds: they find the query here, not in the store.
+        with self._lock:
+            self._queries[record.query_id] = {"query_id": record.query_id, "model_version": record.model_version,
+                                              "embedding": np.asarray(record.embedding, np.float32),
+                                              "query_face_id": record.query_face_id,
+                                              "result_face_ids": list(record.result_face_ids or [])}
+            while len(self._queries) > _RECENT_QUERIES:
+                self._queries.popitem(last=False)
+
+    def _query(self, query_id: str) -> dict:
+        with self._lock:
+            found = self._queries.get(query_id)
+        if found is None:
+            found = self.feedback.get_query(query_id)
+        if found is None:
+            raise UnknownQueryError(query_id)
+        return found
+
+    def more_results(self, query_id: str, offset: int, limit: int) -> list[SearchResult]:
+        """Results ``offset`` to ``offset + limit`` of a recorded query (its own face left out).
+
+        They become results of the query that people can vote on.
+
+        Raises:
+            UnknownQueryError: no such query.
+            FeedbackError: the query was embedded by another model version than the one running.
+        """
+        query = self._query(str(query_id))
+        if query["model_version"] != self.model_version:
+            raise FeedbackError("the model changed since this search: search again")
+        found = self.search_embedding(query["embedding"], top_k=offset + limit + 1)
+        found = [r for r in found if r.face_id != query.get("query_face_id")][offset:offset + limit]
+        shown = set(query.get("result_face_ids") or [])
+        new = [r.face_id for r in found if r.face_id not in shown]
+        if new:
+            self.feedback.add_results(query["query_id"], new)
+            with self._lock:
+                if query["query_id"] in self._queries:
+                    self._queries[query["query_id"]]["result_face_ids"] = [*shown, *new]
+        return found
 
     def record_feedback(self, query_id: str, result_id: int, vote: str, voter: str | None = None,
                         session_id: str | None = None) -> Vote:
@@ -436,17 +586,23 @@ class FaceRecognitionLibrary:
 
         The vote keeps the query and result embeddings, their similarity, the model version and
         the result image's metadata. ``voter`` (default: ``session_id``, else ``anonymous``) names
-        who voted: the same voter voting again on the same pair updates the vote.
+        who voted: the same voter voting again on the same pair updates the vote. It is acknowledged
+        (returned) only once committed.
 
         Raises:
             FeedbackError: ``vote`` is not ``up``/``down``, or the face was embedded by another model.
+            NotAResultError: the face is not among the results the query showed.
             UnknownQueryError / UnknownFaceError: no such query, or no such face in the catalog.
         """
         if vote not in VOTES:
             raise FeedbackError(f"vote must be 'up' or 'down', not {vote!r}")
-        query = self.feedback.get_query(str(query_id))
-        if query is None:
-            raise UnknownQueryError(query_id)
+        query = self._query(str(query_id))
+        try:
+            result_id = int(result_id)
+        except (TypeError, ValueError):
+            raise UnknownFaceError(result_id) from None
+        if result_id not in (query.get("result_face_ids") or []):
+            raise NotAResultError(query["query_id"], result_id)
         face = self._face_record(result_id)
         if face["model_version"] != query["model_version"]:
             raise FeedbackError(f"face {face['face_id']} is embedded by {face['model_version']}, the query by "
@@ -457,6 +613,10 @@ class FaceRecognitionLibrary:
             similarity=float(np.dot(query["embedding"], face["embedding"])), query_embedding=query["embedding"],
             result_embedding=face["embedding"], result_image_id=face["image_id"], result_path=face["path"],
             result_bbox=face["bbox"], result_metadata=face["metadata"])
+
+    def clear_feedback(self, query_id: str, result_id: int, voter: str) -> bool:
+        """Withdraw ``voter``'s vote on one result of a query (undo); returns whether there was one."""
+        return self.feedback.delete_vote(str(query_id), int(result_id), voter)
 
     def export_feedback(self, out_dir: str | os.PathLike) -> ExportReport:
         """Write the votes as training ``pairs.parquet`` and ``triplets.parquet`` (see ``docs/feedback.md``).
@@ -476,10 +636,7 @@ class FaceRecognitionLibrary:
             face_id = int(face_id)
         except (TypeError, ValueError):
             raise UnknownFaceError(face_id) from None
-        rows = self.catalog.records(
-            """SELECT f.face_id, f.image_id, f.model_version, f.embedding, f.det_score, i.path, i.content_hash,
-                      i.width, i.height, i.metadata, [f.x1, f.y1, f.x2, f.y2] AS bbox
-               FROM faces f JOIN images i USING (image_id) WHERE f.face_id = ?""", [face_id])
+        rows = self.catalog.face_records([face_id])
         if not rows:
             raise UnknownFaceError(face_id)
         face = rows[0]
@@ -498,16 +655,24 @@ class FaceRecognitionLibrary:
 
     # -- model versions: fine-tuning, registry, hot-swap ------------------------------------------
     def _select_model(self) -> None:
-        """Load the recognizer version chosen by config or the registry (at open, before the index)."""
-        pack = resolve_pack(self.settings.models)
-        registry.ensure_base(self.catalog, pack)
+        """Choose the recognizer version of config or the registry (at open, before the index); loads no model."""
+        registry.ensure_base(self.catalog, self._pack)
         version = registry.active_version(self.catalog, self.settings)
-        self.filter.analyzer.use_recognizer(registry.model_file(self.catalog, self.settings, pack, version))
+        self._use_file(registry.model_file(self.catalog, self.settings, self._pack, version))
         self.active_model = version
         stale = len(self.catalog.image_sources(self.model_version))
         if stale:
             logger.warning("%d images were embedded by another model version and are not searchable until "
                            "re-embedded (call reembed())", stale)
+
+    def _use_file(self, path: Path) -> bool:
+        """Run the recognizer file ``path`` from now on (loaded models swap at once); False if it already runs."""
+        if Path(path).resolve() == self._model_file.resolve():
+            return False
+        if self._filter is not None:
+            self._filter.analyzer.use_recognizer(path)
+        self._model_file = Path(path)
+        return True
 
     def list_models(self) -> list[dict]:
         """Registered recognizer versions, oldest first, each with ``active`` (the one this library runs)."""
@@ -528,8 +693,8 @@ class FaceRecognitionLibrary:
         faces, never a mix. Returns the re-embedding summary, or None when ``version`` already runs.
         """
         with self._lock:
-            path = registry.model_file(self.catalog, self.settings, resolve_pack(self.settings.models), version)
-            if not self.filter.analyzer.use_recognizer(path):
+            path = registry.model_file(self.catalog, self.settings, self._pack, version)
+            if not self._use_file(path):
                 self.active_model = version
                 return None
             self.active_model = version
@@ -611,7 +776,7 @@ class FaceRecognitionLibrary:
         """The person clusters of this library's catalog (see :mod:`face_assets.persons`)."""
         from .persons import PersonClusters
 
-        return PersonClusters(self.catalog, self.settings.clustering, self.model_version)
+        return PersonClusters(self.catalog, self.settings.clustering, self.model_version, store=self._clusters)
 
     def cluster(self) -> "ClusterRun":
         """Cluster every valid face into persons (full run); cluster ids stay stable across runs.

@@ -72,6 +72,15 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+@lru_cache(maxsize=8)
+def embedding_dim_of(path: str) -> int:
+    """Length of a recognizer's embedding, read from the ONNX graph without starting a session."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    return int(graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, cached on (path, size, mtime) since model files are large and re-hashed often."""
     st = Path(path).stat()

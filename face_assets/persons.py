@@ -1,8 +1,8 @@
 """Person clusters of a library: full runs, incremental assignment, curation, persistence.
 
-This module ties :mod:`face_assets.clustering` (pure computations) to the catalog
-(:mod:`face_assets.store`, tables ``clusters``, ``face_clusters``, ``cluster_constraints``,
-``cluster_runs``). :class:`~face_assets.library.FaceRecognitionLibrary` exposes it as
+This module ties :mod:`face_assets.clustering` (pure computations) to the catalog's faces and
+owns the person tables (``clusters``, ``face_clusters``, ``cluster_constraints``, ``cluster_runs``)
+and their SQL (:class:`ClusterStore`). :class:`~face_assets.library.FaceRecognitionLibrary` exposes it as
 ``cluster()``, ``assign_new()``, ``merge()``, ``split()``, ``move()``, ``rename()``,
 ``get_cluster()``, ``list_clusters()`` and ``recluster_policy()``.
 
@@ -20,11 +20,14 @@ A later decision on the same pair of faces replaces an earlier one.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import duckdb
 import numpy as np
 
 from .clustering import (
@@ -40,6 +43,210 @@ from .clustering import (
 from .config import ClusteringSettings
 from .errors import ClusterNotFoundError, CurationError
 from .store import Catalog
+
+#: Person clusters (``docs/clustering.md``), in the catalog's DuckDB file beside the faces they group.
+#: ``face_clusters`` maps each clustered face to its cluster; ``clusters.centroid`` is the
+#: unnormalised mean embedding (a face's inner product with it is its average cosine with the
+#: cluster), used by incremental assignment; ``cluster_constraints`` holds the curation decisions
+#: (must-link / cannot-link face pairs) every run honours; ``cluster_runs`` the quality metrics of each run.
+CLUSTER_SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS cluster_run_seq START 1;
+CREATE TABLE IF NOT EXISTS clusters (
+    cluster_id BIGINT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    representative_face_id BIGINT,
+    cohesion REAL,
+    separation REAL,
+    confidence REAL,
+    label VARCHAR,
+    centroid FLOAT[],
+    run_id BIGINT,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS face_clusters (
+    face_id BIGINT PRIMARY KEY,
+    cluster_id BIGINT NOT NULL,
+    source VARCHAR NOT NULL,
+    assigned_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS face_clusters_cluster_idx ON face_clusters (cluster_id);
+CREATE TABLE IF NOT EXISTS cluster_constraints (
+    face_a BIGINT NOT NULL,
+    face_b BIGINT NOT NULL,
+    kind VARCHAR NOT NULL,
+    reason VARCHAR,
+    created_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (face_a, face_b)
+);
+CREATE TABLE IF NOT EXISTS cluster_runs (
+    run_id BIGINT PRIMARY KEY DEFAULT nextval('cluster_run_seq'),
+    kind VARCHAR NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    seconds REAL,
+    faces BIGINT,
+    clusters BIGINT,
+    singletons BIGINT,
+    new_faces BIGINT,
+    unassigned BIGINT,
+    id_changed REAL,
+    cohesion REAL,
+    separation REAL,
+    silhouette REAL,
+    model_version VARCHAR,
+    settings JSON
+);
+"""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ClusterStore:
+    """The person tables and their SQL, on the catalog's DuckDB file (sessions of ``catalog.db``).
+
+    Creates its tables on first use; on a read-only (published) catalog it only reads.
+    """
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        if not catalog.read_only:
+            with catalog.db.read() as con:
+                known = con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'cluster_runs'").fetchall()
+            if not known:
+                with self.transaction() as con:
+                    con.execute(CLUSTER_SCHEMA)
+
+    def transaction(self):
+        """One write session on the catalog file (joined by nested calls of the same thread)."""
+        return self.catalog.db.write()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        """A read query on the person tables (and the catalog's), all rows."""
+        with self.catalog.db.read() as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def cluster_ids(self, face_ids: Sequence[int]) -> dict[int, int]:
+        """Face id -> person cluster id of the clustered ones (published file first, like search results)."""
+        rows = self.catalog.db.read_ids("SELECT face_id, cluster_id FROM face_clusters WHERE face_id IN "
+                                        "(SELECT unnest(?))", [int(i) for i in face_ids])
+        return {int(f): int(c) for f, c in rows}
+
+    def count(self) -> int:
+        """Number of person clusters."""
+        return int(self.query("SELECT count(*) FROM clusters")[0][0])
+
+    def clear(self) -> None:
+        """Delete every cluster, assignment, constraint and run record."""
+        with self.transaction() as con:
+            for table in ("face_clusters", "clusters", "cluster_constraints", "cluster_runs"):
+                con.execute(f"DELETE FROM {table}")
+
+    def face_cluster_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(face ids, cluster ids)`` of every clustered face, by face id."""
+        with self.catalog.db.read() as con:
+            rows = con.execute("SELECT face_id, cluster_id FROM face_clusters ORDER BY face_id").fetchnumpy()
+        return rows["face_id"].astype(np.int64), rows["cluster_id"].astype(np.int64)
+
+    def constraints(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(must-link pairs, cannot-link pairs)``, int64 [m, 2] face ids, from curation."""
+        with self.catalog.db.read() as con:
+            rows = con.execute("SELECT face_a, face_b, kind FROM cluster_constraints").fetchall()
+        must = np.array([(a, b) for a, b, k in rows if k == "must_link"], np.int64).reshape(-1, 2)
+        cannot = np.array([(a, b) for a, b, k in rows if k == "cannot_link"], np.int64).reshape(-1, 2)
+        return must, cannot
+
+    def add_constraints(self, pairs: Sequence[tuple[int, int]], kind: str, reason: str) -> None:
+        """Record must-link / cannot-link face pairs; a later decision on a pair replaces the earlier one.
+
+        Inside a :meth:`transaction` of the same thread it joins that transaction.
+        """
+        if kind not in ("must_link", "cannot_link"):
+            raise ValueError(f"kind must be must_link or cannot_link, got {kind!r}")
+        rows = [(min(a, b), max(a, b), kind, reason, _now()) for a, b in pairs if a != b]
+        if not rows:
+            return
+        with self.transaction() as con:
+            con.executemany("INSERT OR REPLACE INTO cluster_constraints VALUES (?, ?, ?, ?, ?)", rows)
+
+    def write_clusters(self, con: duckdb.DuckDBPyConnection, clusters: Sequence[dict[str, Any]],
+                       assignments: tuple[np.ndarray, np.ndarray], source: str, replace_all: bool) -> None:
+        """Upsert cluster rows and face -> cluster rows inside the caller's transaction.
+
+        ``clusters``: dicts with the ``clusters`` columns (``centroid`` a float array or None).
+        ``assignments``: ``(face ids, cluster ids)``. With ``replace_all`` the previous clustering is
+        dropped first (labels of surviving ids are kept), else rows are upserted.
+        """
+        now = _now()
+        labels = dict(con.execute("SELECT cluster_id, label FROM clusters WHERE label IS NOT NULL").fetchall())
+        created = dict(con.execute("SELECT cluster_id, created_at FROM clusters").fetchall())
+        if replace_all:
+            con.execute("DELETE FROM clusters")
+            con.execute("DELETE FROM face_clusters")
+        else:
+            ids = [int(c["cluster_id"]) for c in clusters]
+            con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?))", [ids])
+        if clusters:
+            import pyarrow as pa
+
+            table = pa.table({
+                "cluster_id": pa.array([int(c["cluster_id"]) for c in clusters], pa.int64()),
+                "size": pa.array([int(c["size"]) for c in clusters], pa.int32()),
+                "representative_face_id": pa.array([c.get("representative_face_id") for c in clusters], pa.int64()),
+                "cohesion": pa.array([c.get("cohesion") for c in clusters], pa.float32()),
+                "separation": pa.array([c.get("separation") for c in clusters], pa.float32()),
+                "confidence": pa.array([c.get("confidence") for c in clusters], pa.float32()),
+                "label": pa.array([c.get("label", labels.get(int(c["cluster_id"]))) for c in clusters], pa.string()),
+                "centroid": pa.array([None if c.get("centroid") is None else np.asarray(c["centroid"], np.float32)
+                                      for c in clusters], pa.list_(pa.float32())),
+                "run_id": pa.array([c.get("run_id") for c in clusters], pa.int64()),
+                "created_at": pa.array([created.get(int(c["cluster_id"]), now) for c in clusters],
+                                       pa.timestamp("us", tz="UTC")),
+                "updated_at": pa.array([now] * len(clusters), pa.timestamp("us", tz="UTC")),
+            })
+            con.register("_new_clusters", table)
+            con.execute("INSERT INTO clusters SELECT * FROM _new_clusters")
+            con.unregister("_new_clusters")
+        faces, cids = assignments
+        if len(faces):
+            import pyarrow as pa
+
+            fc = pa.table({"face_id": pa.array(np.asarray(faces, np.int64)),
+                           "cluster_id": pa.array(np.asarray(cids, np.int64)),
+                           "source": pa.array([source] * len(faces), pa.string()),
+                           "assigned_at": pa.array([now] * len(faces), pa.timestamp("us", tz="UTC"))})
+            con.register("_new_fc", fc)
+            con.execute("INSERT OR REPLACE INTO face_clusters SELECT * FROM _new_fc")
+            con.unregister("_new_fc")
+
+    def record_cluster_run(self, con: duckdb.DuckDBPyConnection, **fields: Any) -> int:
+        """Insert a ``cluster_runs`` row inside the caller's transaction; returns its run id."""
+        fields = {k: (json.dumps(v) if k == "settings" else v) for k, v in fields.items()}
+        fields.setdefault("started_at", _now())
+        cols = list(fields)
+        row = con.execute(f"INSERT INTO cluster_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                          "RETURNING run_id", [fields[c] for c in cols]).fetchone()
+        return int(row[0])
+
+    def forget_faces(self, face_ids: Sequence[int]) -> None:
+        """Drop removed faces from their clusters (sizes follow; empty clusters go; centroids wait for the next run)."""
+        if not face_ids:
+            return
+        ids = [int(i) for i in face_ids]
+        with self.transaction() as con:
+            self._forget(con, ids)
+
+    @staticmethod
+    def _forget(con: duckdb.DuckDBPyConnection, ids: list[int]) -> None:
+        touched = [r[0] for r in con.execute(
+            "DELETE FROM face_clusters WHERE face_id IN (SELECT unnest(?)) RETURNING cluster_id", [ids]).fetchall()]
+        con.execute("DELETE FROM cluster_constraints WHERE face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?))",
+                    [ids, ids])
+        if touched:
+            con.execute("""UPDATE clusters SET size = (SELECT count(*) FROM face_clusters f
+                           WHERE f.cluster_id = clusters.cluster_id) WHERE cluster_id IN (SELECT unnest(?))""", [touched])
+            con.execute("DELETE FROM clusters WHERE size = 0")
 
 
 @dataclass
@@ -129,8 +336,10 @@ def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] 
 class PersonClusters:
     """Person clusters over a catalog's valid faces of one model version."""
 
-    def __init__(self, catalog: Catalog, settings: ClusteringSettings, model_version: str):
+    def __init__(self, catalog: Catalog, settings: ClusteringSettings, model_version: str,
+                 store: ClusterStore | None = None):
         self.catalog = catalog
+        self.store = store or ClusterStore(catalog)
         self.settings = settings
         self.model_version = model_version
 
@@ -143,7 +352,7 @@ class PersonClusters:
 
     def _constraint_rows(self, ids: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Must-link and cannot-link pairs as rows of ``ids`` (pairs with unknown faces dropped)."""
-        must, cannot = self.catalog.constraints()
+        must, cannot = self.store.constraints()
         cannot = np.concatenate([cannot, same_photo_pairs(ids, images)])
 
         def rows(pairs: np.ndarray) -> np.ndarray:
@@ -156,7 +365,7 @@ class PersonClusters:
         return rows(must), rows(cannot)
 
     def _next_id(self) -> int:
-        row = self.catalog.query("SELECT greatest((SELECT max(cluster_id) FROM clusters), "
+        row = self.store.query("SELECT greatest((SELECT max(cluster_id) FROM clusters), "
                                  "(SELECT max(cluster_id) FROM face_clusters))")
         return int(row[0][0] or 0) + 1
 
@@ -187,7 +396,7 @@ class PersonClusters:
         return ClusterInfo(*row)
 
     def _members(self, cluster_id: int) -> list[int]:
-        rows = self.catalog.query("SELECT face_id FROM face_clusters WHERE cluster_id = ? ORDER BY face_id",
+        rows = self.store.query("SELECT face_id FROM face_clusters WHERE cluster_id = ? ORDER BY face_id",
                                   [int(cluster_id)])
         if not rows:
             raise ClusterNotFoundError(cluster_id)
@@ -208,7 +417,7 @@ class PersonClusters:
         rows = self._cluster_rows(x, ids, labels, None, cluster_quality(x, labels, sample=1))
         for r in rows:  # separation needs every other cluster: left to the next full run
             r["separation"] = r["confidence"] = None
-        self.catalog.write_clusters(con, rows, (np.zeros(0, np.int64), np.zeros(0, np.int64)), source,
+        self.store.write_clusters(con, rows, (np.zeros(0, np.int64), np.zeros(0, np.int64)), source,
                                     replace_all=False)
 
     # -- runs ------------------------------------------------------------------------------------
@@ -218,7 +427,7 @@ class PersonClusters:
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc)
         ids, x, images = self._faces()
-        old_f, old_c = self.catalog.face_cluster_map()
+        old_f, old_c = self.store.face_cluster_map()
         new_faces = int((~np.isin(ids, old_f)).sum())
         if len(ids) == 0:
             labels = np.zeros(0, np.int64)
@@ -235,14 +444,14 @@ class PersonClusters:
         n_clusters = int(len(np.unique(stable)))
         singletons = int((np.unique(stable, return_counts=True)[1] == 1).sum()) if len(ids) else 0
         seconds = time.perf_counter() - t0
-        with self.catalog.transaction() as con:
-            run_id = self.catalog.record_cluster_run(
+        with self.store.transaction() as con:
+            run_id = self.store.record_cluster_run(
                 con, kind="full", started_at=started, seconds=seconds, faces=len(ids), clusters=n_clusters,
                 singletons=singletons, new_faces=new_faces, unassigned=0, id_changed=id_changed,
                 cohesion=quality.get("cohesion"), separation=quality.get("separation"),
                 silhouette=quality.get("silhouette"), model_version=self.model_version,
                 settings=self.settings.model_dump())
-            self.catalog.write_clusters(con, self._cluster_rows(x, ids, stable, run_id, quality), (ids, stable),
+            self.store.write_clusters(con, self._cluster_rows(x, ids, stable, run_id, quality), (ids, stable),
                                         "cluster", replace_all=True)
         return ClusterRun(run_id, "full", len(ids), n_clusters, singletons, new_faces, 0, id_changed, seconds,
                           {k: quality.get(k) for k in ("cohesion", "separation", "silhouette")})
@@ -257,18 +466,18 @@ class PersonClusters:
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc)
         all_ids, images = self.catalog.face_images(self.model_version)
-        old_f, old_c = self.catalog.face_cluster_map()
+        old_f, old_c = self.store.face_cluster_map()
         new = all_ids[~np.isin(all_ids, old_f)]
         if len(new) == 0:
             return self._record_incremental(started, t0, 0, 0)
         new, x = self.catalog.embeddings(new.tolist())
-        rows = self.catalog.query("SELECT cluster_id, size, centroid FROM clusters WHERE centroid IS NOT NULL "
+        rows = self.store.query("SELECT cluster_id, size, centroid FROM clusters WHERE centroid IS NOT NULL "
                                   "ORDER BY cluster_id")
         c_ids = np.array([r[0] for r in rows], np.int64)
         sizes = np.array([r[1] for r in rows], np.int64)
         means = np.array([r[2] for r in rows], np.float32).reshape(len(rows), x.shape[1])
         # Cannot-link partners of the new faces (same photo, curation) -> their clusters.
-        _, cannot = self.catalog.constraints()
+        _, cannot = self.store.constraints()
         pairs = np.concatenate([cannot, same_photo_pairs(all_ids, images)])
         pairs = np.concatenate([pairs, pairs[:, ::-1]])
         face_cluster = dict(zip(old_f.tolist(), old_c.tolist()))
@@ -298,15 +507,15 @@ class PersonClusters:
             fresh, _ = match_ids(np.zeros(0), np.zeros(0), sub_ids, res.labels, next_id)
             assigned[rest] = fresh
         touched = sorted(set(assigned.tolist()))
-        with self.catalog.transaction() as con:
-            self.catalog.write_clusters(con, [], (new, assigned), "assign", replace_all=False)
+        with self.store.transaction() as con:
+            self.store.write_clusters(con, [], (new, assigned), "assign", replace_all=False)
             self._rewrite(con, touched, "assign")
             run = self._record_incremental(started, t0, len(new), len(rest), con)
         return run
 
     def _record_incremental(self, started: datetime, t0: float, new: int, unassigned: int,
                             con: Any = None) -> ClusterRun:
-        counts = self.catalog.query("SELECT count(*), count(*) FILTER (WHERE size = 1), coalesce(sum(size), 0) "
+        counts = self.store.query("SELECT count(*), count(*) FILTER (WHERE size = 1), coalesce(sum(size), 0) "
                                     "FROM clusters") if con is None else \
             con.execute("SELECT count(*), count(*) FILTER (WHERE size = 1), coalesce(sum(size), 0) "
                         "FROM clusters").fetchall()
@@ -316,15 +525,15 @@ class PersonClusters:
                       singletons=singletons, new_faces=new, unassigned=unassigned,
                       model_version=self.model_version, settings=self.settings.model_dump())
         if con is None:
-            with self.catalog.transaction() as c:
-                run_id = self.catalog.record_cluster_run(c, **fields)
+            with self.store.transaction() as c:
+                run_id = self.store.record_cluster_run(c, **fields)
         else:
-            run_id = self.catalog.record_cluster_run(con, **fields)
+            run_id = self.store.record_cluster_run(con, **fields)
         return ClusterRun(run_id, "incremental", faces, clusters, singletons, new, unassigned, None, seconds)
 
     def decision(self) -> ReclusterDecision:
         """The drift policy (:func:`~face_assets.clustering.recluster_decision`) on this catalog's history."""
-        last = self.catalog.query("SELECT run_id, faces, started_at, model_version FROM cluster_runs "
+        last = self.store.query("SELECT run_id, faces, started_at, model_version FROM cluster_runs "
                                   "WHERE kind = 'full' ORDER BY run_id DESC LIMIT 1")
         faces_now = len(self.catalog.valid_face_ids(self.model_version))
         cfg = self.settings
@@ -333,7 +542,7 @@ class PersonClusters:
                                       max_growth=cfg.recluster_growth, max_unassigned=cfg.recluster_unassigned,
                                       max_age_days=cfg.recluster_max_age_days)
         run_id, faces, started, model = last[0]
-        unassigned = self.catalog.query("SELECT coalesce(sum(unassigned), 0) FROM cluster_runs "
+        unassigned = self.store.query("SELECT coalesce(sum(unassigned), 0) FROM cluster_runs "
                                         "WHERE kind = 'incremental' AND run_id > ?", [run_id])[0][0]
         days = (datetime.now(timezone.utc) - started).total_seconds() / 86400
         return recluster_decision(faces_now=faces_now, faces_at_last_run=int(faces), unassigned_since=int(unassigned),
@@ -345,7 +554,7 @@ class PersonClusters:
 
     def get(self, cluster_id: int, with_faces: bool = True) -> ClusterInfo:
         """One cluster (with its face ids)."""
-        rows = self.catalog.query(f"SELECT {_INFO_COLS} FROM clusters WHERE cluster_id = ?", [int(cluster_id)])
+        rows = self.store.query(f"SELECT {_INFO_COLS} FROM clusters WHERE cluster_id = ?", [int(cluster_id)])
         if not rows:
             raise ClusterNotFoundError(cluster_id)
         info = self._info(rows[0])
@@ -360,7 +569,7 @@ class PersonClusters:
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params += [int(limit), int(offset)]
-        return [self._info(r) for r in self.catalog.query(sql, params)]
+        return [self._info(r) for r in self.store.query(sql, params)]
 
     def merge(self, cluster_ids: list[int]) -> ClusterInfo:
         """Merge clusters into the largest one (its id is kept); the decision survives re-clustering."""
@@ -371,9 +580,9 @@ class PersonClusters:
         keep = max(infos, key=lambda i: (i.size, -i.cluster_id))
         anchor = keep.representative_face_id or keep.face_ids[0]
         faces = [f for i in infos for f in i.face_ids]
-        with self.catalog.transaction() as con:
+        with self.store.transaction() as con:
             _drop_constraints(con, "cannot_link", faces, faces)
-            self.catalog.add_constraints([(anchor, f) for f in faces], "must_link", "merge", con)
+            self.store.add_constraints([(anchor, f) for f in faces], "must_link", "merge")
             con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE cluster_id IN "
                         "(SELECT unnest(?))", [keep.cluster_id, ids])
             label = next((i.label for i in [keep, *infos] if i.label), None)
@@ -409,12 +618,12 @@ class PersonClusters:
         next_id = self._next_id()
         new_ids = [int(cluster_id)] + list(range(next_id, next_id + len(parts) - 1))
         anchors = [p[0] for p in parts]
-        with self.catalog.transaction() as con:
+        with self.store.transaction() as con:
             _drop_constraints(con, "must_link", members, members)
             for part in parts:
-                self.catalog.add_constraints([(part[0], f) for f in part[1:]], "must_link", "split", con)
-            self.catalog.add_constraints([(a, b) for i, a in enumerate(anchors) for b in anchors[i + 1:]],
-                                         "cannot_link", "split", con)
+                self.store.add_constraints([(part[0], f) for f in part[1:]], "must_link", "split")
+            self.store.add_constraints([(a, b) for i, a in enumerate(anchors) for b in anchors[i + 1:]],
+                                         "cannot_link", "split")
             for cid, part in zip(new_ids[1:], parts[1:]):
                 con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE face_id IN "
                             "(SELECT unnest(?))", [cid, part])
@@ -429,19 +638,19 @@ class PersonClusters:
         """
         face_id, cluster_id = int(face_id), int(cluster_id)
         target = self.get(cluster_id)
-        rows = self.catalog.query("SELECT cluster_id FROM face_clusters WHERE face_id = ?", [face_id])
+        rows = self.store.query("SELECT cluster_id FROM face_clusters WHERE face_id = ?", [face_id])
         if not rows:
-            if not self.catalog.query("SELECT 1 FROM faces WHERE face_id = ?", [face_id]):
+            if not self.store.query("SELECT 1 FROM faces WHERE face_id = ?", [face_id]):
                 raise CurationError(f"no face {face_id}")
             old = None
         else:
             old = rows[0][0]
         if old == cluster_id:
             return target
-        with self.catalog.transaction() as con:
+        with self.store.transaction() as con:
             _drop_constraints(con, "must_link", [face_id], None)
             _drop_constraints(con, "cannot_link", [face_id], target.face_ids)
-            self.catalog.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move", con)
+            self.store.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move")
             if old is not None:
                 old_members = [r[0] for r in con.execute(
                     "SELECT face_id FROM face_clusters WHERE cluster_id = ? AND face_id <> ? ORDER BY face_id",
@@ -450,7 +659,7 @@ class PersonClusters:
                                       [old]).fetchone()
                 other = old_rep[0] if old_rep and old_rep[0] != face_id else (old_members[0] if old_members else None)
                 if other is not None:
-                    self.catalog.add_constraints([(face_id, other)], "cannot_link", "move", con)
+                    self.store.add_constraints([(face_id, other)], "cannot_link", "move")
             con.execute("INSERT OR REPLACE INTO face_clusters VALUES (?, ?, 'user', now())", [face_id, cluster_id])
             self._rewrite(con, [cluster_id] + ([old] if old is not None else []), "user")
         return self.get(cluster_id)
@@ -458,7 +667,7 @@ class PersonClusters:
     def rename(self, cluster_id: int, label: str | None) -> ClusterInfo:
         """Name (label) a person; ``None`` clears it. Labels follow the id through re-clustering."""
         self.get(cluster_id, with_faces=False)
-        with self.catalog.transaction() as con:
+        with self.store.transaction() as con:
             con.execute("UPDATE clusters SET label = ?, updated_at = now() WHERE cluster_id = ?",
                         [label, int(cluster_id)])
         return self.get(cluster_id, with_faces=False)

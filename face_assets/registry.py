@@ -35,7 +35,12 @@ def new_version_name(sha256: str) -> str:
 
 
 def ensure_base(catalog: Catalog, pack: ModelPack) -> None:
-    """Register the pack's own recognizer as version ``base`` (promoted when nothing else is)."""
+    """Register the pack's own recognizer as version ``base`` (promoted when nothing else is).
+
+    Writes only the first time, so opening a library for reading takes no write session.
+    """
+    if catalog.promoted_model() is not None and any(r["version"] == BASE for r in catalog.model_versions()):
+        return
     catalog.add_model_version(BASE, None, None, pack.recognizer_sha256, "retired")
     if catalog.promoted_model() is None:
         catalog.promote_model(BASE, action="initial")

@@ -20,7 +20,7 @@ Each image is written in one transaction, so a crash never leaves half an image 
 from __future__ import annotations
 
 import json
-import threading
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,7 +30,9 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from .config import StorageSettings
 from .schemas import FilterResult, ImageAnalysis
+from .storage import DuckDBFile
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS face_id_seq START 1;
@@ -86,78 +88,48 @@ CREATE TABLE IF NOT EXISTS model_promotions (
 """
 MODEL_STATUSES = ("candidate", "promoted", "retired", "rejected")
 
-#: Person clusters (``docs/clustering.md``). ``face_clusters`` maps each clustered face to its
-#: cluster; ``clusters.centroid`` is the unnormalised mean embedding (a face's inner product with it
-#: is its average cosine with the cluster), used by incremental assignment; ``cluster_constraints``
-#: holds the curation decisions (must-link / cannot-link face pairs) every run honours;
-#: ``cluster_runs`` the quality metrics of each run.
-CLUSTER_SCHEMA = """
-CREATE SEQUENCE IF NOT EXISTS cluster_run_seq START 1;
-CREATE TABLE IF NOT EXISTS clusters (
-    cluster_id BIGINT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    representative_face_id BIGINT,
-    cohesion REAL,
-    separation REAL,
-    confidence REAL,
-    label VARCHAR,
-    centroid FLOAT[],
-    run_id BIGINT,
-    created_at TIMESTAMPTZ NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL
-);
-CREATE TABLE IF NOT EXISTS face_clusters (
-    face_id BIGINT PRIMARY KEY,
-    cluster_id BIGINT NOT NULL,
-    source VARCHAR NOT NULL,
-    assigned_at TIMESTAMPTZ NOT NULL
-);
-CREATE INDEX IF NOT EXISTS face_clusters_cluster_idx ON face_clusters (cluster_id);
-CREATE TABLE IF NOT EXISTS cluster_constraints (
-    face_a BIGINT NOT NULL,
-    face_b BIGINT NOT NULL,
-    kind VARCHAR NOT NULL,
-    reason VARCHAR,
-    created_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (face_a, face_b)
-);
-CREATE TABLE IF NOT EXISTS cluster_runs (
-    run_id BIGINT PRIMARY KEY DEFAULT nextval('cluster_run_seq'),
-    kind VARCHAR NOT NULL,
-    started_at TIMESTAMPTZ NOT NULL,
-    seconds REAL,
-    faces BIGINT,
-    clusters BIGINT,
-    singletons BIGINT,
-    new_faces BIGINT,
-    unassigned BIGINT,
-    id_changed REAL,
-    cohesion REAL,
-    separation REAL,
-    silhouette REAL,
-    model_version VARCHAR,
-    settings JSON
-);
-"""
-
-
 class Catalog:
-    """DuckDB catalog of images and faces; thread-safe for one process (DuckDB has one writer)."""
+    """The DuckDB catalog of images and faces, in short sessions (see :mod:`face_assets.storage`).
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    Args:
+        path: the file sessions open: the master of a data folder (see :meth:`open`), or a private
+            file such as a run's staging catalog.
+        read_only: open ``path`` read-only in each read session and refuse writes (for the
+            published file, which writers replace but never change in place).
+        published: where committed states are published for readers (None: never).
+        lock_timeout / publish_interval: see :class:`face_assets.storage.DuckDBFile`.
+
+    Thread-safe; no DuckDB connection stays open between calls, so other processes share the file.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False, *, published: str | Path | None = None,
+                 lock_timeout: float = 120.0, publish_interval: float = 1.0):
         self.path = Path(path)
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self.con = duckdb.connect(str(self.path), read_only=read_only)
-        if not read_only:
-            self.con.execute(SCHEMA)
-            self.con.execute(CLUSTER_SCHEMA)
+        self.read_only = read_only
+        self.db = DuckDBFile(self.path, published, schema=SCHEMA, lock_timeout=lock_timeout,
+                             publish_interval=publish_interval, read_only=read_only)
+
+    @classmethod
+    def open(cls, storage: StorageSettings, read_only: bool = False) -> "Catalog":
+        """The catalog of a data folder: its master (published to ``storage.duckdb_path``), or with
+        ``read_only`` the published file itself, which readers share with no lock.
+
+        A data folder written before the master existed gets its catalog file copied to the master
+        once, so nothing stored is lost.
+        """
+        if read_only:
+            return cls(storage.duckdb_path, read_only=True)
+        master = storage.master_path
+        if not master.is_file() and storage.duckdb_path.is_file():
+            master.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(storage.duckdb_path, master.with_name(master.name + ".partial"))
+            master.with_name(master.name + ".partial").replace(master)
+        return cls(master, published=storage.duckdb_path, lock_timeout=storage.lock_timeout_seconds,
+                   publish_interval=storage.publish_interval_seconds)
 
     def close(self) -> None:
-        """Checkpoint and close the database file."""
-        with self._lock:
-            self.con.close()
+        """Publish what is pending (nothing stays open between calls)."""
+        self.db.close()
 
     def __enter__(self) -> "Catalog":
         return self
@@ -166,16 +138,16 @@ class Catalog:
         self.close()
 
     @contextmanager
+    def _read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for reading (a read session)."""
+        with self.db.read() as con:
+            yield con
+
+    @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """All statements inside commit together or not at all."""
-        with self._lock:
-            self.con.execute("BEGIN TRANSACTION")
-            try:
-                yield self.con
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
-            self.con.execute("COMMIT")
+        """All statements inside commit together or not at all (one write session)."""
+        with self.db.write() as con:
+            yield con
 
     def known_hashes(self, hashes: Sequence[str], model_version: str) -> dict[str, tuple[str, bool]]:
         """Content hashes already in the catalog -> (image id, done), ``done`` when nothing is left to do.
@@ -185,8 +157,8 @@ class Catalog:
         """
         if not hashes:
             return {}
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 """SELECT content_hash, image_id, status = 'unreadable' OR model_version = ?
                    FROM images WHERE content_hash IN (SELECT unnest(?))""",
                 [model_version, list(hashes)],
@@ -241,14 +213,13 @@ class Catalog:
         return face_ids
 
     def checkpoint(self) -> None:
-        """Flush the write-ahead log into the database file."""
-        with self._lock:
-            self.con.execute("CHECKPOINT")
+        """Publish the committed state now (every write session already checkpoints the master)."""
+        self.db.publish()
 
     def valid_face_ids(self, model_version: str) -> list[int]:
         """Ids of the searchable faces: valid, embedded by ``model_version``."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 "SELECT face_id FROM faces WHERE is_valid AND model_version = ? ORDER BY face_id", [model_version]
             ).fetchall()
         return [r[0] for r in rows]
@@ -256,9 +227,9 @@ class Catalog:
     def embeddings(self, face_ids: Sequence[int], batch: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
         """``(ids int64 [n], embeddings float32 [n, d])`` of the given faces, read in batches."""
         parts = []
-        with self._lock:
+        with self._read() as con:
             for start in range(0, len(face_ids), batch):
-                rows = self.con.execute(
+                rows = con.execute(
                     "SELECT face_id, embedding FROM faces WHERE face_id IN (SELECT unnest(?)) ORDER BY face_id",
                     [list(face_ids[start : start + batch])],
                 ).fetchnumpy()
@@ -269,21 +240,31 @@ class Catalog:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def faces_by_id(self, face_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """Face id -> image id, path, box, image metadata and person cluster id, for search results."""
-        if not face_ids:
-            return {}
-        with self._lock:
-            rows = self.con.execute(
-                """SELECT f.face_id, f.image_id, i.path, f.x1, f.y1, f.x2, f.y2, i.metadata, c.cluster_id
-                   FROM faces f JOIN images i USING (image_id) LEFT JOIN face_clusters c USING (face_id)
-                   WHERE f.face_id IN (SELECT unnest(?))""",
-                [list(face_ids)],
-            ).fetchall()
-        return {
-            r[0]: {"image_id": r[1], "path": r[2], "bbox": [r[3], r[4], r[5], r[6]],
-                   "metadata": json.loads(r[7]) if r[7] else None, "cluster_id": r[8]}
-            for r in rows
-        }
+        """Face id -> image id, path, box and image metadata, for search results.
+
+        Read from the published catalog when it has the faces (a search never waits for a writer),
+        else from the master.
+        """
+        rows = self.db.read_ids(
+            """SELECT f.face_id, f.image_id, i.path, f.x1, f.y1, f.x2, f.y2, i.metadata
+               FROM faces f JOIN images i USING (image_id) WHERE f.face_id IN (SELECT unnest(?))""",
+            [int(i) for i in face_ids])
+        return {r[0]: {"image_id": r[1], "path": r[2], "bbox": [r[3], r[4], r[5], r[6]],
+                       "metadata": json.loads(r[7]) if r[7] else None} for r in rows}
+
+    def face_records(self, face_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Faces with their image: ids, path, box, det_score, embedding, model version, image metadata.
+
+        Read like :meth:`faces_by_id`: the published catalog first, the master for the rest.
+        """
+        names = ["face_id", "image_id", "model_version", "embedding", "det_score", "path", "content_hash",
+                 "width", "height", "metadata", "bbox"]
+        rows = self.db.read_ids(
+            """SELECT f.face_id, f.image_id, f.model_version, f.embedding, f.det_score, i.path, i.content_hash,
+                      i.width, i.height, i.metadata, [f.x1, f.y1, f.x2, f.y2] AS bbox
+               FROM faces f JOIN images i USING (image_id) WHERE f.face_id IN (SELECT unnest(?))""",
+            [int(i) for i in face_ids])
+        return [dict(zip(names, r)) for r in rows]
 
     def remove_image(self, image_id: str) -> list[int]:
         """Delete an image and its faces; returns the removed face ids."""
@@ -291,14 +272,12 @@ class Catalog:
             ids = [r[0] for r in con.execute("SELECT face_id FROM faces WHERE image_id = ?", [image_id]).fetchall()]
             con.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
             con.execute("DELETE FROM images WHERE image_id = ?", [image_id])
-            _forget_faces(con, ids)
         return ids
 
     def remove_face(self, face_id: int) -> list[int]:
         """Delete one face; returns ``[face_id]`` when it existed."""
         with self.transaction() as con:
             found = con.execute("DELETE FROM faces WHERE face_id = ? RETURNING face_id", [face_id]).fetchall()
-            _forget_faces(con, [r[0] for r in found])
         return [r[0] for r in found]
 
     def clear(self) -> None:
@@ -306,19 +285,16 @@ class Catalog:
         with self.transaction() as con:
             con.execute("DELETE FROM faces")
             con.execute("DELETE FROM images")
-            for table in ("face_clusters", "clusters", "cluster_constraints", "cluster_runs"):
-                con.execute(f"DELETE FROM {table}")
 
     def stats(self) -> dict[str, Any]:
         """Image counts by status and rejection reason, face counts and the number of person clusters."""
-        with self._lock:
-            by_status = dict(self.con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
-            reasons = dict(self.con.execute(
+        with self._read() as con:
+            by_status = dict(con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
+            reasons = dict(con.execute(
                 "SELECT rejection_reason, count(*) FROM images WHERE status = 'rejected' GROUP BY ALL").fetchall())
-            faces, valid = self.con.execute("SELECT count(*), count(*) FILTER (WHERE is_valid) FROM faces").fetchone()
-            persons = self.con.execute("SELECT count(*) FROM clusters").fetchone()[0]
+            faces, valid = con.execute("SELECT count(*), count(*) FILTER (WHERE is_valid) FROM faces").fetchone()
         return {"images": sum(by_status.values()), "by_status": by_status, "rejected_by_reason": reasons,
-                "faces": faces, "valid_faces": valid, "persons": persons}
+                "faces": faces, "valid_faces": valid}
 
     def export_parquet(self, folder: str | Path) -> dict[str, Path]:
         """Write the ``images`` and ``faces`` tables to ``folder/images.parquet`` and ``faces.parquet``.
@@ -330,11 +306,11 @@ class Catalog:
         folder.mkdir(parents=True, exist_ok=True)
         order = {"images": "image_id", "faces": "image_id, face_index"}
         written = {}
-        with self._lock:
+        with self._read() as con:
             for table, key in order.items():
                 final = folder / f"{table}.parquet"
                 partial = folder / f".{table}.parquet.partial"
-                self.con.execute(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{partial}' (FORMAT parquet)")
+                con.execute(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{partial}' (FORMAT parquet)")
                 partial.replace(final)
                 written[table] = final
         return written
@@ -387,8 +363,8 @@ class Catalog:
 
     def model_versions(self) -> list[dict[str, Any]]:
         """Every registered recognizer version, oldest first."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 """SELECT version, parent, path, sha256, status, metrics, created_at
                    FROM model_versions ORDER BY created_at, version"""
             ).fetchall()
@@ -397,8 +373,8 @@ class Catalog:
 
     def promoted_model(self) -> str | None:
         """The version with status ``promoted``, if any."""
-        with self._lock:
-            row = self.con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
+        with self._read() as con:
+            row = con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
         return row[0] if row else None
 
     def promote_model(self, version: str, action: str = "promote") -> str | None:
@@ -413,145 +389,43 @@ class Catalog:
 
     def previous_model(self, version: str) -> str | None:
         """The version that ``version`` replaced when it was last promoted."""
-        with self._lock:
-            row = self.con.execute(
+        with self._read() as con:
+            row = con.execute(
                 "SELECT previous FROM model_promotions WHERE version = ? ORDER BY promoted_at DESC LIMIT 1", [version]
             ).fetchone()
         return row[0] if row else None
 
     def image_sources(self, exclude_model_version: str) -> list[tuple[str, str, dict | None]]:
         """``(image_id, path, metadata)`` of readable images not yet processed by ``exclude_model_version``."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 """SELECT image_id, path, metadata FROM images
                    WHERE status <> 'unreadable' AND model_version IS DISTINCT FROM ? ORDER BY image_id""",
                 [exclude_model_version],
             ).fetchall()
         return [(r[0], r[1], json.loads(r[2]) if r[2] else None) for r in rows]
 
-    # -- person clusters (docs/clustering.md) ---------------------------------------------------------
-
     def face_images(self, model_version: str) -> tuple[np.ndarray, np.ndarray]:
         """``(face ids, image ids)`` of the valid faces of ``model_version``, by face id."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._read() as con:
+            rows = con.execute(
                 "SELECT face_id, image_id FROM faces WHERE is_valid AND model_version = ? ORDER BY face_id",
                 [model_version]).fetchnumpy()
         return rows["face_id"].astype(np.int64), np.asarray(rows["image_id"], dtype=object)
 
-    def face_cluster_map(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(face ids, cluster ids)`` of every clustered face, by face id."""
-        with self._lock:
-            rows = self.con.execute("SELECT face_id, cluster_id FROM face_clusters ORDER BY face_id").fetchnumpy()
-        return rows["face_id"].astype(np.int64), rows["cluster_id"].astype(np.int64)
-
-    def constraints(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(must-link pairs, cannot-link pairs)``, int64 [m, 2] face ids, from curation."""
-        with self._lock:
-            rows = self.con.execute("SELECT face_a, face_b, kind FROM cluster_constraints").fetchall()
-        must = np.array([(a, b) for a, b, k in rows if k == "must_link"], np.int64).reshape(-1, 2)
-        cannot = np.array([(a, b) for a, b, k in rows if k == "cannot_link"], np.int64).reshape(-1, 2)
-        return must, cannot
-
-    def add_constraints(self, pairs: Sequence[tuple[int, int]], kind: str, reason: str,
-                        con: duckdb.DuckDBPyConnection | None = None) -> None:
-        """Record must-link / cannot-link face pairs; a later decision on a pair replaces the earlier one."""
-        if kind not in ("must_link", "cannot_link"):
-            raise ValueError(f"kind must be must_link or cannot_link, got {kind!r}")
-        rows = [(min(a, b), max(a, b), kind, reason, _now()) for a, b in pairs if a != b]
-        if not rows:
-            return
-        with self._lock:
-            target = con or self.con
-            target.executemany("INSERT OR REPLACE INTO cluster_constraints VALUES (?, ?, ?, ?, ?)", rows)
-
-    def write_clusters(self, con: duckdb.DuckDBPyConnection, clusters: Sequence[dict[str, Any]],
-                       assignments: tuple[np.ndarray, np.ndarray], source: str, replace_all: bool) -> None:
-        """Upsert cluster rows and face -> cluster rows inside the caller's transaction.
-
-        ``clusters``: dicts with the ``clusters`` columns (``centroid`` a float array or None).
-        ``assignments``: ``(face ids, cluster ids)``. With ``replace_all`` the previous clustering is
-        dropped first (labels of surviving ids are kept), else rows are upserted.
-        """
-        now = _now()
-        labels = dict(con.execute("SELECT cluster_id, label FROM clusters WHERE label IS NOT NULL").fetchall())
-        created = dict(con.execute("SELECT cluster_id, created_at FROM clusters").fetchall())
-        if replace_all:
-            con.execute("DELETE FROM clusters")
-            con.execute("DELETE FROM face_clusters")
-        else:
-            ids = [int(c["cluster_id"]) for c in clusters]
-            con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?))", [ids])
-        if clusters:
-            import pyarrow as pa
-
-            table = pa.table({
-                "cluster_id": pa.array([int(c["cluster_id"]) for c in clusters], pa.int64()),
-                "size": pa.array([int(c["size"]) for c in clusters], pa.int32()),
-                "representative_face_id": pa.array([c.get("representative_face_id") for c in clusters], pa.int64()),
-                "cohesion": pa.array([c.get("cohesion") for c in clusters], pa.float32()),
-                "separation": pa.array([c.get("separation") for c in clusters], pa.float32()),
-                "confidence": pa.array([c.get("confidence") for c in clusters], pa.float32()),
-                "label": pa.array([c.get("label", labels.get(int(c["cluster_id"]))) for c in clusters], pa.string()),
-                "centroid": pa.array([None if c.get("centroid") is None else np.asarray(c["centroid"], np.float32)
-                                      for c in clusters], pa.list_(pa.float32())),
-                "run_id": pa.array([c.get("run_id") for c in clusters], pa.int64()),
-                "created_at": pa.array([created.get(int(c["cluster_id"]), now) for c in clusters],
-                                       pa.timestamp("us", tz="UTC")),
-                "updated_at": pa.array([now] * len(clusters), pa.timestamp("us", tz="UTC")),
-            })
-            con.register("_new_clusters", table)
-            con.execute("INSERT INTO clusters SELECT * FROM _new_clusters")
-            con.unregister("_new_clusters")
-        faces, cids = assignments
-        if len(faces):
-            import pyarrow as pa
-
-            fc = pa.table({"face_id": pa.array(np.asarray(faces, np.int64)),
-                           "cluster_id": pa.array(np.asarray(cids, np.int64)),
-                           "source": pa.array([source] * len(faces), pa.string()),
-                           "assigned_at": pa.array([now] * len(faces), pa.timestamp("us", tz="UTC"))})
-            con.register("_new_fc", fc)
-            con.execute("INSERT OR REPLACE INTO face_clusters SELECT * FROM _new_fc")
-            con.unregister("_new_fc")
-
-    def record_cluster_run(self, con: duckdb.DuckDBPyConnection, **fields: Any) -> int:
-        """Insert a ``cluster_runs`` row inside the caller's transaction; returns its run id."""
-        fields = {k: (json.dumps(v) if k == "settings" else v) for k, v in fields.items()}
-        fields.setdefault("started_at", _now())
-        cols = list(fields)
-        row = con.execute(f"INSERT INTO cluster_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                          "RETURNING run_id", [fields[c] for c in cols]).fetchone()
-        return int(row[0])
-
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         """Run a read query and return all rows."""
-        with self._lock:
-            return self.con.execute(sql, params or []).fetchall()
+        with self._read() as con:
+            return con.execute(sql, params or []).fetchall()
 
     def records(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Run a query and return its rows as dicts keyed by column name."""
-        with self._lock:
-            cursor = self.con.execute(sql, params or [])
+        with self._read() as con:
+            cursor = con.execute(sql, params or [])
             if cursor.description is None:
                 return []
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
-def _forget_faces(con: duckdb.DuckDBPyConnection, face_ids: Sequence[int]) -> None:
-    """Drop removed faces from their clusters (sizes follow; empty clusters go; centroids wait for the next run)."""
-    if not face_ids:
-        return
-    ids = list(face_ids)
-    touched = [r[0] for r in con.execute(
-        "DELETE FROM face_clusters WHERE face_id IN (SELECT unnest(?)) RETURNING cluster_id", [ids]).fetchall()]
-    con.execute("DELETE FROM cluster_constraints WHERE face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?))",
-                [ids, ids])
-    if touched:
-        con.execute("""UPDATE clusters SET size = (SELECT count(*) FROM face_clusters f
-                       WHERE f.cluster_id = clusters.cluster_id) WHERE cluster_id IN (SELECT unnest(?))""", [touched])
-        con.execute("DELETE FROM clusters WHERE size = 0")
 
 
 def _now() -> datetime:

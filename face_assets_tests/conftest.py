@@ -32,12 +32,14 @@ MODULE_MARKERS = {
     "test_pipeline_clusters": ("dagster",),
     "test_pipeline_feedback": ("dagster", "training"),
     "test_training": ("training",),  # torch: conversion, fine-tuning runs, the scenario benchmark
+    "test_web_browser": ("browser",),
+    "test_web_load": ("slow",),  # 10 s of votes against a served app
+    "test_soak": ("slow", "dagster"),  # ~90 s of the service, the Dagster daemon and the CLI together
 }
 FIXTURE_MARKERS = {"postgres_server": ("postgres",), "postgres_dsn": ("postgres",)}
 NAME_MARKERS = {"browser": ("browser",)}  # a test with this in its name drives chromium
 # Single tests over ~15 s on 2 busy cores (measured with --durations), by name.
 SLOW_TESTS = {
-    "test_load_every_acknowledged_vote_stored_once",  # 10 s of votes against a served app
     "test_defaults_match_the_real_embeddings",  # embeds the shared real faces when not cached
     "test_kill_9_during_indexing_loses_and_duplicates_nothing",  # a subprocess indexing 120 photos
     "test_clustering_quality_and_baseline",

@@ -28,6 +28,7 @@ from face_assets.clustering import (
 )
 from face_assets.errors import ClusterNotFoundError, CurationError
 from face_assets.library import FaceRecognitionLibrary
+from face_assets.persons import ClusterStore
 from face_assets.store import Catalog
 
 # -- by hand ---------------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_library_cluster_persist_search(lib_dir, people, twice):
         tables = {r[0] for r in cat.query("SELECT table_name FROM information_schema.tables")}
         assert {"clusters", "face_clusters", "cluster_constraints", "cluster_runs"} <= tables
         assert cat.query("SELECT count(*) FROM cluster_runs WHERE kind = 'full'")[0][0] == 2
-        assert cat.face_cluster_map()[0].tolist() == sorted(ids_before)
+        assert ClusterStore(cat).face_cluster_map()[0].tolist() == sorted(ids_before)
 
 
 def test_curation_survives_reclustering(lib_dir, people):

@@ -15,8 +15,8 @@ import pytest
 
 from face_assets import load_settings
 from face_assets.cli import main as cli
-from face_assets.errors import (ConfigError, FeedbackError, FeedbackStoreUnavailableError, UnknownFaceError,
-                               UnknownQueryError)
+from face_assets.errors import (ConfigError, FeedbackError, FeedbackStoreUnavailableError, NotAResultError,
+                               UnknownFaceError, UnknownQueryError)
 from face_assets.feedback import PAIRS_SCHEMA, TRIPLETS_SCHEMA, mine_negatives
 from face_assets.library import FaceRecognitionLibrary
 
@@ -42,7 +42,8 @@ def _person(path: str) -> str:
 
 def _index_names(lib: FaceRecognitionLibrary) -> set[str]:
     if lib.feedback.backend == "duckdb":
-        return {r[0] for r in lib.catalog.query("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'feedback'")}
+        return {r["index_name"] for r in lib.feedback.query(
+            "SELECT index_name FROM duckdb_indexes() WHERE table_name = 'feedback'")}
     return {r["indexname"] for r in lib.feedback.query("SELECT indexname FROM pg_indexes WHERE tablename = 'feedback'")}
 
 
@@ -54,11 +55,13 @@ def test_votes_upsert_validate_and_keep_embeddings(lib, feedback_people):
     saved = Path(stored["image_path"])
     assert saved.read_bytes() == data and saved.parent == (lib.index_dir / "feedback" / "queries").resolve()
     assert saved.name == f"{q.query_id}.jpg" and stored["filename"] == "mine.jpg" and stored["session_id"] == "s1"
-    assert q.query_face_id == q.results[0].face_id  # an upload of a catalog photo is that catalog face
+    # An upload of a catalog photo is that catalog face, which is no result to vote on.
+    assert q.query_face_id == lib.search(photos[0], top_k=1)[0].face_id
+    assert q.query_face_id not in [r.face_id for r in q.results] and len(q.results) == lib.settings.feedback.search_top_k
     assert np.allclose(stored["embedding"], lib.get_embedding(photos[0]), atol=1e-5)
     assert stored["model_version"] == lib.model_version and len(stored["bbox"]) == 4
 
-    hit = q.results[1]
+    hit = q.results[0]
     first = lib.record_feedback(q.query_id, hit.face_id, "up", voter="alice", session_id="s1")
     again = lib.record_feedback(q.query_id, hit.face_id, "down", voter="alice", session_id="s2")
     other = lib.record_feedback(q.query_id, hit.face_id, "up", voter="bob")
@@ -79,8 +82,12 @@ def test_votes_upsert_validate_and_keep_embeddings(lib, feedback_people):
         lib.record_feedback(q.query_id, hit.face_id, "maybe", voter="carol")
     with pytest.raises(UnknownQueryError):
         lib.record_feedback("no-such-query", hit.face_id, "up", voter="carol")
-    with pytest.raises(UnknownFaceError):
+    with pytest.raises(NotAResultError):  # a catalog face the search did not show
+        lib.record_feedback(q.query_id, q.query_face_id, "up", voter="carol")
+    with pytest.raises(NotAResultError):
         lib.record_feedback(q.query_id, 10**9, "up", voter="carol")
+    with pytest.raises(UnknownFaceError):
+        lib.record_feedback(q.query_id, "not-a-face-id", "up", voter="carol")
     stats = lib.feedback_stats()
     assert stats | {"last_vote_at": None} == {
         "backend": lib.feedback.backend, "queries": 1, "votes": 2, "up": 1, "down": 1, "voters": 2,
@@ -91,10 +98,16 @@ def test_votes_upsert_validate_and_keep_embeddings(lib, feedback_people):
 def test_catalog_face_query_and_store_survives_reopen(lib):
     face_id = lib.catalog.valid_face_ids(lib.model_version)[2]
     q = lib.feedback_search(face_id=face_id, top_k=3)
-    assert q.query_face_id == face_id and q.results[0].face_id == face_id and len(q.results) == 3
+    assert q.query_face_id == face_id and face_id not in [r.face_id for r in q.results] and len(q.results) == 3
     lib.record_feedback(q.query_id, q.results[1].face_id, "up", voter="v")
     lib.load()  # reopening the catalog reopens the store
     assert [r["result_face_id"] for r in lib.feedback.votes()] == [q.results[1].face_id]
+    # A query remembered only by the store (another process, or before a restart) still takes votes.
+    other = FaceRecognitionLibrary(settings=lib.settings)
+    try:
+        assert other.record_feedback(q.query_id, q.results[2].face_id, "down", voter="w").vote == "down"
+    finally:
+        other.close()
     with pytest.raises(UnknownFaceError):
         lib.feedback_search(face_id=10**9)
 
@@ -134,9 +147,9 @@ def test_export_pairs_triplets_and_quality_report(lib, feedback_people, tmp_path
     assert report.votes_read == 18 + 2 + 4
     assert report.dropped["deleted_face"] == votes_on_removed
     assert report.dropped["missing_query_image"] == 6 - sum(h.face_id == removed for h in c.results)
-    assert report.dropped["self_pair"] == 2  # each remaining query found its own catalog face
+    assert "self_pair" not in report.dropped  # a query's own face is never among its results to vote on
     assert report.dropped["conflicting_votes"] == 3 and report.dropped["outvoted"] == 1
-    assert {e["reason"] for e in report.dropped_examples} >= {"self_pair", "conflicting_votes", "deleted_face"}
+    assert {e["reason"] for e in report.dropped_examples} >= {"conflicting_votes", "deleted_face"}
 
     by_source = dict(pairs.group_by("source").len().iter_rows())
     assert report.positives == by_source["vote_up"] == pairs.filter(pl.col("label") == 1).height
@@ -145,7 +158,7 @@ def test_export_pairs_triplets_and_quality_report(lib, feedback_people, tmp_path
     voted = pairs.filter(pl.col("source") != "mined_negative")
     assert {(r["query_id"], r["result_face_id"]): r["label"] for r in voted.iter_rows(named=True)} == {
         k: v for k, v in expected.items()
-        if k[0] != c.query_id and k[1] not in (removed, a.query_face_id, b.query_face_id, a_same[0])}
+        if k[0] != c.query_id and k[1] not in (removed, a_same[0])}
     for row in pairs.iter_rows(named=True):
         assert row["query_face_id"] in (a.query_face_id, b.query_face_id) and row["model_version"] == lib.model_version
         assert len(row["query_bbox"]) == len(row["result_bbox"]) == 4 and Path(row["query_path"]).is_file()
@@ -213,3 +226,20 @@ def test_cli_feedback_stats_and_export(indexed_dir, feedback_people, tmp_path, c
     assert report["votes_read"] == 3 and report["pairs"] == pl.read_parquet(tmp_path / "out" / "pairs.parquet").height
     assert cli(["--data-dir", str(folder), "feedback", "export", str(tmp_path / "out")]) == 0
     assert "3 votes read" in capsys.readouterr().out
+
+
+def test_more_results_become_votable(lib):
+    face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
+    q = lib.feedback_search(face_id=face_id, top_k=2)
+    lib.record_feedback(q.query_id, q.results[0].face_id, "up", voter="v")
+    later = lib.more_results(q.query_id, 2, 3)
+    assert len(later) == 3 and not {r.face_id for r in later} & {face_id, *(r.face_id for r in q.results)}
+    beyond = lib.search_embedding(lib.catalog.embeddings([face_id])[1][0], top_k=12)[-1].face_id
+    with pytest.raises(NotAResultError):  # never shown
+        lib.record_feedback(q.query_id, beyond, "up", voter="v")
+    # Another process (no memory of the query) accepts a vote on a result shown later.
+    other = FaceRecognitionLibrary(settings=lib.settings)
+    try:
+        assert other.record_feedback(q.query_id, later[2].face_id, "down", voter="v").vote == "down"
+    finally:
+        other.close()

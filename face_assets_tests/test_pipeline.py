@@ -7,6 +7,7 @@ executor tests; the CLI and webserver tests run Dagster's own processes against 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,24 +20,35 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import yaml
 from dagster import (
     AssetKey,
+    AssetSelection,
     DagsterInstance,
     ReexecutionOptions,
-    RunRequest,
     SensorResult,
     SkipReason,
     build_reconstructable_job,
     build_sensor_context,
+    evaluate_automation_conditions,
     execute_job,
     materialize,
 )
 
 from face_assets.library import FaceRecognitionLibrary
-from face_assets.pipeline.assets import ASSETS, CATALOG_POOL, image_batches
-from face_assets.pipeline.definitions import defs
+from face_assets.pipeline.assets import (
+    ASSETS,
+    CATALOG_POOL,
+    ann_index,
+    face_embeddings,
+    filtered_images,
+    image_batches,
+    source_images,
+)
+from face_assets.pipeline.clusters import person_clusters
+from face_assets.pipeline.definitions import CLUSTER_JOB, INGEST_JOB, REFRESH_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
@@ -53,7 +65,7 @@ FACE_COLUMNS = ("i.content_hash, f.face_index, f.x1, f.y1, f.x2, f.y2, f.det_sco
 class Workspace:
     """A watched folder, a config file naming it, a data folder and a Dagster instance, all temporary."""
 
-    def __init__(self, root: Path, datasets: Path, files: list[str]):
+    def __init__(self, root: Path, datasets: Path, files: list[str], **pipeline):
         self.root, self.datasets = root, datasets
         self.photos, self.data, self.home = root / "photos", root / "data", root / "home"
         self.photos.mkdir(parents=True)
@@ -61,7 +73,7 @@ class Workspace:
         self.config = root / "face_assets.yaml"
         self.config.write_text(yaml.safe_dump({
             "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.photos)], "batch_size": 100},
+            "pipeline": {"watched_folders": [str(self.photos)], "batch_size": 100, "settle_seconds": 0} | pipeline,
         }))
         self.resource = FaceAssetsResource(config_path=str(self.config))
         self.home.mkdir()
@@ -80,9 +92,10 @@ class Workspace:
         self.instance.add_dynamic_partitions(image_batches.name, keys)
         return keys
 
-    def materialize(self, key: str):
-        """The whole graph for one partition, in process."""
-        return materialize(ASSETS, partition_key=key, instance=self.instance, resources={"face_assets": self.resource})
+    def materialize(self, key: str, selection=None, **kwargs):
+        """The whole graph (or ``selection``) for one partition, in process."""
+        return materialize(ASSETS, selection=selection, partition_key=key, instance=self.instance,
+                           resources={"face_assets": self.resource}, **kwargs)
 
     def sql(self, query: str, params=None) -> list[tuple]:
         """Read the main catalog."""
@@ -196,15 +209,109 @@ def test_new_images_add_only_themselves(ws):
     assert meta["images_added"] == 2 and meta["images_already_in_catalog"] == 0
 
 
-def test_index_sensor_requests_one_refresh_per_new_merges(ws):
-    sensor = defs.resolve_sensor_def("index_refresh_sensor")
-    context = build_sensor_context(instance=ws.instance)
-    request = sensor(context)
-    assert isinstance(request, RunRequest) and context.cursor is not None
-    assert isinstance(sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor)), SkipReason)
-    assert ws.materialize(ws.key).success  # a batch merged again: one more refresh
-    again = sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor))
-    assert isinstance(again, RunRequest) and again.run_key != request.run_key
+INGEST = AssetSelection.assets(source_images, filtered_images, face_embeddings)
+"""The ingest graph of one batch, as the ingest_images job runs it (with the staged check)."""
+
+
+def test_automation_requests_index_and_clusters_after_new_merges(ws):
+    first = evaluate_automation_conditions(defs, ws.instance)
+    assert first.total_requested == 0  # the first evaluation redoes nothing (a daemon started after a run)
+    assert ws.materialize(ws.key, selection=INGEST).success  # a batch merged again
+    after = evaluate_automation_conditions(defs, ws.instance, cursor=first.cursor)
+    assert after.get_requested_partitions(ann_index.key) == {None}
+    assert after.get_requested_partitions(person_clusters.key) == {None}  # after the index, in the same run
+    assert evaluate_automation_conditions(defs, ws.instance, cursor=after.cursor).total_requested == 0
+
+
+def test_a_batch_that_fails_its_staged_check_is_never_merged(datasets, tmp_path):
+    w = Workspace(tmp_path, datasets, FIRST[:2])
+    (key,) = w.plan()
+    assert w.materialize(key, selection=[source_images, filtered_images]).success
+    baseline = evaluate_automation_conditions(defs, w.instance)
+    faces_file = w.resource.batches().folder(key) / "faces.parquet"
+    faces = pl.read_parquet(faces_file)
+    embeddings = faces["embedding"].to_list()
+    assert len(embeddings) == 2
+    embeddings[0] = [float("nan")] + embeddings[0][1:]  # not finite
+    embeddings[1] = [2 * x for x in embeddings[1]]  # length 2
+    faces.with_columns(pl.Series("embedding", embeddings, dtype=faces["embedding"].dtype)).write_parquet(faces_file)
+
+    # The check and the merge, as a retry of the ingest run from its check would run them.
+    result = w.materialize(key, selection=AssetSelection.checks_for_assets(filtered_images) | AssetSelection.assets(
+        face_embeddings), raise_on_error=False)
+    assert not result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "embeddings_finite_and_normalized" and not check.passed
+    assert check.metadata["non_finite"].value == 1 and check.metadata["not_unit_length"].value == 1
+    assert "face_embeddings" not in {e.step_key for e in result.get_step_success_events()}
+    assert not w.resource.settings.storage.master_path.exists()  # nothing merged: the catalog was never opened
+    assert w.instance.get_latest_materialization_event(face_embeddings.key) is None
+    after = evaluate_automation_conditions(defs, w.instance, cursor=baseline.cursor)
+    assert after.total_requested == 0  # neither the index nor the clusters are asked for
+
+
+def test_touched_renamed_or_copied_again_files_plan_nothing(datasets, tmp_path):
+    w = Workspace(tmp_path, datasets, FIRST[:2])
+    (key,) = w.plan()
+    photo = sorted(w.photos.iterdir())[0]
+    stamp = photo.stat().st_mtime_ns + 10**9
+    os.utime(photo, ns=(stamp, stamp))  # touched
+    shutil.copy(photo, w.photos / "copy_under_another_name.jpg")
+    photo.write_bytes(photo.read_bytes())  # copied again over itself: new time, same bytes
+    assert w.plan() == []
+    sensor = defs.resolve_sensor_def("new_images_sensor")
+    assert isinstance(sensor(build_sensor_context(instance=w.instance, resources={"face_assets": w.resource})),
+                      SkipReason)
+    # New content is new, whatever its name.
+    shutil.copy(datasets / LATER[0], w.photos / photo.name)
+    (changed,) = w.plan()
+    assert [(Path(f.path).name, f.sha256) for f in w.resource.batches().files(changed)] == [
+        (photo.name, hashlib.sha256((datasets / LATER[0]).read_bytes()).hexdigest())]
+
+
+def test_a_file_still_being_written_is_not_planned_until_settled(datasets, tmp_path):
+    w = Workspace(tmp_path, datasets, [], settle_seconds=2)
+    data = (datasets / FIRST[0]).read_bytes()
+    target = w.photos / "arriving.jpg"
+    target.write_bytes(data[: len(data) // 2])
+    assert w.plan() == []
+    with target.open("ab") as f:
+        f.write(data[len(data) // 2 :])
+    os.utime(target, (time.time() - 3600,) * 2)  # a copy that restores an old time (cp -p) is still fresh
+    assert w.plan() == []
+    time.sleep(2.2)
+    (key,) = w.plan()
+    (planned,) = w.resource.batches().files(key)
+    assert planned.size == len(data) and planned.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_merge_goes_on_while_readers_hold_the_catalog(datasets, tmp_path):
+    """An analyst's session on the published catalog never blocks the merge; one on the master only delays it."""
+    w = Workspace(tmp_path, datasets, FIRST[:1])
+    (key,) = w.plan()
+    assert w.materialize(key, selection=[source_images, filtered_images]).success
+    settings = w.resource.settings.storage
+    Catalog.open(settings).close()  # an empty catalog (master and published copy) for the readers to open
+    code = ("import duckdb, sys, time; con = duckdb.connect(sys.argv[1], read_only=True); "
+            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True); time.sleep(float(sys.argv[2])); "
+            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True)")
+    analyst = subprocess.Popen([sys.executable, "-c", code, str(settings.duckdb_path), "20"], stdout=subprocess.PIPE,
+                               text=True)
+    # A tool that opens the master itself (it should not) holds DuckDB's own lock for 3 s.
+    intruder = subprocess.Popen([sys.executable, "-c", code, str(settings.master_path), "3"], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        assert analyst.stdout.readline().strip() == "0" and intruder.stdout.readline().strip() == "0"
+        start = time.monotonic()
+        result = w.materialize(key, selection=[face_embeddings])
+        assert result.success and time.monotonic() - start >= 2  # it waited for the intruder, then merged
+        assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert analyst.poll() is None  # the analyst's session was open throughout
+    finally:
+        out = analyst.communicate(timeout=60)[0]
+        intruder.wait(timeout=30)
+    assert out.strip() == "0"  # the open session kept the state it opened
+    assert w.sql("SELECT count(*) FROM images")[0][0] == 1  # a new one sees the merge
 
 
 def _job(executor: str):
@@ -215,12 +322,13 @@ def _job(executor: str):
 def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_path):
     w = Workspace(tmp_path, datasets, FIRST[:2])
     (key,) = w.plan()
-    catalog_file = w.data / "face_assets.duckdb"
+    catalog_file = w.resource.settings.storage.master_path
     catalog_file.mkdir(parents=True)  # the catalog cannot be opened: the merge step fails
     with execute_job(_job("in_process"), instance=w.instance, run_config=w.run_config(),
                      tags={"dagster/partition": key}, raise_on_error=False) as failed:
         assert not failed.success
-        assert {e.step_key for e in failed.get_step_success_events()} == {"source_images", "filtered_images"}
+        assert {e.step_key for e in failed.get_step_success_events()} == {
+            "source_images", "filtered_images", "filtered_images_embeddings_finite_and_normalized"}
         assert {e.step_key for e in failed.get_step_failure_events()} == {"face_embeddings"}
 
     catalog_file.rmdir()
@@ -239,28 +347,52 @@ def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_
     assert _latest_metadata(w.instance, "face_embeddings", key)["images_added"] == 0
 
 
-def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_path):
+def _defs_job(resource: FaceAssetsResource):
+    """The ingest job as the code location defines it for the resource's settings (as ``face-assets pipeline``)."""
+    return build_reconstructable_job("face_assets.pipeline.definitions", "resolve_job",
+                                     reconstructable_args=(INGEST_JOB, resource.settings.pipeline.model_dump_json()))
+
+
+def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_path, monkeypatch):
     from dask.distributed import LocalCluster
 
     hashes = [h for (h,) in ws.sql("SELECT content_hash FROM images WHERE path IN (SELECT unnest(?))",
                                    [[str(ws.photos / r.replace("/", "_")) for r in FIRST]])]
     expected = ws.faces(hashes)
-    runs = {"multiprocess": {"max_concurrent": 2}}
+
+    def check(w: Workspace, result) -> None:
+        assert result.success
+        assert {e.step_key for e in result.get_step_success_events()} == {
+            "source_images", "filtered_images", "filtered_images_embeddings_finite_and_normalized", "face_embeddings"}
+        _same_faces(w.faces(), expected)
+        # The catalog writers went through the pool of one slot, and gave their slot back.
+        pool = w.instance.event_log_storage.get_concurrency_info(CATALOG_POOL)
+        assert pool.slot_count == 1 and pool.active_slot_count == 0
+
+    w = Workspace(tmp_path / "multiprocess", ws.datasets, FIRST)
+    (key,) = w.plan()
+    with execute_job(_job("multiprocess"), instance=w.instance, run_config=w.run_config(max_concurrent=2),
+                     tags={"dagster/partition": key}) as result:
+        check(w, result)
+
+    # As docs/scaling.md says: `executor: dask` and no scheduler, a local cluster for the run.
+    w = Workspace(tmp_path / "dask_local", ws.datasets, FIRST, executor="dask")
+    (key,) = w.plan()
+    with execute_job(_defs_job(w.resource), instance=w.instance, run_config=w.run_config(),
+                     tags={"dagster/partition": key}) as result:
+        check(w, result)
+
+    # A scheduler given by the environment only: the workers, started before, have neither the
+    # config file's name nor the variables, and still run on the run's settings.
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        assert len(cluster.workers) == 2
-        runs["dask"] = {"cluster": {"existing": {"address": cluster.scheduler_address}}}
-        for name, execution in runs.items():
-            w = Workspace(tmp_path / name, ws.datasets, FIRST)
-            (key,) = w.plan()
-            with execute_job(_job(name), instance=w.instance, run_config=w.run_config(**execution),
-                             tags={"dagster/partition": key}) as result:
-                assert result.success
-                steps = {e.step_key for e in result.get_step_success_events()}
-            assert steps == {"source_images", "filtered_images", "face_embeddings"}
-            _same_faces(w.faces(), expected)
-            # The catalog writers went through the pool of one slot, and gave their slot back.
-            pool = w.instance.event_log_storage.get_concurrency_info(CATALOG_POOL)
-            assert pool.slot_count == 1 and pool.active_slot_count == 0
+        w = Workspace(tmp_path / "dask_existing", ws.datasets, FIRST)
+        (key,) = w.plan()
+        monkeypatch.setenv("FACE_ASSETS_CONFIG", str(w.config))
+        monkeypatch.setenv("FACE_ASSETS__PIPELINE__EXECUTOR", "dask")
+        monkeypatch.setenv("FACE_ASSETS__PIPELINE__DASK_SCHEDULER", cluster.scheduler_address)
+        with execute_job(_defs_job(FaceAssetsResource()), instance=w.instance,
+                         tags={"dagster/partition": key}) as result:
+            check(w, result)
 
 
 def _env(home: Path, config: Path) -> dict:
@@ -355,15 +487,33 @@ def test_merge_replaces_faces_of_another_model_version(ws, tmp_path):
         assert new_face[0] > max(i for (i,) in old) and len(catalog.query("SELECT * FROM faces")) == len(old)
 
 
-def test_pipeline_command_runs_the_graph_once(datasets, tmp_path, capsys):
+def test_pipeline_command_launches_the_jobs_once(datasets, tmp_path, capfd, monkeypatch):
     from face_assets.cli import main
 
     w = Workspace(tmp_path / "w", datasets, FIRST[:2])
-    argv = ["--config", str(w.config), "pipeline", "--dagster-home", str(tmp_path / "cli_home"), "--json"]
+    home = tmp_path / "cli_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")  # as make run: the project's instance
+    monkeypatch.chdir(tmp_path)  # whose storage is under ./data/dagster
+    argv = ["--config", str(w.config), "pipeline", "--dagster-home", str(home), "--json"]
     assert main(argv) == 0
-    first = json.loads(capsys.readouterr().out)
+    out, err = capfd.readouterr()
+    first = json.loads(out)
     assert len(first["partitions"]) == 1 and first["success"] and "dagster dev" in first["ui"]
     assert first["stats"]["images"] == 2 and first["stats"]["index_size"] == 2
-    assert main(argv) == 0  # nothing new: no partition runs, the index is only refreshed
-    again = json.loads(capsys.readouterr().out)
-    assert again["partitions"] == [] and again["stats"] == first["stats"]
+    # Ordinary runs of the code location's jobs, which the UI can re-execute.
+    instance = DagsterInstance.from_config(str(home))
+    runs = [instance.get_run_by_id(r["run_id"]) for r in first["runs"]]
+    assert [r.job_name for r in runs] == [INGEST_JOB, REFRESH_JOB, CLUSTER_JOB]
+    assert runs[0].tags["dagster/partition"] == first["partitions"][0]
+    assert runs[0].tags["dagster/max_retries"] == "3"
+    # The console: one line per run and the plan, no Dagster events.
+    assert "DEBUG" not in err and "STEP_START" not in err
+    assert len(err.splitlines()) == 4, err
+
+    assert main(argv) == 0  # nothing new: no run at all
+    again = json.loads(capfd.readouterr()[0])
+    assert again["partitions"] == [] and again["runs"] == [] and again["stats"] == first["stats"]
+    assert len(instance.get_run_records()) == 3
+    # Nor does the daemon's first automation tick afterwards redo the index or the persons.
+    assert evaluate_automation_conditions(defs, instance).total_requested == 0

@@ -1,4 +1,4 @@
-"""Person clusters in the Dagster graph: the cluster sensor, full and incremental runs, the quality check.
+"""Person clusters in the Dagster graph: their automation, full and incremental runs, the quality check.
 
 Real faces (twelve indexed LFW photos of three persons, then new photos through the ingest graph),
 the library's clustering, a real DuckDB catalog and a real Dagster instance; tests run in file order.
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import AssetKey, DagsterInstance, RunRequest, SkipReason, build_sensor_context, materialize
+from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize
 
-from face_assets.pipeline.assets import ASSETS, image_batches
+from face_assets.pipeline.assets import ASSETS, ann_index, image_batches
 from face_assets.pipeline.clusters import QUALITY_CHECK, person_clusters, size_distribution
 from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, NIGHTLY_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
-from face_assets.pipeline.sensors import build_cluster_sensor, pending_batches
+from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
 
 
@@ -36,12 +36,12 @@ class Workspace:
         self.photos.mkdir()
         self.home.mkdir()
         self.config = root / "face_assets.yaml"
-        self.config.write_text(yaml.safe_dump({"storage": {"data_dir": str(self.data)},
-                                               "pipeline": {"watched_folders": [str(self.photos)]}}))
+        self.config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(self.data)},
+            "pipeline": {"watched_folders": [str(self.photos)], "settle_seconds": 0}}))
         self.resources = {"face_assets": FaceAssetsResource(config_path=str(self.config))}
         self.instance = DagsterInstance.local_temp(str(self.home), overrides={
             "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
-        self.sensor = build_cluster_sensor(CLUSTER_JOB, self.resources["face_assets"].settings.pipeline)
         self.cursor = None
 
     def ingest(self, rel: str) -> None:
@@ -51,19 +51,24 @@ class Workspace:
         keys = pending_batches(self.resources["face_assets"], registered)
         self.instance.add_dynamic_partitions(image_batches.name, keys)
         for key in keys:
-            assert materialize(ASSETS[:3], partition_key=key, instance=self.instance, resources=self.resources).success
+            assert materialize(ASSETS, selection=[a for a in ASSETS if a is not ann_index], partition_key=key,
+                               instance=self.instance, resources=self.resources).success
 
-    def tick(self):
-        """One evaluation of the cluster sensor, continuing from the last cursor."""
-        context = build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources)
-        result = self.sensor(context)
-        self.cursor = context.cursor
-        return result
+    def tick(self) -> set[AssetKey]:
+        """One evaluation of the automation conditions, continuing from the last one; the assets it requests."""
+        result = evaluate_automation_conditions(defs, self.instance, cursor=self.cursor)
+        self.cursor = result.cursor
+        return {key for key in (ann_index.key, person_clusters.key) if result.get_requested_partitions(key)}
 
-    def cluster(self, request: RunRequest, resources=None):
-        """Materialize ``person_clusters`` with the run config the sensor asked for."""
-        return materialize(ALL_ASSETS, selection=[person_clusters], instance=self.instance,
-                           resources=resources or self.resources, run_config=request.run_config)
+    def index_and_cluster(self):
+        """What the automation requests after a merge, in one run: the index, then the person clusters."""
+        return materialize(ALL_ASSETS, selection=[ann_index, person_clusters], instance=self.instance,
+                           resources=self.resources)
+
+    def cluster(self, run_config: dict, resources: dict):
+        """Materialize ``person_clusters`` alone with ``run_config``."""
+        return materialize(ALL_ASSETS, selection=[person_clusters], instance=self.instance, resources=resources,
+                           run_config=run_config)
 
     def sql(self, query: str, params=None) -> list[tuple]:
         """Read the main catalog."""
@@ -77,34 +82,32 @@ def ws(tmp_path_factory, indexed_dir, datasets) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("clusters"), indexed_dir, datasets)
 
 
-def test_sensor_waits_for_embeddings_then_asks_for_a_full_run(ws):
-    assert isinstance(ws.tick(), SkipReason)  # nothing merged by the graph yet
+def test_automation_waits_for_embeddings_then_clusters_fully(ws):
+    assert ws.tick() == set()  # the first evaluation: nothing counts as updated
+    assert ws.tick() == set()  # nothing merged by the graph yet
     ws.ingest("real/lfw10/George_W_Bush/George_W_Bush_0001.jpg")
-    request = ws.tick()
-    assert isinstance(request, RunRequest) and request.tags["face_assets/clustering"] == "full"
-    assert "never clustered" in request.tags["face_assets/reasons"]
-    assert isinstance(ws.tick(), SkipReason)  # the same merges are not handed over twice
+    assert ws.tick() == {ann_index.key, person_clusters.key}
+    assert ws.tick() == set()  # the same merges are not handed over twice
 
-    result = ws.cluster(request)
+    result = ws.index_and_cluster()
     assert result.success
+    assert ws.tick() == set()  # the index updated by the run that also clustered: nothing more to do
     meta = _metadata(ws.instance, "person_clusters")
     clusters = ws.sql("SELECT cluster_id, size FROM clusters ORDER BY size DESC")
-    assert meta["kind"] == "full" and meta["clusters"] == len(clusters) >= 3
+    assert meta["kind"] == "full" and any("never clustered" in r for r in meta["full_run_reasons"])
+    assert meta["clusters"] == len(clusters) >= 3
     assert meta["faces"] == sum(s for _, s in clusters) == ws.sql("SELECT count(*) FROM faces WHERE is_valid")[0][0]
     assert meta["largest_cluster"] == clusters[0][1] >= 4
     assert "clusters by size" in meta["cluster_sizes"] and f"| {clusters[0][0]} |" in meta["cluster_sizes"]
     assert meta["quality"]["silhouette"] is not None
-    (check,) = result.get_asset_check_evaluations()
-    assert check.check_name == QUALITY_CHECK and check.passed
-    assert check.metadata["weighted_cohesion"].value >= 0.3
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == QUALITY_CHECK]
+    assert check.passed and check.metadata["weighted_cohesion"].value >= 0.3
 
 
 def test_new_faces_are_assigned_incrementally(ws):
     ws.ingest("real/lfw10/George_W_Bush/George_W_Bush_0002.jpg")
-    request = ws.tick()
-    assert isinstance(request, RunRequest) and request.tags["face_assets/clustering"] == "incremental"
-    assert request.run_config == {"ops": {"person_clusters": {"config": {"full": False}}}}
-    assert ws.cluster(request).success
+    assert ws.tick() == {ann_index.key, person_clusters.key}
+    assert ws.index_and_cluster().success
     meta = _metadata(ws.instance, "person_clusters")
     assert meta["kind"] == "incremental" and meta["new_faces"] == 1
     bush = ws.sql("""SELECT DISTINCT fc.cluster_id FROM face_clusters fc JOIN faces f USING (face_id)
@@ -118,7 +121,7 @@ def test_quality_below_the_floor_fails_the_check(ws):
     strict = ws.config.with_name("strict.yaml")
     strict.write_text(yaml.safe_dump(yaml.safe_load(ws.config.read_text()) | {
         "pipeline": {"watched_folders": [str(ws.photos)], "min_cluster_cohesion": 0.99}}))
-    result = ws.cluster(RunRequest(run_config={"ops": {"person_clusters": {"config": {"full": True}}}}),
+    result = ws.cluster({"ops": {"person_clusters": {"config": {"full": True}}}},
                         resources={"face_assets": FaceAssetsResource(config_path=str(strict))})
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed and check.metadata["floor"].value == 0.99

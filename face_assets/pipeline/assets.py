@@ -9,8 +9,19 @@ folder, so any number of partitions can run at once, in processes or on other ma
 main catalog for writing, and both run in the ``face_catalog`` pool, whose limit of one
 (``dagster.yaml``) makes them one writer across all runs.
 
+Nothing reaches a shared file before its blocking check passed: ``filtered_images`` stages the
+batch as Parquet and its check ``embeddings_finite_and_normalized`` reads the staged embeddings, so
+``face_embeddings`` merges only a batch that passed; ``ann_index`` builds the index into a staged
+file, checks it against the catalog and only then renames it over the published one. The steps
+that touch the shared catalog or index files retry on errors (a held lock, a busy file) with
+exponential backoff and jitter (:data:`SHARED_FILE_RETRY`); an error that a retry cannot cure
+(another model version, an index that disagrees) stops the step at once.
+
+``ann_index`` and ``person_clusters`` are automated declaratively (:data:`AFTER_UPSTREAM_UPDATES`):
+each is requested when what it depends on was updated and passed its blocking checks.
+
 Every batch is embedded by the model version the library runs (the registry's active version):
-``source_images``, in the same pool because it reads the registry, records that version in the
+``source_images`` records that version (read from the published registry) in the
 batch folder (``model.json``), ``filtered_images`` embeds with it, and ``face_embeddings`` refuses a
 batch whose version is no longer the active one, so the catalog never mixes versions behind the
 library's back.
@@ -18,22 +29,33 @@ library's back.
 
 
 import json
+import os
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AutomationCondition,
+    Backoff,
     DynamicPartitionsDefinition,
+    Failure,
+    Jitter,
     MaterializeResult,
     MetadataValue,
+    RetryPolicy,
     asset,
+    asset_check,
 )
 
 from ..errors import ModelVersionError
@@ -56,13 +78,30 @@ MODEL_FILE = "model.json"
 """Per batch: the registry version, recognizer file and embedding tag the batch is embedded with."""
 
 
+SHARED_FILE_RETRY = RetryPolicy(max_retries=4, delay=0.5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+"""Steps that open the shared catalog or index files: up to 4 retries, after about 0.5, 1.5, 3.5 and 7.5
+seconds (Dagster's exponential backoff), each moved at random by up to 0.5 s so that concurrent
+steps do not retry in step."""
+
+AFTER_UPSTREAM_UPDATES = (
+    AutomationCondition.any_deps_updated().since_last_handled()
+    & AutomationCondition.all_deps_blocking_checks_passed()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("after upstream updates")
+"""Requested once after its dependencies were updated (all merges of a round together), when no
+dependency is still running and their blocking checks passed. Unlike ``AutomationCondition.eager()``
+it does not wait for every dependency partition to exist: a failed batch must not stop the index.
+The first evaluation sees nothing as updated, so starting the daemon redoes nothing."""
+
+
 def _seconds(start: float) -> MetadataValue:
     return MetadataValue.float(round(time.perf_counter() - start, 3))
 
 
 @asset(
     partitions_def=image_batches,
-    pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="ingest",
     kinds={"python", "parquet"},
     description="The files of one batch found in the watched folders: path, folder, size, time, present. "
@@ -80,9 +119,11 @@ def source_images(context: AssetExecutionContext, face_assets: FaceAssetsResourc
             "folder": [str(Path(f.path).parent) for f in files],
             "size": [f.size for f in files],
             "mtime_ns": [f.mtime_ns for f in files],
+            "sha256": [f.sha256 for f in files],
             "present": [Path(f.path).is_file() for f in files],
         },
-        schema={"path": pl.Utf8, "folder": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64, "present": pl.Boolean},
+        schema={"path": pl.Utf8, "folder": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64, "sha256": pl.Utf8,
+                "present": pl.Boolean},
     )
     out = store.folder(context.partition_key) / "source_images.parquet"
     partial = out.with_name("." + out.name + ".partial")
@@ -131,7 +172,7 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     with Catalog(stage_path) as stage:
         summary = ingest_paths(sources["path"].to_list(), face_filter, stage)
         files = stage.export_parquet(folder)
-    for leftover in (stage_path, stage_path.with_name(stage_path.name + ".wal")):
+    for leftover in (stage_path, *(stage_path.with_name(stage_path.name + s) for s in (".wal", ".lock"))):
         leftover.unlink(missing_ok=True)
 
     images = pl.read_parquet(files["images"], columns=["status", "rejection_reason"])
@@ -173,23 +214,49 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     )
 
 
+STAGED_CHECK = "embeddings_finite_and_normalized"
+"""Blocking check of ``filtered_images``: the staged embeddings are finite and of unit length."""
+
+
+@asset_check(asset=filtered_images, name=STAGED_CHECK, blocking=True,
+             description="Every embedding staged for the batch (faces.parquet) is finite and of unit length; "
+             "a batch that fails is never merged into the catalog.")
+def staged_embeddings_check(context: AssetCheckExecutionContext, face_assets: FaceAssetsResource) -> AssetCheckResult:
+    """Read the staged Parquet of the run's batch; fail (blocking the merge) on a non-finite or non-unit embedding."""
+    key = context.run.tags["dagster/partition"]
+    faces = pl.read_parquet(face_assets.batches().folder(key) / "faces.parquet", columns=["embedding"])
+    rows = faces["embedding"].drop_nulls().to_list()
+    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
+    finite = np.isfinite(vectors).all(axis=1)
+    deviation = np.abs(np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1) - 1.0)
+    bad = int((~finite | (deviation > NORM_TOLERANCE)).sum())
+    return AssetCheckResult(
+        passed=bad == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"partition": key, "embeddings": len(rows), "non_finite": int((~finite).sum()),
+                  "not_unit_length": int((finite & (deviation > NORM_TOLERANCE)).sum()),
+                  "max_norm_deviation": float(deviation[finite].max()) if finite.any() else 0.0},
+    )
+
+
 @asset(
     partitions_def=image_batches,
     deps=[filtered_images],
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="ingest",
     kinds={"duckdb"},
-    check_specs=[AssetCheckSpec("embeddings_finite_and_normalized", asset="face_embeddings", blocking=True,
-                                description="Every embedding of the batch in the catalog is finite and of unit length.")],
     description="The batch merged into the main DuckDB catalog (tables `images` and `faces`, embedding "
-    "in `faces.embedding`); content already there is skipped.",
+    "in `faces.embedding`); content already there is skipped. Runs only after the staged batch passed "
+    f"`filtered_images` / `{STAGED_CHECK}`.",
 )
 def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> MaterializeResult:
     """Merge the partition's Parquet files into the main catalog in one transaction (idempotent).
 
     Raises:
-        ModelVersionError: the batch was embedded by another model version than the one active now (a
-            version was promoted meanwhile); materialize the whole partition again.
+        Failure: the batch was embedded by another model version than the one active now (a version
+            was promoted meanwhile; a :class:`ModelVersionError`, not retried): materialize the whole
+            partition again.
     """
     start = time.perf_counter()
     folder = face_assets.batches().folder(context.partition_key)
@@ -198,28 +265,14 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
     staged = {t for t in pl.read_parquet(images_file, columns=["model_version"])["model_version"].to_list() if t}
     if staged - {active_tag}:
         # Merging would replace newer faces of the same content with older ones, or add faces the
-        # library's index never holds: the batch is embedded again instead.
-        raise ModelVersionError(f"batch {context.partition_key} was embedded by {', '.join(sorted(staged))}, but "
-                                f"model version '{version}' ({active_tag}) is active now: materialize the whole "
-                                "partition again")
+        # library's index never holds: the batch is embedded again instead. Retrying cannot help.
+        error = ModelVersionError(f"batch {context.partition_key} was embedded by {', '.join(sorted(staged))}, but "
+                                  f"model version '{version}' ({active_tag}) is active now: materialize the whole "
+                                  "partition again")
+        raise Failure(str(error), allow_retries=False) from error
     with face_assets.catalog() as catalog:
         merged = catalog.import_parquet(images_file, folder / "faces.parquet")
-        # Every face of this batch's content, whether it came now or with an earlier batch.
-        rows = catalog.query(
-            """SELECT f.embedding FROM faces f JOIN images i USING (image_id)
-               WHERE i.content_hash IN (SELECT content_hash FROM read_parquet(?))""",
-            [str(images_file)],
-        )
         totals = catalog.stats()
-    vectors = np.array([r[0] for r in rows], dtype=np.float32).reshape(len(rows), -1)
-    finite = bool(np.isfinite(vectors).all())
-    worst = float(np.abs(np.linalg.norm(vectors, axis=1) - 1.0).max()) if len(vectors) and finite else 0.0
-    check = AssetCheckResult(
-        check_name="embeddings_finite_and_normalized",
-        passed=finite and worst <= NORM_TOLERANCE,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"embeddings": len(vectors), "all_finite": finite, "max_norm_deviation": worst},
-    )
     context.log.info("merged %s: %d images, %d faces added, %d skipped",
                      context.partition_key, merged["images"], merged["faces"], merged["skipped"])
     return MaterializeResult(
@@ -235,7 +288,6 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
             "model_version": version,
             "seconds": _seconds(start),
         },
-        check_results=[check],
     )
 
 
@@ -247,48 +299,90 @@ def _previous_count(index_path: Path) -> int | None:
         return None
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of a file version (inode, mtime), or None when absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+INDEX_CHECK = "catalog_and_index_agree"
+"""Blocking check of ``ann_index``: the index built holds exactly the catalog's searchable faces."""
+
+
 @asset(
     # reembedded_catalog (module learning) re-embeds the catalog after a promotion; the index follows it.
     deps=[face_embeddings, AssetKey("reembedded_catalog")],
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
+    automation_condition=AFTER_UPSTREAM_UPDATES,
     group_name="index",
     kinds={"faiss"},
-    check_specs=[AssetCheckSpec("catalog_and_index_agree", asset="ann_index", blocking=True,
-                                description="The saved index holds exactly the catalog's searchable faces.")],
+    check_specs=[AssetCheckSpec(INDEX_CHECK, asset="ann_index", blocking=True,
+                                description="The index built holds exactly the catalog's searchable faces; "
+                                "an index that fails is not published.")],
     description="The faiss index of every valid face (file `faces.faiss` beside the catalog), brought up to "
-    "date with the catalog by the library itself.",
+    "date with the catalog by the library itself, checked, then published (renamed into place).",
 )
-def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> MaterializeResult:
-    """Open the library, whose start-up reconciliation adds new faces to the index, and save it."""
+def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> Iterator[Any]:
+    """Build the index into a staged file with the library, check it against the catalog, then publish it.
+
+    The library, opened on the staged file (a copy of the published index), adds the new faces
+    and removes the deleted ones; the staged file is read back and compared with the catalog; only
+    when they agree is it renamed over the published index, so readers never load an index that
+    failed its check.
+
+    Raises:
+        Failure: the index built disagrees with the catalog (not retried); the published index is unchanged.
+    """
     start = time.perf_counter()
-    before = _previous_count(face_assets.settings.storage.data_dir / face_assets.settings.storage.index_file)
-    with face_assets.library() as lib:
+    storage = face_assets.settings.storage
+    published = Path(storage.data_dir) / storage.index_file
+    staged = published.with_name(published.name + ".staged")
+    before = _previous_count(published)
+    base = _stamp(published)
+    if base is not None:
+        shutil.copyfile(published, staged)  # start from the published index: only what changed is redone
+    with face_assets.library(index_file=staged.name) as lib:
         lib.save()
         expected = set(lib.catalog.valid_face_ids(lib.model_version))
         stats = lib.stats()
-        saved = FaceIndex.load(lib.index_path, model_version=lib.model_version)
-        stored = {int(i) for i in saved.ids()}
-        path = lib.index_path
+        model_version = lib.model_version
+    stored = {int(i) for i in FaceIndex.load(staged, model_version=model_version).ids()}
     missing, extra = expected - stored, stored - expected
     check = AssetCheckResult(
-        check_name="catalog_and_index_agree",
+        check_name=INDEX_CHECK,
         passed=not missing and not extra,
         metadata={"catalog_faces": len(expected), "index_faces": len(stored),
                   "missing_from_index": len(missing), "not_in_catalog": len(extra)},
     )
-    return MaterializeResult(
+    if missing or extra:
+        yield check  # recorded for the UI; no materialization, so nothing downstream sees this index
+        raise Failure(f"the index built holds {len(stored)} faces, {len(missing)} of the catalog's {len(expected)} "
+                      f"missing and {len(extra)} not in the catalog: not published", allow_retries=False)
+    # The sidecar first: the index file, which alone is authoritative, replaces the published one last;
+    # under the catalog's write lock, like every index save, so no other writer interleaves.
+    with face_assets.catalog() as catalog, catalog.db.locked():
+        if _stamp(published) != base:
+            # Another process (a CLI index) saved the index meanwhile: build again from its file.
+            raise Failure("the published index changed while this one was built: building again", allow_retries=True)
+        for suffix in (".json", ""):
+            os.replace(staged.with_name(staged.name + suffix), published.with_name(published.name + suffix))
+    yield MaterializeResult(
         metadata={
             "dagster/row_count": stats["index_size"],
             "faces_added": stats["index_size"] - (before or 0),
             "index_type": stats["index_type"],
             "model_version": stats["model_version"],
-            "file_bytes": path.stat().st_size,
-            "path": MetadataValue.path(str(path)),
+            "file_bytes": published.stat().st_size,
+            "path": MetadataValue.path(str(published)),
             "seconds": _seconds(start),
         },
         check_results=[check],
     )
 
 
-ASSETS = [source_images, filtered_images, face_embeddings, ann_index]
-"""Every asset of this module, in graph order."""
+ASSETS = [source_images, filtered_images, staged_embeddings_check, face_embeddings, ann_index]
+"""Every asset of this module in graph order, with the check that gates the merge."""

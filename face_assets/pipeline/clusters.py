@@ -4,8 +4,8 @@
 run is due (never clustered, the model changed, the library grew or incremental assignment left
 too many faces alone, the last full run is old), it calls ``cluster()``; otherwise
 ``assign_new()`` puts the faces that have no cluster yet into the nearest person, or new ones.
-A run can ask for a full re-clustering outright (run config ``full: true``: the cluster sensor
-does when the policy says so, the nightly schedule always). Everything it writes is in the main
+It is requested declaratively after each published index (``AFTER_UPSTREAM_UPDATES``). A run can
+ask for a full re-clustering outright (run config ``full: true``). Everything it writes is in the main
 catalog (``clusters``, ``face_clusters``, ``cluster_runs``), so it runs in the ``face_catalog`` pool.
 """
 
@@ -22,7 +22,7 @@ from dagster import (
     asset,
 )
 
-from .assets import CATALOG_POOL, ann_index
+from .assets import AFTER_UPSTREAM_UPDATES, CATALOG_POOL, SHARED_FILE_RETRY, ann_index
 from .charts import counts_markdown
 from .resources import FaceAssetsResource
 
@@ -59,6 +59,8 @@ def weighted_cohesion(clusters) -> float | None:
 @asset(
     deps=[ann_index],
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
+    automation_condition=AFTER_UPSTREAM_UPDATES,
     group_name="clusters",
     kinds={"duckdb"},
     check_specs=[AssetCheckSpec(QUALITY_CHECK, asset="person_clusters",

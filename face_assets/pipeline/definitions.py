@@ -2,16 +2,19 @@
 
 Jobs:
 
-- ``ingest_images``: one batch (partition) through source images, filtered images and face
-  embeddings; what the new-image sensor requests.
-- ``refresh_index``: the ANN index and its check, over everything merged so far; what the index
-  sensor (after new batches) and the nightly schedule request.
+- ``ingest_images``: one batch (partition) through source images, filtered images (and its
+  blocking check) and face embeddings; what the new-image sensor requests. Its runs carry
+  Dagster's run-retry tags: a failed batch is launched again up to ``pipeline.max_partition_retries``.
+- ``refresh_index``: the ANN index and its check, over everything merged so far.
 - ``retrain_model``: feedback pairs exported and a candidate fine-tuned (and promoted, with
   ``pipeline.auto_promote``, when its gate passed); what the retraining sensor requests.
 - ``reembed_catalog``: the catalog re-embedded by the active model version, then the ANN index;
   what the re-embedding sensor requests after a promotion.
-- ``update_clusters``: person clusters (incremental, or full when due); what the cluster sensor requests.
+- ``update_clusters``: person clusters (incremental, or full when due).
 - ``nightly_refresh``: the ANN index and the person clusters; what the nightly schedule runs.
+
+``face-assets pipeline`` launches these jobs (:func:`resolve_job`). The daemon requests the ANN index
+and the person clusters declaratively (their ``AutomationCondition``, one automation sensor each).
 
 ``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
 :func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
@@ -20,6 +23,7 @@ Jobs:
 from __future__ import annotations
 
 from dagster import (
+    AssetsDefinition,
     AssetSelection,
     Definitions,
     ExecutorDefinition,
@@ -29,18 +33,18 @@ from dagster import (
     multiprocess_executor,
 )
 
-from ..config import load_settings
+from ..config import PipelineSettings, load_settings
 from .assets import ASSETS, ann_index, image_batches
 from .clusters import CLUSTER_ASSETS, person_clusters
 from .learning import LEARNING_ASSETS, feedback_pairs, fine_tuned_model, promoted_model, reembedded_catalog
 from .resources import FaceAssetsResource
 from .sensors import (
-    build_cluster_sensor,
-    build_index_sensor,
+    build_automation_sensor,
     build_new_images_sensor,
     build_nightly_schedule,
     build_reembed_sensor,
     build_retraining_sensor,
+    retry_tags,
 )
 
 INGEST_JOB = "ingest_images"
@@ -56,13 +60,15 @@ RESOURCES = {"face_assets": FaceAssetsResource()}
 """Default resources: settings from ``$FACE_ASSETS_CONFIG`` and the environment, like the CLI."""
 
 
-def _ingest_job(executor_def: ExecutorDefinition | None = None):
-    partitioned = [a for a in ASSETS if a.partitions_def == image_batches]
+def _ingest_job(executor_def: ExecutorDefinition | None = None, max_retries: int = 0):
+    partitioned = [a for a in ASSETS if isinstance(a, AssetsDefinition) and a.partitions_def == image_batches]
     return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*partitioned), executor_def=executor_def,
-                            description="One batch of new images filtered, embedded and merged into the catalog.")
+                            tags=retry_tags(max_retries),
+                            description="One batch of new images filtered, checked, embedded and merged into the "
+                            "catalog.")
 
 
-def _executor(name: str, dask_scheduler: str | None = None) -> ExecutorDefinition:
+def _executor(name: str) -> ExecutorDefinition:
     if name == "in_process":
         return in_process_executor
     if name == "multiprocess":
@@ -70,10 +76,21 @@ def _executor(name: str, dask_scheduler: str | None = None) -> ExecutorDefinitio
     if name == "dask":
         from .executors import dask_executor  # optional: pip install 'face_assets[distributed]'
 
-        if dask_scheduler:
-            return dask_executor.configured({"cluster": {"existing": {"address": dask_scheduler}}})
         return dask_executor
     raise ValueError(f"unknown executor {name!r}; use in_process, multiprocess or dask")
+
+
+def _settings_executor(cfg: PipelineSettings) -> ExecutorDefinition | None:
+    """The executor ``pipeline.executor`` names, configured: Dask on ``pipeline.dask_scheduler``, else a local cluster.
+
+    None for ``multiprocess``: Dagster's default, which still lets a run choose ``in_process`` in its config.
+    """
+    if cfg.executor == "multiprocess":
+        return None
+    if cfg.executor == "dask":
+        cluster = {"existing": {"address": cfg.dask_scheduler}} if cfg.dask_scheduler else {"local": {}}
+        return _executor("dask").configured({"cluster": cluster})
+    return _executor(cfg.executor)
 
 
 def build_ingest_job(executor: str = "multiprocess") -> JobDefinition:
@@ -98,29 +115,49 @@ def build_retrain_job(auto_promote: bool):
                             + (", promote it when it passed." if auto_promote else "."))
 
 
-def build_definitions() -> Definitions:
-    """Assets, jobs, sensors and schedules, with intervals and cron from the settings."""
-    cfg = load_settings().pipeline
-    # Dagster's default executor is multiprocess and still lets a run choose in_process in its config.
-    ingest = _ingest_job(None if cfg.executor == "multiprocess" else _executor(cfg.executor, cfg.dask_scheduler))
+def _jobs(cfg: PipelineSettings) -> list:
+    ingest = _ingest_job(_settings_executor(cfg), cfg.max_partition_retries)
+    # One step each: in the run's own process, as a step process would only add its start-up.
     refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index),
-                               description="Bring the ANN index up to date with the catalog and check it.")
+                               executor_def=in_process_executor,
+                               description="Bring the ANN index up to date with the catalog, check it, publish it.")
     reembed = define_asset_job(REEMBED_JOB, selection=AssetSelection.assets(reembedded_catalog, ann_index),
                                description="Re-embed the catalog with the active model version, then the index.")
     clusters = define_asset_job(CLUSTER_JOB, selection=AssetSelection.assets(person_clusters),
+                                executor_def=in_process_executor,
                                 description="Assign new faces to person clusters, or re-cluster fully when due.")
     nightly = define_asset_job(NIGHTLY_JOB, selection=AssetSelection.assets(ann_index, person_clusters),
                                description="The ANN index and the person clusters over the whole catalog, with checks.")
+    return [ingest, refresh, build_retrain_job(cfg.auto_promote), reembed, clusters, nightly]
+
+
+def build_definitions() -> Definitions:
+    """Assets, jobs, sensors and schedules, with intervals, executor and retries from the settings."""
+    cfg = load_settings().pipeline
     schedule = build_nightly_schedule(NIGHTLY_JOB, cfg)
     return Definitions(
         assets=ALL_ASSETS,
-        jobs=[ingest, refresh, build_retrain_job(cfg.auto_promote), reembed, clusters, nightly],
-        sensors=[build_new_images_sensor(INGEST_JOB, cfg), build_index_sensor(REFRESH_JOB, cfg),
-                 build_cluster_sensor(CLUSTER_JOB, cfg), build_retraining_sensor(RETRAIN_JOB, cfg),
-                 build_reembed_sensor(REEMBED_JOB, cfg)],
+        jobs=_jobs(cfg),
+        sensors=[build_new_images_sensor(INGEST_JOB, cfg),
+                 build_automation_sensor("index_automation", ann_index, cfg.index_refresh_seconds,
+                                         cfg.max_partition_retries),
+                 build_automation_sensor("clusters_automation", person_clusters, cfg.cluster_check_seconds,
+                                         cfg.max_partition_retries),
+                 build_retraining_sensor(RETRAIN_JOB, cfg), build_reembed_sensor(REEMBED_JOB, cfg)],
         schedules=[schedule] if schedule else [],
         resources=RESOURCES,
     )
+
+
+def resolve_job(name: str, pipeline_json: str) -> JobDefinition:
+    """The job ``name`` as :data:`defs` defines it for the ``pipeline`` settings given as JSON.
+
+    For ``build_reconstructable_job``: ``face-assets pipeline`` launches the code location's own
+    jobs through it, with the settings it runs with, and every step process (or Dask worker)
+    rebuilds the same job from the same arguments without reading a config file.
+    """
+    cfg = PipelineSettings.model_validate_json(pipeline_json)
+    return Definitions(assets=ALL_ASSETS, resources=RESOURCES, jobs=_jobs(cfg)).resolve_job_def(name)
 
 
 defs = build_definitions()

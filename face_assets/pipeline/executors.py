@@ -5,15 +5,23 @@ Needs the optional ``distributed`` extra (``pip install 'face_assets[distributed
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import dask.distributed
 from dagster import DagsterEvent, DagsterInstance, executor, multiple_process_executor_requirements
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 from dagster_dask.executor import dask_executor as _upstream_dask_executor
+
+from .resources import FaceAssetsResource
+
+RESOURCE_KEY = "face_assets"
+"""Name the graph's assets use for :class:`FaceAssetsResource`."""
 
 POOL_POLL_SECONDS = 1.0
 """How often a step waiting for a pool slot asks the instance again."""
@@ -38,6 +46,22 @@ def _run_step(dependencies: list, payload: bytes, pool: str | None) -> list[Dags
             slots.free_step(step_keys[0])
 
 
+def portable_run_config(run_config: Mapping[str, Any], resolved: ResolvedRunConfig) -> dict[str, Any]:
+    """``run_config`` with the face_assets resource's settings inline, as resolved in the run's process.
+
+    A Dask worker rebuilds the job from its own environment and may have neither the config file
+    nor the ``FACE_ASSETS_*`` variables the run was launched with; with the settings in the run
+    config its steps see exactly the run's settings.
+    """
+    resource = resolved.resources.get(RESOURCE_KEY)
+    if resource is None:
+        return dict(run_config)
+    portable = FaceAssetsResource(**(resource.config or {})).portable()
+    resources = dict(run_config.get("resources") or {})
+    resources[RESOURCE_KEY] = {"config": portable}
+    return {**run_config, "resources": resources}
+
+
 class PoolSafeDaskExecutor(DaskExecutor):
     """dagster-dask's executor for runs whose steps use concurrency pools or partitions.
 
@@ -48,8 +72,11 @@ class PoolSafeDaskExecutor(DaskExecutor):
     ignores concurrency pools; here a pooled step claims its slot from the instance before it runs.
     Task keys carry the run id, so concurrent runs of the job do not collide on the cluster.
 
+    Upstream runs the workers on the run config as launched; here the face_assets settings travel
+    inline in it (:func:`portable_run_config`), so workers need no copy of the config file.
+
     Clusters: ``existing`` (a scheduler address: the way to use a cluster that Kubernetes, YARN or
-    a batch system runs) and ``local``.
+    a batch system runs) and ``local`` (a cluster started for the run and closed after it).
     """
 
     def execute(self, plan_context, execution_plan) -> Iterator[DagsterEvent]:
@@ -57,24 +84,29 @@ class PoolSafeDaskExecutor(DaskExecutor):
         if not plan_context.instance.is_persistent:
             raise ValueError("Dask execution requires a persistent DagsterInstance (set DAGSTER_HOME)")
         job_name, run = plan_context.job_name, plan_context.dagster_run
-        if self.cluster_type == "existing":
-            cluster = self.cluster_configuration["address"]
-        elif self.cluster_type == "local":
-            cluster = dask.distributed.LocalCluster(**self.build_dict(job_name))
-        else:
-            raise ValueError(f"cluster type {self.cluster_type!r}: start that cluster with its own tooling "
-                             "and give its scheduler as cluster: {existing: {address: ...}}")
         instance_ref = plan_context.instance.get_ref()
-        with dask.distributed.Client(cluster) as client:
+        run_config = portable_run_config(plan_context.run_config,
+                                         ResolvedRunConfig.build(plan_context.job.get_definition(),
+                                                                 plan_context.run_config))
+        with contextlib.ExitStack() as stack:
+            if self.cluster_type == "existing":
+                cluster = self.cluster_configuration["address"]
+            elif self.cluster_type == "local":
+                cluster = stack.enter_context(dask.distributed.LocalCluster(**self.build_dict(job_name)))
+            else:
+                raise ValueError(f"cluster type {self.cluster_type!r}: start that cluster with its own tooling "
+                                 "and give its scheduler as cluster: {existing: {address: ...}}")
+            client = stack.enter_context(dask.distributed.Client(cluster))
             futures = {}
             for level in execution_plan.get_steps_to_execute_by_level():
                 for step in level:
-                    upstream = [futures[key] for step_input in step.step_inputs for key in step_input.dependency_keys]
-                    payload = pickle.dumps((plan_context.reconstructable_job, run, plan_context.run_config,
+                    upstream = [futures[key] for step_input in step.step_inputs
+                                for key in step_input.dependency_keys]
+                    payload = pickle.dumps((plan_context.reconstructable_job, run, run_config,
                                             [step.key], instance_ref, execution_plan.known_state))
                     futures[step.key] = client.submit(
-                        _run_step, upstream, payload, step.pool, key=f"{job_name}.{step.key}.{run.run_id}", pure=False,
-                        resources=get_dask_resource_requirements(step.tags))
+                        _run_step, upstream, payload, step.pool, key=f"{job_name}.{step.key}.{run.run_id}",
+                        pure=False, resources=get_dask_resource_requirements(step.tags))
             for _, events in dask.distributed.as_completed(list(futures.values()), with_results=True):
                 yield from events
 

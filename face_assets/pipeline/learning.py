@@ -2,8 +2,9 @@
 
 Each asset calls the library exactly as a user does (``export_feedback``, ``train``, ``promote``,
 ``reembed``), so the pipeline and a person at the CLI produce the same files and registry rows.
-All of them open the library, i.e. the main DuckDB catalog, so all run in the ``face_catalog``
-pool: one writer, also while a model trains (a merge of new images waits for the training step).
+All of them open the library, whose DuckDB sessions are short (:mod:`face_assets.storage`); only
+``promoted_model`` and ``reembedded_catalog``, which rewrite the whole catalog, run in the
+``face_catalog`` pool, so a merge of new images never waits for a model to train.
 
 - ``feedback_pairs``: the votes exported as ``pairs.parquet`` / ``triplets.parquet`` / ``report.json``
   under ``<data_dir>/<pipeline.feedback_export_dir>``.
@@ -32,7 +33,7 @@ from dagster import (
 )
 
 from ..errors import ModelVersionError
-from .assets import CATALOG_POOL, ann_index
+from .assets import CATALOG_POOL, SHARED_FILE_RETRY, ann_index
 from .clusters import person_clusters
 from .resources import FaceAssetsResource
 
@@ -64,7 +65,7 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
 @asset(
     # the export mines negatives among the index's neighbours, from other person clusters
     deps=[ann_index, person_clusters],
-    pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="learning",
     kinds={"parquet"},
     description="The feedback votes exported as training data by the library: `pairs.parquet`, `triplets.parquet` "
@@ -102,8 +103,10 @@ def feedback_pairs(context: AssetExecutionContext, face_assets: FaceAssetsResour
 
 
 @asset(
+    # No pool: training reads the catalog and writes the registry in short sessions (face_assets.storage),
+    # so merges of new images go on while a model trains.
     deps=[feedback_pairs],
-    pool=CATALOG_POOL,
+    # No step retry: a retry would train again from the start; a failed run is re-executed instead.
     group_name="learning",
     kinds={"pytorch", "onnx"},
     check_specs=[AssetCheckSpec(GATE_CHECK, asset="fine_tuned_model", blocking=True,
@@ -165,6 +168,7 @@ def latest_candidate(context: AssetExecutionContext) -> str:
 @asset(
     deps=[fine_tuned_model],
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="learning",
     kinds={"onnx"},
     description="The latest candidate promoted by the library (hot-swap, catalog re-embedded, index rebuilt). "
@@ -192,6 +196,7 @@ def promoted_model(context: AssetExecutionContext, face_assets: FaceAssetsResour
 
 @asset(
     pool=CATALOG_POOL,
+    retry_policy=SHARED_FILE_RETRY,
     group_name="index",
     kinds={"duckdb"},
     description="Every catalog image embedded by the active model version (after a promotion): the library's "

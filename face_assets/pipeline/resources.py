@@ -14,19 +14,21 @@ from ..config import Settings, load_settings
 from ..errors import ModelVersionError
 from ..filtering import FaceFilter
 from ..library import FaceRecognitionLibrary
-from ..models import builtin_pack_dir, resolve_pack
+from ..models import resolve_pack
 from ..store import Catalog
 from .batches import BatchStore
 
 
 @lru_cache(maxsize=4)
-def _face_filter(config_path: str | None, data_dir: str | None) -> FaceFilter:
+def _face_filter(config_path: str | None, data_dir: str | None, settings_json: str | None) -> FaceFilter:
     # Models load once per process and configuration: a run process (or Dask worker) that
     # materializes several steps reuses them.
-    return FaceFilter(_load(config_path, data_dir))
+    return FaceFilter(_load(config_path, data_dir, settings_json))
 
 
-def _load(config_path: str | None, data_dir: str | None) -> Settings:
+def _load(config_path: str | None, data_dir: str | None, settings_json: str | None = None) -> Settings:
+    if settings_json is not None:
+        return Settings.model_validate_json(settings_json)
     overrides: dict[str, Any] = {"storage": {"data_dir": data_dir}} if data_dir else {}
     return load_settings(config_path, overrides=overrides or None)
 
@@ -35,16 +37,26 @@ class FaceAssetsResource(ConfigurableResource):
     """face_assets configured for the graph: the same settings a user's ``FaceRecognitionLibrary`` reads.
 
     ``config_path`` defaults to ``$FACE_ASSETS_CONFIG`` and ``data_dir`` to ``storage.data_dir``
-    (environment overrides ``FACE_ASSETS__SECTION__KEY`` apply as everywhere).
+    (environment overrides ``FACE_ASSETS__SECTION__KEY`` apply as everywhere). ``settings_json``,
+    when set, holds the whole settings inline instead (:meth:`portable`): how a step on another
+    machine gets them without the config file or the environment.
     """
 
     config_path: str | None = None
     data_dir: str | None = None
+    settings_json: str | None = None
 
     @property
     def settings(self) -> Settings:
         """The validated settings."""
-        return _load(self.config_path, self.data_dir)
+        return _load(self.config_path, self.data_dir, self.settings_json)
+
+    def portable(self) -> dict[str, str]:
+        """Config of an equivalent resource that needs no file or environment: the settings inline,
+        the data folder absolute (it must be mounted at the same path where the steps run)."""
+        settings = self.settings
+        storage = settings.storage.model_copy(update={"data_dir": Path(settings.storage.data_dir).absolute()})
+        return {"settings_json": settings.model_copy(update={"storage": storage}).model_dump_json()}
 
     @property
     def pipeline_dir(self) -> Path:
@@ -56,12 +68,18 @@ class FaceAssetsResource(ConfigurableResource):
         return BatchStore(self.pipeline_dir / "batches")
 
     def watched_folders(self) -> list[Path]:
-        """Folders to scan: ``pipeline.watched_folders``, else the model pack's sample photos."""
+        """Folders to scan: ``pipeline.watched_folders``, else ``incoming/`` in the data folder (created if missing)."""
         folders = self.settings.pipeline.watched_folders
         if folders:
             return [Path(f).expanduser().absolute() for f in folders]
-        sample = builtin_pack_dir()
-        return [sample] if sample else []
+        incoming = self.incoming_dir
+        incoming.mkdir(parents=True, exist_ok=True)
+        return [incoming]
+
+    @property
+    def incoming_dir(self) -> Path:
+        """The default watched folder: ``incoming/`` inside ``storage.data_dir``."""
+        return Path(self.settings.storage.data_dir).absolute() / "incoming"
 
     def face_filter(self, recognizer: Path | None = None) -> FaceFilter:
         """Detector, recognizer and cartoon classifier, loaded once per process.
@@ -69,7 +87,7 @@ class FaceAssetsResource(ConfigurableResource):
         ``recognizer`` (a registry version's ONNX file, see :meth:`active_recognizer`) replaces the
         pack's own, as the library does for the version it runs.
         """
-        face_filter = _face_filter(self.config_path, self.data_dir)
+        face_filter = _face_filter(self.config_path, self.data_dir, self.settings_json)
         if recognizer is not None:
             face_filter.analyzer.use_recognizer(recognizer)
         return face_filter
@@ -86,9 +104,9 @@ class FaceAssetsResource(ConfigurableResource):
         """
         settings = self.settings
         pack = resolve_pack(settings.models)
-        path = settings.storage.duckdb_path
+        path = settings.storage.master_path
         if path.is_file():
-            with Catalog(path, read_only=True) as catalog:
+            with Catalog.open(settings.storage) as catalog:  # the master: a promotion counts at once
                 version = registry.active_version(catalog, settings)
                 model = registry.model_file(catalog, settings, pack, version)
         else:
@@ -100,9 +118,17 @@ class FaceAssetsResource(ConfigurableResource):
         return version, model, dataclasses.replace(pack, recognizer=model).model_version
 
     def catalog(self) -> Catalog:
-        """The main DuckDB catalog, opened for writing (only steps in the ``face_catalog`` pool call this)."""
-        return Catalog(self.settings.storage.duckdb_path)
+        """The main DuckDB catalog's master, written in short sessions (see :mod:`face_assets.storage`)."""
+        return Catalog.open(self.settings.storage)
 
-    def library(self) -> FaceRecognitionLibrary:
-        """The user-facing library over the main catalog and index (opening it reconciles the index)."""
-        return FaceRecognitionLibrary(settings=self.settings)
+    def library(self, index_file: str | None = None) -> FaceRecognitionLibrary:
+        """The user-facing library over the main catalog and index (opening it reconciles the index).
+
+        ``index_file`` replaces ``storage.index_file``: the file in the data folder the library
+        loads its index from and saves it to (``ann_index`` builds a staged index this way).
+        """
+        settings = self.settings
+        if index_file is not None:
+            settings = settings.model_copy(update={"storage": settings.storage.model_copy(
+                update={"index_file": index_file})})
+        return FaceRecognitionLibrary(settings=settings)

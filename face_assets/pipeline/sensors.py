@@ -1,15 +1,21 @@
-"""Automation: the new-image, index, retraining and re-embedding sensors, and the optional nightly schedule.
+"""Automation: the new-image, retraining and re-embedding sensors, the automation sensors, the nightly schedule.
 
 Each sensor or schedule is built from the settings by a small factory, so the interval, folders
-and cron live in the config file like every other setting. Sensors that follow the same pattern
-(a threshold from the settings, a cursor over materializations, run requests for a job) go here.
+and cron live in the config file like every other setting. What follows from an asset update
+alone (the index after merges, the person clusters after the index) is declarative
+(``AutomationCondition`` on the assets, evaluated by :func:`build_automation_sensor`); what needs
+a look outside the instance (files, votes, the model registry) is a sensor.
 """
 
 import json
+import time
 from datetime import datetime, timezone
 
 import duckdb
 from dagster import (
+    AssetsDefinition,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     RunRequest,
     ScheduleDefinition,
@@ -23,10 +29,8 @@ from dagster import (
 from ..config import PipelineSettings
 from ..errors import FeedbackStoreUnavailableError
 from ..feedback import FeedbackStore
-from ..persons import PersonClusters
 from ..store import Catalog
-from .assets import face_embeddings, image_batches
-from .batches import scan
+from .assets import image_batches
 from .learning import promoted_model
 from .resources import FaceAssetsResource
 
@@ -34,15 +38,21 @@ _NEW_VOTES = "SELECT count(*) AS n, max(updated_at) AS last FROM feedback WHERE 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def pending_batches(face_assets: FaceAssetsResource, registered: set[str]) -> list[str]:
-    """Plan batches for the new files of the watched folders; returns every batch not yet ``registered``.
+def pending_batches(face_assets: FaceAssetsResource, registered: set[str], wait: bool = False) -> list[str]:
+    """Plan batches for the new contents of the watched folders; returns every batch not yet ``registered``.
 
-    Batches planned by an earlier evaluation that never got their partition (a crash between the
-    two) are returned again, so no file is lost.
+    Files are identified by content and read only once settled (:mod:`.batches`); with ``wait``,
+    files still settling are waited for (``pipeline.settle_seconds``) and planned too, as the
+    foreground command does. Batches planned by an earlier evaluation that never got their
+    partition (a crash between the two) are returned again, so no file is lost.
     """
     cfg = face_assets.settings.pipeline
     store = face_assets.batches()
-    store.plan(scan(face_assets.watched_folders(), cfg.extensions, cfg.recursive), cfg.batch_size)
+    found = store.scan(face_assets.watched_folders(), cfg.extensions, cfg.recursive, cfg.settle_seconds)
+    if wait and found.settling:
+        time.sleep(cfg.settle_seconds)
+        found = store.scan(face_assets.watched_folders(), cfg.extensions, cfg.recursive, cfg.settle_seconds)
+    store.plan(found.files, cfg.batch_size)
     return [key for key in store.keys() if key not in registered]
 
 
@@ -51,8 +61,8 @@ def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
 
     @sensor(name="new_images_sensor", job_name=job_name, minimum_interval_seconds=cfg.sensor_interval_seconds,
             default_status=DefaultSensorStatus.RUNNING,
-            description="Scans pipeline.watched_folders; new files become batches (dynamic partitions) "
-            "and each batch gets one run of the ingest job.")
+            description="Scans pipeline.watched_folders; new contents become batches (dynamic partitions) "
+            "and each batch gets one run of the ingest job (retried up to pipeline.max_partition_retries).")
     def new_images_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
         registered = set(context.instance.get_dynamic_partitions(image_batches.name))
         keys = pending_batches(face_assets, registered)
@@ -68,40 +78,23 @@ def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
     return new_images_sensor
 
 
-def newest_merge(context: SensorEvaluationContext, since: str) -> int | SkipReason:
-    """Storage id of the newest ``face_embeddings`` materialization not yet handled by the sensor's cursor.
+def build_automation_sensor(name: str, asset: AssetsDefinition, interval_seconds: int,
+                            max_retries: int) -> AutomationConditionSensorDefinition:
+    """Sensor evaluating the ``AutomationCondition`` of ``asset`` every ``interval_seconds``.
 
-    A :class:`SkipReason` when no batch was merged at all, or none since the cursor (``since`` names
-    what the cursor marks, for the message).
+    Its runs are tagged for Dagster's run retries (``max_retries`` times, from the failed step), as
+    the ingest runs are.
     """
-    records = context.instance.fetch_materializations(face_embeddings.key, limit=1).records
-    if not records:
-        return SkipReason("no batch merged yet")
-    latest = records[0].storage_id
-    if context.cursor is not None and latest <= int(context.cursor):
-        return SkipReason(f"no batch merged since {since}")
-    return latest
+    return AutomationConditionSensorDefinition(
+        name, target=AssetSelection.assets(asset), minimum_interval_seconds=interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING, run_tags=retry_tags(max_retries),
+        description=f"Requests {asset.key.to_user_string()} when its automation condition holds "
+        "(after its upstream assets were updated and passed their blocking checks).")
 
 
-def build_index_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
-    """Sensor requesting a run of ``job_name`` (the ANN index) when batches were merged since the last one.
-
-    Its cursor is the event storage id of the newest ``face_embeddings`` materialization already
-    handed to a run, so the batches merged during one interval are indexed together: the index is
-    loaded and saved once per interval, not once per batch.
-    """
-
-    @sensor(name="index_refresh_sensor", job_name=job_name, minimum_interval_seconds=cfg.index_refresh_seconds,
-            default_status=DefaultSensorStatus.RUNNING,
-            description="Requests an ANN index update when face_embeddings has new materializations.")
-    def index_refresh_sensor(context: SensorEvaluationContext):
-        latest = newest_merge(context, "the last index update")
-        if isinstance(latest, SkipReason):
-            return latest
-        context.update_cursor(str(latest))
-        return RunRequest(run_key=f"index-{latest}")
-
-    return index_refresh_sensor
+def retry_tags(max_retries: int) -> dict[str, str]:
+    """Run tags for Dagster's run retries: up to ``max_retries`` new runs, each from the failed step on."""
+    return {"dagster/max_retries": str(max_retries), "dagster/retry_strategy": "FROM_FAILURE"}
 
 
 def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefinition | None:
@@ -117,25 +110,18 @@ def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefi
 def new_votes(face_assets: FaceAssetsResource, since: datetime | None) -> tuple[int, datetime | None]:
     """Votes cast or changed after ``since`` (all when None), and the time of the newest; read without writing.
 
-    The store is ``feedback.backend``: the catalog's DuckDB file (opened read-only; no votes before it
-    exists) or the PostgreSQL server.
+    The store is ``feedback.backend``: the published copy of the DuckDB feedback store (no votes
+    before it exists), or the PostgreSQL server.
     """
     settings = face_assets.settings
-    params = [since or _EPOCH]
-    if settings.feedback.backend == "postgresql":
-        store = FeedbackStore.open(settings.feedback, None)
-        try:
-            row = store.query(_NEW_VOTES, params)[0]
-        finally:
-            store.close()
-        return int(row["n"]), row["last"]
-    path = settings.storage.duckdb_path
-    if not path.is_file():
+    postgres = settings.feedback.backend == "postgresql"
+    if not postgres and not settings.storage.feedback_path.is_file():
         return 0, None
-    with Catalog(path, read_only=True) as catalog:
-        if not catalog.query("SELECT 1 FROM information_schema.tables WHERE table_name = 'feedback'"):
-            return 0, None
-        row = catalog.records(_NEW_VOTES, params)[0]
+    store = FeedbackStore.open(settings, read_only=not postgres)
+    try:
+        row = store.query(_NEW_VOTES, [since or _EPOCH])[0]
+    finally:
+        store.close()
     return int(row["n"]), row["last"]
 
 
@@ -197,47 +183,3 @@ def build_reembed_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefiniti
         return RunRequest(tags={"face_assets/model_version": version})
 
     return reembed_sensor
-
-
-def cluster_policy(face_assets: FaceAssetsResource):
-    """The library's re-clustering policy on the catalog as it is, read without writing (None before any catalog)."""
-    settings = face_assets.settings
-    path = settings.storage.duckdb_path
-    if not path.is_file():
-        return None
-    tag = face_assets.active_recognizer()[2]
-    with Catalog(path, read_only=True) as catalog:
-        return PersonClusters(catalog, settings.clustering, tag).decision()
-
-
-def build_cluster_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
-    """Sensor requesting ``job_name`` (person clusters) after new embeddings: a full run when the policy says so.
-
-    Its cursor is the event storage id of the newest ``face_embeddings`` materialization handed to a
-    run. The request is incremental (``assign_new``) unless the library's re-clustering policy
-    (settings ``clustering.recluster_growth``, ``recluster_unassigned``, ``recluster_max_age_days``)
-    calls for a full run, which the run then does whatever it finds.
-    """
-
-    @sensor(name="cluster_sensor", job_name=job_name, minimum_interval_seconds=cfg.cluster_check_seconds,
-            default_status=DefaultSensorStatus.RUNNING,
-            description="After new face_embeddings: assigns new faces to person clusters, or re-clusters fully "
-            "when the library's drift policy says enough has changed.")
-    def cluster_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
-        latest = newest_merge(context, "the last clustering request")
-        if isinstance(latest, SkipReason):
-            return latest
-        try:
-            policy = cluster_policy(face_assets)
-        except duckdb.IOException as exc:
-            return SkipReason(f"catalog not readable now: {exc}")
-        context.update_cursor(str(latest))
-        full = bool(policy and policy.recluster)
-        reasons = "; ".join(policy.reasons) if policy else ""
-        context.log.info("new embeddings: requesting %s clustering %s", "a full" if full else "incremental", reasons)
-        return RunRequest(run_key=f"clusters-{latest}",
-                          run_config={"ops": {"person_clusters": {"config": {"full": full}}}},
-                          tags={"face_assets/clustering": "full" if full else "incremental",
-                                "face_assets/reasons": reasons[:200]})
-
-    return cluster_sensor

@@ -1,0 +1,476 @@
+"""Soak: the whole deployment on one data folder, under load, with a crash in the middle.
+
+    python benchmarks/soak.py [--minutes 10] [--drop-every 20] [--batch 6] [--json]
+
+In a fresh work folder it starts what a deployment runs, each in its own process:
+
+- ``face-assets serve`` (the search service), loaded by searchers (an upload every 0.5 s) and voters;
+- the Dagster daemon (``dagster-daemon run``, under ``nice``, as docs/operations.md runs it) with
+  the project's sensors and automation: new files in the watched folder become batches, are
+  ingested, merged, indexed and clustered;
+- an analyst's loop of read-only SQL on the published catalog (one session held open throughout,
+  plus a new one every second) and ``face-assets stats`` calls.
+
+After an idle phase (searches and votes only, ``--idle-seconds``) it drops ``--batch`` new photos
+into the watched folder every ``--drop-every`` seconds and measures, per drop, the time until the
+service's search finds the dropped photo. In the middle it waits for an ingest run to reach its
+merge step and kills that run's processes with SIGKILL. At the end it waits for every drop to be
+searchable, stops everything and checks: every acknowledged vote stored once, no SQL query or CLI
+call failed, no batch ever partly visible in the published catalog, every run that failed was
+retried and succeeded. Prints one table; ``--json`` prints the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+import httpx
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import shared_datasets  # noqa: E402
+from benchmarks.feedback_load import _free_port, verify  # noqa: E402
+from face_assets.auth import TokenStore  # noqa: E402
+from face_assets.config import load_settings  # noqa: E402
+from face_assets.imaging import content_hash  # noqa: E402
+
+
+def _photos(datasets: Path) -> list[Path]:
+    """Real single-person photos to index and drop: LFW, then the deepface web photos."""
+    found = sorted((datasets / "real" / "lfw10").glob("*/*.jpg")) + sorted((datasets / "real" / "deepface").glob("*/*.jpg"))
+    return [p for p in found if p.stat().st_size < 2_000_000]
+
+
+class Deployment:
+    """The processes of one host on a work folder: config, data, watched folder, Dagster home."""
+
+    def __init__(self, work: Path, sensor_seconds: int = 5):
+        self.work = work
+        self.data = work / "data"
+        self.incoming = work / "incoming"
+        self.home = work / "dagster_home"
+        for folder in (self.data, self.incoming, self.home):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.config = work / "face_assets.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(self.data)},
+            "pipeline": {"watched_folders": [str(self.incoming)], "sensor_interval_seconds": sensor_seconds,
+                         "index_refresh_seconds": sensor_seconds, "settle_seconds": 2.0,
+                         "batch_size": 64, "retrain_min_new_votes": 1_000_000},
+            # The load comes from a few tokens: their rate limits are the deployment's to choose.
+            "web": {"rate_limit": "100000/minute", "search_rate_limit": "100000/minute",
+                    "max_concurrent_searches": 4, "prewarm_thumbnails": False},
+        }))
+        instance = yaml.safe_load((REPO / "dagster.yaml").read_text())
+        instance["storage"] = {"sqlite": {"base_dir": str(self.home / "storage")}}
+        instance["local_artifact_storage"]["config"]["base_dir"] = str(self.home)
+        instance["compute_logs"]["config"]["base_dir"] = str(self.home / "logs")
+        # Notice a killed run worker within seconds instead of minutes.
+        instance["run_monitoring"] = instance.get("run_monitoring", {}) | {"enabled": True, "poll_interval_seconds": 5}
+        (self.home / "dagster.yaml").write_text(yaml.safe_dump(instance))
+        shutil.copyfile(REPO / "workspace.yaml", self.home / "workspace.yaml")
+        (self.home / "workspace.yaml").write_text((REPO / "workspace.yaml").read_text().replace(
+            "working_directory: .", f"working_directory: {REPO}"))
+        self.env = os.environ | {"FACE_ASSETS_CONFIG": str(self.config), "DAGSTER_HOME": str(self.home),
+                                 "PYTHONPATH": str(REPO)}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.base = ""
+        store = TokenStore(self.data / load_settings(self.config).web.tokens_file)
+        self.token = store.create("soak-searcher", "reviewer")[1]
+        self.voter_tokens: dict[str, str] = {}
+
+    def voter(self, name: str) -> dict[str, str]:
+        """Authorization header of a reviewer token named ``name`` (created on first use)."""
+        if name not in self.voter_tokens:
+            store = TokenStore(self.data / load_settings(self.config).web.tokens_file)
+            self.voter_tokens[name] = store.create(name, "reviewer")[1]
+        return {"Authorization": f"Bearer {self.voter_tokens[name]}"}
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Authorization header of the searcher's token."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``face-assets ARGS`` as a separate process."""
+        return subprocess.run([sys.executable, "-m", "face_assets.cli", *args], env=self.env, cwd=self.work,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start_service(self) -> None:
+        """``face-assets serve`` on a free loopback port; waits for its health check."""
+        port = _free_port()
+        log = open(self.work / "serve.log", "wb")
+        self.procs["serve"] = subprocess.Popen(
+            [sys.executable, "-m", "face_assets.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=self.env, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.procs["serve"].poll() is not None:
+                raise RuntimeError(f"service exited: {(self.work / 'serve.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.base}/api/health", headers=self.auth, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("service did not start within 120 s")
+
+    def start_daemon(self) -> None:
+        """The Dagster daemon (sensors, run queue, monitoring) under ``nice``, in its own process group."""
+        log = open(self.work / "daemon.log", "wb")
+        self.procs["daemon"] = subprocess.Popen(
+            ["nice", "-n", "10", sys.executable, "-m", "dagster._daemon", "run", "-w",
+             str(self.home / "workspace.yaml")],
+            env=self.env, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> dict[str, int]:
+        """Stop the service (SIGINT: it closes the library) and the daemon's whole process group."""
+        codes = {}
+        serve = self.procs.get("serve")
+        if serve is not None:
+            serve.send_signal(signal.SIGINT)
+            try:
+                codes["serve"] = serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                codes["serve"] = serve.wait()
+        daemon = self.procs.get("daemon")
+        if daemon is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(daemon.pid, sig)
+                    daemon.wait(timeout=20)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            codes["daemon"] = daemon.poll()
+        return codes
+
+
+class Recorder:
+    """Thread-safe lists of what the load threads saw."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.data: dict[str, list] = defaultdict(list)
+
+    def add(self, key: str, value) -> None:
+        with self.lock:
+            self.data[key].append(value)
+
+
+def _searcher(dep: Deployment, photos: list[Path], rec: Recorder, stop: threading.Event, phase: list[str]) -> None:
+    """An upload search every 0.5 s; latencies by phase (idle / ingest)."""
+    rng = random.Random(1)
+    with httpx.Client(timeout=60) as http:
+        while not stop.is_set():
+            path = rng.choice(photos)
+            start = time.perf_counter()
+            try:
+                r = http.post(f"{dep.base}/api/search", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                              headers=dep.auth)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            rec.add(f"search_{phase[0]}", time.perf_counter() - start)
+            if not ok:
+                rec.add("search_errors", phase[0])
+            else:
+                body = r.json()
+                rec.add("pairs", [(body["query_id"], h["face_id"]) for h in body["results"]])
+            stop.wait(0.5)
+
+
+async def _voters(dep: Deployment, rec: Recorder, stop: threading.Event, clients: int, prefix: str) -> None:
+    acked: dict = rec.acked  # type: ignore[attr-defined]
+    uncertain: set = rec.uncertain  # type: ignore[attr-defined]
+    names = [f"{prefix}{c}-{j}" for c in range(clients) for j in range(3)]
+    headers = {name: dep.voter(name) for name in names}
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def one(c: int) -> None:
+            rng = random.Random(c)
+            while not stop.is_set():
+                with rec.lock:
+                    pairs = [p for batch in rec.data["pairs"][-20:] for p in batch]
+                if not pairs:
+                    await asyncio.sleep(0.2)
+                    continue
+                query_id, face_id = rng.choice(pairs)
+                voter, vote = f"{prefix}{c}-{rng.randrange(3)}", rng.choice(("up", "down"))
+                key = (query_id, face_id, voter)
+                try:
+                    r = await http.post(f"{dep.base}/api/feedback", headers=headers[voter],
+                                        json={"query_id": query_id, "result_id": face_id, "vote": vote})
+                except httpx.HTTPError as exc:
+                    uncertain.add(key)
+                    rec.add("vote_errors", repr(exc))
+                    continue
+                if r.status_code == 200:
+                    acked[key].append(vote)
+                else:
+                    uncertain.add(key)
+                    rec.add("vote_errors", f"{r.status_code} {r.text[:100]}")
+                await asyncio.sleep(0.1)
+
+        await asyncio.gather(*(one(c) for c in range(clients)))
+
+
+def _analyst(dep: Deployment, rec: Recorder, stop: threading.Event, drops: list[dict]) -> None:
+    """Read-only SQL on the published catalog: one session held open, a new one each second; partial batches."""
+    published = load_settings(dep.config).storage.duckdb_path
+    while not published.exists() and not stop.is_set():
+        stop.wait(0.5)
+    held = duckdb.connect(str(published), read_only=True)  # an analyst who never closes the session
+    try:
+        while not stop.is_set():
+            try:
+                held.execute("SELECT count(*) FROM faces").fetchone()
+                con = duckdb.connect(str(published), read_only=True)
+                try:
+                    con.execute("""SELECT c.cluster_id, count(*) FROM face_clusters c JOIN faces f USING (face_id)
+                                   GROUP BY ALL ORDER BY 2 DESC LIMIT 5""").fetchall()
+                    for drop in list(drops):  # a drop is all in the catalog or not at all
+                        n = con.execute("SELECT count(*) FROM images WHERE path IN (SELECT unnest(?))",
+                                        [drop["paths"]]).fetchone()[0]
+                        if 0 < n < len(drop["paths"]):
+                            rec.add("partial_batches_seen", {"drop": drop["n"], "visible": n})
+                finally:
+                    con.close()
+                rec.add("sql_ok", 1)
+            except duckdb.Error as exc:
+                rec.add("sql_failed", repr(exc)[:200])
+            stop.wait(1.0)
+    finally:
+        held.close()
+
+
+def _stats_loop(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
+    while not stop.is_set():
+        out = dep.cli("stats", "--json", timeout=120)
+        rec.add("cli_ok" if out.returncode == 0 else "cli_failed", out.stderr[-300:])
+        stop.wait(5.0)
+
+
+def _searchable(dep: Deployment, path: Path) -> bool:
+    """Whether the service's search finds ``path`` itself (its content) as the best match."""
+    try:
+        r = httpx.post(f"{dep.base}/api/search", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                       headers=dep.auth, timeout=60)
+    except httpx.HTTPError:
+        return False
+    hits = r.json().get("results", []) if r.status_code == 200 else []
+    return bool(hits) and hits[0]["image_id"] == content_hash(path.read_bytes())
+
+
+def _kill_a_merge(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
+    """Wait for an ingest run whose merge step (face_embeddings) started; SIGKILL every process of that run."""
+    from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+    instance = DagsterInstance.from_config(str(dep.home))
+    while not stop.is_set():
+        for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+            steps = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+            if not any(e.step_key == "face_embeddings" for e in steps):
+                continue
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(int(p), run.run_id)]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if pids:
+                done = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+                rec.add("killed", {"run_id": run.run_id, "pids": len(pids),
+                                   "merge_finished_before_kill": any(e.step_key == "face_embeddings" for e in done)})
+                return
+        stop.wait(0.05)
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def _run_counts(dep: Deployment) -> dict:
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    instance = DagsterInstance.from_config(str(dep.home))
+    runs = instance.get_runs()
+    failed = [r for r in runs if r.status == DagsterRunStatus.FAILURE]
+    retried = [r for r in runs if r.parent_run_id or r.tags.get("dagster/retry_number")]
+    # A failure counts as recovered when a later run of the same partition (or job) succeeded.
+    later_ok = {(r.job_name, r.tags.get("dagster/partition")) for r in runs if r.status == DagsterRunStatus.SUCCESS}
+    unrecovered = [r for r in failed if (r.job_name, r.tags.get("dagster/partition")) not in later_ok]
+    return {"runs": len(runs), "succeeded": sum(r.status == DagsterRunStatus.SUCCESS for r in runs),
+            "failed": len(failed), "retried": len(retried), "failed_after_retries": len(unrecovered),
+            "by_job": {j: sum(r.job_name == j for r in runs) for j in sorted({r.job_name for r in runs})}}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.array(values) * 1000, q)), 1) if values else None
+
+
+def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_seconds: float = 40.0,
+        voters: int = 4, work: Path | None = None, drain_seconds: float = 180.0, datasets: Path | None = None) -> dict:
+    """Run the soak; returns the figures and the acceptance checks."""
+    datasets = datasets or shared_datasets()
+    photos = _photos(datasets)
+    seed_photos, pool = photos[:24], photos[24:]
+    work = Path(work or tempfile.mkdtemp(prefix="face-assets-soak-"))
+    dep = Deployment(work)
+    seeded = dep.cli("index", *map(str, seed_photos), "--json", timeout=600)
+    if seeded.returncode != 0:
+        raise RuntimeError(seeded.stderr[-2000:])
+    rec = Recorder()
+    rec.acked, rec.uncertain = defaultdict(list), set()  # type: ignore[attr-defined]
+    prefix = f"soak-{random.randrange(1 << 30):08x}-"
+    stop, stop_kill = threading.Event(), threading.Event()
+    phase = ["idle"]
+    drops: list[dict] = []
+    threads: list[threading.Thread] = []
+    try:
+        dep.start_service()
+        dep.start_daemon()
+        threads = [threading.Thread(target=_searcher, args=(dep, seed_photos, rec, stop, phase), daemon=True),
+                   threading.Thread(target=lambda: asyncio.run(_voters(dep, rec, stop, voters, prefix)), daemon=True),
+                   threading.Thread(target=_analyst, args=(dep, rec, stop, drops), daemon=True),
+                   threading.Thread(target=_stats_loop, args=(dep, rec, stop), daemon=True)]
+        for t in threads:
+            t.start()
+        time.sleep(idle_seconds)
+        phase[0] = "ingest"
+        killer = threading.Thread(target=_kill_a_merge, args=(dep, rec, stop_kill), daemon=True)
+        killer.start()
+        end = time.monotonic() + max(minutes * 60 - idle_seconds, drop_every)
+        n = 0
+        while time.monotonic() < end and (n + 1) * batch <= len(pool):
+            chosen = pool[n * batch:(n + 1) * batch]
+            folder = dep.incoming / f"drop{n:03d}"
+            folder.mkdir()
+            paths = []
+            for src in chosen:
+                shutil.copyfile(src, folder / src.name)
+                paths.append(str((folder / src.name).absolute()))
+            drops.append({"n": n, "paths": paths, "at": time.monotonic(), "probe": folder / chosen[0].name})
+            n += 1
+            next_drop = time.monotonic() + drop_every
+            while time.monotonic() < min(next_drop, end):
+                _probe(dep, drops)
+                time.sleep(1.0)
+        deadline = time.monotonic() + drain_seconds
+        while any("searchable_after" not in d for d in drops) and time.monotonic() < deadline:
+            _probe(dep, drops)
+            time.sleep(1.0)
+        stop_kill.set()
+        phase[0] = "drain"
+    finally:
+        stop.set()
+        stop_kill.set()
+        for t in threads:
+            t.join(timeout=30)
+        codes = dep.stop()
+    check = verify(dep.data, rec.acked, rec.uncertain, prefix)  # type: ignore[attr-defined]
+    latencies = [d["searchable_after"] for d in drops if "searchable_after" in d]
+    runs = _run_counts(dep)
+    idle, ingest = rec.data["search_idle"], rec.data["search_ingest"]
+    out = {
+        "work": str(work), "minutes": minutes, "drops": len(drops), "photos_per_drop": batch,
+        "runs": runs, "killed": rec.data["killed"],
+        "sql": {"ok": len(rec.data["sql_ok"]), "failed": len(rec.data["sql_failed"]),
+                "errors": rec.data["sql_failed"][:3]},
+        "cli_stats": {"ok": len(rec.data["cli_ok"]), "failed": len(rec.data["cli_failed"]),
+                      "errors": rec.data["cli_failed"][:3]},
+        "votes": {"acknowledged": sum(len(v) for v in rec.acked.values()),  # type: ignore[attr-defined]
+                  "keys": len(rec.acked), "stored_rows": check["rows"],  # type: ignore[attr-defined]
+                  "lost_or_wrong": check["mismatch_count"], "exactly_once": check["exactly_once"],
+                  "errors": len(rec.data["vote_errors"]), "error_samples": rec.data["vote_errors"][:3]},
+        "partial_batches_seen": rec.data["partial_batches_seen"][:5],
+        "drop_to_searchable_s": {"p50": _pct(latencies, 50) and _pct(latencies, 50) / 1000,
+                                 "p95": _pct(latencies, 95) and _pct(latencies, 95) / 1000,
+                                 "searchable": len(latencies), "of": len(drops)},
+        "search_ms": {"idle_p50": _pct(idle, 50), "idle_p99": _pct(idle, 99), "ingest_p50": _pct(ingest, 50),
+                      "ingest_p99": _pct(ingest, 99), "idle_n": len(idle), "ingest_n": len(ingest),
+                      "errors": len(rec.data["search_errors"])},
+        "exit_codes": codes,
+    }
+    p95 = out["drop_to_searchable_s"]["p95"]
+    out["acceptance"] = {
+        "no_run_failed_after_retries": runs["failed_after_retries"] == 0,
+        "no_query_failed": out["sql"]["failed"] == 0 and out["cli_stats"]["failed"] == 0,
+        "no_vote_lost": bool(check["exactly_once"]),
+        "no_partial_batch_visible": not rec.data["partial_batches_seen"],
+        "every_drop_searchable": len(latencies) == len(drops) > 0,
+        "drop_to_searchable_p95_le_2min": p95 is not None and p95 <= 120,
+        "search_p99_ingest_le_2x_idle": bool(idle and ingest) and _pct(ingest, 99) <= 2 * _pct(idle, 99),
+    }
+    return out
+
+
+def _probe(dep: Deployment, drops: list[dict]) -> None:
+    """Search each drop not yet found with its first photo; note how long after the drop it was found."""
+    for drop in drops:
+        if "searchable_after" not in drop and _searchable(dep, drop["probe"]):
+            drop["searchable_after"] = time.monotonic() - drop["at"]
+
+
+def main() -> int:
+    """Command line entry point: run the soak, print the table (or JSON); exit 1 when a check fails."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--drop-every", type=float, default=20.0)
+    parser.add_argument("--batch", type=int, default=6, help="photos per drop")
+    parser.add_argument("--idle-seconds", type=float, default=40.0)
+    parser.add_argument("--voters", type=int, default=4)
+    parser.add_argument("--work", type=Path, help="work folder (default: a new temporary folder)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = run(args.minutes, args.drop_every, args.batch, args.idle_seconds, args.voters, args.work)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        r, s, v, d = out["runs"], out["search_ms"], out["votes"], out["drop_to_searchable_s"]
+        rows = [
+            ("runs succeeded / failed / retried", f"{r['succeeded']} / {r['failed']} / {r['retried']}"),
+            ("runs failed after retries", r["failed_after_retries"]),
+            ("run killed (SIGKILL) in its merge step", len(out["killed"])),
+            ("SQL queries ok / failed", f"{out['sql']['ok']} / {out['sql']['failed']}"),
+            ("CLI stats ok / failed", f"{out['cli_stats']['ok']} / {out['cli_stats']['failed']}"),
+            ("votes acknowledged / stored rows / lost", f"{v['acknowledged']} / {v['stored_rows']} / {v['lost_or_wrong']}"),
+            ("partial batches seen", len(out["partial_batches_seen"])),
+            ("drop-to-searchable p50 / p95 (s)", f"{d['p50']} / {d['p95']} ({d['searchable']} of {d['of']} drops)"),
+            ("search p50 / p99 idle (ms)", f"{s['idle_p50']} / {s['idle_p99']}"),
+            ("search p50 / p99 during ingestion (ms)", f"{s['ingest_p50']} / {s['ingest_p99']}"),
+            ("search p99 ratio ingestion / idle", round(s["ingest_p99"] / s["idle_p99"], 2)
+             if s["ingest_p99"] and s["idle_p99"] else None),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for k, val in rows:
+            print(f"{k:<{width}}  {val}")
+        for k, ok in out["acceptance"].items():
+            print(f"{'PASS' if ok else 'FAIL'}  {k}")
+    return 0 if all(out["acceptance"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
