@@ -49,6 +49,9 @@ SLOW_TESTS = {
     "test_removed_ids_are_never_returned",
     "test_fit_recovers_known_parameters",
     "test_tight_crops_are_found_by_padding",
+    "test_cli_process_and_filter",  # command-line subprocesses, each loading the models
+    "test_running_library_sees_other_process_faces",  # several processes on one data folder
+    "test_analyst_session_blocks_no_writer",
 }
 
 
