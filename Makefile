@@ -3,12 +3,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-fast clean
 
 $(BIN)/face-assets: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,train]'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/face-assets
@@ -21,6 +21,13 @@ run: setup
 test: setup
 	bash scripts/ci_system_packages.sh
 	$(BIN)/python -m pytest -q
+
+# Test tiers: markers given in face_assets_tests/conftest.py, registered in pyproject.toml.
+FAST := not (slow or browser or postgres or dagster or training)
+
+## Set up, then run the unit and library tests only (no chromium, PostgreSQL, Dagster, torch or slow tests).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "$(FAST)"
 
 clean:
 	rm -rf $(VENV) data/*.duckdb data/*.wal data/cache data/pipeline data/dagster

@@ -4,7 +4,7 @@
     python benchmarks/cluster_scale.py --n 2000000           # the target size
     python benchmarks/cluster_scale.py --n 0 --real          # only the shared real labelled faces
 
-Data: :class:`face_assets.synthetic.SyntheticFaces` (seeded, calibrated on real embeddings, long-tail
+Data: :class:`benchmarks.synthetic.SyntheticFaces` (seeded, calibrated on real embeddings, long-tail
 identity sizes, 5 % look-alikes). ``--n`` faces are the library; 1 % more (``--new-frac``) arrive
 later, half fresh photos of people already in the library, half the photos of new people.
 
@@ -12,6 +12,9 @@ Printed, in one table (time, peak resident memory of this process during the ste
 BCubed precision / recall / F, clusters found vs true):
 
 * ours: :func:`face_assets.clustering.cluster_embeddings` (kNN graph + average linkage);
+* the same average linkage on pynndescent's k-NN graph (NN-descent, the graph library the design
+  started from), with both graphs' recall against exact neighbours on ``--graph-queries`` faces:
+  the faiss graph against the general-purpose one, side by side;
 * Immich-style incremental DBSCAN: faces in order; a face with ``min_faces`` neighbours within
   ``max_distance`` (cosine distance; Immich's defaults 0.5 and 3) is a core face and joins the
   person of its nearest neighbour that has one, or founds a person; non-core faces are deferred and
@@ -46,6 +49,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import shared_datasets  # noqa: E402
+from benchmarks.metrics import clustering_metrics  # noqa: E402
+from benchmarks.synthetic import SyntheticFaces  # noqa: E402
 from face_assets.clustering import (  # noqa: E402
     KnnGraph,
     MeansIndex,
@@ -54,12 +60,11 @@ from face_assets.clustering import (  # noqa: E402
     clear_best_index,
     cluster_embeddings,
     cluster_means,
-    clustering_metrics,
     knn_graph,
     match_ids,
 )
 from face_assets.config import ClusteringSettings  # noqa: E402
-from face_assets.synthetic import SyntheticFaces  # noqa: E402
+from face_assets.process import faiss  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -138,9 +143,40 @@ def immich_dbscan(neighbors: np.ndarray, scores: np.ndarray, max_distance: float
     return run(neighbors, scores, 1.0 - max_distance, min_faces)
 
 
-def kmeans_oracle(x: np.ndarray, k: int, niter: int = 10) -> np.ndarray:
-    import faiss
+def nndescent_graph(x: np.ndarray, k: int, seed: int) -> tuple[KnnGraph, float]:
+    """pynndescent's k-NN graph of unit embeddings (inner-product metric) as a :class:`KnnGraph`
+    with exact cosines, and the seconds its numba functions took to compile (on a small array first,
+    so the graph's own time excludes them)."""
+    from pynndescent import NNDescent
 
+    t = time.perf_counter()
+    NNDescent(x[:2000], n_neighbors=k + 1, metric="dot", random_state=seed)
+    compile_s = time.perf_counter() - t
+    nbr, _ = NNDescent(x, n_neighbors=k + 1, metric="dot", random_state=seed, low_memory=True).neighbor_graph
+    # Each face is among its own neighbours: keep the k others, best first.
+    own = nbr == np.arange(len(x))[:, None]
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]
+    nbr = np.take_along_axis(nbr, order, axis=1).astype(np.int32)
+    scores = np.empty(nbr.shape, np.float32)
+    for s in range(0, len(x), 10_000):  # in blocks: the neighbours' vectors of all faces would not fit
+        rows = nbr[s : s + 10_000]
+        scores[s : s + len(rows)] = np.einsum("ij,ikj->ik", x[s : s + len(rows)], x[np.maximum(rows, 0)])
+    return KnnGraph(nbr, np.where(nbr >= 0, scores, -1).astype(np.float32)), compile_s
+
+
+def graph_recall(x: np.ndarray, graph: KnnGraph, queries: np.ndarray, min_cos: float = 0.4) -> dict:
+    """Share of the exact k nearest neighbours of ``queries`` the graph holds: all of them, and
+    those with cosine >= ``min_cos`` (the pairs merging can use)."""
+    k = graph.neighbors.shape[1]
+    sims, exact = faiss.knn(x[queries], x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    exact, sims = exact[:, 1:], sims[:, 1:]  # drop the face itself
+    found = (exact[:, :, None] == graph.neighbors[queries][:, None, :]).any(axis=2)
+    close = sims >= min_cos
+    return {"recall_at_k": round(float(found.mean()), 4),
+            f"recall_cos_{min_cos}": round(float(found[close].mean()), 4) if close.any() else None}
+
+
+def kmeans_oracle(x: np.ndarray, k: int, niter: int = 10) -> np.ndarray:
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=1234, min_points_per_centroid=1,
                       max_points_per_centroid=64)
     km.train(np.ascontiguousarray(x))
@@ -253,6 +289,9 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
         del src, dst, lab
 
     if not args.skip_baselines:
+        results["graphs"] = compare_graphs(args, cfg, x, graph, old_x, old_true, t_graph)
+
+    if not args.skip_baselines:
         with PeakRSS() as mem:
             t = time.perf_counter()
             sub = KnnGraph(np.where(graph.neighbors[:n] < n, graph.neighbors[:n], -1), graph.scores[:n])
@@ -283,6 +322,31 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
                     res = cluster_embeddings(xs, **cfg.method_kwargs())
                 record("ours, same subsample", size, res.seconds["total"], mem.gb, res.labels, ts)
     return results
+
+
+def compare_graphs(args: argparse.Namespace, cfg: ClusteringSettings, x: np.ndarray, graph: KnnGraph,
+                   old_x: np.ndarray, old_true: np.ndarray, t_graph: float) -> dict:
+    """pynndescent's graph beside ours on the same faces: time, memory, recall, and the clustering
+    average linkage makes of it."""
+    n = len(old_x)
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        nnd, compile_s = nndescent_graph(x, cfg.k, args.seed)
+        t_nnd = time.perf_counter() - t - compile_s
+    queries = np.sort(np.random.default_rng(args.seed + 3).choice(len(x), min(len(x), args.graph_queries),
+                                                                  replace=False))
+    out = {"faiss": {"seconds": round(t_graph, 1), **graph_recall(x, graph, queries)},
+           "pynndescent": {"seconds": round(t_nnd, 1), "compile_seconds": round(compile_s, 1),
+                           "peak_gb": round(mem.gb, 2), **graph_recall(x, nnd, queries)}}
+    log(f"graphs on {len(x):,} faces, recall on {len(queries)} of them: {json.dumps(out)}")
+    src, dst = restrict(nnd, n)
+    log(f"pynndescent graph: {len(src):,} edges among the library's faces")
+    t = time.perf_counter()
+    lab = average_linkage(old_x, src, dst, **cfg.linkage_kwargs(), log=log)
+    t_link = time.perf_counter() - t
+    record("pynndescent graph + average linkage", n, t_nnd + t_link, mem.gb, lab, old_true,
+           f"graph {t_nnd:.0f}s (+{compile_s:.0f}s numba compile) + linkage {t_link:.0f}s")
+    return out
 
 
 def same_members(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -460,12 +524,9 @@ def stable_and_incremental(cfg: ClusteringSettings, x: np.ndarray, labels: np.nd
 
 
 def run_real(cfg: ClusteringSettings) -> None:
-    from face_assets.config import datasets_root
+    from benchmarks.synthetic_calibration import DEFAULT_CACHE, real_embeddings
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from synthetic_calibration import DEFAULT_CACHE, real_embeddings
-
-    emb, ident, _ = real_embeddings(datasets_root(), DEFAULT_CACHE, log=log)
+    emb, ident, _ = real_embeddings(shared_datasets(), DEFAULT_CACHE, log=log)
     true = np.unique(ident, return_inverse=True)[1]
     x = np.ascontiguousarray(emb, np.float32)
     with PeakRSS() as mem:
@@ -491,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-assign", type=int, default=10_000, help="new faces assigned incrementally")
     p.add_argument("--kmeans-max", type=int, default=20_000)
     p.add_argument("--hdbscan-max", type=int, default=5_000)
+    p.add_argument("--graph-queries", type=int, default=2000, help="faces the graphs' recall is measured on")
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -510,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.real:
         run_real(cfg)
     print(table(ROWS))
-    for key in ("stable_ids", "incremental"):
+    for key in ("graphs", "stable_ids", "incremental"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
     if args.json:

@@ -46,7 +46,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from face_assets import load_settings  # noqa: E402
-from face_assets.config import datasets_root  # noqa: E402
+from benchmarks import shared_datasets  # noqa: E402
 from face_assets.evaluation import all_pairs, identity_metrics, operating_point  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
@@ -65,7 +65,7 @@ ABLATION = {
 
 def voters5(args: argparse.Namespace) -> dict[str, list[Path]]:
     """The first ``--voters`` (5) IMFDB actors in name order and their images."""
-    root = datasets_root() / "real" / "imfdb"
+    root = shared_datasets() / "real" / "imfdb"
     people = {d.name: sorted(p for p in d.iterdir() if p.is_file()) for d in sorted(root.iterdir()) if d.is_dir()}
     return dict(list(people.items())[: args.voters or 5])
 
@@ -78,7 +78,7 @@ def scale_voters(args: argparse.Namespace) -> dict[str, list[Path]]:
         people.setdefault(person, []).append(path)
     eligible = sorted((p for p, paths in people.items() if len(paths) >= args.min_images),
                       key=lambda p: hashlib.sha256(f"{args.seed}:{p}".encode()).hexdigest())
-    return {p: sorted(people[p], key=lambda q: q.relative_to(datasets_root()).as_posix())
+    return {p: sorted(people[p], key=lambda q: q.relative_to(shared_datasets()).as_posix())
             for p in eligible[: args.voters or 22]}
 
 

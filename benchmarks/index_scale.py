@@ -3,7 +3,7 @@
     python benchmarks/index_scale.py --n 2000000 [--queries 1000] [--factory "auto;IVF8192,SQ8"]
                                      [--nprobe 512,682] [--refine-factor 10,20]
 
-Generates ``n`` synthetic faces (:mod:`face_assets.synthetic`, parameters calibrated on real
+Generates ``n`` synthetic faces (:mod:`benchmarks.synthetic`, parameters calibrated on real
 embeddings), builds each ``--factory`` in turn (``;``-separated, default: what "auto" picks for
 that size) and reports, in one run:
 
@@ -35,13 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-# Import order matters: face_assets.index sets OMP_WAIT_POLICY before faiss loads OpenMP.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from face_assets.index import FaceIndex  # noqa: E402
-from face_assets.synthetic import SyntheticFaces  # noqa: E402
+import numpy as np
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.synthetic import SyntheticFaces  # noqa: E402
+from face_assets.config import ProcessSettings  # noqa: E402
+from face_assets.index import FaceIndex  # noqa: E402
+from face_assets.process import apply_process_settings, faiss  # noqa: E402
 
 GB = 1024**3
 _T0 = time.time()
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    faiss.omp_set_num_threads(args.threads)
+    apply_process_settings(ProcessSettings(omp_threads=args.threads))  # before faiss loads
     k = args.k
 
     # -- data, generated straight into the exact index's storage -----------------------------

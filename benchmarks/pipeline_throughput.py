@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dagster import AssetKey, DagsterInstance  # noqa: E402
 
-from face_assets.config import datasets_root, load_settings  # noqa: E402
+from benchmarks import shared_datasets  # noqa: E402
+from face_assets.config import load_settings  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
 from face_assets.pipeline.resources import FaceAssetsResource  # noqa: E402
 from face_assets.pipeline.runner import run_pipeline  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (cores used)")
     args = parser.parse_args()
-    folder = datasets_root() / args.folder
+    folder = shared_datasets() / args.folder
     with tempfile.TemporaryDirectory() as root:
         root = Path(root)
         settings = {"models": {"intra_op_threads": args.threads},

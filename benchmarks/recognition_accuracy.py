@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import shared_datasets  # noqa: E402
 from face_assets import FaceRecognitionError, load_settings  # noqa: E402
-from face_assets.config import datasets_root  # noqa: E402
 from face_assets.evaluation import roc_auc, threshold_at_far  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config")
     args = parser.parse_args()
-    root = datasets_root() / "real"
+    root = shared_datasets() / "real"
     identities: dict[str, list[Path]] = defaultdict(list)
     for folder in FOLDERS:
         for path in sorted((root / folder).rglob("*")):

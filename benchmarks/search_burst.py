@@ -27,9 +27,9 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from feedback_load import make_tokens, revoke_tokens, start_server, stop_server  # also puts the repo on sys.path
-
-from face_assets.config import datasets_root  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import shared_datasets  # noqa: E402
+from benchmarks.feedback_load import make_tokens, revoke_tokens, start_server, stop_server  # noqa: E402
 
 
 def big_png(side: int, face: Path) -> bytes:
@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--face", type=Path, help="a face photo (default: the first LFW photo of the shared datasets)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    face = args.face or sorted((datasets_root() / "real" / "lfw10").glob("*/*.jpg"))[0]
+    face = args.face or sorted((shared_datasets() / "real" / "lfw10").glob("*/*.jpg"))[0]
     out = run(Path(args.index_dir), args.clients, args.side, face)
     if args.json:
         print(json.dumps(out, indent=2))

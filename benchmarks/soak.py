@@ -45,9 +45,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import shared_datasets  # noqa: E402
 from benchmarks.feedback_load import _free_port, verify  # noqa: E402
 from face_assets.auth import TokenStore  # noqa: E402
-from face_assets.config import datasets_root, load_settings  # noqa: E402
+from face_assets.config import load_settings  # noqa: E402
 from face_assets.imaging import content_hash  # noqa: E402
 
 
@@ -333,7 +334,7 @@ def _pct(values: list[float], q: float) -> float | None:
 def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_seconds: float = 40.0,
         voters: int = 4, work: Path | None = None, drain_seconds: float = 180.0, datasets: Path | None = None) -> dict:
     """Run the soak; returns the figures and the acceptance checks."""
-    datasets = datasets or datasets_root()
+    datasets = datasets or shared_datasets()
     photos = _photos(datasets)
     seed_photos, pool = photos[:24], photos[24:]
     work = Path(work or tempfile.mkdtemp(prefix="face-assets-soak-"))

@@ -1,4 +1,4 @@
-"""Real vs synthetic face-similarity distributions: the calibration of :mod:`face_assets.synthetic`.
+"""Real vs synthetic face-similarity distributions: the calibration of :mod:`benchmarks.synthetic`.
 
     python benchmarks/synthetic_calibration.py [--faces 20000] [--plot data/synthetic_calibration.png]
                                               [--fit] [--refresh]
@@ -9,8 +9,8 @@ file of ``real/{lfw10,deepface,imfdb,dlib_johns,ageitgey}/<identity>/`` under th
 face are skipped. They are cached in ``data/cache/real_embeddings.npz`` (recomputed when the file
 list changes, or with ``--refresh``).
 
-Synthetic faces are :class:`face_assets.synthetic.SyntheticFaces` with the default (calibrated)
-:class:`~face_assets.synthetic.SyntheticParams`, or freshly fitted ones with ``--fit``.
+Synthetic faces are :class:`benchmarks.synthetic.SyntheticFaces` with the default (calibrated)
+:class:`~benchmarks.synthetic.SyntheticParams`, or freshly fitted ones with ``--fit``.
 
 Printed: the same-person and different-person cosine histograms side by side (fraction of pairs
 per bin), then summary statistics (mean, std, percentiles, mean-embedding norm, PCA spectrum,
@@ -35,8 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from face_assets.config import datasets_root  # noqa: E402
-from face_assets.synthetic import (  # noqa: E402
+from benchmarks import shared_datasets  # noqa: E402
+from benchmarks.synthetic import (  # noqa: E402
     SyntheticParams,
     calibration_report,
     fit_params,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    emb, labels, _ = real_embeddings(datasets_root(), args.cache, args.refresh, log)
+    emb, labels, _ = real_embeddings(shared_datasets(), args.cache, args.refresh, log)
     sizes = np.unique(labels, return_counts=True)[1]
     params = fit_params(emb, labels, log=log) if args.fit else SyntheticParams()
     real = similarity_stats(emb, labels)

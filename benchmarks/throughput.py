@@ -21,8 +21,8 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import shared_datasets  # noqa: E402
 from face_assets import FaceFilter, load_settings  # noqa: E402
-from face_assets.config import datasets_root  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.models import builtin_pack_dir  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-folder", type=int, default=100, help="images taken from each real folder")
     args = parser.parse_args()
-    root = datasets_root() / "real"
+    root = shared_datasets() / "real"
     paths = [p for d in REAL for p in sorted(q for q in (root / d).rglob("*") if q.is_file())[: args.per_folder]]
     t_plain, f_plain = plain_loop(paths)
     t_ours, f_ours, v_ours = project_pipeline(paths)

@@ -12,13 +12,16 @@ from typing import Any
 from .config import Settings, config_reference, load_settings, write_settings
 from .errors import FaceRecognitionError
 from .models import builtin_pack_dir
+from .process import apply_process_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "data_dir", None):
         overrides["storage"] = {"data_dir": args.data_dir}
-    return load_settings(args.config, overrides=overrides or None)
+    settings = load_settings(args.config, overrides=overrides or None)
+    apply_process_settings(settings)  # start-up: before any command loads faiss
+    return settings
 
 
 def _progress(total: int, desc: str):

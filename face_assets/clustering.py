@@ -1,4 +1,4 @@
-"""Person clustering of face embeddings: kNN graph, average-linkage merging, metrics, stable ids.
+"""Person clustering of face embeddings: kNN graph, average-linkage merging, stable ids.
 
 The method (decision and evidence: ``docs/clustering.md``):
 
@@ -29,26 +29,22 @@ The method (decision and evidence: ``docs/clustering.md``):
    assignment agrees with a full re-clustering; then the same clear-best rule; the others are
    clustered among themselves.
 
-Also here: pairwise and BCubed precision/recall/F (:func:`clustering_metrics`), cluster quality
-(:func:`cluster_quality`), k-means sub-clusters for an automatic split (:func:`split_kmeans`)
-and the drift policy for full re-clustering (:func:`recluster_decision`). Pure computations on
-arrays; persistence lives in :mod:`face_assets.store`, the API in :mod:`face_assets.library`.
+Also here: cluster quality (:func:`cluster_quality`), k-means sub-clusters for an automatic split
+(:func:`split_kmeans`) and the drift policy for full re-clustering (:func:`recluster_decision`).
+Pure computations on arrays; persistence lives in :mod:`face_assets.store`, the API in :mod:`face_assets.library`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see index.py: same reason, same import order
-import faiss  # noqa: E402
-
-from .config import ClusteringSettings  # noqa: E402
+from .config import ClusteringSettings
+from .process import faiss  # loaded on first use, after the process settings (OpenMP's wait policy)
 
 __all__ = [
     "KnnGraph",
@@ -57,9 +53,6 @@ __all__ = [
     "average_linkage",
     "cluster_embeddings",
     "merge_threshold",
-    "clustering_metrics",
-    "pairwise_prf",
-    "bcubed_prf",
     "match_ids",
     "assign_to_clusters",
     "cluster_means",
@@ -779,58 +772,6 @@ def cluster_embeddings(
                              must_link=must_link, cannot_link=cannot_link, log=log)
     secs = {"graph": t - t0, "linkage": time.perf_counter() - t, "total": time.perf_counter() - t0}
     return ClusteringResult(labels, int(len(np.unique(labels))), secs)
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-def _contingency(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sizes of the non-empty (pred, true) cells, and of each pred / true cluster."""
-    _, p = np.unique(np.asarray(pred), return_inverse=True)
-    _, t = np.unique(np.asarray(true), return_inverse=True)
-    key = p.astype(np.int64) * (t.max() + 1) + t
-    _, cell = np.unique(key, return_counts=True)
-    return cell.astype(np.float64), np.bincount(p).astype(np.float64), np.bincount(t).astype(np.float64)
-
-
-def _f(p: float, r: float) -> float:
-    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
-
-
-def pairwise_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
-    """Pairwise precision, recall and F1: over pairs of faces put together / truly together.
-
-    With no pair on one side (all singletons), that side's value is 1.
-    """
-    cell, ps, ts = _contingency(pred, true)
-    tp = (cell * (cell - 1)).sum() / 2
-    pp = (ps * (ps - 1)).sum() / 2
-    tt = (ts * (ts - 1)).sum() / 2
-    p = tp / pp if pp else 1.0
-    r = tp / tt if tt else 1.0
-    return float(p), float(r), _f(p, r)
-
-
-def bcubed_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
-    """BCubed precision, recall and F1 (per face, averaged over faces; Amigo et al. 2009)."""
-    pred, true = np.asarray(pred), np.asarray(true)
-    _, p = np.unique(pred, return_inverse=True)
-    _, t = np.unique(true, return_inverse=True)
-    key = p.astype(np.int64) * (t.max() + 1) + t
-    _, cell_of, cell = np.unique(key, return_inverse=True, return_counts=True)
-    c = cell[cell_of].astype(np.float64)
-    prec = float(np.mean(c / np.bincount(p)[p]))
-    rec = float(np.mean(c / np.bincount(t)[t]))
-    return prec, rec, _f(prec, rec)
-
-
-def clustering_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Pairwise and BCubed P/R/F and cluster counts of a clustering against the truth."""
-    pp, pr, pf = pairwise_prf(pred, true)
-    bp, br, bf = bcubed_prf(pred, true)
-    return {"pairwise_precision": pp, "pairwise_recall": pr, "pairwise_f": pf,
-            "bcubed_precision": bp, "bcubed_recall": br, "bcubed_f": bf,
-            "clusters": int(len(np.unique(pred))), "true_clusters": int(len(np.unique(true)))}
 
 
 # -- stable ids --------------------------------------------------------------------------------------

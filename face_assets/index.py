@@ -47,13 +47,8 @@ from typing import Any
 
 import numpy as np
 
-# faiss' OpenMP threads busy-wait between parallel regions by default. On a few shared cores
-# that turns small parallel steps into a crawl (k-means on 6,000 vectors: 22 s spinning vs 0.2 s
-# passive, 2 loaded cores). Must be set before OpenMP loads (first faiss import); a user's wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import faiss  # noqa: E402
-
 from .errors import EmbeddingError, FaceRecognitionError, IndexCorruptError, IndexNotFoundError
+from .process import faiss  # loaded on first use, after the process settings (OpenMP's wait policy)
 
 __all__ = [
     "FaceIndex",

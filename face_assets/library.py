@@ -37,6 +37,7 @@ from .filtering import FaceFilter
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
 from .models import embedding_dim_of, resolve_pack
+from .process import apply_process_settings
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
@@ -137,6 +138,7 @@ class FaceRecognitionLibrary:
         if model_name is not None:
             overrides["models"] = {"pack": model_name}
         self.settings = settings or load_settings(config_path, overrides=overrides or None)
+        apply_process_settings(self.settings)  # the first entry point of the process wins
         self.index_dir = Path(self.settings.storage.data_dir)
         self._lock = threading.RLock()
         self._filter: FaceFilter | None = None

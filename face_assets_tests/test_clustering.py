@@ -1,4 +1,4 @@
-"""Person clustering: metrics, the method on synthetic faces, stable ids, constraints, and the library
+"""Person clustering: the method on synthetic faces, stable ids, constraints, and the library
 end to end with real models, a real DuckDB file and real faiss."""
 
 from __future__ import annotations
@@ -10,20 +10,19 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks.metrics import clustering_metrics
+from benchmarks.synthetic import SyntheticFaces
 from face_assets.cli import main as cli_main
 from face_assets.clustering import (
     MeansIndex,
     assign_to_clusters,
     average_linkage,
-    bcubed_prf,
     cluster_embeddings,
     cluster_means,
     cluster_quality,
-    clustering_metrics,
     knn_graph,
     match_ids,
     merge_threshold,
-    pairwise_prf,
     recluster_decision,
     split_kmeans,
 )
@@ -31,23 +30,8 @@ from face_assets.errors import ClusterNotFoundError, CurationError
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.persons import ClusterStore
 from face_assets.store import Catalog
-from face_assets.synthetic import SyntheticFaces
 
-# -- metrics on hand examples ----------------------------------------------------------------------
-
-
-def test_pairwise_and_bcubed_by_hand():
-    pred, true = [0, 0, 1, 1], [0, 0, 0, 1]
-    # Predicted pairs (0,1), (2,3); true pairs (0,1), (0,2), (1,2); one in common.
-    assert pairwise_prf(pred, true) == pytest.approx((1 / 2, 1 / 3, 0.4))
-    # BCubed per face: precision 1, 1, 1/2, 1/2; recall 2/3, 2/3, 1/3, 1.
-    p, r, f = bcubed_prf(pred, true)
-    assert (p, r) == pytest.approx((0.75, 2 / 3))
-    assert f == pytest.approx(2 * 0.75 * (2 / 3) / (0.75 + 2 / 3))
-    assert pairwise_prf([0, 1, 2], [0, 0, 1])[0] == 1.0  # no predicted pair: nothing wrong
-    m = clustering_metrics(["a", "a", "b"], [7, 7, 7])
-    assert m["clusters"] == 2 and m["true_clusters"] == 1 and m["pairwise_recall"] == pytest.approx(1 / 3)
-    assert clustering_metrics(true, true)["bcubed_f"] == 1.0
+# -- by hand ---------------------------------------------------------------------------------------
 
 
 def test_cluster_quality_by_hand():

@@ -20,7 +20,7 @@ from face_assets.index import (
     IndexNotFoundError,
     ModelVersionMismatchError,
 )
-from face_assets.synthetic import SyntheticFaces
+from benchmarks.synthetic import SyntheticFaces
 
 DIM = 128
 N = 20_000

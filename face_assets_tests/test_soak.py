@@ -7,22 +7,13 @@ latency figures are printed, not asserted (docs/operations.md has those of the f
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _soak():
-    spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import soak
 
 
 def test_short_soak(datasets, tmp_path):
-    out = _soak().run(minutes=1.5, drop_every=15, batch=3, idle_seconds=15, voters=2, work=tmp_path / "soak",
+    out = soak.run(minutes=1.5, drop_every=15, batch=3, idle_seconds=15, voters=2, work=tmp_path / "soak",
                       drain_seconds=150, datasets=datasets)
     print(json.dumps(out, indent=1, default=str))
     checks = out["acceptance"]

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
-from conftest import REPO_ROOT
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("feedback_load", REPO_ROOT / "benchmarks" / "feedback_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import feedback_load
 
 
 def test_load_every_acknowledged_vote_stored_once(indexed_dir, tmp_path):
     """~10 s of concurrent votes, each client voting with three reviewer tokens; figures go to the output."""
     data_dir = tmp_path / "data"
     shutil.copytree(indexed_dir, data_dir)
-    out = _load_benchmark().run(data_dir, seconds=10, clients=8, n_queries=3)
+    out = feedback_load.run(data_dir, seconds=10, clients=8, n_queries=3)
     print(f"\nfeedback load: {out['requests_per_second']} req/s, p99 {out['latency_ms']['p99']} ms, "
           f"{out['acknowledged']} acknowledged votes on {out['keys_acknowledged']} keys, {out['rows']} rows")
     assert out["errors"] == 0 and out["server_exit_code"] == 0, out

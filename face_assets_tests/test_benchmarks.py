@@ -1,13 +1,13 @@
-"""Tests of face_assets.synthetic: determinism, shapes, unit norm, calibrated similarity law, long tail."""
+"""Tests of the benchmark package: the clustering metrics by hand, and the synthetic faces (determinism,
+shapes, unit norm, calibrated similarity law, long tail)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from face_assets.synthetic import (
+from benchmarks.metrics import bcubed_prf, clustering_metrics, pairwise_prf
+from benchmarks.synthetic import (
     IDS_PER_BLOCK,
     SyntheticFaces,
     SyntheticParams,
@@ -17,9 +17,22 @@ from face_assets.synthetic import (
     similarity_stats,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The old law, for contrast: isotropic random directions, no mean, no clusters.
 ISOTROPIC = dict(mean_share=0.0, identity_decay=0.0, noise_decay=0.0, noise_alignment=0.0, cluster_share=0.0)
+
+
+def test_pairwise_and_bcubed_by_hand():
+    pred, true = [0, 0, 1, 1], [0, 0, 0, 1]
+    # Predicted pairs (0,1), (2,3); true pairs (0,1), (0,2), (1,2); one in common.
+    assert pairwise_prf(pred, true) == pytest.approx((1 / 2, 1 / 3, 0.4))
+    # BCubed per face: precision 1, 1, 1/2, 1/2; recall 2/3, 2/3, 1/3, 1.
+    p, r, f = bcubed_prf(pred, true)
+    assert (p, r) == pytest.approx((0.75, 2 / 3))
+    assert f == pytest.approx(2 * 0.75 * (2 / 3) / (0.75 + 2 / 3))
+    assert pairwise_prf([0, 1, 2], [0, 0, 1])[0] == 1.0  # no predicted pair: nothing wrong
+    m = clustering_metrics(["a", "a", "b"], [7, 7, 7])
+    assert m["clusters"] == 2 and m["true_clusters"] == 1 and m["pairwise_recall"] == pytest.approx(1 / 3)
+    assert clustering_metrics(true, true)["bcubed_f"] == 1.0
 
 
 def _pair_sims(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator, n: int = 20_000):
@@ -191,14 +204,13 @@ def test_fit_recovers_known_parameters():
     assert fitted.identity_decay > 0.5  # clearly anisotropic, as the truth
 
 
-def test_defaults_match_the_real_embeddings(datasets, monkeypatch):
+def test_defaults_match_the_real_embeddings(datasets):
     """The calibrated defaults against the real labelled faces, embedded as the calibration benchmark does.
 
     The benchmark's own cache (``data/cache``) is reused when it holds the current file list, else the
     faces are embedded once (about a minute) and cached there.
     """
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
-    from synthetic_calibration import DEFAULT_CACHE, real_embeddings
+    from benchmarks.synthetic_calibration import DEFAULT_CACHE, real_embeddings
 
     emb, labels, _ = real_embeddings(datasets, DEFAULT_CACHE, log=lambda _: None)
     real = similarity_stats(emb, labels)
