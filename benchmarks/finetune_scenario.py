@@ -45,8 +45,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from face_assets import load_settings  # noqa: E402
 from benchmarks import shared_datasets  # noqa: E402
+from face_assets import load_settings  # noqa: E402
 from face_assets.evaluation import all_pairs, identity_metrics, operating_point  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.library import FaceRecognitionLibrary  # noqa: E402
