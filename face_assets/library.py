@@ -698,7 +698,7 @@ class FaceRecognitionLibrary:
         with self._lock:
             return [row | {"active": row["version"] == self.active_model,
                            "match_threshold": registry.match_threshold(row, self.settings)}
-                    for row in self.catalog.model_versions()]
+                    for row in registry.versions(self.catalog)]
 
     def reembed(self, on_progress: ProgressCallback | None = None) -> IngestSummary:
         """Process again every image embedded by another model version (same image ids and metadata)."""
@@ -750,13 +750,13 @@ class FaceRecognitionLibrary:
         result = training.fine_tune(self.settings, analyzer, self.active_model, registry.runs_dir(self.settings) / run_id,
                                     pairs, triplets, persons, on_epoch_end, threshold=threshold)
         with self._lock:
-            known = [r["version"] for r in self.catalog.model_versions() if r["sha256"] == result.sha256]
+            known = [r["version"] for r in registry.versions(self.catalog) if r["sha256"] == result.sha256]
             result.version = known[0] if known else registry.new_version_name(result.sha256)
             if not known:
                 target = registry.versions_dir(self.settings) / f"{result.version}.onnx"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(result.model_path, target)
-                self.catalog.add_model_version(
+                registry.add_version(self.catalog, 
                     result.version, result.parent, str(target.relative_to(self.settings.storage.data_dir)),
                     result.sha256, "candidate" if result.passed_gate else "rejected",
                     {"gate": {"passed": result.passed_gate, "reasons": result.gate_reasons, "failed": result.gate_failed}} | result.metrics
@@ -775,20 +775,20 @@ class FaceRecognitionLibrary:
                 raise ModelVersionError(f"model version '{version}' failed the evaluation gate ({reasons}); "
                                         "use force to promote it anyway")
             if row["status"] != "promoted":
-                self.catalog.promote_model(version)
+                registry.promote(self.catalog, version)
             return self.use_model(version)
 
     def rollback(self, version: str | None = None) -> str:
         """Go back to ``version``, by default the one the promoted model replaced; hot-swaps. Returns the version."""
         with self._lock:
-            current = self.catalog.promoted_model()
-            target = version or (self.catalog.previous_model(current) if current else None)
+            current = registry.promoted(self.catalog)
+            target = version or (registry.previous(self.catalog, current) if current else None)
             if target is None:
                 raise ModelVersionError(f"nothing to roll back to from '{current}'")
             if registry.failed_gate(registry.version_row(self.catalog, target)):
                 raise ModelVersionError(f"model version '{target}' failed the evaluation gate; promote it with force")
             if target != current:
-                self.catalog.promote_model(target, action="rollback")
+                registry.promote(self.catalog, target, action="rollback")
             self.use_model(target)
             return target
 

@@ -111,12 +111,7 @@ class ClusterStore:
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
-        if not catalog.read_only:
-            with catalog.db.read() as con:
-                known = con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'cluster_runs'").fetchall()
-            if not known:
-                with self.transaction() as con:
-                    con.execute(CLUSTER_SCHEMA)
+        catalog.db.ensure(CLUSTER_SCHEMA, "cluster_runs")
 
     def transaction(self):
         """One write session on the catalog file (joined by nested calls of the same thread)."""

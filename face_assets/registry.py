@@ -1,6 +1,14 @@
-"""Where recognizer versions live and how a version name resolves to its ONNX file.
+"""The model registry: recognizer versions, promotions, and how a version name resolves to its ONNX file.
 
-The registry rows are in the catalog (``model_versions``, see :mod:`face_assets.store`); the files are
+Tables, in the catalog's DuckDB file (this module owns them and their SQL):
+
+``model_versions``  ``version``, ``parent``, ``path`` (relative to the data folder; NULL for the
+            pack's own recognizer, version ``base``), ``sha256``, ``status`` (``candidate`` /
+            ``promoted`` / ``retired`` / ``rejected``), gate ``metrics`` (with the version's
+            ``match_threshold``), ``created_at``.
+``model_promotions``  every promotion and rollback: when, which version, which one it replaced.
+
+The files are
 under the data folder, ``<data_dir>/models/versions/<version>.onnx``, stored relative to ``data_dir``
 so a data folder can move. Version ``base`` is the model pack's own recognizer. Nothing here needs
 torch: listing, promoting and rolling back work without the training extra.
@@ -13,8 +21,10 @@ rollback restores the previous threshold too.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .config import Settings
 from .errors import ModelVersionError
@@ -22,6 +32,77 @@ from .models import ModelPack
 from .store import Catalog
 
 BASE = "base"
+STATUSES = ("candidate", "promoted", "retired", "rejected")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_versions (
+    version VARCHAR PRIMARY KEY,
+    parent VARCHAR,
+    path VARCHAR,
+    sha256 VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    metrics JSON,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_promotions (
+    promoted_at TIMESTAMPTZ NOT NULL,
+    version VARCHAR NOT NULL,
+    previous VARCHAR,
+    action VARCHAR NOT NULL
+);
+"""
+
+
+def _ready(catalog: Catalog) -> Catalog:
+    catalog.db.ensure(SCHEMA, "model_promotions")
+    return catalog
+
+
+def add_version(catalog: Catalog, version: str, parent: str | None, path: str | None, sha256: str, status: str,
+                metrics: dict[str, Any] | None = None) -> None:
+    """Register a recognizer version (idempotent: a version already known keeps its row)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    with _ready(catalog).transaction() as con:
+        con.execute(
+            """INSERT INTO model_versions (version, parent, path, sha256, status, metrics, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+            [version, parent, path, sha256, status, json.dumps(metrics) if metrics else None,
+             datetime.now(timezone.utc)],
+        )
+
+
+def versions(catalog: Catalog) -> list[dict[str, Any]]:
+    """Every registered recognizer version, oldest first."""
+    rows = _ready(catalog).query("""SELECT version, parent, path, sha256, status, metrics, created_at
+                                    FROM model_versions ORDER BY created_at, version""")
+    return [{"version": r[0], "parent": r[1], "path": r[2], "sha256": r[3], "status": r[4],
+             "metrics": json.loads(r[5]) if r[5] else None, "created_at": r[6]} for r in rows]
+
+
+def promoted(catalog: Catalog) -> str | None:
+    """The version with status ``promoted``, if any."""
+    rows = _ready(catalog).query("SELECT version FROM model_versions WHERE status = 'promoted'")
+    return rows[0][0] if rows else None
+
+
+def promote(catalog: Catalog, version: str, action: str = "promote") -> str | None:
+    """Make ``version`` the promoted one and retire the previous; logged. Returns the previous version."""
+    with _ready(catalog).transaction() as con:
+        row = con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
+        previous = row[0] if row else None
+        con.execute("UPDATE model_versions SET status = 'retired' WHERE status = 'promoted'")
+        con.execute("UPDATE model_versions SET status = 'promoted' WHERE version = ?", [version])
+        con.execute("INSERT INTO model_promotions VALUES (?, ?, ?, ?)",
+                    [datetime.now(timezone.utc), version, previous, action])
+    return previous
+
+
+def previous(catalog: Catalog, version: str) -> str | None:
+    """The version that ``version`` replaced when it was last promoted."""
+    rows = _ready(catalog).query(
+        "SELECT previous FROM model_promotions WHERE version = ? ORDER BY promoted_at DESC LIMIT 1", [version])
+    return rows[0][0] if rows else None
 
 
 def versions_dir(settings: Settings) -> Path:
@@ -44,19 +125,19 @@ def ensure_base(catalog: Catalog, pack: ModelPack) -> None:
 
     Writes only the first time, so opening a library for reading takes no write session.
     """
-    if catalog.promoted_model() is not None and any(r["version"] == BASE for r in catalog.model_versions()):
+    if promoted(catalog) is not None and any(r["version"] == BASE for r in versions(catalog)):
         return
-    catalog.add_model_version(BASE, None, None, pack.recognizer_sha256, "retired")
-    if catalog.promoted_model() is None:
-        catalog.promote_model(BASE, action="initial")
+    add_version(catalog, BASE, None, None, pack.recognizer_sha256, "retired")
+    if promoted(catalog) is None:
+        promote(catalog, BASE, action="initial")
 
 
 def version_row(catalog: Catalog, version: str) -> dict:
     """The registry row of ``version``; :class:`ModelVersionError` when unknown."""
-    for row in catalog.model_versions():
+    for row in versions(catalog):
         if row["version"] == version:
             return row
-    known = ", ".join(r["version"] for r in catalog.model_versions()) or "none"
+    known = ", ".join(r["version"] for r in versions(catalog)) or "none"
     raise ModelVersionError(f"unknown model version '{version}' (known: {known})")
 
 
@@ -88,4 +169,4 @@ def model_file(catalog: Catalog, settings: Settings, pack: ModelPack, version: s
 
 def active_version(catalog: Catalog, settings: Settings) -> str:
     """The version the library should run: ``training.active_model`` if set, else the promoted one."""
-    return settings.training.active_model or catalog.promoted_model() or BASE
+    return settings.training.active_model or promoted(catalog) or BASE

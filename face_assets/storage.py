@@ -177,6 +177,7 @@ class DuckDBFile:
         self.publish_interval = publish_interval
         self._schema = schema
         self._schema_done = False
+        self._ensured: set[str] = set()
         self._lock = _file_lock(None if self._memory is not None else self.master.with_name(self.master.name + ".lock"))
         self._local = threading.local()
         self._queue: list[_Pending] = []
@@ -282,6 +283,18 @@ class DuckDBFile:
     def _release(self, con: duckdb.DuckDBPyConnection) -> None:
         if con is not self._memory:
             con.close()
+
+    def ensure(self, schema: str, table: str) -> None:
+        """Create the tables of ``schema`` unless ``table`` exists: for a module that keeps its own
+        tables in this file. Checked once per process; a read-only file is left as it is."""
+        if self.read_only or table in self._ensured:
+            return
+        with self.read() as con:
+            found = con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
+        if not found:
+            with self.write() as con:
+                con.execute(schema)
+        self._ensured.add(table)
 
     @contextmanager
     def locked(self) -> Iterator[None]:

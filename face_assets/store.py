@@ -9,10 +9,8 @@ Tables (query them with DuckDB SQL, see ``docs/filter.md``):
             box, ``det_score``, ``embedding_norm``, size, area ratio, cartoon probability,
             ``quality``, own verdict, ``model_version`` and the normalized ``embedding``.
 
-``model_versions``  the recognizer registry: ``version``, ``parent``, ``path`` (relative to the data
-            folder; NULL for the pack's own recognizer, version ``base``), ``sha256``, ``status``
-            (``candidate`` / ``promoted`` / ``retired`` / ``rejected``), gate ``metrics``, ``created_at``.
-``model_promotions``  every promotion and rollback: when, which version, which one it replaced.
+The model registry (:mod:`face_assets.registry`) and the person clusters (:mod:`face_assets.persons`)
+keep their own tables in the same file, each module with its own SQL.
 
 Each image is written in one transaction, so a crash never leaves half an image behind.
 """
@@ -70,23 +68,7 @@ CREATE TABLE IF NOT EXISTS faces (
 );
 CREATE INDEX IF NOT EXISTS faces_image_idx ON faces (image_id);
 CREATE INDEX IF NOT EXISTS images_hash_idx ON images (content_hash);
-CREATE TABLE IF NOT EXISTS model_versions (
-    version VARCHAR PRIMARY KEY,
-    parent VARCHAR,
-    path VARCHAR,
-    sha256 VARCHAR NOT NULL,
-    status VARCHAR NOT NULL,
-    metrics JSON,
-    created_at TIMESTAMPTZ NOT NULL
-);
-CREATE TABLE IF NOT EXISTS model_promotions (
-    promoted_at TIMESTAMPTZ NOT NULL,
-    version VARCHAR NOT NULL,
-    previous VARCHAR,
-    action VARCHAR NOT NULL
-);
 """
-MODEL_STATUSES = ("candidate", "promoted", "retired", "rejected")
 
 class Catalog:
     """The DuckDB catalog of images and faces, in short sessions (see :mod:`face_assets.storage`).
@@ -348,53 +330,6 @@ class Catalog:
             added = [r[0] for r in con.execute("SELECT image_id FROM staged_images ORDER BY image_id").fetchall()]
             con.execute("DROP TABLE staged_images")
         return {"images": len(added), "faces": len(faces), "skipped": total - len(added), "image_ids": added}
-    # -- model registry ----------------------------------------------------------------------
-    def add_model_version(self, version: str, parent: str | None, path: str | None, sha256: str, status: str,
-                          metrics: dict[str, Any] | None = None) -> None:
-        """Register a recognizer version (idempotent: a version already known keeps its row)."""
-        if status not in MODEL_STATUSES:
-            raise ValueError(f"status must be one of {MODEL_STATUSES}, got {status!r}")
-        with self.transaction() as con:
-            con.execute(
-                """INSERT INTO model_versions (version, parent, path, sha256, status, metrics, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-                [version, parent, path, sha256, status, json.dumps(metrics) if metrics else None, _now()],
-            )
-
-    def model_versions(self) -> list[dict[str, Any]]:
-        """Every registered recognizer version, oldest first."""
-        with self._read() as con:
-            rows = con.execute(
-                """SELECT version, parent, path, sha256, status, metrics, created_at
-                   FROM model_versions ORDER BY created_at, version"""
-            ).fetchall()
-        return [{"version": r[0], "parent": r[1], "path": r[2], "sha256": r[3], "status": r[4],
-                 "metrics": json.loads(r[5]) if r[5] else None, "created_at": r[6]} for r in rows]
-
-    def promoted_model(self) -> str | None:
-        """The version with status ``promoted``, if any."""
-        with self._read() as con:
-            row = con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
-        return row[0] if row else None
-
-    def promote_model(self, version: str, action: str = "promote") -> str | None:
-        """Make ``version`` the promoted one and retire the previous; logged. Returns the previous version."""
-        with self.transaction() as con:
-            row = con.execute("SELECT version FROM model_versions WHERE status = 'promoted'").fetchone()
-            previous = row[0] if row else None
-            con.execute("UPDATE model_versions SET status = 'retired' WHERE status = 'promoted'")
-            con.execute("UPDATE model_versions SET status = 'promoted' WHERE version = ?", [version])
-            con.execute("INSERT INTO model_promotions VALUES (?, ?, ?, ?)", [_now(), version, previous, action])
-        return previous
-
-    def previous_model(self, version: str) -> str | None:
-        """The version that ``version`` replaced when it was last promoted."""
-        with self._read() as con:
-            row = con.execute(
-                "SELECT previous FROM model_promotions WHERE version = ? ORDER BY promoted_at DESC LIMIT 1", [version]
-            ).fetchone()
-        return row[0] if row else None
-
     def image_sources(self, exclude_model_version: str) -> list[tuple[str, str, dict | None]]:
         """``(image_id, path, metadata)`` of readable images not yet processed by ``exclude_model_version``."""
         with self._read() as con:

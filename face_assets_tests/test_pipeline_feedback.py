@@ -23,6 +23,7 @@ from dagster import (
     materialize,
 )
 
+from face_assets import registry
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.pipeline.assets import ASSETS, ann_index, face_embeddings, image_batches
 from face_assets.pipeline.definitions import ALL_ASSETS, REEMBED_JOB, RETRAIN_JOB, build_retrain_job, defs
@@ -175,7 +176,7 @@ def test_promotion_requests_reembedding_and_ingest_follows_the_active_model(ws, 
     # The candidate becomes the promoted version outside the graph, and nothing is re-embedded yet (as
     # when the process that promoted it stopped before re-embedding).
     with Catalog.open(ws.resource.settings.storage) as catalog:
-        catalog.promote_model(ws.candidate)
+        registry.promote(catalog, ws.candidate)
     tag = ws.resource.active_recognizer()[2]
     request = sensor(build_sensor_context(instance=ws.instance, cursor=context.cursor, resources=ws.resources))
     assert isinstance(request, RunRequest) and request.tags["face_assets/model_version"] == ws.candidate
