@@ -227,7 +227,8 @@ def staged_embeddings_check(context: AssetCheckExecutionContext, face_assets: Fa
     key = context.run.tags["dagster/partition"]
     faces = pl.read_parquet(face_assets.batches().folder(key) / "faces.parquet", columns=["embedding"])
     rows = faces["embedding"].drop_nulls().to_list()
-    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
+    # A batch without faces (blank or unreadable images only) has nothing to check, and passes.
+    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), -1) if rows else np.empty((0, 0), np.float32)
     finite = np.isfinite(vectors).all(axis=1)
     deviation = np.abs(np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1) - 1.0)
     bad = int((~finite | (deviation > NORM_TOLERANCE)).sum())
