@@ -249,6 +249,10 @@ def test_a_batch_that_fails_its_staged_check_is_never_merged(datasets, tmp_path)
     assert w.instance.get_latest_materialization_event(face_embeddings.key) is None
     after = evaluate_automation_conditions(defs, w.instance, cursor=baseline.cursor)
     assert after.total_requested == 0  # neither the index nor the clusters are asked for
+    # Materialized alone, without the check before it, the merge refuses the batch too, without retrying.
+    alone = w.materialize(key, selection=[face_embeddings], raise_on_error=False)
+    assert not alone.success and not (w.data / "face_assets.duckdb").exists()
+    assert not [e for e in alone.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
 
 
 def test_a_batch_without_faces_passes_the_check_and_is_merged(datasets, tmp_path):
