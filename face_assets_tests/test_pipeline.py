@@ -50,6 +50,7 @@ from face_assets.pipeline.assets import (
 from face_assets.pipeline.clusters import person_clusters
 from face_assets.pipeline.definitions import CLUSTER_JOB, INGEST_JOB, REFRESH_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
+from face_assets.pipeline.runner import seed_incoming
 from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
 
@@ -248,6 +249,19 @@ def test_a_batch_that_fails_its_staged_check_is_never_merged(datasets, tmp_path)
     assert w.instance.get_latest_materialization_event(face_embeddings.key) is None
     after = evaluate_automation_conditions(defs, w.instance, cursor=baseline.cursor)
     assert after.total_requested == 0  # neither the index nor the clusters are asked for
+    # Materialized alone, without the check before it, the merge refuses the batch too, without retrying.
+    alone = w.materialize(key, selection=[face_embeddings], raise_on_error=False)
+    assert not alone.success and not (w.data / "face_assets.duckdb").exists()
+    assert not [e for e in alone.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_a_batch_without_faces_passes_the_check_and_is_merged(datasets, tmp_path):
+    w = Workspace(tmp_path, datasets, ["corrupted/all_white_640x480.jpg", "corrupted/truncated_50pct.jpg"])
+    (key,) = w.plan()
+    result = w.materialize(key, selection=INGEST)
+    (check,) = result.get_asset_check_evaluations()
+    assert result.success and check.passed and check.metadata["embeddings"].value == 0
+    assert dict(w.sql("SELECT status, count(*) FROM images GROUP BY ALL")) == {"rejected": 1, "unreadable": 1}
 
 
 def test_touched_renamed_or_copied_again_files_plan_nothing(datasets, tmp_path):
@@ -485,6 +499,23 @@ def test_merge_replaces_faces_of_another_model_version(ws, tmp_path):
         assert catalog.query("SELECT count(*), count(DISTINCT model_version) FROM images WHERE status <> 'unreadable'") == [(4, 1)]
         (new_face,) = catalog.query("SELECT face_id FROM faces WHERE image_id = 'user-1'")
         assert new_face[0] > max(i for (i,) in old) and len(catalog.query("SELECT * FROM faces")) == len(old)
+
+
+def test_first_run_seeds_the_default_watched_folder_with_the_samples(datasets, tmp_path):
+    samples = tmp_path / "pack"
+    samples.mkdir()
+    shutil.copy(datasets / FIRST[0], samples / "one.jpg")
+    shutil.copy(datasets / LATER[0], samples / "two.JPG")
+    (samples / "w600k_mbf.onnx").write_bytes(b"not a photo")
+    resource = FaceAssetsResource(data_dir=str(tmp_path / "data"))
+    copied = seed_incoming(resource, samples)
+    assert sorted(p.name for p in copied) == ["one.jpg", "two.JPG"]
+    assert resource.watched_folders() == [tmp_path / "data" / "incoming"]
+    assert sorted(p.name for p in resource.incoming_dir.iterdir()) == ["one.jpg", "two.JPG"]
+    (resource.incoming_dir / "one.jpg").unlink()
+    assert seed_incoming(resource, samples) == []  # only on first use: what the user removed stays removed
+    watched = Workspace(tmp_path / "w", datasets, [])
+    assert seed_incoming(watched.resource, samples) == [] and not (watched.data / "incoming").exists()
 
 
 def test_pipeline_command_launches_the_jobs_once(datasets, tmp_path, capfd, monkeypatch):

@@ -218,25 +218,27 @@ STAGED_CHECK = "embeddings_finite_and_normalized"
 """Blocking check of ``filtered_images``: the staged embeddings are finite and of unit length."""
 
 
+def staged_embedding_faults(faces_file: Path) -> dict[str, Any]:
+    """Embeddings of a staged ``faces.parquet``: how many, how many not finite, how many not of unit length."""
+    rows = pl.read_parquet(faces_file, columns=["embedding"])["embedding"].drop_nulls().to_list()
+    # A batch without faces (blank or unreadable images only) has nothing to check, and passes.
+    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), -1) if rows else np.empty((0, 0), np.float32)
+    finite = np.isfinite(vectors).all(axis=1)
+    deviation = np.abs(np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1) - 1.0)
+    return {"embeddings": len(rows), "non_finite": int((~finite).sum()),
+            "not_unit_length": int((finite & (deviation > NORM_TOLERANCE)).sum()),
+            "max_norm_deviation": float(deviation[finite].max()) if finite.any() else 0.0}
+
+
 @asset_check(asset=filtered_images, name=STAGED_CHECK, blocking=True,
              description="Every embedding staged for the batch (faces.parquet) is finite and of unit length; "
              "a batch that fails is never merged into the catalog.")
 def staged_embeddings_check(context: AssetCheckExecutionContext, face_assets: FaceAssetsResource) -> AssetCheckResult:
     """Read the staged Parquet of the run's batch; fail (blocking the merge) on a non-finite or non-unit embedding."""
     key = context.run.tags["dagster/partition"]
-    faces = pl.read_parquet(face_assets.batches().folder(key) / "faces.parquet", columns=["embedding"])
-    rows = faces["embedding"].drop_nulls().to_list()
-    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
-    finite = np.isfinite(vectors).all(axis=1)
-    deviation = np.abs(np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1) - 1.0)
-    bad = int((~finite | (deviation > NORM_TOLERANCE)).sum())
-    return AssetCheckResult(
-        passed=bad == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"partition": key, "embeddings": len(rows), "non_finite": int((~finite).sum()),
-                  "not_unit_length": int((finite & (deviation > NORM_TOLERANCE)).sum()),
-                  "max_norm_deviation": float(deviation[finite].max()) if finite.any() else 0.0},
-    )
+    faults = staged_embedding_faults(face_assets.batches().folder(key) / "faces.parquet")
+    return AssetCheckResult(passed=not faults["non_finite"] and not faults["not_unit_length"],
+                            severity=AssetCheckSeverity.ERROR, metadata={"partition": key, **faults})
 
 
 @asset(
@@ -253,10 +255,13 @@ def staged_embeddings_check(context: AssetCheckExecutionContext, face_assets: Fa
 def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> MaterializeResult:
     """Merge the partition's Parquet files into the main catalog in one transaction (idempotent).
 
+    The staged embeddings are checked again here, so that materializing this asset alone (without
+    the check before it) cannot merge a batch that fails the check either.
+
     Raises:
         Failure: the batch was embedded by another model version than the one active now (a version
-            was promoted meanwhile; a :class:`ModelVersionError`, not retried): materialize the whole
-            partition again.
+            was promoted meanwhile; a :class:`ModelVersionError`), or its staged embeddings fail the
+            check; not retried: materialize the whole partition again.
     """
     start = time.perf_counter()
     folder = face_assets.batches().folder(context.partition_key)
@@ -270,6 +275,10 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
                                   f"model version '{version}' ({active_tag}) is active now: materialize the whole "
                                   "partition again")
         raise Failure(str(error), allow_retries=False) from error
+    faults = staged_embedding_faults(folder / "faces.parquet")
+    if faults["non_finite"] or faults["not_unit_length"]:
+        raise Failure(f"batch {context.partition_key} fails {STAGED_CHECK}: not merged", metadata=faults,
+                      allow_retries=False)
     with face_assets.catalog() as catalog:
         merged = catalog.import_parquet(images_file, folder / "faces.parquet")
         totals = catalog.stats()

@@ -109,7 +109,9 @@ class _Launcher:
         settings = face_assets.settings
         self.pipeline_json = settings.pipeline.model_dump_json()
         self.max_retries = settings.pipeline.max_partition_retries
-        resource = {k: v for k, v in face_assets.model_dump().items() if v is not None}
+        # Absolute paths: the step processes, and a re-execution from the UI, may run in another folder.
+        resource = {k: str(Path(v).absolute()) if k in ("config_path", "data_dir") else v
+                    for k, v in face_assets.model_dump().items() if v is not None}
         self.run_config = {"resources": {"face_assets": {"config": resource}},
                            # DEBUG lists every Dagster event; the summary lines say what matters.
                            "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}}}
