@@ -86,13 +86,14 @@ steps do not retry in step."""
 AFTER_UPSTREAM_UPDATES = (
     AutomationCondition.any_deps_updated().since_last_handled()
     & AutomationCondition.all_deps_blocking_checks_passed()
-    & ~AutomationCondition.any_deps_in_progress()
     & ~AutomationCondition.in_progress()
 ).with_label("after upstream updates")
-"""Requested once after its dependencies were updated (all merges of a round together), when no
-dependency is still running and their blocking checks passed. Unlike ``AutomationCondition.eager()``
-it does not wait for every dependency partition to exist: a failed batch must not stop the index.
-The first evaluation sees nothing as updated, so starting the daemon redoes nothing."""
+"""Requested once after its dependencies were updated (all merges since the last request together)
+and their blocking checks passed, unless a run of it is in progress. Unlike
+``AutomationCondition.eager()`` it neither waits for every dependency partition to exist (a failed
+batch must not stop the index) nor for running dependency partitions (under a steady stream of new
+images some batch is always running, and the index must not wait for a quiet moment). The first
+evaluation sees nothing as updated, so starting the daemon redoes nothing."""
 
 
 def _seconds(start: float) -> MetadataValue:
