@@ -50,7 +50,7 @@ def start_server(index_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``face-assets serve`` over ``index_dir`` on a free loopback port; returns the process and base URL."""
     port = _free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "face_assets.cli", "serve", "--index-dir", str(index_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "face_assets.cli", "serve", "--data-dir", str(index_dir),
                                  "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -1,4 +1,10 @@
-"""``face-assets`` command line: human-readable output by default, ``--json`` for scripts."""
+"""``face-assets`` command line: human-readable output by default, ``--json`` for scripts.
+
+Every command is one row of :data:`COMMANDS`: its name (two words for a command of a group, such
+as ``cluster merge``), its help, its handler and its arguments, checked by the parser. The options
+every command shares (``--config``, ``--data-dir``, ``--json``) are defined once, in
+:func:`_shared_options`, and may come before or after the command.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +22,34 @@ from .errors import FaceRecognitionError
 from .models import builtin_pack_dir
 from .process import apply_process_settings
 
+DESCRIPTION = "Filter, index, search and curate faces; human-readable output by default, --json for scripts."
+REFERENCE_WIDTH = 100  # columns of the help text in the README's command reference
+
+
+# -- shared plumbing -------------------------------------------------------------------------------
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    if getattr(args, "data_dir", None):
+    if args.data_dir:
         overrides["storage"] = {"data_dir": args.data_dir}
     settings = load_settings(args.config, overrides=overrides or None)
     apply_process_settings(settings)  # start-up: before any command loads faiss
     return settings
+
+
+def _library(args: argparse.Namespace):
+    from .library import FaceRecognitionLibrary
+
+    return FaceRecognitionLibrary(settings=_settings(args))
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def _key_values(data: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in data.items())
 
 
 def _progress(total: int, desc: str):
@@ -41,6 +69,9 @@ def sample_images() -> list[Path]:
     """The sample photos shipped with the default model pack (the main job's default input)."""
     folder = builtin_pack_dir()
     return sorted(folder.glob("*.jpg")) if folder else []
+
+
+# -- commands --------------------------------------------------------------------------------------
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
@@ -68,20 +99,6 @@ def cmd_filter(args: argparse.Namespace) -> int:
             f"cartoon={s.get('cartoon_probability', 0.0):.3f} quality={s.get('quality', 0.0):.3f}"
         )
     return 0
-
-
-def _library(args: argparse.Namespace):
-    from .library import FaceRecognitionLibrary
-
-    return FaceRecognitionLibrary(settings=_settings(args))
-
-
-def _print(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
-
-
-def _key_values(data: dict) -> str:
-    return "\n".join(f"{k}: {v}" for k, v in data.items())
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -164,11 +181,40 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .web import serve
 
-    if args.index_dir:
-        args.data_dir = args.index_dir
     with _library(args) as lib:
         serve(lib, host=args.host, port=args.port)
     return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    record, token = _tokens(args).create(args.name, args.role)
+    _print(args, {"id": record.id, "name": record.name, "role": record.role, "token": token},
+           f"token {record.id} for {record.name} ({record.role}); shown once, keep it secret:\n{token}")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    rows = [{"id": r.id, "name": r.name, "role": r.role, "created_at": r.created_at} for r in _tokens(args).list()]
+    _print(args, rows, "\n".join(f"{r['id']}  {r['role']:<8}  {r['name']}  {r['created_at']}" for r in rows)
+           or "no tokens")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    gone = _tokens(args).revoke(args.id_or_name)
+    if not gone:
+        print(f"error: no token with id or name {args.id_or_name!r}", file=sys.stderr)
+        return 1
+    _print(args, [r.id for r in gone], f"revoked {len(gone)} token(s): {', '.join(r.id for r in gone)}")
+    return 0
+
+
+def _tokens(args: argparse.Namespace):
+    """API tokens of the web app (docs/web.md); changes apply while the server runs, which reloads them."""
+    from .auth import TokenStore
+
+    settings = _settings(args)
+    return TokenStore(settings.storage.data_dir / settings.web.tokens_file)
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:
@@ -229,217 +275,309 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_model(args: argparse.Namespace) -> int:
+def cmd_model_list(args: argparse.Namespace) -> int:
     with _library(args) as lib:
-        if args.model_command == "promote":
-            summary = lib.promote(args.version, force=args.force)
-            out = {"active": lib.active_model, "model_version": lib.model_version,
-                   "reembedded": summary.to_dict() if summary else None}
-        elif args.model_command == "rollback":
-            lib.rollback(args.version)
-            out = {"active": lib.active_model, "model_version": lib.model_version}
-        else:
-            rows = lib.list_models()
-            _print(args, rows, "\n".join(
-                f"{'*' if r['active'] else ' '} {r['version']:<34} {r['status']:<10} threshold={r['match_threshold']:.4f} "
-                f"parent={r['parent'] or '-':<34} {r['path'] or '(pack recognizer)'}" for r in rows))
-            return 0
+        rows = lib.list_models()
+    _print(args, rows, "\n".join(
+        f"{'*' if r['active'] else ' '} {r['version']:<34} {r['status']:<10} threshold={r['match_threshold']:.4f} "
+        f"parent={r['parent'] or '-':<34} {r['path'] or '(pack recognizer)'}" for r in rows))
+    return 0
+
+
+def cmd_model_promote(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        summary = lib.promote(args.version, force=args.force)
+        out = {"active": lib.active_model, "model_version": lib.model_version,
+               "reembedded": summary.to_dict() if summary else None}
     _print(args, out, f"running {out['active']} ({out['model_version']})")
     return 0
 
 
-def cmd_cluster(args: argparse.Namespace) -> int:
+def cmd_model_rollback(args: argparse.Namespace) -> int:
     with _library(args) as lib:
-        if args.action == "run":
-            out: Any = dataclasses.asdict(lib.cluster())
-            text = (f"run {out['run_id']}: {out['faces']} faces -> {out['clusters']} clusters "
-                    f"({out['singletons']} single faces) in {out['seconds']:.1f}s; ids changed for "
-                    f"{out['id_changed'] if out['id_changed'] is not None else 0:.2%} of faces; quality {out['quality']}")
-        elif args.action == "assign":
-            out = dataclasses.asdict(lib.assign_new())
-            text = (f"run {out['run_id']}: {out['new_faces']} new faces, {out['unassigned']} started new clusters; "
-                    f"{out['clusters']} clusters")
-        elif args.action == "list":
-            out = [dataclasses.asdict(c) for c in lib.list_clusters(min_size=args.min_size, limit=args.limit)]
-            text = "\n".join(f"{c['cluster_id']:>8}  {c['size']:>6} faces  {c['label'] or ''}" for c in out) or "no clusters"
-        elif args.action == "show":
-            out = dataclasses.asdict(lib.get_cluster(args.ids[0]))
-            text = _key_values(out)
-        elif args.action == "merge":
-            out = dataclasses.asdict(lib.merge(args.ids))
-            text = f"merged into cluster {out['cluster_id']} ({out['size']} faces)"
-        elif args.action == "split":
-            parts = lib.split(args.ids[0], face_ids=args.faces, k=args.k)
-            out = [dataclasses.asdict(c) for c in parts]
-            text = ", ".join(f"cluster {c['cluster_id']} ({c['size']} faces)" for c in out)
-        elif args.action == "move":
-            out = dataclasses.asdict(lib.move(args.ids[0], args.ids[1]))
-            text = f"face {args.ids[0]} moved to cluster {out['cluster_id']} ({out['size']} faces)"
-        else:  # rename
-            out = dataclasses.asdict(lib.rename(args.ids[0], args.label))
-            text = f"cluster {out['cluster_id']} is now {out['label']!r}"
-    _print(args, out, text)
+        lib.rollback(args.version)
+        out = {"active": lib.active_model, "model_version": lib.model_version}
+    _print(args, out, f"running {out['active']} ({out['model_version']})")
     return 0
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    """API tokens of the web app (docs/web.md); works while the server runs, which reloads them."""
-    from .auth import TokenStore
-
-    settings = _settings(args)
-    store = TokenStore(settings.storage.data_dir / settings.web.tokens_file)
-    if args.token_command == "create":
-        record, token = store.create(args.name, args.role)
-        _print(args, {"id": record.id, "name": record.name, "role": record.role, "token": token},
-               f"token {record.id} for {record.name} ({record.role}); shown once, keep it secret:\n{token}")
-    elif args.token_command == "list":
-        rows = [{"id": r.id, "name": r.name, "role": r.role, "created_at": r.created_at} for r in store.list()]
-        _print(args, rows, "\n".join(f"{r['id']}  {r['role']:<8}  {r['name']}  {r['created_at']}" for r in rows)
-               or "no tokens")
-    else:
-        gone = store.revoke(args.id_or_name)
-        if not gone:
-            print(f"error: no token with id or name {args.id_or_name!r}", file=sys.stderr)
-            return 1
-        _print(args, [r.id for r in gone], f"revoked {len(gone)} token(s): {', '.join(r.id for r in gone)}")
+def cmd_cluster_run(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = dataclasses.asdict(lib.cluster())
+    _print(args, out, f"run {out['run_id']}: {out['faces']} faces -> {out['clusters']} clusters "
+                      f"({out['singletons']} single faces) in {out['seconds']:.1f}s; ids changed for "
+                      f"{out['id_changed'] if out['id_changed'] is not None else 0:.2%} of faces; quality {out['quality']}")
     return 0
 
 
-_CLUSTER_IDS = {"show": 1, "merge": None, "split": 1, "move": 2, "rename": 1}
+def cmd_cluster_assign(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = dataclasses.asdict(lib.assign_new())
+    _print(args, out, f"run {out['run_id']}: {out['new_faces']} new faces, {out['unassigned']} started new clusters; "
+                      f"{out['clusters']} clusters")
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``face-assets`` (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="face-assets", description=__doc__)
-    parser.add_argument("--config", help="YAML or TOML config file (default: $FACE_ASSETS_CONFIG)")
-    parser.add_argument("--data-dir", help="override storage.data_dir")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_cluster_list(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = [dataclasses.asdict(c) for c in lib.list_clusters(min_size=args.min_size, limit=args.limit)]
+    _print(args, out, "\n".join(f"{c['cluster_id']:>8}  {c['size']:>6} faces  {c['label'] or ''}" for c in out)
+           or "no clusters")
+    return 0
 
-    p = sub.add_parser("filter", help="judge images: valid, or rejected as cartoon / no_face / low_quality")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_filter)
 
-    p = sub.add_parser("index", help="filter, embed and index files or folders (default: the sample photos)")
-    p.add_argument("paths", nargs="*")
-    p.add_argument("--no-recursive", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_index)
+def cmd_cluster_show(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = dataclasses.asdict(lib.get_cluster(args.cluster))
+    _print(args, out, _key_values(out))
+    return 0
 
-    p = sub.add_parser("search", help="find the faces most similar to the main face of an image")
-    p.add_argument("image")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("compare", help="1:1 verification of two images")
-    p.add_argument("image1")
-    p.add_argument("image2")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compare)
+def cmd_cluster_merge(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = dataclasses.asdict(lib.merge([args.cluster, *args.others]))
+    _print(args, out, f"merged into cluster {out['cluster_id']} ({out['size']} faces)")
+    return 0
 
-    p = sub.add_parser("stats", help="what the catalog and index hold")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("remove", help="remove an image (by image id) or a face (by numeric face id)")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_remove)
+def cmd_cluster_split(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = [dataclasses.asdict(c) for c in lib.split(args.cluster, face_ids=args.faces, k=args.k)]
+    _print(args, out, ", ".join(f"cluster {c['cluster_id']} ({c['size']} faces)" for c in out))
+    return 0
 
-    p = sub.add_parser("calibrate", help="propose filter thresholds from folders of good real faces")
-    p.add_argument("dirs", nargs="+", help="folders of good real face photos")
-    p.add_argument("--bad", nargs="*", help="folders of images that should be rejected, for contrast")
-    p.add_argument("--percentile", type=float, default=1.0, help="share of good faces each threshold rejects")
-    p.add_argument("--area-ratio", action="store_true",
-                   help="also calibrate the face area ratio (for collections of portraits, not group photos)")
-    p.add_argument("--write-config", help="write a config file with the proposed thresholds")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("serve", help="run the search page with thumbs up/down and its JSON API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--index-dir", help="folder of the catalog and index (default: storage.data_dir)")
-    p.set_defaults(func=cmd_serve)
+def cmd_cluster_move(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = dataclasses.asdict(lib.move(args.face, args.cluster))
+    _print(args, out, f"face {args.face} moved to cluster {out['cluster_id']} ({out['size']} faces)")
+    return 0
 
-    p = sub.add_parser("token", help="API tokens of the web app: create, list, revoke")
-    tsub = p.add_subparsers(dest="token_command", required=True)
-    q = tsub.add_parser("create", help="issue a token for a user (printed once)")
-    q.add_argument("name", help="the user's name: votes and audit entries carry it")
-    q.add_argument("--role", choices=["viewer", "reviewer", "admin"], default="reviewer")
-    q = tsub.add_parser("list", help="stored tokens (ids, users, roles; never the tokens)")
-    q = tsub.add_parser("revoke", help="delete a token by id, or every token of a user by name")
-    q.add_argument("id_or_name")
-    for q in tsub.choices.values():
-        q.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("feedback", help="votes collected by the search page")
-    fsub = p.add_subparsers(dest="feedback_command", required=True)
-    q = fsub.add_parser("export", help="write training pairs.parquet and triplets.parquet, report what was dropped")
-    q.add_argument("out_dir")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_feedback_export)
-    q = fsub.add_parser("stats", help="counts of queries and votes")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_feedback_stats)
+def cmd_cluster_rename(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = dataclasses.asdict(lib.rename(args.cluster, args.label))
+    _print(args, out, f"cluster {out['cluster_id']} is now {out['label']!r}")
+    return 0
 
-    p = sub.add_parser("pipeline", help="run the Dagster jobs over the new files of the watched folders "
-                       "(default: data/incoming)")
-    p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every Dagster event (DEBUG)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("train", help="fine-tune the recognizer on exported feedback; registers a candidate version")
-    p.add_argument("--pairs", help="pairs.parquet of the feedback export")
-    p.add_argument("--triplets", help="triplets.parquet of the feedback export")
-    p.add_argument("--persons", help="Parquet of confirmed persons: person_id, path, bbox")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_train)
+# -- the table -------------------------------------------------------------------------------------
 
-    p = sub.add_parser("model", help="recognizer versions: list, promote, rollback")
-    model_sub = p.add_subparsers(dest="model_command", required=True)
-    q = model_sub.add_parser("list", help="registered versions; * marks the one running")
-    q.add_argument("--json", action="store_true")
-    q = model_sub.add_parser("promote", help="make a version the running one (re-embeds the catalog)")
-    q.add_argument("version")
-    q.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
-    q.add_argument("--json", action="store_true")
-    q = model_sub.add_parser("rollback", help="go back to VERSION, by default the one the current replaced")
-    q.add_argument("version", nargs="?")
-    q.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_model)
 
-    p = sub.add_parser("cluster", help="person clusters: run, assign, list, show, merge, split, move, rename")
-    p.add_argument("action", choices=["run", "assign", "list", "show", "merge", "split", "move", "rename"])
-    p.add_argument("ids", nargs="*", type=int,
-                   help="show/split/rename: CLUSTER; merge: CLUSTER CLUSTER...; move: FACE CLUSTER")
-    p.add_argument("--faces", nargs="+", type=int, help="split: the faces that form the new cluster")
-    p.add_argument("--k", type=int, help="split: number of parts of an automatic split")
-    p.add_argument("--label", help="rename: the person's name (omit to clear)")
-    p.add_argument("--min-size", type=int, default=1, help="list: smallest cluster shown")
-    p.add_argument("--limit", type=int, help="list: at most this many clusters")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_cluster)
+def _bounded(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+    """An argument type: ``kind`` within ``[low, high]``, refused by the parser otherwise."""
 
-    p = sub.add_parser("config", help="print the effective configuration")
-    p.add_argument("--write", help="also write it to this file")
-    p.add_argument("--reference", action="store_true", help="print the markdown reference of every setting")
-    p.set_defaults(func=cmd_config)
-    return parser
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n' if kind is int else ''} {kind.__name__}: {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """One argument of a command, as ``add_argument`` takes it; ``exclusive=True`` puts it in the
+    command's one group of mutually exclusive options."""
+    return flags, options
+
+
+@dataclass(frozen=True)
+class Command:
+    """A row of the command table: ``name`` is one word, or two for a command of a group."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    args: tuple[Arg, ...] = ()
+    json: bool = True  # the command has a machine-readable output (--json)
+
+
+GROUPS = {
+    "token": "API tokens of the web app: create, list, revoke",
+    "feedback": "votes collected by the search page: export, stats",
+    "model": "recognizer versions: list, promote, rollback",
+    "cluster": "person clusters: run, assign, list, show, merge, split, move, rename",
+}
+
+CLUSTER = arg("cluster", type=int, metavar="CLUSTER", help="cluster id")
+
+COMMANDS: tuple[Command, ...] = (
+    Command("filter", "judge images: valid, or rejected as cartoon / no_face / low_quality", cmd_filter,
+            (arg("images", nargs="+", metavar="IMAGE", help="image files"),)),
+    Command("index", "filter, embed and index files or folders (default: the sample photos)", cmd_index,
+            (arg("paths", nargs="*", metavar="PATH", help="image files or folders"),
+             arg("--no-recursive", action="store_true", help="only the files directly in each folder"))),
+    Command("search", "find the faces most similar to the main face of an image", cmd_search,
+            (arg("image", metavar="IMAGE", help="query image"),
+             arg("--top-k", type=_bounded(int, 1), default=10, metavar="N", help="results (default 10)"),
+             arg("--threshold", type=_bounded(float, -1.0, 1.0), metavar="COSINE",
+                 help="only matches at least this similar"))),
+    Command("compare", "1:1 verification of two images", cmd_compare,
+            (arg("image1", metavar="IMAGE1"), arg("image2", metavar="IMAGE2"))),
+    Command("stats", "what the catalog and index hold", cmd_stats),
+    Command("remove", "remove an image (by image id) or a face (by numeric face id)", cmd_remove,
+            (arg("id", metavar="ID", help="image id, or numeric face id"),)),
+    Command("calibrate", "propose filter thresholds from folders of good real faces", cmd_calibrate,
+            (arg("dirs", nargs="+", metavar="DIR", help="folders of good real face photos"),
+             arg("--bad", nargs="*", metavar="DIR", help="folders of images that should be rejected, for contrast"),
+             arg("--percentile", type=_bounded(float, 0.0, 50.0), default=1.0, metavar="PERCENT",
+                 help="percent of good faces each threshold rejects (default 1)"),
+             arg("--area-ratio", action="store_true",
+                 help="also calibrate the face area ratio (for collections of portraits, not group photos)"),
+             arg("--write-config", metavar="FILE", help="write a config file with the proposed thresholds"))),
+    Command("serve", "run the search and people pages and their JSON API", cmd_serve,
+            (arg("--host", default="127.0.0.1", metavar="ADDRESS", help="address to bind (default 127.0.0.1)"),
+             arg("--port", type=_bounded(int, 1, 65535), default=8000, metavar="PORT", help="port (default 8000)")), json=False),
+    Command("token create", "issue a token for a user (printed once)", cmd_token_create,
+            (arg("name", metavar="NAME", help="the user's name: votes and audit entries carry it"),
+             arg("--role", choices=["viewer", "reviewer", "admin"], default="reviewer"))),
+    Command("token list", "stored tokens (ids, users, roles; never the tokens)", cmd_token_list),
+    Command("token revoke", "delete a token by id, or every token of a user by name", cmd_token_revoke,
+            (arg("id_or_name", metavar="ID_OR_NAME"),)),
+    Command("feedback export", "write training pairs.parquet and triplets.parquet, report what was dropped",
+            cmd_feedback_export, (arg("out_dir", metavar="OUT_DIR", help="folder of the files written"),)),
+    Command("feedback stats", "counts of queries and votes", cmd_feedback_stats),
+    Command("pipeline", "run the Dagster jobs over the new files of the watched folders (default: data/incoming)",
+            cmd_pipeline,
+            (arg("--dagster-home", metavar="DIR",
+                 help="Dagster instance folder (default: $DAGSTER_HOME, else the current folder)"),
+             arg("-v", "--verbose", action="store_true", help="print every Dagster event (DEBUG)"))),
+    Command("train", "fine-tune the recognizer on exported feedback; registers a candidate version", cmd_train,
+            (arg("--pairs", metavar="FILE", help="pairs.parquet of the feedback export"),
+             arg("--triplets", metavar="FILE", help="triplets.parquet of the feedback export"),
+             arg("--persons", metavar="FILE", help="Parquet of confirmed persons: person_id, path, bbox"))),
+    Command("model list", "registered versions; * marks the one running", cmd_model_list),
+    Command("model promote", "make a version the running one (re-embeds the catalog)", cmd_model_promote,
+            (arg("version", metavar="VERSION"), arg("--force", action="store_true", help="promote even a version the gate rejected"))),
+    Command("model rollback", "go back to VERSION, by default the one the current replaced", cmd_model_rollback,
+            (arg("version", nargs="?", metavar="VERSION"),)),
+    Command("cluster run", "cluster every face into persons (full run, stable ids)", cmd_cluster_run),
+    Command("cluster assign", "assign the faces indexed since the last run", cmd_cluster_assign),
+    Command("cluster list", "clusters, largest first", cmd_cluster_list,
+            (arg("--min-size", type=_bounded(int, 1), default=1, metavar="FACES", help="smallest cluster shown"),
+             arg("--limit", type=_bounded(int, 1), metavar="N", help="at most this many clusters"))),
+    Command("cluster show", "one cluster: its faces, label and quality", cmd_cluster_show, (CLUSTER,)),
+    Command("cluster merge", "merge clusters into the first", cmd_cluster_merge,
+            (CLUSTER, arg("others", type=int, nargs="+", metavar="CLUSTER", help="clusters merged into it"))),
+    Command("cluster split", "split a cluster: the given faces, or k automatic parts", cmd_cluster_split,
+            (CLUSTER,
+             arg("--faces", type=int, nargs="+", metavar="FACE", exclusive=True, help="the faces of the new cluster"),
+             arg("--k", type=_bounded(int, 2), metavar="K", exclusive=True, help="number of parts (default clustering.split_k)"))),
+    Command("cluster move", "move a face to another cluster", cmd_cluster_move,
+            (arg("face", type=int, metavar="FACE", help="face id"), CLUSTER)),
+    Command("cluster rename", "name a cluster's person", cmd_cluster_rename,
+            (CLUSTER, arg("--label", metavar="NAME", help="the person's name (omit to clear)"))),
+    Command("config", "print the effective configuration", cmd_config,
+            (arg("--write", metavar="FILE", help="also write it to this file"),
+             arg("--reference", action="store_true", help="print the markdown reference of every setting")),
+            json=False),
+)
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+class _DeprecatedAlias(argparse.Action):
+    """``--index-dir``: the former name of ``--data-dir``, still accepted with a warning."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"warning: {option_string} is deprecated, use --data-dir", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+SHARED_DEFAULTS = {"config": None, "data_dir": None, "json": False}
+
+
+def _shared_options(*, json_flag: bool, documented: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name. Their defaults are left out
+    (SUPPRESS) so that a value given before the command is not reset after it; :func:`main` fills
+    them in."""
+    shown = (lambda text: text) if documented else (lambda text: argparse.SUPPRESS)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help=shown("YAML or TOML config file (default: $FACE_ASSETS_CONFIG, else the built-in defaults)"))
+    p.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                   help=shown("folder of the catalog, index and models (overrides storage.data_dir)"))
+    p.add_argument("--index-dir", dest="data_dir", metavar="DIR", action=_DeprecatedAlias, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    if json_flag:
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    return p
+
+
+def _build(width: int | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and the parser of each command of :data:`COMMANDS` by name."""
+
+    def formatter(prog: str) -> argparse.HelpFormatter:
+        return argparse.HelpFormatter(prog, width=width) if width else argparse.HelpFormatter(prog)
+
+    parser = argparse.ArgumentParser(prog="face-assets", description=DESCRIPTION,
+                                     parents=[_shared_options(json_flag=True, documented=True)],
+                                     formatter_class=formatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups = {}
+    leaves: dict[str, argparse.ArgumentParser] = {}
+    for command in COMMANDS:
+        *group, name = command.name.split()
+        if group and group[0] not in groups:  # a group's parser, where its first command is listed
+            g = sub.add_parser(group[0], help=GROUPS[group[0]], description=GROUPS[group[0]], formatter_class=formatter)
+            groups[group[0]] = g.add_subparsers(dest=f"{group[0]}_command", metavar="COMMAND", required=True)
+        p = (groups[group[0]] if group else sub).add_parser(
+            name, help=command.help, description=command.help, formatter_class=formatter,
+            parents=[_shared_options(json_flag=command.json, documented=False)])
+        exclusive = None
+        for flags, options in command.args:
+            options = dict(options)
+            if options.pop("exclusive", False):
+                exclusive = exclusive or p.add_mutually_exclusive_group()
+                exclusive.add_argument(*flags, **options)
+            else:
+                p.add_argument(*flags, **options)
+        p.set_defaults(func=command.run)
+        leaves[command.name] = p
+    return parser, leaves
+
+
+def build_parser(width: int | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``face-assets``, built from :data:`COMMANDS` (exposed for documentation
+    and tests); ``width`` fixes the columns of the help text."""
+    return _build(width)[0]
+
+
+def cli_reference() -> str:
+    """The command reference of the README: the top-level help, then the usage of every command."""
+    parser, leaves = _build(REFERENCE_WIDTH)
+    lines = [parser.format_help().rstrip(), "", "Every command also takes the options above, after its name too:", ""]
+    prefix = "usage: "
+    for command in COMMANDS:
+        usage = leaves[command.name].format_usage().replace(" [-h]", "").rstrip().splitlines()
+        lines += [line.removeprefix(prefix) if i == 0 else line[len(prefix):] for i, line in enumerate(usage)]
+        lines.append(f"    {command.help}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, the shared options filled in; a wrong one exits with status 2."""
+    args = build_parser().parse_args(argv)
+    for name, default in SHARED_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``face-assets`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "cluster" and args.action in _CLUSTER_IDS:
-        want = _CLUSTER_IDS[args.action]
-        if (want is None and len(args.ids) < 2) or (want is not None and len(args.ids) != want):
-            parser.error(f"cluster {args.action} takes {want or 'two or more'} id(s), got {len(args.ids)}")
+    args = parse_args(argv)
     try:
         return args.func(args)
     except FaceRecognitionError as exc:
