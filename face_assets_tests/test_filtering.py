@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from face_assets import FaceFilter, ImageLoadError, filter_image, load_settings
-from face_assets.filtering import quality_score
+from face_assets.filtering import is_low_quality, quality_score
 from face_assets.imaging import load_image
 
 
@@ -50,6 +50,9 @@ def test_real_photo_inputs_agree(face_filter, datasets):
         # a cartoon face too small for the classifier is still rejected, as low_quality
         ("cartoon/dualstylegan/anime", {"cartoon", "no_face", "low_quality"}),
         ("cartoon/dualstylegan/pixar", {"cartoon", "no_face", "low_quality"}),
+        ("cartoon/extra/painting", {"cartoon", "no_face", "low_quality"}),
+        ("cartoon/extra/render3d", {"cartoon", "no_face", "low_quality"}),
+        ("cartoon/extra/sketch", {"cartoon", "no_face", "low_quality"}),
     ],
 )
 def test_bad_images_are_rejected_with_the_right_reason(face_filter, datasets, folder, allowed):
@@ -64,6 +67,26 @@ def test_real_faces_are_valid(face_filter, datasets):
     files = [p for d in ("lfw10", "dlib_johns", "imfdb") for p in sorted((datasets / "real" / d).rglob("*.*"))[:8]]
     results = [face_filter.filter(p) for p in files]
     assert sum(r["is_valid"] for r in results) >= len(files) - 1, [r["rejection_reason"] for r in results]
+
+
+@pytest.mark.parametrize("kind", ["bw", "old", "studio", "lighting", "web"])
+def test_real_photos_of_new_sources_are_valid(face_filter, datasets, kind):
+    # Every eighth file of the folder: several sources per kind (black-and-white film, old prints,
+    # retouched studio portraits, face databases, web photos), none of them called a cartoon.
+    files = sorted((datasets / "real" / "extra" / kind).iterdir())[::8]
+    results = [face_filter.filter(p) for p in files]
+    assert [r["rejection_reason"] for r in results].count("cartoon") == 0, [p.name for p, r in zip(files, results)
+                                                                          if r["rejection_reason"] == "cartoon"]
+    assert sum(r["is_valid"] for r in results) >= len(files) - 1, [r["rejection_reason"] for r in results]
+
+
+def test_clean_tight_frontal_crops_are_not_low_quality(face_filter, datasets):
+    # ORL: 92x112 grayscale frontal faces filling the frame, found only by the padded retry, where
+    # SCRFD's confidence is low; the embedding norm and size say they are good faces.
+    files = sorted((datasets / "real" / "extra" / "lighting").glob("orl_*"))[:20]
+    results = [face_filter.filter(p) for p in files]
+    assert all(r["padded"] for r in results if r["num_faces"])
+    assert [r["rejection_reason"] for r in results].count("low_quality") == 0
 
 
 def test_tight_crops_are_found_by_padding(face_filter, datasets):
@@ -82,9 +105,31 @@ def test_group_photo_reports_every_face(face_filter, datasets):
 
 
 def test_thresholds_come_from_config(datasets):
-    strict = FaceFilter(load_settings(overrides={"filter": {"min_det_score": 0.99}}, environ={}))
+    strict = FaceFilter(load_settings(overrides={"filter": {"min_embedding_norm": 99.0}}, environ={}))
     r = strict.filter(_first(datasets / "real" / "lfw10"))
     assert r["is_valid"] is False and r["rejection_reason"] == "low_quality"
+
+
+def test_det_score_alone_never_rejects_a_clearly_good_face():
+    cfg = load_settings(environ={}).filter
+    good_norm, good_size = cfg.good_face_norm, (cfg.good_face_size, cfg.good_face_size + 20)
+    low_det = min(cfg.min_det_score_padded, cfg.min_det_score) - 0.01
+    # a clean, large face: kept whatever the detector's confidence, direct or padded
+    assert not is_low_quality(cfg, low_det, good_norm, good_size, 0.5, padded=False)
+    assert not is_low_quality(cfg, low_det, good_norm, good_size, 0.5, padded=True)
+    # a face that is not clearly good (smaller, or a weaker embedding) still needs the detector's confidence
+    assert is_low_quality(cfg, low_det, good_norm, (cfg.good_face_size - 1,) * 2, 0.5, padded=False)
+    assert is_low_quality(cfg, cfg.min_det_score - 0.01, good_norm - 0.1, good_size, 0.5, padded=False)
+    assert not is_low_quality(cfg, cfg.min_det_score, good_norm - 0.1, good_size, 0.5, padded=False)
+    # padded-retry detections have their own scale: between the two thresholds, the verdicts differ
+    assert cfg.min_det_score_padded != cfg.min_det_score
+    mid = (cfg.min_det_score_padded + cfg.min_det_score) / 2
+    padded_is_stricter = cfg.min_det_score_padded > cfg.min_det_score
+    assert is_low_quality(cfg, mid, good_norm - 0.1, good_size, 0.5, padded=padded_is_stricter)
+    assert not is_low_quality(cfg, mid, good_norm - 0.1, good_size, 0.5, padded=not padded_is_stricter)
+    # size and norm are hard limits
+    assert is_low_quality(cfg, 0.99, 30.0, (cfg.min_face_size - 1,) * 2, 0.5, padded=False)
+    assert is_low_quality(cfg, 0.99, cfg.min_embedding_norm - 0.1, good_size, 0.5, padded=False)
 
 
 def test_unreadable_input_raises(face_filter, datasets):
