@@ -51,18 +51,18 @@ class Calibration:
         """Text table: distribution of each metric on good and bad faces, and the chosen threshold."""
         qs = (1, 5, 25, 50, 75, 95)
         lines = [
-            f"{'metric':<16}{'set':<10}{'n':>6}  " + "".join(f"{'p' + str(q):>10}" for q in qs) + f"{'threshold':>12}{'kept':>8}"
+            f"{'metric':<18}{'set':<10}{'n':>6}  " + "".join(f"{'p' + str(q):>10}" for q in qs) + f"{'threshold':>12}{'kept':>8}"
         ]
         for metric in METRICS:
             thr = self.thresholds[metric]
             for name, data in (("good", self.samples[metric]), ("bad", self.negatives.get(metric, np.array([])))):
                 if data.size == 0:
-                    lines.append(f"{metric:<16}{name:<10}{0:>6}")
+                    lines.append(f"{metric:<18}{name:<10}{0:>6}")
                     continue
                 pct = np.percentile(data, qs)
                 kept = float(np.mean(data >= thr))
                 lines.append(
-                    f"{metric:<16}{name:<10}{data.size:>6}  "
+                    f"{metric:<18}{name:<10}{data.size:>6}  "
                     + "".join(f"{v:>10.4g}" for v in pct)
                     + f"{thr:>12.4g}{kept:>8.1%}"
                 )
