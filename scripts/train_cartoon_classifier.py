@@ -87,13 +87,15 @@ PHOTO_FOLDERS = ("groups", "dlib_voc")  # real photos without identity: every us
 # dogs.jpg: dog faces, neither people nor drawings; groups/22.jpg: a 3D render (Second Life avatars), not a photo
 EXCLUDE = {"detection/dlib_voc/dogs.jpg", "detection/groups/22.jpg"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"}
-# The same person under two spellings, so that real photos and caricatures of one person share a fold.
+# The same person under two spellings, so that real photos and caricatures of one person share a fold
+# (person folds of scripts/cartoon_baseline.py).
 ALIASES = {"amir": "aamirkhan"}
 
 
 
 
 def person_key(name: str) -> str:
+    """One key per person across the real folders and IIIT-CFW (folder names, spelling aliases merged)."""
     key = "".join(ch for ch in name.lower() if ch.isalnum())
     return "person:" + ALIASES.get(key, key)
 
@@ -883,7 +885,6 @@ def spec_name(spec: dict) -> str:
 # Target share caught per style group (issue 18); IIIT-CFW mixes caricatures, cartoons and sketches.
 TARGETS = {"anime": 0.98, "cartoon": 0.98, "illustration": 0.98, "render3d": 0.90, "painting": 0.90,
            "sketch": 0.85, "caricature": 0.85, "iiit_cfw": 0.85}
-REAL_KIND_LIMIT, REAL_ALL_LIMIT = 0.02, 0.01
 
 
 def _pct(x: float) -> str:
