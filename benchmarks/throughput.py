@@ -1,11 +1,13 @@
 """Throughput: face_assets' detect+filter+embed vs a plain insightface FaceAnalysis loop, same images.
 
-    python benchmarks/throughput.py [--per-folder 100] [--repeat 1]
+    python benchmarks/throughput.py [--per-folder 100]
 
 The plain loop is what a user writes first: ``FaceAnalysis(name="buffalo_s")`` over the same ONNX
 files with its defaults (every model of the pack, default session options, default detector
 sizes), ``cv2.imread`` then ``app.get``. Both run in this process on the same files; the table
-gives images/s, the ratio, and the share of images where at least one face was found.
+gives images/s, the ratio, and the share of images where at least one face was found. Then the
+cost per face of the cartoon check: the recognizer pass with the texture taps against the same
+pass without them, and the classifier head, on the aligned faces of the same images.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,6 +66,38 @@ def project_pipeline(paths: list[Path], chunk: int = 16) -> tuple[float, int, in
     return time.perf_counter() - start, found, valid
 
 
+def cartoon_cost(paths: list[Path], repeat: int = 3) -> dict[str, float]:
+    """Milliseconds per face of the recognizer with and without the cartoon taps, and of the classifier head
+    (best of ``repeat`` runs over the aligned faces of ``paths``, batches of ``models.rec_batch_size``)."""
+    from face_assets.cartoon import CartoonClassifier
+    from face_assets.models import Recognizer
+
+    face_filter = FaceFilter(load_settings())
+    recognizer = face_filter.analyzer.texture_recognizer or face_filter.analyzer.recognizer
+    plain = Recognizer(recognizer.model_path, face_filter.settings.models)
+    crops = []
+    for p in paths:
+        img = load_image(p)
+        faces, _ = face_filter.analyzer.detector.detect(img)
+        crops += [recognizer.align(img, f.kps) for f in faces[:1]]
+    batch = face_filter.settings.models.rec_batch_size
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for i in range(0, len(crops), batch):
+                fn(crops[i : i + batch])
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times) / len(crops)
+
+    clf: CartoonClassifier = face_filter.classifier
+    emb, tex = recognizer.embed_aligned(crops)
+    x = clf.features(emb / np.linalg.norm(emb, axis=1, keepdims=True), tex)
+    return {"faces": len(crops), "recognizer_ms": best(plain.embed_aligned), "with_taps_ms": best(recognizer.embed_aligned),
+            "head_ms": best(lambda c: clf.predict_proba(x[: len(c)]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-folder", type=int, default=100, help="images taken from each real folder")
@@ -77,6 +112,10 @@ def main() -> None:
     print(f"{'insightface FaceAnalysis defaults':<34}{t_plain:>9.1f}{n / t_plain:>8.1f}{f_plain / n:>12.1%}{'-':>8}")
     print(f"{'face_assets filter (det+emb+cartoon)':<34}{t_ours:>9.1f}{n / t_ours:>8.1f}{f_ours / n:>12.1%}{v_ours / n:>8.1%}")
     print(f"speed-up: {t_plain / t_ours:.2f}x")
+    cost = cartoon_cost(paths[:: max(1, len(paths) // 128)])
+    print(f"cartoon check, per face ({cost['faces']} faces): recognizer {cost['recognizer_ms']:.2f} ms, with taps "
+          f"{cost['with_taps_ms']:.2f} ms (+{cost['with_taps_ms'] - cost['recognizer_ms']:.2f}), classifier head "
+          f"{cost['head_ms']:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,25 @@ class DetectionSettings(_Section):
 class FilterSettings(_Section):
     """Thresholds of `filter_image`; defaults calibrated by `face-assets calibrate` on the shared data."""
 
-    min_det_score: float = Field(0.605, ge=0.0, le=1.0, description="Minimum detector confidence.")
+    min_det_score: float = Field(
+        0.541, ge=0.0, le=1.0, description="Minimum detector confidence of a face found directly."
+    )
+    min_det_score_padded: float = Field(
+        0.624,
+        ge=0.0,
+        le=1.0,
+        description="Minimum detector confidence of a face found by the padded retry (its scores follow "
+        "another scale).",
+    )
+    good_face_norm: float = Field(
+        18.66,
+        ge=0.0,
+        description="A face with at least this embedding norm and `good_face_size` px is kept whatever its "
+        "detector confidence (a clean, large face is never rejected on det_score alone).",
+    )
+    good_face_size: int = Field(
+        64, ge=0, description="Minimum of face box width and height, pixels, for the `good_face_norm` rule."
+    )
     min_embedding_norm: float = Field(
         14.88, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
     )

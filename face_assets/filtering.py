@@ -5,8 +5,11 @@ Every face of an image gets its own verdict from its scores:
 1. ``cartoon`` when the cartoon classifier's probability reaches its threshold, for faces of at
    least ``CARTOON_MIN_SIDE`` pixels (below that the aligned crop is mostly interpolation and
    style cannot be judged);
-2. ``low_quality`` when the face is smaller than ``min_face_size`` or ``min_face_area_ratio``, or
-   ``det_score`` or ``embedding_norm`` is under its threshold.
+2. ``low_quality`` (:func:`is_low_quality`) when the face is smaller than ``min_face_size`` or
+   ``min_face_area_ratio``, or its ``embedding_norm`` is under ``min_embedding_norm``, or its
+   ``det_score`` is under its threshold (``min_det_score_padded`` for faces found by the padded
+   retry) while the face is not clearly good: a face of ``good_face_size`` px or more whose
+   embedding norm reaches ``good_face_norm`` is kept on its other signals.
 
 The image is valid when at least one face is. The deciding face, whose scores are reported at the
 top level, is the valid face of highest ``quality`` or, when none is valid, the largest face. An
@@ -42,6 +45,23 @@ def quality_score(det_score: float, embedding_norm: float, face_size: Sequence[i
         min(max(min(face_size) / SIZE_REF, 0.0), 1.0),
     )
     return float(np.prod(parts) ** (1.0 / 3.0))
+
+
+def is_low_quality(cfg: FilterSettings, det_score: float, embedding_norm: float, face_size: Sequence[int],
+                   area_ratio: float, padded: bool) -> bool:
+    """The quality decision of one face from its detector score, embedding norm, size and area ratio.
+
+    Size and norm are hard limits: below them a face is too small or too ambiguous to recognize.
+    ``det_score`` only decides for faces that are not clearly good: SCRFD scores a clean frontal
+    face low when it fills the frame or sits in the border of the padded retry, and the
+    recognizer's norm says more about such a face than the detector's confidence.
+    """
+    if min(face_size) < cfg.min_face_size or area_ratio < cfg.min_face_area_ratio:
+        return True
+    if embedding_norm < cfg.min_embedding_norm:
+        return True
+    clearly_good = embedding_norm >= cfg.good_face_norm and min(face_size) >= cfg.good_face_size
+    return det_score < (cfg.min_det_score_padded if padded else cfg.min_det_score) and not clearly_good
 
 
 class FaceFilter:
@@ -116,8 +136,7 @@ class FaceFilter:
         reason: RejectionReason | None = None
         if is_cartoon:
             reason = "cartoon"
-        elif (min(size) < cfg.min_face_size or ratio < cfg.min_face_area_ratio
-              or face.det_score < cfg.min_det_score or norm < cfg.min_embedding_norm):
+        elif is_low_quality(cfg, face.det_score, norm, size, ratio, analysis.padded):
             reason = "low_quality"
         return {
             "bbox": [round(float(v), 2) for v in face.bbox[:4]],
@@ -160,4 +179,4 @@ def filter_image(image: Any, config_path: str | None = None) -> FilterResult:
     return face_filter.filter(image)
 
 
-__all__ = ["FaceFilter", "filter_image", "quality_score"]
+__all__ = ["FaceFilter", "filter_image", "is_low_quality", "quality_score"]

@@ -85,6 +85,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folds", type=int, default=FOLDS, help="person-disjoint folds (default %(default)s)")
     ap.add_argument("--no-ours", action="store_true", help="skip the comparison with our features")
+    ap.add_argument("--cache-dir", default=str(tcc.CACHE_DIR), help="feature cache of the training script")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     threadpool_limits(limits=1)  # one BLAS thread: fastest on a small shared CPU
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
     other_idx = [i for i, it in enumerate(items) if it.source in OTHER_REAL or it.source.startswith("dsg_")]
     X = {i: pixels(root, items[i].rel) for i in train_idx + other_idx}
     y = np.array([items[i].label for i in train_idx])
-    folds = person_folds([items[i].group for i in train_idx], args.folds)
+    folds = person_folds([tcc.person_key(Path(items[i].rel).parent.name) for i in train_idx], args.folds)
     Xtr = np.stack([X[i] for i in train_idx])
 
     pred = np.zeros(len(train_idx), int)
@@ -111,7 +112,8 @@ def main(argv=None) -> None:
         base_other[src] = float(full.predict(np.stack([X[i] for i in idx])).mean())
 
     counts = {src: sum(1 for i in other_idx if items[i].source == src) for src in base_other}
-    ours = None if args.no_ours else our_numbers(items, root, train_idx, other_idx, folds, args.folds)
+    ours = None if args.no_ours else our_numbers(items, root, train_idx, other_idx, folds, args.folds,
+                                                 Path(args.cache_dir))
 
     print(f"\nIIIT-CFW ({int(y.sum())} images) vs IMFDB ({int((y == 0).sum())}), {args.folds}-fold person-disjoint; "
           "then trained on all of both and applied to unseen data")
@@ -139,14 +141,14 @@ def main(argv=None) -> None:
     print(f"\n(cartoon_baseline.py ran in {time.time() - t0:.0f}s)")
 
 
-def our_numbers(items, root, train_idx, other_idx, folds, k) -> dict:
+def our_numbers(items, root, train_idx, other_idx, folds, k, cache_dir: Path) -> dict:
     """Our features and model (``train_cartoon_classifier``'s defaults) on the same person split.
 
     Trained on the same source images (IMFDB + IIIT-CFW) with our augmentations and filtered copies of
     the IMFDB photos; the threshold is calibrated on the held-out IMFDB persons as in the training
     script. Each image is judged by its largest face; with no usable face it counts as rejected.
     """
-    data = tcc.extract(items, root, tcc.DEFAULT_TAPS, use_cache=True, log=lambda *a: None)
+    data = tcc.extract(items, root, tcc.DEFAULT_TAPS, use_cache=True, cache_dir=cache_dir, log=lambda *a: None)
     f = tcc.build_faces(items, data, tcc.load_settings().filter.min_face_size)
     fold_of_item = dict(zip(train_idx, folds))
     orig_face = {}  # item -> its largest face in the original view
