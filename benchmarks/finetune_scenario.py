@@ -60,7 +60,6 @@ ABLATION = {
     "no anti-drift term": {"keep_close_weight": 0.0},
     "freeze: head only": {"freeze": "head"},
     "freeze: none (all layers)": {"freeze": "none"},
-    "freeze: none, no anti-drift": {"freeze": "none", "keep_close_weight": 0.0},
 }
 
 
