@@ -407,6 +407,11 @@ class TrainingSettings(_Section):
     hard_negative_temperature: float = Field(
         0.1, gt=0.0, description="Negatives are drawn with weight exp(similarity / T): lower favours hard ones."
     )
+    unvoted_negatives: bool = Field(
+        True,
+        description="Also train on pairs no vote joins (faces of different voted persons) that the current model "
+        "keeps below the threshold, as different-person pairs.",
+    )
     augment: bool = Field(True, description="Random flip, colour, blur and scale of the training crops.")
     val_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of persons held out for validation.")
     seed: int = Field(0, description="Seed of sampling, augmentation and the person split.")

@@ -209,7 +209,7 @@ def verify_export(model: nn.Module, path: Path, crops: np.ndarray, settings: Set
     if not isinstance(loaded, ArcFaceONNX):
         raise TrainingError(f"insightface does not load {path} as a recognition model (got {type(loaded).__name__})")
     recognizer = Recognizer(path, settings.models)
-    # the reference runs on the CPU in float32: on a GPU, TF32 convolutions alone would exceed the tolerance
+    # the reference runs on the CPU in float32: on a GPU, TF32 convolutions (cuDNN's default) may exceed the tolerance
     expected = torch_embed(copy.deepcopy(model).cpu(), crops, recognizer.input_mean, recognizer.input_std,
                            torch.device("cpu"))
     diff = max_abs_diff(recognizer.embed_aligned(list(crops))[0], expected)
@@ -421,6 +421,24 @@ class PairSet:
     feedback_pairs: int = 0  # how many of ``pairs`` were given; the rest follow from them (see implied_pairs)
     person: np.ndarray | None = None  # person of every crop index (see persons_of)
     contradicted: int = 0  # different-person votes inside one person, left out as most likely wrong
+    unit: np.ndarray | None = None  # split unit of every crop index: faces joined by any same-person link
+
+    def unlinked_pairs(self, limit: int, seed: int) -> np.ndarray:
+        """Pairs ``(i, j, 0)`` of this set's faces in different units: no vote says they are the same person.
+
+        Users vote on a few results; most pairs of their faces are never voted on, and those in
+        different units are almost all different persons. All such pairs, or ``limit`` drawn at random.
+        """
+        keys = self.keys()
+        n = len(keys)
+        if n * (n - 1) // 2 <= limit:
+            i, j = np.triu_indices(n, 1)
+        else:
+            rng = np.random.default_rng(seed)
+            i, j = rng.integers(0, n, (2, limit))
+        keep = self.unit[keys[i]] != self.unit[keys[j]]
+        i, j = keys[i[keep]], keys[j[keep]]
+        return np.stack([np.minimum(i, j), np.maximum(i, j), np.zeros_like(i)], axis=1).astype(np.int64)
 
     def keys(self) -> np.ndarray:
         """Indices of every crop the set uses."""
@@ -495,8 +513,8 @@ def split_by_person(data: FeedbackData, index: Mapping[str, int], val_fraction: 
         return np.array(rows, np.int64).reshape(-1, width)
 
     train = implied_pairs(arr(train_pairs), person, seed)
-    return (PairSet(train, arr(train_trip), len(train_pairs), person, contradicted[False]),
-            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs), person, contradicted[True]), dropped)
+    return (PairSet(train, arr(train_trip), len(train_pairs), person, contradicted[False], unit),
+            PairSet(arr(val_pairs), arr(val_trip), len(val_pairs), person, contradicted[True], unit), dropped)
 
 
 def implied_pairs(pairs: np.ndarray, person: np.ndarray, seed: int, limit: int = 50_000) -> np.ndarray:
@@ -592,6 +610,14 @@ class Trainer:
         normed = original / np.linalg.norm(original, axis=1, keepdims=True)
         self.pos = train.pairs[train.pairs[:, 2] == 1]
         self.neg = train.pairs[train.pairs[:, 2] == 0]
+        if self.cfg.unvoted_negatives and train.unit is not None and len(train.pairs):
+            # without them only the voted-on persons are kept apart: pulling same-person faces
+            # together then pulls the voters' faces together too, and false accepts among them rise
+            unlinked = train.unlinked_pairs(200_000, self.cfg.seed)
+            below = (normed[unlinked[:, 0]] * normed[unlinked[:, 1]]).sum(1) < self.threshold
+            known = {(int(a), int(b)) for a, b, _ in train.pairs}
+            unlinked = np.array([r for r in unlinked[below].tolist() if (r[0], r[1]) not in known], np.int64).reshape(-1, 3)
+            self.neg = np.concatenate([self.neg, unlinked])
         sims = (normed[self.neg[:, 0]] * normed[self.neg[:, 1]]).sum(1)
         weights = np.exp((sims - sims.max()) / self.cfg.hard_negative_temperature) if len(sims) else sims
         self.neg_p = weights / weights.sum() if len(sims) else weights
@@ -867,8 +893,12 @@ def judge(settings: Settings, embeddings: Mapping[str, tuple[np.ndarray, np.ndar
     cfg = settings.training
     where = {int(k): n for n, k in enumerate(keys)}
     gi, gj, gsame = all_pairs(general_labels)
-    # held-out feedback faces: the given validation pairs and those they imply (all faces of one person)
+    # held-out feedback faces: the given validation pairs, those they imply (all faces of one person)
     held = implied_pairs(val.pairs, val.person, cfg.seed) if len(val.pairs) else val.pairs
+    if len(val.pairs) and val.unit is not None:  # and every unvoted pair across units: different persons
+        known = {(int(a), int(b)) for a, b, _ in held}
+        unlinked = [r for r in val.unlinked_pairs(200_000, cfg.seed).tolist() if (r[0], r[1]) not in known]
+        held = np.concatenate([held, np.array(unlinked, np.int64).reshape(-1, 3)])
     hi = np.array([where[int(a)] for a in held[:, 0]], np.int64)
     hj = np.array([where[int(b)] for b in held[:, 1]], np.int64)
     sims, metrics = {}, {}
