@@ -158,14 +158,20 @@ class Deployment:
                 codes["serve"] = serve.wait()
         daemon = self.procs.get("daemon")
         if daemon is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(daemon.pid, sig)
-                    daemon.wait(timeout=20)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-            codes["daemon"] = daemon.poll()
+            try:
+                os.killpg(daemon.pid, signal.SIGTERM)
+                codes["daemon"] = daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                codes["daemon"] = None
+            except ProcessLookupError:
+                codes["daemon"] = daemon.poll()
+            # The daemon's code server and the run workers it started share its process group and
+            # outlive it: end them too.
+            try:
+                os.killpg(daemon.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            daemon.wait()
         return codes
 
 
