@@ -499,7 +499,7 @@ class ExportReport:
     ``feedback.min_vote_agreement``), ``outvoted`` (the minority votes of a pair that kept its
     majority label), ``class_balance`` (mined negatives beyond ``feedback.max_negatives_per_positive``).
     ``mining`` counts mined negatives by method: ``cluster`` (another person cluster) or
-    ``threshold`` (no cluster known: below ``search.match_threshold`` and not up-voted).
+    ``threshold`` (no cluster known: below the match threshold and not up-voted).
     """
 
     out_dir: str
@@ -577,7 +577,8 @@ def _bbox(values: Any) -> list[float]:
 
 
 def export_feedback(store: FeedbackStore, catalog: Catalog, neighbours: NeighbourSearch, settings: Settings,
-                    model_version: str, out_dir: str | os.PathLike) -> ExportReport:
+                    model_version: str, out_dir: str | os.PathLike, *, match_threshold: float,
+                    clusters_of: Callable[[list[int]], dict[int, int]]) -> ExportReport:
     """Write ``pairs.parquet``, ``triplets.parquet`` and ``report.json`` from the votes into ``out_dir``.
 
     Pairs hold one row per kept (query, result) pair: ``label`` 1 for a thumbs-up majority, 0 for a
@@ -586,14 +587,19 @@ def export_feedback(store: FeedbackStore, catalog: Catalog, neighbours: Neighbou
     searched with ``neighbours`` for queries embedded by ``model_version``. Negatives are ordered
     hardest first: thumbs-down by similarity, then mined ones by similarity. Triplets pair each
     positive with the ``feedback.triplet_negatives_per_positive`` hardest negatives of its query.
-    Rerunning overwrites the files (written atomically).
+    ``match_threshold`` is the running model version's; ``clusters_of`` maps face ids to their person
+    clusters. Rerunning overwrites the files (written atomically).
     """
     cfg = settings.feedback
-    threshold = settings.search.match_threshold
+    threshold = match_threshold
     out = Path(out_dir)
     rows = store.export_rows()
-    faces = catalog.faces_by_id(sorted({int(r["result_face_id"]) for r in rows}
-                                       | {int(r["query_face_id"]) for r in rows if r["query_face_id"] is not None}))
+    ids = sorted({int(r["result_face_id"]) for r in rows}
+                 | {int(r["query_face_id"]) for r in rows if r["query_face_id"] is not None})
+    faces = catalog.faces_by_id(ids)
+    for face_id, cluster_id in clusters_of(ids).items():
+        if face_id in faces:
+            faces[face_id]["cluster_id"] = cluster_id
     dropped = _Dropped()
 
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)

@@ -629,7 +629,8 @@ class FaceRecognitionLibrary:
         Returns the report of what was written and what was dropped and why (also ``report.json``).
         """
         return export_feedback(self.feedback, self.catalog, lambda v, k: self.search_embedding(v, top_k=k),
-                               self.settings, self.model_version, out_dir)
+                               self.settings, self.model_version, out_dir, match_threshold=self.match_threshold,
+                               clusters_of=self.persons.store.cluster_ids)
 
     def feedback_stats(self) -> dict:
         """Counts of feedback queries, votes up/down, voters and votes per model version."""

@@ -243,3 +243,13 @@ def test_more_results_become_votable(lib):
         assert other.record_feedback(q.query_id, later[2].face_id, "down", voter="v").vote == "down"
     finally:
         other.close()
+
+
+def test_mined_negatives_use_person_clusters(lib, feedback_people, tmp_path):
+    lib.cluster()
+    name = next(iter(feedback_people))
+    q = lib.feedback_search(feedback_people[name][0].read_bytes(), top_k=4)
+    for hit in q.results:
+        lib.record_feedback(q.query_id, hit.face_id, "up" if _person(hit.path) == name else "down", voter="truth")
+    report = lib.export_feedback(tmp_path / "export")
+    assert report.mining.get("cluster", 0) > 0  # faces of other persons' clusters, found through the cluster store
