@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from face_assets.audit import AuditLog
 from face_assets.auth import TokenStore
@@ -181,7 +182,7 @@ def test_people_find_rename_merge_split(browser, data_dir, shots):
         page.fill("#q", "grace")
         page.click("#filter-form button")
         page.locator("a.person").first.wait_for()
-        page.wait_for_function("document.querySelectorAll('a.person').length === 1")
+        expect(page.locator("a.person")).to_have_count(1)  # polled from here: the page's CSP forbids eval
         assert page.locator("a.person").first.get_attribute("data-cluster-id") == str(first.cluster_id)
         page.screenshot(path=shots / "15_found.png", full_page=True)
         log = AuditLog(data_dir / "audit" / "people.jsonl").tail()
