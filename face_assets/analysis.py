@@ -19,7 +19,7 @@ from .detection import FaceDetector
 from .imaging import load_image
 from .errors import ModelNotFoundError
 from .models import ModelPack, Recognizer, builtin_pack, builtin_pack_dir, load_detector, resolve_pack
-from .schemas import ImageAnalysis
+from .schemas import DetectedFace, ImageAnalysis
 
 
 class FaceAnalyzer:
@@ -71,10 +71,18 @@ class FaceAnalyzer:
 
     def analyze_loaded(self, images: Iterable[np.ndarray]) -> list[ImageAnalysis]:
         """Analyze already-decoded BGR images, batching the recognizer across all their faces."""
-        results, crops, owners = [], [], []
+        images = list(images)
+        results = []
         for img in images:
             faces, padded = self.detector.detect(img)
             results.append(ImageAnalysis(width=img.shape[1], height=img.shape[0], faces=faces, padded=padded))
+        self.embed_faces([(img, res.faces) for img, res in zip(images, results)])
+        return results
+
+    def embed_faces(self, found: list[tuple[np.ndarray, list[DetectedFace]]]) -> None:
+        """Set ``embedding`` and ``texture`` of faces already located in their images, one recognizer batch."""
+        crops, owners = [], []
+        for img, faces in found:
             for face in faces:
                 crops.append(self.recognizer.align(img, face.kps))
                 owners.append(face)
@@ -84,7 +92,6 @@ class FaceAnalyzer:
         for i, face in enumerate(owners):
             face.embedding = embeddings[i]
             face.texture = None if taps is None else taps[i]
-        return results
 
 
 def _texture_model_path(sha256: str) -> Path:

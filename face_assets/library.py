@@ -39,6 +39,7 @@ from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths,
 from .models import embedding_dim_of, resolve_pack
 from .process import apply_process_settings
 from .schemas import FilterResult, ImageAnalysis
+from .storage import file_stamp
 from .store import Catalog
 
 if TYPE_CHECKING:
@@ -214,11 +215,7 @@ class FaceRecognitionLibrary:
         return index if index is not None else self._new_index()
 
     def _stamp(self) -> tuple[int, int] | None:
-        try:
-            st = self.index_path.stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns
+        return file_stamp(self.index_path)
 
     def refresh(self) -> bool:
         """Load the index again if another process (the pipeline, a CLI command) published a newer one.

@@ -111,6 +111,15 @@ class _FileLock:
                 delay = min(delay * 2, 0.1)
 
 
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of a file version, (inode, mtime): a file replaced by rename gets a new one. None when absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _copy(src: Path, dst: Path) -> None:
     """Copy a file, with ``copy_file_range`` where the kernel offers it: on XFS and Btrfs that shares
     the blocks (a reflink) instead of copying them, so publishing a large catalog costs no I/O."""
@@ -397,13 +406,9 @@ class DuckDBFile:
 
         None before anything was published. Share it only under :attr:`snapshot_lock`.
         """
-        if self.published is None:
+        key = None if self.published is None else file_stamp(self.published)
+        if key is None:
             return None
-        try:
-            st = self.published.stat()
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns)
         if self._snapshot is not None and self._snapshot[1] == key:
             return self._snapshot[0]
         if self._snapshot is not None:

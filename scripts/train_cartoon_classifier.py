@@ -438,7 +438,7 @@ def embed_at(analyzer: FaceAnalyzer, views: list[np.ndarray], found: list[tuple[
     geometry up to a uniform resize, so detection runs once per image and only the recognizer runs per
     view (about 2.5x faster). Scores are the original's; embedding and texture are the view's own.
     Views of an original without a face (an enlarged copy of a tiny tile may show one) are detected."""
-    results, crops, owners = [], [], []
+    results, located = [], []
     lost = [i for i, (_, res) in enumerate(found) if not res.faces]
     detected = dict(zip(lost, analyzer.analyze_loaded([views[i] for i in lost])))
     for i, (view, (shape, res)) in enumerate(zip(views, found)):
@@ -449,14 +449,8 @@ def embed_at(analyzer: FaceAnalyzer, views: list[np.ndarray], found: list[tuple[
         faces = [DetectedFace(bbox=f.bbox * np.array([sx, sy, sx, sy], np.float32), kps=f.kps * np.array([sx, sy], np.float32),
                               det_score=f.det_score) for f in res.faces]
         results.append(ImageAnalysis(width=view.shape[1], height=view.shape[0], faces=faces, padded=res.padded))
-        for face in faces:
-            crops.append(analyzer.recognizer.align(view, face.kps))
-            owners.append(face)
-    embeddings, taps = analyzer.recognizer.embed_aligned(crops)
-    if analyzer.texture_recognizer is not None:
-        _, taps = analyzer.texture_recognizer.embed_aligned(crops)
-    for i, face in enumerate(owners):
-        face.embedding, face.texture = embeddings[i], None if taps is None else taps[i]
+        located.append((view, faces))
+    analyzer.embed_faces(located)
     return results
 
 

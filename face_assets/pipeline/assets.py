@@ -61,6 +61,7 @@ from dagster import (
 from ..errors import ModelVersionError
 from ..index import FaceIndex
 from ..ingest import ingest_paths
+from ..storage import file_stamp
 from ..store import Catalog
 from .charts import counts_markdown, histogram_markdown
 from .resources import FaceAssetsResource
@@ -309,15 +310,6 @@ def _previous_count(index_path: Path) -> int | None:
         return None
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """Identity of a file version (inode, mtime), or None when absent."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
 INDEX_CHECK = "catalog_and_index_agree"
 """Blocking check of ``ann_index``: the index built holds exactly the catalog's searchable faces."""
 
@@ -352,7 +344,7 @@ def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -
     published = Path(storage.data_dir) / storage.index_file
     staged = published.with_name(published.name + ".staged")
     before = _previous_count(published)
-    base = _stamp(published)
+    base = file_stamp(published)
     if base is not None:
         shutil.copyfile(published, staged)  # start from the published index: only what changed is redone
     with face_assets.library(index_file=staged.name) as lib:
@@ -375,7 +367,7 @@ def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -
     # The sidecar first: the index file, which alone is authoritative, replaces the published one last;
     # under the catalog's write lock, like every index save, so no other writer interleaves.
     with face_assets.catalog() as catalog, catalog.db.locked():
-        if _stamp(published) != base:
+        if file_stamp(published) != base:
             # Another process (a CLI index) saved the index meanwhile: build again from its file.
             raise Failure("the published index changed while this one was built: building again", allow_retries=True)
         for suffix in (".json", ""):
