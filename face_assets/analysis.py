@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class FaceAnalyzer:
         self.detector = FaceDetector(load_detector(self.pack, settings.models, settings.detection), settings.detection)
         self._taps, self._texture_model = tuple(taps), texture_model
         self.recognizer, self.texture_recognizer = self._recognizers(self.pack)
+        self._detect_pool: ThreadPoolExecutor | None = None  # created on the first batch of several images
 
     def _recognizers(self, pack: ModelPack) -> tuple[Recognizer, Recognizer | None]:
         """The pack's recognizer, and a second one for the texture taps when they belong to another file."""
@@ -72,10 +74,15 @@ class FaceAnalyzer:
     def analyze_loaded(self, images: Iterable[np.ndarray]) -> list[ImageAnalysis]:
         """Analyze already-decoded BGR images, batching the recognizer across all their faces."""
         images = list(images)
-        results = []
-        for img in images:
-            faces, padded = self.detector.detect(img)
-            results.append(ImageAnalysis(width=img.shape[1], height=img.shape[0], faces=faces, padded=padded))
+        workers = min(self.settings.detection.workers, len(images))
+        if workers > 1:
+            if self._detect_pool is None:
+                self._detect_pool = ThreadPoolExecutor(self.settings.detection.workers, thread_name_prefix="detect")
+            found = list(self._detect_pool.map(self.detector.detect, images))
+        else:
+            found = [self.detector.detect(img) for img in images]
+        results = [ImageAnalysis(width=img.shape[1], height=img.shape[0], faces=faces, padded=padded)
+                   for img, (faces, padded) in zip(images, found)]
         self.embed_faces([(img, res.faces) for img, res in zip(images, results)])
         return results
 

@@ -412,7 +412,9 @@ def _empty_cache(tex_dim: int) -> dict:
 
 
 def _cache_key(settings, sha: str) -> str:
-    blob = json.dumps([sha, AUG_VERSION, CACHE_MIN_FACE, REF_MIN_FACE, UP_BELOW, settings.detection.model_dump(mode="json")])
+    # Settings that change what is detected; ``workers`` only changes how many images run at once.
+    detection = settings.detection.model_dump(mode="json", exclude={"workers"})
+    blob = json.dumps([sha, AUG_VERSION, CACHE_MIN_FACE, REF_MIN_FACE, UP_BELOW, detection])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
