@@ -43,11 +43,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
 import warnings
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -461,8 +463,9 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
     """Features of every face of every augmented view of ``items``, computed by ``FaceAnalyzer``.
 
     Results are cached in ``data/cache/cartoon_features_<key>_<taps>.npz`` per (image path,
-    augmentation); a cache holding a superset of ``taps`` serves too (columns sliced), and only views
-    missing from it are computed. Returns arrays over views (``view_item``, ``view_aug`` (name),
+    augmentation); a cache holding a superset of ``taps`` serves too (columns sliced), a cache of other
+    taps gives its faces and aligned crops (only the tap statistics are recomputed, into a cache of
+    their own), and only views missing from the cache are computed. Returns arrays over views (``view_item``, ``view_aug`` (name),
     ``view_size``: min side of the largest face, 0 when none) and over faces (>= CACHE_MIN_FACE; the largest
     only unless the item is a group photo: ``face_view``, ``emb`` (normalized), ``tex``, ``det``,
     ``norm``, ``size``), plus ``sha``.
@@ -471,26 +474,32 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
     pack = resolve_pack(settings.models)
     sha = pack.recognizer_sha256
     key = _cache_key(settings, sha)
-    cache_taps, cache, path = tuple(taps), None, None
+    cache_taps, cache, path, cache_stats = tuple(taps), None, None, ()
+    own_path = cache_dir / f"cartoon_features_{key}_{hashlib.sha256(','.join(taps).encode()).hexdigest()[:8]}.npz"
     if use_cache:
         for cand in sorted(cache_dir.glob(f"cartoon_features_{key}_*.npz")):
             if cand.name.endswith(".partial.npz"):  # left by an interrupted write
                 continue
             with np.load(cand, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                if set(taps) <= set(meta["taps"]):
+                covers = set(taps) <= set(meta["taps"])
+                if covers or cache is None:  # a cache of other taps still holds the faces and their crops
                     cache = {k: data[k] for k in _VIEW_KEYS + _FACE_KEYS}
                     cache_taps, path, cache_stats = tuple(meta["taps"]), cand, tuple(meta.get("tap_stats", ()))
+                if covers:
                     break
+        if cache is not None and not set(taps) <= set(cache_taps):
+            # Same faces, other taps: their statistics come from the cached crops, into a cache of their own.
+            cache_taps, path, cache_stats = tuple(taps), own_path, ()
     channels = tap_channels(pack.recognizer, cache_taps)
     analyzer = None
     refresh = cache is not None and cache_stats != TAP_STATS
     if cache is None:
         cache = _empty_cache(len(TAP_STATS) * sum(channels.values()))
-        path = cache_dir / f"cartoon_features_{key}_{hashlib.sha256(','.join(taps).encode()).hexdigest()[:8]}.npz"
+        path = own_path
     elif refresh:
-        # The recognizer's statistics changed, not the faces: rerun it on the cached aligned crops
-        # (what FaceAnalyzer feeds it at run time) instead of detecting everything again.
+        # The recognizer's statistics (or the taps) changed, not the faces: rerun it on the cached aligned
+        # crops (what FaceAnalyzer feeds it at run time) instead of detecting everything again.
         log(f"features: recomputing tap statistics of {len(cache['crop'])} cached face crops")
         analyzer = FaceAnalyzer(settings, taps=cache_taps, texture_model=sha)
         recognizer = analyzer.texture_recognizer or analyzer.recognizer
@@ -1054,6 +1063,19 @@ def _json_clean(obj):
     return obj
 
 
+_JOB: dict = {}  # what the forked style-protocol worker inherits (passing it would pickle every feature)
+
+
+def _style_job() -> dict:
+    """The leave-one-style-out protocol in a forked worker process (see ``main``)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(_JOB["threads"])
+    with threadpool_limits(limits=_JOB["threads"]):
+        return style_protocol(_JOB["faces"], _JOB["spec"], _JOB["taps"], log=lambda *a: print(*a, flush=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -1074,7 +1096,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--features-only", action="store_true", help="compute and cache the features, then stop")
     ap.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact path (default: the packaged one)")
     ap.add_argument("--dry-run", action="store_true", help="evaluate only, write no artifact")
-    ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads for model fitting")
+    ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads per process for model fitting (the source and the style protocols "
+                         "run in two processes side by side)")
     args = ap.parse_args(argv)
     import torch
     from threadpoolctl import threadpool_limits
@@ -1109,8 +1132,17 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for s in [spec] + (ALTERNATIVES if args.compare else []):
             log(f"\n== {spec_name(s)} ==")
-            held = source_protocol(f, s, taps, log=log)
-            styles = None if args.no_style_out else style_protocol(f, s, taps, log=log)
+            styles = None
+            if args.no_style_out:
+                held = source_protocol(f, s, taps, log=log)
+            else:
+                # The two protocols are independent: a forked worker fits the style models while this
+                # process fits the source models (one BLAS thread each uses both cores of a small host).
+                _JOB.update(faces=f, spec=s, taps=taps, threads=args.threads)
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                    pending = pool.submit(_style_job)
+                    held = source_protocol(f, s, taps, log=log)
+                    styles = pending.result()
             results[spec_name(s)] = (held, report(f, items, held, styles, log=log))
         held, tables = results[spec_name(spec)]
         final = fit_on(f, np.ones(len(f.y), bool), spec, taps)
