@@ -2,8 +2,9 @@
 
 Method. Every face is described by what ``filter_image`` computes at run time, in the same forward
 pass: the normalized ArcFace embedding (512) and the per-channel mean, standard deviation and fraction
-of positive activations of a few inner layers of the recognizer ("taps"; default 339, 351, 405: first
-block at 56x56, a 28x28 and a 14x14 block), passed through ``CartoonClassifier.features``. A
+of positive activations of inner layers of the recognizer ("taps"; default: 339, 351, 405, early blocks
+at 56x56 to 14x14, and the nine later blocks 401 to 513, 28x28 to 7x7, which carry best to unseen
+styles), passed through ``CartoonClassifier.features``. A
 class-balanced logistic regression (C=0.01) on standardized features gives P(not a real photo). The
 threshold is calibrated on held-out real faces: the higher of the 99.25% quantile of original views
 and the 98.5% quantile of their grayscale copies.
@@ -1039,7 +1040,7 @@ def counts_markdown(f: Faces) -> str:
 # Main
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_TAPS = ("339", "351", "405")
+DEFAULT_TAPS = ("339", "351", "405", "401", "418", "440", "473", "477", "481", "494", "509", "513")
 DEFAULT_SPEC = {"kind": "logreg", "C": 0.01}
 # Evaluated with --compare (each with the full protocol).
 ALTERNATIVES = [
