@@ -69,9 +69,10 @@ def test_real_faces_are_valid(face_filter, datasets):
 
 @pytest.mark.parametrize(
     "style, at_least",
-    # Floors under the shares of the whole folders in the validation report (render3d 97 %, sketch
-    # 86 %, caricature 86 %, painting 57 %): painted faces remain the hard case (docs/cartoon.md).
-    [("render3d", 0.85), ("sketch", 0.7), ("caricature", 0.7), ("painting", 0.4)],
+    # Floors under the shares of the whole folders in the validation report (render3d, sketch and
+    # caricature 100 %, painting 97 %), which the classifier was trained on; held out by source,
+    # painted faces remain the hard case (docs/cartoon.md), hence the lower floor for painting.
+    [("render3d", 0.9), ("sketch", 0.85), ("caricature", 0.85), ("painting", 0.7)],
 )
 def test_new_styles_are_mostly_rejected(face_filter, datasets, style, at_least):
     files = sorted((datasets / "cartoon" / "extra" / style).iterdir())[::6]  # every sixth: all its sources
