@@ -466,10 +466,10 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
     Results are cached in ``data/cache/cartoon_features_<key>_<taps>.npz`` per (image path,
     augmentation); a cache holding a superset of ``taps`` serves too (columns sliced), a cache of other
     taps gives its faces and aligned crops (only the tap statistics are recomputed, into a cache of
-    their own), and only views missing from the cache are computed. Returns arrays over views (``view_item``, ``view_aug`` (name),
-    ``view_size``: min side of the largest face, 0 when none) and over faces (>= CACHE_MIN_FACE; the largest
-    only unless the item is a group photo: ``face_view``, ``emb`` (normalized), ``tex``, ``det``,
-    ``norm``, ``size``), plus ``sha``.
+    their own), and only views missing from the cache are computed. Returns arrays over views
+    (``view_item``, ``view_aug`` (name), ``view_size``: min side of the largest face, 0 when none) and
+    over faces (>= CACHE_MIN_FACE; the largest only unless the item is a group photo: ``face_view``,
+    ``emb`` (normalized), ``tex``, ``det``, ``norm``, ``size``), plus ``sha``.
     """
     settings = load_settings()
     pack = resolve_pack(settings.models)
@@ -478,20 +478,24 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
     cache_taps, cache, path, cache_stats = tuple(taps), None, None, ()
     own_path = cache_dir / f"cartoon_features_{key}_{hashlib.sha256(','.join(taps).encode()).hexdigest()[:8]}.npz"
     if use_cache:
+        best = None  # a cache holding the taps, else any cache of these faces (it has their crops)
         for cand in sorted(cache_dir.glob(f"cartoon_features_{key}_*.npz")):
             if cand.name.endswith(".partial.npz"):  # left by an interrupted write
                 continue
-            with np.load(cand, allow_pickle=False) as data:
+            with np.load(cand, allow_pickle=False) as data:  # reads only the small meta entry
                 meta = json.loads(str(data["meta"]))
-                covers = set(taps) <= set(meta["taps"])
-                if covers or cache is None:  # a cache of other taps still holds the faces and their crops
-                    cache = {k: data[k] for k in _VIEW_KEYS + _FACE_KEYS}
-                    cache_taps, path, cache_stats = tuple(meta["taps"]), cand, tuple(meta.get("tap_stats", ()))
-                if covers:
-                    break
-        if cache is not None and not set(taps) <= set(cache_taps):
-            # Same faces, other taps: their statistics come from the cached crops, into a cache of their own.
-            cache_taps, path, cache_stats = tuple(taps), own_path, ()
+            if set(taps) <= set(meta["taps"]):
+                best = (cand, meta)
+                break
+            best = best or (cand, meta)
+        if best is not None:
+            path, meta = best
+            with np.load(path, allow_pickle=False) as data:
+                cache = {k: data[k] for k in _VIEW_KEYS + _FACE_KEYS}
+            cache_taps, cache_stats = tuple(meta["taps"]), tuple(meta.get("tap_stats", ()))
+            if not set(taps) <= set(cache_taps):
+                # Same faces, other taps: their statistics come from the cached crops, into a cache of their own.
+                cache_taps, path, cache_stats = tuple(taps), own_path, ()
     channels = tap_channels(pack.recognizer, cache_taps)
     analyzer = None
     refresh = cache is not None and cache_stats != TAP_STATS
@@ -1097,8 +1101,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--features-only", action="store_true", help="compute and cache the features, then stop")
     ap.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact path (default: the packaged one)")
     ap.add_argument("--dry-run", action="store_true", help="evaluate only, write no artifact")
-    ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads per process for model fitting (the source and the style protocols "
-                         "run in two processes side by side)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and BLAS threads per process for model fitting (the source and the style "
+                         "protocols run in two processes side by side)")
     args = ap.parse_args(argv)
     import torch
     from threadpoolctl import threadpool_limits
@@ -1133,9 +1138,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for s in [spec] + (ALTERNATIVES if args.compare else []):
             log(f"\n== {spec_name(s)} ==")
-            styles = None
             if args.no_style_out:
-                held = source_protocol(f, s, taps, log=log)
+                held, styles = source_protocol(f, s, taps, log=log), None
             else:
                 # The two protocols are independent: a forked worker fits the style models while this
                 # process fits the source models (one BLAS thread each uses both cores of a small host).
