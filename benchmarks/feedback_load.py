@@ -1,6 +1,6 @@
 """Load test of ``POST /api/feedback``: concurrent clients vote on loopback against a real uvicorn server.
 
-    python benchmarks/feedback_load.py --index-dir DIR [--seconds 10] [--clients 16] [--json]
+    python benchmarks/feedback_load.py --index-dir DIR [--seconds 10] [--clients 16] [--min-votes N] [--json]
 
 Starts ``face-assets serve`` on a free loopback port over DIR (a catalog with indexed faces), makes
 a few searches with catalog faces, then ``--clients`` concurrent clients post votes for
@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,8 @@ from face_assets.config import load_settings  # noqa: E402
 from face_assets.feedback import FeedbackStore  # noqa: E402
 
 VOTERS_PER_CLIENT = 3
+# ``min_votes`` extends a run past ``seconds`` on a slow or busy machine, up to this many seconds in all.
+MIN_VOTES_CAP_S = 120.0
 
 
 def _free_port() -> int:
@@ -108,10 +111,11 @@ def make_pairs(base: str, n_queries: int, token: str) -> list[tuple[str, int]]:
     return pairs
 
 
-async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: dict[str, str], deadline: float,
-                  rng: random.Random, acked: dict, uncertain: set, latencies: list, errors: list) -> None:
+async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: dict[str, str],
+                  more: Callable[[], bool], rng: random.Random, acked: dict, uncertain: set, latencies: list,
+                  errors: list) -> None:
     names = sorted(voters)
-    while time.monotonic() < deadline:
+    while more():
         query_id, face_id = rng.choice(pairs)
         voter, vote = rng.choice(names), rng.choice(("up", "down"))
         key = (query_id, face_id, voter)
@@ -132,7 +136,7 @@ async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: dict[
 
 
 async def _load(base: str, pairs: list, clients: int, seconds: float, tokens: dict[str, str], prefix: str,
-                seed: int) -> dict:
+                seed: int, min_votes: int) -> dict:
     acked: dict = defaultdict(list)
     uncertain: set = set()
     latencies: list[float] = []
@@ -140,10 +144,15 @@ async def _load(base: str, pairs: list, clients: int, seconds: float, tokens: di
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=30) as http:
         start = time.monotonic()
-        deadline = start + seconds
+        deadline, cap = start + seconds, start + max(seconds, MIN_VOTES_CAP_S)
+
+        def more() -> bool:
+            now = time.monotonic()
+            return now < deadline or (now < cap and sum(map(len, acked.values())) < min_votes)
+
         await asyncio.gather(*(
             _client(http, base, pairs, {n: tokens[n] for n in (f"{prefix}{c}-{j}" for j in range(VOTERS_PER_CLIENT))},
-                    deadline, random.Random(seed * 1000 + c), acked, uncertain, latencies, errors)
+                    more, random.Random(seed * 1000 + c), acked, uncertain, latencies, errors)
             for c in range(clients)))
         elapsed = time.monotonic() - start
     return {"acked": acked, "uncertain": uncertain, "latencies": latencies, "errors": errors, "elapsed": elapsed}
@@ -174,8 +183,13 @@ def verify(index_dir: Path, acked: dict, uncertain: set, prefix: str) -> dict:
             "exactly_once": not mismatches and not unexpected and all(len(v) == 1 for v in stored.values())}
 
 
-def run(index_dir: str | Path, seconds: float = 10.0, clients: int = 16, n_queries: int = 4, seed: int = 0) -> dict:
-    """Start the server, load it, stop it, verify the store; returns the figures and the check."""
+def run(index_dir: str | Path, seconds: float = 10.0, clients: int = 16, n_queries: int = 4, seed: int = 0,
+        min_votes: int = 0) -> dict:
+    """Start the server, load it, stop it, verify the store; returns the figures and the check.
+
+    The clients vote for ``seconds``, and on until ``min_votes`` votes are acknowledged (at most
+    ``MIN_VOTES_CAP_S`` in all), so a check of the store sees enough votes however slow the machine.
+    """
     index_dir = Path(index_dir)
     prefix = f"load-{uuid.uuid4().hex[:8]}-"
     names = [f"{prefix}{c}-{j}" for c in range(clients) for j in range(VOTERS_PER_CLIENT)]
@@ -183,7 +197,7 @@ def run(index_dir: str | Path, seconds: float = 10.0, clients: int = 16, n_queri
     proc, base = start_server(index_dir, index_dir / "feedback_load_server.log")
     try:
         pairs = make_pairs(base, n_queries, tokens[names[0]])
-        result = asyncio.run(_load(base, pairs, clients, seconds, tokens, prefix, seed))
+        result = asyncio.run(_load(base, pairs, clients, seconds, tokens, prefix, seed, min_votes))
     finally:
         code = stop_server(proc)
         revoke_tokens(index_dir, names)
@@ -208,9 +222,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--queries", type=int, default=4, help="searches whose results are voted on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-votes", type=int, default=0, help="vote past --seconds until this many are acknowledged")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    out = run(args.index_dir, args.seconds, args.clients, args.queries, args.seed)
+    out = run(args.index_dir, args.seconds, args.clients, args.queries, args.seed, args.min_votes)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
