@@ -73,7 +73,7 @@ class DetectionSettings(_Section):
         le=64,
         description="Images of a batch detected at once, by threads sharing the detector session: "
         "onnxruntime's threads idle between the small layers of SCRFD, and a second image fills the gap "
-        "(1.3x on 2 cores).",
+        "(1.3x on 2 cores). With more than one, each thread gets its share of `models.intra_op_threads`.",
     )
 
     @model_validator(mode="after")

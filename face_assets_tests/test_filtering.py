@@ -110,6 +110,24 @@ def test_tight_crops_are_found_by_padding(face_filter, datasets):
     assert found / len(files) >= 0.98
 
 
+def test_detection_threads_give_the_single_thread_results(face_filter, datasets):
+    """Two detection threads sharing the session, each on its own core, find exactly what one finds."""
+    files = [_first(datasets / "real" / d) for d in ("lfw10", "imfdb", "dlib_johns", "deepface")]
+    files += [datasets / "detection" / "groups" / "10.jpg", _first(datasets / "nonface")]
+    images = [load_image(p) for p in files] * 2
+    one = FaceFilter(load_settings(overrides={"detection": {"workers": 1}}, environ={}))
+    two = FaceFilter(load_settings(overrides={"detection": {"workers": 2}, "models": {"intra_op_threads": 2}}, environ={}))
+    assert two.analyzer.detector.model.session.get_session_options().intra_op_num_threads == 1
+    threaded = two.analyzer.analyze_loaded(images)
+    assert any(b.padded for b in threaded) and any(b.faces and not b.padded for b in threaded)
+    for a, b in zip(one.analyzer.analyze_loaded(images), threaded):
+        assert a.padded == b.padded and len(a.faces) == len(b.faces)
+        for fa, fb in zip(a.faces, b.faces):
+            assert fa.det_score == fb.det_score
+            np.testing.assert_array_equal(fa.bbox, fb.bbox)
+            np.testing.assert_array_equal(fa.kps, fb.kps)
+
+
 def test_group_photo_reports_every_face(face_filter, datasets):
     r = face_filter.filter(datasets / "detection" / "groups" / "10.jpg")
     assert r["num_faces"] == len(r["faces"]) >= 5

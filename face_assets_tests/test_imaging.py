@@ -68,7 +68,7 @@ def assert_bgr_image(image: np.ndarray) -> None:
     assert image.dtype == np.uint8
     assert image.ndim == 3 and image.shape[2] == 3
     assert image.shape[0] > 0 and image.shape[1] > 0
-    assert image.flags.c_contiguous
+    assert image.flags.c_contiguous and image.flags.writeable
 
 
 def test_corrupted_folder_matches_table(corrupted):
@@ -226,6 +226,16 @@ def test_bgr_uint8_array_is_copied():
     np.testing.assert_array_equal(image, bgr)
     image[:] = 0
     assert bgr.any()
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "PNG"), ("RGB", "JPEG"), ("L", "PNG"), ("P", "GIF"), ("CMYK", "JPEG")])
+def test_decoded_file_is_pillows_rgb_in_bgr_order(mode, fmt):
+    rgb = Image.fromarray(np.random.default_rng(2).integers(0, 256, (7, 9, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    rgb.convert(mode).save(buf, fmt)
+    image = load_image(buf.getvalue())
+    assert_bgr_image(image)
+    np.testing.assert_array_equal(image, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))[..., ::-1])
 
 
 def test_non_contiguous_array():
