@@ -71,9 +71,9 @@ class DetectionSettings(_Section):
         2,
         ge=1,
         le=64,
-        description="Images of a batch detected at once, by threads sharing the detector session: "
-        "onnxruntime's threads idle between the small layers of SCRFD, and a second image fills the gap "
-        "(1.3x on 2 cores). With more than one, each thread gets its share of `models.intra_op_threads`.",
+        description="Images of a batch detected at once, by threads with a detector session each on their "
+        "share of `models.intra_op_threads`: onnxruntime's threads idle between the small layers of SCRFD, "
+        "and a second image fills the gap (1.3x on 2 cores). Single images use all the threads.",
     )
 
     @model_validator(mode="after")

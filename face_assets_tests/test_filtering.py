@@ -111,14 +111,17 @@ def test_tight_crops_are_found_by_padding(face_filter, datasets):
 
 
 def test_detection_threads_give_the_single_thread_results(face_filter, datasets):
-    """Two detection threads sharing the session, each on its own core, find exactly what one finds."""
+    """Two detection threads, each with its own session on its own core, find exactly what one finds."""
     files = [_first(datasets / "real" / d) for d in ("lfw10", "imfdb", "dlib_johns", "deepface")]
     files += [datasets / "detection" / "groups" / "10.jpg", _first(datasets / "nonface")]
     images = [load_image(p) for p in files] * 2
     one = FaceFilter(load_settings(overrides={"detection": {"workers": 1}}, environ={}))
     two = FaceFilter(load_settings(overrides={"detection": {"workers": 2}, "models": {"intra_op_threads": 2}}, environ={}))
-    assert two.analyzer.detector.model.session.get_session_options().intra_op_num_threads == 1
     threaded = two.analyzer.analyze_loaded(images)
+    pooled = [d for d in two.analyzer._detect_pool.map(lambda _: getattr(two.analyzer._pool_thread, "detector", None),
+                                                         range(4)) if d is not None]
+    assert pooled and all(d.model.session.get_session_options().intra_op_num_threads == 1 for d in pooled)
+    assert two.analyzer.detector.model.session.get_session_options().intra_op_num_threads == 2  # single images
     assert any(b.padded for b in threaded) and any(b.faces and not b.padded for b in threaded)
     for a, b in zip(one.analyzer.analyze_loaded(images), threaded):
         assert a.padded == b.padded and len(a.faces) == len(b.faces)
