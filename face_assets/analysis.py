@@ -38,11 +38,16 @@ class FaceAnalyzer:
     def __init__(self, settings: Settings, taps: tuple[str, ...] = (), texture_model: str | None = None):
         self.settings = settings
         self.pack: ModelPack = resolve_pack(settings.models)
-        self.detector = FaceDetector(load_detector(self.pack, settings.models, settings.detection), settings.detection)
+        self.detector = self._new_detector()
         self._taps, self._texture_model = tuple(taps), texture_model
         self.recognizer, self.texture_recognizer = self._recognizers(self.pack)
         self._detect_pool: ThreadPoolExecutor | None = None  # created on the first batch of several images
         self._pool_thread = threading.local()  # a detector of its own per pool thread (_detect_in_pool)
+
+    def _new_detector(self, intra_op_threads: int | None = None) -> FaceDetector:
+        """The pack's detector in a session of its own (``intra_op_threads`` overrides the configured count)."""
+        detection = self.settings.detection
+        return FaceDetector(load_detector(self.pack, self.settings.models, detection, intra_op_threads), detection)
 
     def _recognizers(self, pack: ModelPack) -> tuple[Recognizer, Recognizer | None]:
         """The pack's recognizer, and a second one for the texture taps when they belong to another file."""
@@ -97,9 +102,8 @@ class FaceAnalyzer:
         """
         detector = getattr(self._pool_thread, "detector", None)
         if detector is None:
-            models, detection = self.settings.models, self.settings.detection
-            share = max(1, (models.intra_op_threads or os.cpu_count() or 1) // detection.workers)
-            detector = FaceDetector(load_detector(self.pack, models, detection, intra_op_threads=share), detection)
+            threads = self.settings.models.intra_op_threads or os.cpu_count() or 1
+            detector = self._new_detector(max(1, threads // self.settings.detection.workers))
             self._pool_thread.detector = detector
         return detector.detect(img)
 
