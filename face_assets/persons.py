@@ -42,6 +42,7 @@ from .clustering import (
 )
 from .config import ClusteringSettings
 from .errors import ClusterNotFoundError, CurationError
+from .storage import Table, log_all, log_changes
 from .store import Catalog
 
 #: Person clusters (``docs/clustering.md``), in the catalog's DuckDB file beside the faces they group.
@@ -99,6 +100,11 @@ CREATE TABLE IF NOT EXISTS cluster_runs (
 """
 
 
+#: The person tables readers get (``centroid`` is the assignment's internal state, 2 KiB a person).
+TABLES = [Table("clusters", "cluster_id", exclude=("centroid",)), Table("face_clusters", "face_id"),
+          Table("cluster_constraints", None), Table("cluster_runs", "run_id")]
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -112,6 +118,7 @@ class ClusterStore:
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
         catalog.db.ensure(CLUSTER_SCHEMA, "cluster_runs")
+        catalog.db.declare(TABLES)
 
     def transaction(self):
         """One write session on the catalog file (joined by nested calls of the same thread)."""
@@ -137,6 +144,7 @@ class ClusterStore:
         with self.transaction() as con:
             for table in ("face_clusters", "clusters", "cluster_constraints", "cluster_runs"):
                 con.execute(f"DELETE FROM {table}")
+                log_all(con, table)
 
     def face_cluster_map(self) -> tuple[np.ndarray, np.ndarray]:
         """``(face ids, cluster ids)`` of every clustered face, by face id."""
@@ -164,6 +172,7 @@ class ClusterStore:
             return
         with self.transaction() as con:
             con.executemany("INSERT OR REPLACE INTO cluster_constraints VALUES (?, ?, ?, ?, ?)", rows)
+            log_all(con, "cluster_constraints")
 
     def write_clusters(self, con: duckdb.DuckDBPyConnection, clusters: Sequence[dict[str, Any]],
                        assignments: tuple[np.ndarray, np.ndarray], source: str, replace_all: bool) -> None:
@@ -179,9 +188,13 @@ class ClusterStore:
         if replace_all:
             con.execute("DELETE FROM clusters")
             con.execute("DELETE FROM face_clusters")
+            log_all(con, "clusters")
+            log_all(con, "face_clusters")
         else:
             ids = [int(c["cluster_id"]) for c in clusters]
             con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?))", [ids])
+            log_changes(con, "clusters", ids)
+            log_changes(con, "face_clusters", np.asarray(assignments[0], np.int64).tolist())
         if clusters:
             import pyarrow as pa
 
@@ -222,6 +235,7 @@ class ClusterStore:
         cols = list(fields)
         row = con.execute(f"INSERT INTO cluster_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
                           "RETURNING run_id", [fields[c] for c in cols]).fetchone()
+        log_changes(con, "cluster_runs", [row[0]])
         return int(row[0])
 
     def forget_faces(self, face_ids: Sequence[int]) -> None:
@@ -236,11 +250,14 @@ class ClusterStore:
     def _forget(con: duckdb.DuckDBPyConnection, ids: list[int]) -> None:
         touched = [r[0] for r in con.execute(
             "DELETE FROM face_clusters WHERE face_id IN (SELECT unnest(?)) RETURNING cluster_id", [ids]).fetchall()]
+        log_changes(con, "face_clusters", ids)
         con.execute("DELETE FROM cluster_constraints WHERE face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?))",
                     [ids, ids])
+        log_all(con, "cluster_constraints")
         if touched:
             con.execute("""UPDATE clusters SET size = (SELECT count(*) FROM face_clusters f
                            WHERE f.cluster_id = clusters.cluster_id) WHERE cluster_id IN (SELECT unnest(?))""", [touched])
+            log_changes(con, "clusters", touched)
             con.execute("DELETE FROM clusters WHERE size = 0")
 
 
@@ -326,6 +343,7 @@ def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] 
         con.execute("DELETE FROM cluster_constraints WHERE kind = ? AND ((face_a IN (SELECT unnest(?)) AND "
                     "face_b IN (SELECT unnest(?))) OR (face_b IN (SELECT unnest(?)) AND face_a IN (SELECT unnest(?))))",
                     [kind, side_a, side_b, side_a, side_b])
+    log_all(con, "cluster_constraints")
 
 
 class PersonClusters:
@@ -401,6 +419,9 @@ class PersonClusters:
         """Recompute the rows of ``cluster_ids`` from their current faces (delete the empty ones)."""
         rows = con.execute("SELECT face_id, cluster_id FROM face_clusters WHERE cluster_id IN (SELECT unnest(?)) "
                            "ORDER BY face_id", [cluster_ids]).fetchall()
+        # Every face that changed cluster is in one of ``cluster_ids`` now: their rows are republished.
+        log_changes(con, "clusters", cluster_ids)
+        log_changes(con, "face_clusters", [r[0] for r in rows])
         con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?)) AND cluster_id NOT IN "
                     "(SELECT DISTINCT cluster_id FROM face_clusters)", [cluster_ids])
         if not rows:
@@ -665,4 +686,5 @@ class PersonClusters:
         with self.store.transaction() as con:
             con.execute("UPDATE clusters SET label = ?, updated_at = now() WHERE cluster_id = ?",
                         [label, int(cluster_id)])
+            log_changes(con, "clusters", [int(cluster_id)])
         return self.get(cluster_id, with_faces=False)

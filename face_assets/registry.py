@@ -29,6 +29,7 @@ from typing import Any
 from .config import Settings
 from .errors import ModelVersionError
 from .models import ModelPack
+from .storage import Table, log_all
 from .store import Catalog
 
 BASE = "base"
@@ -53,8 +54,13 @@ CREATE TABLE IF NOT EXISTS model_promotions (
 """
 
 
+TABLES = [Table("model_versions", None), Table("model_promotions", None)]
+"""Small tables: published whole when they change."""
+
+
 def _ready(catalog: Catalog) -> Catalog:
     catalog.db.ensure(SCHEMA, "model_promotions")
+    catalog.db.declare(TABLES)
     return catalog
 
 
@@ -70,6 +76,7 @@ def add_version(catalog: Catalog, version: str, parent: str | None, path: str | 
             [version, parent, path, sha256, status, json.dumps(metrics) if metrics else None,
              datetime.now(timezone.utc)],
         )
+        log_all(con, "model_versions")
 
 
 def versions(catalog: Catalog) -> list[dict[str, Any]]:
@@ -95,6 +102,8 @@ def promote(catalog: Catalog, version: str, action: str = "promote") -> str | No
         con.execute("UPDATE model_versions SET status = 'promoted' WHERE version = ?", [version])
         con.execute("INSERT INTO model_promotions VALUES (?, ?, ?, ?)",
                     [datetime.now(timezone.utc), version, previous, action])
+        log_all(con, "model_versions")
+        log_all(con, "model_promotions")
     return previous
 
 

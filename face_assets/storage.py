@@ -10,13 +10,27 @@ and analysts' SQL on one data folder, so no process here keeps a store file open
   for it with backoff up to ``storage.lock_timeout_seconds`` and then raises
   :class:`~face_assets.errors.StoreBusyError`. Threads of one process take turns (DuckDB keeps one
   database instance per file and process).
-- After a write session the master is checkpointed and **published**: copied beside its public name
-  (``<data_dir>/face_assets.duckdb`` for the catalog) and renamed over it, so a reader of the
-  public file always sees a whole, committed state, and a reader that keeps its connection open
-  keeps reading the state it opened while newer ones are published. Analysts, BI tools and the
-  service's search path read the published file read-only and never block a writer.
-  Publication is rate-limited to one per ``storage.publish_interval_seconds`` per process; a
-  pending publication is made by a timer thread, by the next session, or on :meth:`DuckDBFile.close`.
+- After a write session the master's committed state is **published** for readers who must never
+  wait for a writer (analysts, BI tools, the service's search path). Two ways, by store:
+
+  * **Segments** (the catalog, with :class:`Table` declarations): each published table is a set of
+    immutable Parquet files under ``<data_dir>/published/<name>/``, a base and the deltas written
+    since, and the published file (``<data_dir>/face_assets.duckdb``) is a small DuckDB file of
+    views over them, written in a storage version every DuckDB 1.x reads. Stores log what a write
+    changes (:func:`log_changes`, :func:`log_appends`, :func:`log_all`) in the same transaction, so
+    a publication exports only the changed rows: its cost follows the change, not the catalog.
+    A delta also lists the keys it supersedes; a view keeps a row unless a later segment lists its
+    key. Many deltas are folded together from the Parquet files themselves
+    (:meth:`DuckDBFile.compact`), never under the master's lock; files no view names any more are
+    deleted after ``retention`` seconds, so a reader that keeps the views it opened keeps reading.
+  * **Copy** (the feedback store, which is small): the master is copied beside its public name
+    and renamed over it.
+
+  Either way a reader sees a whole committed state (a batch merged in one transaction is all
+  there or not at all). Publication is rate-limited to one per ``storage.publish_interval_seconds``
+  per process; a pending publication is made by a timer thread, by the next session, or on
+  :meth:`DuckDBFile.close`. The change log lives in the master, so changes a process committed
+  but did not publish (it died) are published by the next publication of any process.
 - :meth:`DuckDBFile.submit` runs small writes of many threads in one transaction (group commit):
   the web service acknowledges each vote only after the transaction holding it committed.
 """
@@ -37,6 +51,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import StoreBusyError
 
@@ -138,6 +154,96 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+# -- segment publication: what each store logs, and the files readers open --------------------------
+
+PUBLICATION_SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS _change_seq START 1;
+CREATE TABLE IF NOT EXISTS _published_tables (tbl VARCHAR PRIMARY KEY, key VARCHAR, exclude VARCHAR[] NOT NULL);
+CREATE TABLE IF NOT EXISTS _changes (
+    tbl VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,  -- 'key': a row changed or was deleted; 'append': new keys lo..hi; 'all': the whole table
+    lo BIGINT,
+    hi BIGINT,
+    seq BIGINT NOT NULL DEFAULT nextval('_change_seq')
+);
+CREATE TABLE IF NOT EXISTS _segments (
+    tbl VARCHAR NOT NULL,
+    seg BIGINT NOT NULL,
+    data VARCHAR NOT NULL,
+    keys VARCHAR,
+    rows BIGINT NOT NULL,
+    base BOOLEAN NOT NULL,
+);
+"""
+"""The master's publication bookkeeping: declared tables, the change log since the last publication,
+and the segment files the views name."""
+
+VIEWS_STORAGE_VERSION = "v1.0.0"
+"""Storage version of the published views file: the oldest DuckDB 1.x reads it (DuckDB 2 writes a
+newer one by default, which the 1.x CLI and BI drivers refuse)."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of a store that is published as Parquet segments.
+
+    Args:
+        name: the table.
+        key: an integer column that identifies a row; writes log the keys they change, and a
+            publication exports those rows only. None: the table is small and exported whole
+            whenever a write logs a change to it.
+        exclude: columns readers do not get (internal state, such as cluster centroids).
+    """
+
+    name: str
+    key: str | None
+    exclude: tuple[str, ...] = ()
+
+
+def log_changes(con: duckdb.DuckDBPyConnection, table: str, keys: Any) -> None:
+    """Record, in the write session's transaction, that the rows of ``table`` with these keys
+    changed or were deleted: the next publication exports their current rows, and supersedes the
+    published ones."""
+    keys = [int(k) for k in keys]
+    if keys:
+        con.execute("INSERT INTO _changes (tbl, kind, lo, hi) SELECT ?, 'key', k, k FROM unnest(?) AS u(k)",
+                    [table, keys])
+
+
+def log_changes_where(con: duckdb.DuckDBPyConnection, table: str, key: str, where: str,
+                      params: list[Any] | None = None) -> None:
+    """:func:`log_changes` for the rows of ``table`` that ``where`` selects now (call it before an
+    UPDATE or DELETE with the same condition)."""
+    con.execute(f"INSERT INTO _changes (tbl, kind, lo, hi) SELECT ?, 'key', {key}, {key} FROM {table} WHERE {where}",
+                [table, *(params or [])])
+
+
+def log_appends(con: duckdb.DuckDBPyConnection, table: str, lo: int, hi: int) -> None:
+    """Record that rows with the new keys ``lo..hi`` were added to ``table`` (keys never published
+    before, such as fresh face ids): published without superseding anything."""
+    if hi >= lo:
+        con.execute("INSERT INTO _changes (tbl, kind, lo, hi) VALUES (?, 'append', ?, ?)", [table, int(lo), int(hi)])
+
+
+def log_all(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    """Record that ``table`` changed as a whole (a full re-clustering, a clear): the next
+    publication exports it whole, as a new base."""
+    con.execute("INSERT INTO _changes (tbl, kind) VALUES (?, 'all')", [table])
+
+
+def _sql_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _retire(paths: list[Path]) -> None:
+    """Stamp files that no view names any more: :func:`_sweep` deletes them ``retention`` seconds later."""
+    for path in paths:
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            pass
+
+
 _LOCKS: dict[Path | None, _FileLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -172,11 +278,18 @@ class DuckDBFile:
         publish_interval: at most one publication per this many seconds from this process.
         read_only: ``master`` is a published file: read sessions open it read-only with no lock
             (writers replace it, never change it in place), and write sessions are refused.
+        segments: publish as Parquet segments and a views file (the tables each store declares
+            with :meth:`declare`, the changes it logs) instead of copying the master. The change
+            log's tables are created even when nothing is published (a run's staging file).
+        retention: seconds a segment file no view names any more is kept for readers that still
+            hold the views they opened.
+        max_deltas: delta segments a table collects before they are folded together.
     """
 
     def __init__(self, master: str | os.PathLike, published: str | os.PathLike | None = None, *,
                  schema: str | None = None, lock_timeout: float = 120.0, publish_interval: float = 1.0,
-                 read_only: bool = False):
+                 read_only: bool = False, segments: bool = False, retention: float = 3600.0,
+                 max_deltas: int = 16):
         self.read_only = read_only
         # ":memory:" is a private, throw-away store (a report's scratch catalog): one connection for its life.
         self._memory = duckdb.connect(":memory:") if str(master) == ":memory:" else None
@@ -184,9 +297,15 @@ class DuckDBFile:
         self.published = Path(published).absolute() if published is not None else None
         self.lock_timeout = lock_timeout
         self.publish_interval = publish_interval
-        self._schema = schema
+        self.retention = retention
+        self.max_deltas = max_deltas
+        self.segments = segments and not read_only
+        self.segments_dir = (self.published.parent / "published" / self.published.stem
+                             if self.segments and self.published is not None else None)
+        self._schema = (PUBLICATION_SCHEMA + (schema or "")) if self.segments else schema
         self._schema_done = False
         self._ensured: set[str] = set()
+        self._declared: set[str] = set()
         self._lock = _file_lock(None if self._memory is not None else self.master.with_name(self.master.name + ".lock"))
         self._local = threading.local()
         self._queue: list[_Pending] = []
@@ -195,9 +314,10 @@ class DuckDBFile:
         self._dirty = False
         self._last_publish = 0.0
         self._timer: threading.Timer | None = None
+        self._compactor: threading.Thread | None = None
         self._snapshot: tuple[duckdb.DuckDBPyConnection, tuple[int, int]] | None = None
         self._snapshot_lock = threading.Lock()
-        if schema is not None and not read_only and (self._memory is not None or not self.master.is_file()):
+        if self._schema is not None and not read_only and (self._memory is not None or not self.master.is_file()):
             with self.write():
                 pass  # creates the file with its schema, and publishes it
 
@@ -279,19 +399,46 @@ class DuckDBFile:
                     con.execute("ROLLBACK")
                     raise
                 con.execute("COMMIT")
+                self._dirty = True
+                # Segments are exported on this session's connection when due: no second open.
+                if self.segments_dir is not None and self._publish_due() <= 0:
+                    self._export(con)
                 # Fold the log into the file: the next process opens it without replaying it, and
-                # the published copy is the whole committed state.
+                # a published copy is the whole committed state.
                 if self._memory is None:
                     con.execute("CHECKPOINT")
             finally:
                 self._local.session = None
                 self._release(con)
-            self._dirty = True
             self._publish_if_due()
 
     def _release(self, con: duckdb.DuckDBPyConnection) -> None:
         if con is not self._memory:
             con.close()
+
+    def declare(self, tables: list[Table]) -> None:
+        """Publish these tables as segments (see :class:`Table`); a table declared for the first
+        time, or declared otherwise than before, is exported whole by the next publication.
+        Checked once per table and process; without ``segments`` nothing is done."""
+        todo = [t for t in tables if t.name not in self._declared]
+        if not self.segments or not todo:
+            return
+        try:
+            with self.read() as con:
+                known = {r[0]: (r[1], tuple(r[2])) for r in
+                         con.execute("SELECT tbl, key, exclude FROM _published_tables").fetchall()}
+        except duckdb.CatalogException:
+            known = {}  # a master written before publication by segments: the write below creates the log
+        changed = [t for t in todo if known.get(t.name) != (t.key, t.exclude)]
+        if changed:
+            with self.write() as con:
+                for t in changed:
+                    con.execute("INSERT OR REPLACE INTO _published_tables VALUES (?, ?, ?)",
+                                [t.name, t.key, list(t.exclude)])
+                    log_all(con, t.name)
+        elif self.published is not None and not self.published.is_file():
+            self._dirty = True  # the views file is gone (or was never written): the next publication writes it
+        self._declared.update(t.name for t in todo)
 
     def ensure(self, schema: str, table: str) -> None:
         """Create the tables of ``schema`` unless ``table`` exists: for a module that keeps its own
@@ -369,10 +516,14 @@ class DuckDBFile:
             return fn(con)
 
     # -- publication ----------------------------------------------------------------------------
+    def _publish_due(self) -> float:
+        """Seconds until the next publication is allowed (<= 0: now)."""
+        return self._last_publish + self.publish_interval - time.monotonic()
+
     def _publish_if_due(self) -> None:
-        if self.published is None:
+        if self.published is None or not self._dirty:
             return
-        wait = self._last_publish + self.publish_interval - time.monotonic()
+        wait = self._publish_due()
         if wait <= 0:
             self.publish()
         elif self._timer is None:
@@ -388,11 +539,20 @@ class DuckDBFile:
             logger.exception("publishing %s failed", self.published)
 
     def publish(self) -> None:
-        """Copy the master to its published name atomically, if this process changed it since the last copy."""
+        """Publish the committed state now, if this process changed it since its last publication:
+        the logged changes as segments (see the module doc), or a copy of the master."""
         if self.published is None or not self._dirty:
             return
         with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
             if not self._dirty:
+                return
+            if self.segments_dir is not None:
+                con = self._connect(read_only=False)
+                try:
+                    self._export(con)
+                    con.execute("CHECKPOINT")
+                finally:
+                    self._release(con)
                 return
             partial = self.published.with_name(f".{self.published.name}.{os.getpid()}.partial")
             self.published.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +560,235 @@ class DuckDBFile:
             os.replace(partial, self.published)
             self._dirty = False
             self._last_publish = time.monotonic()
+
+    def _export(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the changes logged in the master as segments, in one transaction that also empties
+        the log, then the views file. Runs under the exclusive lock, on a session's connection."""
+        assert self.segments_dir is not None and self.published is not None
+        written: list[Path] = []
+        retired: list[Path] = []
+        crowded: list[str] = []
+        con.execute("BEGIN TRANSACTION")
+        try:
+            top = con.execute("SELECT max(seq) FROM _changes").fetchone()[0]
+            if top is not None:
+                tables = {r[0]: Table(r[0], r[1], tuple(r[2])) for r in
+                          con.execute("SELECT tbl, key, exclude FROM _published_tables").fetchall()}
+                logged: dict[str, list[tuple[str, int | None, int | None]]] = {}
+                for tbl, kind, lo, hi in con.execute(
+                        "SELECT tbl, kind, lo, hi FROM _changes WHERE seq <= ? ORDER BY seq", [top]).fetchall():
+                    logged.setdefault(tbl, []).append((kind, lo, hi))
+                self.segments_dir.mkdir(parents=True, exist_ok=True)
+                for name in sorted(logged):
+                    if name in tables:
+                        retired += self._export_table(con, tables[name], logged[name], int(top), written)
+                con.execute("DELETE FROM _changes WHERE seq <= ?", [top])
+                crowded = [r[0] for r in con.execute(
+                    "SELECT tbl FROM _segments WHERE NOT base GROUP BY tbl HAVING count(*) >= ?",
+                    [self.max_deltas]).fetchall()]
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        _retire(retired)
+        self._write_views(con)
+        self._dirty = False
+        self._last_publish = time.monotonic()
+        if crowded:
+            self._start_compaction(crowded)
+
+    def _export_table(self, con: duckdb.DuckDBPyConnection, table: Table, logged: list[tuple[str, Any, Any]],
+                      seg: int, written: list[Path]) -> list[Path]:
+        """One table's segment for the logged changes: a delta of the changed rows (and the keys it
+        supersedes), or a new base when the table changed as a whole or the change is a large part
+        of it. Returns the files the new base retires."""
+        assert self.segments_dir is not None
+        segs = con.execute("SELECT data, keys, rows, base FROM _segments WHERE tbl = ?", [table.name]).fetchall()
+        base_rows = sum(r[2] for r in segs if r[3])
+        points = sorted({int(lo) for kind, lo, _ in logged if kind == "key"})
+        ranges = [(int(lo), int(hi)) for kind, lo, hi in logged if kind == "append"]
+        changed = len(points) + sum(hi - lo + 1 for lo, hi in ranges)
+        cols = f"* EXCLUDE ({', '.join(table.exclude)})" if table.exclude else "*"
+        data = self.segments_dir / f"{table.name}.{seg}.parquet"
+        tmp = data.with_name(f".{data.name}.{os.getpid()}.partial")
+        whole = (table.key is None or not any(r[3] for r in segs) or any(kind == "all" for kind, _, _ in logged)
+                 or changed * 4 > max(base_rows, 4096))
+        if whole:
+            order = f" ORDER BY {table.key}" if table.key else ""
+            con.execute(f"COPY (SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}{order}) "
+                        f"TO {_sql_path(tmp)} (FORMAT parquet)")
+            tmp.replace(data)
+            written.append(data)
+            rows = con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
+            con.execute("DELETE FROM _segments WHERE tbl = ?", [table.name])
+            con.execute("INSERT INTO _segments VALUES (?, ?, ?, NULL, ?, true)", [table.name, seg, data.name, rows])
+            return [self.segments_dir / r[0] for r in segs] + [self.segments_dir / r[1] for r in segs if r[1]]
+        # Each part filters on its own, so row groups outside the changed keys are skipped.
+        parts = [f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name} WHERE {table.key} BETWEEN {lo} AND {hi}"
+                 for lo, hi in ranges]
+        params: list[Any] = []
+        if points:
+            parts.append(f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name} WHERE {table.key} = ANY(?)")
+            params.append(points)
+        sql = f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY {table.key}"
+        if params:
+            rows_table = con.sql(sql, params=params).to_arrow_table()
+            pq.write_table(rows_table, tmp)
+            rows = rows_table.num_rows
+        else:
+            con.execute(f"COPY ({sql}) TO {_sql_path(tmp)} (FORMAT parquet)")
+            rows = pq.ParquetFile(tmp).metadata.num_rows
+        tmp.replace(data)
+        written.append(data)
+        keys_name = None
+        if points:
+            keys = self.segments_dir / f"{table.name}.{seg}.keys.parquet"
+            ktmp = keys.with_name(f".{keys.name}.{os.getpid()}.partial")
+            pq.write_table(pa.table({"_key": pa.array(points, pa.int64()),
+                                     "_seg": pa.array([seg] * len(points), pa.int64())}), ktmp)
+            ktmp.replace(keys)
+            written.append(keys)
+            keys_name = keys.name
+        con.execute("INSERT INTO _segments VALUES (?, ?, ?, ?, ?, false)", [table.name, seg, data.name, keys_name, rows])
+        return []
+
+    def _view_sql(self, key: str | None, parts: list[tuple[str, str | None]], seg: int | None = None) -> str:
+        """A query over segment files ``(data, keys)``: each row unless a later segment lists its
+        key. ``seg``: keep a ``_seg`` column of that value (for a folded segment) instead of none."""
+        assert self.segments_dir is not None
+        files = ", ".join(_sql_path(self.segments_dir / d) for d, _ in parts)
+        keys = ", ".join(_sql_path(self.segments_dir / k) for _, k in parts if k)
+        out = f"d.* EXCLUDE (_seg), {seg}::BIGINT AS _seg" if seg is not None else "d.* EXCLUDE (_seg)"
+        sql = f"SELECT {out} FROM read_parquet([{files}], union_by_name = true) d"
+        if keys and key is not None:
+            sql += (f" WHERE NOT EXISTS (SELECT 1 FROM read_parquet([{keys}]) k "
+                    f"WHERE k._key = d.{key} AND k._seg > d._seg)")
+        return sql
+
+    def _write_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the views file (one view per published table over its segments) beside the
+        published name and rename it over it; then delete segment files retired long enough."""
+        assert self.segments_dir is not None and self.published is not None
+        rows = con.execute("""SELECT s.tbl, t.key, s.data, s.keys, s.seg FROM _segments s
+                              JOIN _published_tables t USING (tbl) ORDER BY s.tbl, s.seg""").fetchall()
+        tables: dict[str, tuple[str | None, list[tuple[str, str | None]]]] = {}
+        for tbl, key, data, keys, _ in rows:
+            tables.setdefault(tbl, (key, []))[1].append((data, keys))
+        top = max((r[4] for r in rows), default=0)
+        partial = self.published.with_name(f".{self.published.name}.{os.getpid()}.partial")
+        partial.unlink(missing_ok=True)
+        views = duckdb.connect()
+        try:
+            views.execute(f"ATTACH {_sql_path(partial)} AS published (STORAGE_VERSION '{VIEWS_STORAGE_VERSION}')")
+            for tbl, (key, parts) in tables.items():
+                views.execute(f"CREATE VIEW published.{tbl} AS {self._view_sql(key, parts)}")
+            views.execute(f"CREATE TABLE published._publication AS SELECT {int(top)}::BIGINT AS seg, "
+                          "now() AS published_at")
+            views.execute("DETACH published")
+        finally:
+            views.close()
+        os.replace(partial, self.published)
+        self._sweep({name for r in rows for name in (r[2], r[3]) if name})
+
+    def _sweep(self, named: set[str]) -> None:
+        """Delete segment files that no view names and that were retired (or left by a failed
+        publication) more than ``retention`` seconds ago."""
+        assert self.segments_dir is not None
+        if not self.segments_dir.is_dir():
+            return
+        horizon = time.time() - self.retention
+        for path in self.segments_dir.iterdir():
+            if path.name in named or path.name.startswith(".compact"):
+                continue
+            try:
+                if path.stat().st_mtime < horizon:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _start_compaction(self, tables: list[str]) -> None:
+        """Fold the delta segments of ``tables`` in a background thread (one at a time per process)."""
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def run() -> None:
+            for name in tables:
+                try:
+                    self.compact(name)
+                except Exception:  # noqa: BLE001 - a background thread: the next publication tries again
+                    logger.exception("compacting %s of %s failed", name, self.published)
+
+        self._compactor = threading.Thread(target=run, name="segment-compaction", daemon=True)
+        self._compactor.start()
+
+    def compact(self, table: str) -> bool:
+        """Fold a table's delta segments into one, or into the base once they hold a quarter of its
+        rows, reading the published Parquet files only: no lock on the master is held meanwhile, so
+        writers go on. The folded segment replaces the parts in one short write session, unless a
+        publication replaced them first. Returns whether it did."""
+        if self.segments_dir is None:
+            return False
+        guard = self._lock_file(self.segments_dir / ".compact.lock")
+        if guard is None:
+            return False  # another process is compacting
+        try:
+            with self.read() as con:
+                key = con.execute("SELECT key FROM _published_tables WHERE tbl = ?", [table]).fetchone()
+                segs = con.execute("SELECT seg, data, keys, rows, base FROM _segments WHERE tbl = ? ORDER BY seg",
+                                   [table]).fetchall()
+            deltas = [s for s in segs if not s[4]]
+            if key is None or key[0] is None or len(deltas) < 2:
+                return False
+            base = [s for s in segs if s[4]]
+            into_base = sum(s[3] for s in deltas) * 4 >= sum(s[3] for s in base)
+            parts = base + deltas if into_base else deltas
+            top = max(s[0] for s in parts)
+            stamp = f"{top}.c{time.time_ns()}"
+            data = self.segments_dir / f"{table}.{stamp}.parquet"
+            tmp = data.with_name(f".{data.name}.partial")
+            folded = self._view_sql(key[0], [(s[1], s[2]) for s in parts], seg=top)
+            with duckdb.connect() as scratch:
+                scratch.execute(f"COPY ({folded} ORDER BY {key[0]}) TO {_sql_path(tmp)} (FORMAT parquet)")
+                keys_name = None
+                key_files = [s[2] for s in parts if s[2]]
+                if key_files and not into_base:
+                    keys = self.segments_dir / f"{table}.{stamp}.keys.parquet"
+                    ktmp = keys.with_name(f".{keys.name}.partial")
+                    names = ", ".join(_sql_path(self.segments_dir / k) for k in key_files)
+                    scratch.execute(f"COPY (SELECT DISTINCT _key, {top}::BIGINT AS _seg FROM read_parquet([{names}]) "
+                                    f"ORDER BY _key) TO {_sql_path(ktmp)} (FORMAT parquet)")
+                    ktmp.replace(keys)
+                    keys_name = keys.name
+            tmp.replace(data)
+            rows = pq.ParquetFile(data).metadata.num_rows
+            with self.write() as con:
+                present = {r[0] for r in con.execute("SELECT seg FROM _segments WHERE tbl = ?", [table]).fetchall()}
+                if not {s[0] for s in parts} <= present:
+                    _retire([data] + ([self.segments_dir / keys_name] if keys_name else []))
+                    return False
+                con.execute("DELETE FROM _segments WHERE tbl = ? AND seg IN (SELECT unnest(?))",
+                            [table, [s[0] for s in parts]])
+                con.execute("INSERT INTO _segments VALUES (?, ?, ?, ?, ?, ?)",
+                            [table, top, data.name, keys_name, rows, into_base])
+            _retire([self.segments_dir / s[1] for s in parts] + [self.segments_dir / s[2] for s in parts if s[2]])
+            self._dirty = True
+            self.publish()
+            return True
+        finally:
+            os.close(guard)
+
+    @staticmethod
+    def _lock_file(path: Path) -> int | None:
+        """A non-blocking exclusive ``flock`` on ``path`` (its descriptor), or None when another holds it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def snapshot(self) -> duckdb.DuckDBPyConnection | None:
         """A read-only connection to the published file, reopened when a newer one was published.

@@ -30,10 +30,14 @@ import numpy as np
 
 from .config import StorageSettings
 from .schemas import FilterResult, ImageAnalysis
-from .storage import DuckDBFile
+from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where
+
+TABLES = [Table("images", "image_seq"), Table("faces", "face_id")]
+"""The catalog's published tables: an image row gets a new ``image_seq`` each time it is written."""
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS face_id_seq START 1;
+CREATE SEQUENCE IF NOT EXISTS image_seq START 1;
 CREATE TABLE IF NOT EXISTS images (
     image_id VARCHAR PRIMARY KEY,
     content_hash VARCHAR NOT NULL,
@@ -47,7 +51,8 @@ CREATE TABLE IF NOT EXISTS images (
     padded BOOLEAN,
     model_version VARCHAR,
     metadata JSON,
-    processed_at TIMESTAMPTZ NOT NULL
+    processed_at TIMESTAMPTZ NOT NULL,
+    image_seq BIGINT DEFAULT nextval('image_seq')
 );
 CREATE TABLE IF NOT EXISTS faces (
     face_id BIGINT PRIMARY KEY DEFAULT nextval('face_id_seq'),
@@ -89,7 +94,20 @@ class Catalog:
         self.path = Path(path)
         self.read_only = read_only
         self.db = DuckDBFile(self.path, published, schema=SCHEMA, lock_timeout=lock_timeout,
-                             publish_interval=publish_interval, read_only=read_only)
+                             publish_interval=publish_interval, read_only=read_only, segments=True)
+        if not read_only:
+            self._add_image_seq()
+            self.db.declare(TABLES)
+
+    def _add_image_seq(self) -> None:
+        """Give the images of a catalog written before ``image_seq`` existed their version numbers."""
+        with self.db.read() as con:
+            found = con.execute("SELECT 1 FROM information_schema.columns WHERE table_name = 'images' "
+                                "AND column_name = 'image_seq'").fetchall()
+        if not found:
+            with self.db.write() as con:
+                con.execute("CREATE SEQUENCE IF NOT EXISTS image_seq START 1")
+                con.execute("ALTER TABLE images ADD COLUMN image_seq BIGINT DEFAULT nextval('image_seq')")
 
     @classmethod
     def open(cls, storage: StorageSettings, read_only: bool = False) -> "Catalog":
@@ -150,10 +168,11 @@ class Catalog:
     def record_unreadable(self, image_id: str, content_hash: str, path: str, error: str) -> None:
         """Record a file that could not be decoded, so the next run does not retry it."""
         with self.transaction() as con:
+            seq = _new_image_version(con, image_id)
             con.execute(
-                """INSERT OR REPLACE INTO images (image_id, content_hash, path, status, error, processed_at)
-                   VALUES (?, ?, ?, 'unreadable', ?, ?)""",
-                [image_id, content_hash, path, error, _now()],
+                """INSERT OR REPLACE INTO images (image_id, content_hash, path, status, error, processed_at, image_seq)
+                   VALUES (?, ?, ?, 'unreadable', ?, ?, ?)""",
+                [image_id, content_hash, path, error, _now(), seq],
             )
 
     def record_image(
@@ -169,14 +188,15 @@ class Catalog:
         """Store an image, its verdict and all its faces in one transaction; returns the face ids."""
         status = "valid" if result["is_valid"] else "rejected"
         with self.transaction() as con:
-            con.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
+            _delete_faces(con, "image_id = ?", [image_id])
+            seq = _new_image_version(con, image_id)
             con.execute(
                 """INSERT OR REPLACE INTO images (image_id, content_hash, path, width, height, status,
-                   rejection_reason, num_faces, padded, model_version, metadata, processed_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   rejection_reason, num_faces, padded, model_version, metadata, processed_at, image_seq)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [image_id, content_hash, path, analysis.width, analysis.height, status,
                  None if result["is_valid"] else result["rejection_reason"], len(analysis.faces),
-                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, _now()],
+                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, _now(), seq],
             )
             face_ids = []
             for i, (face, verdict) in enumerate(zip(analysis.faces, result["faces"])):
@@ -192,6 +212,8 @@ class Catalog:
                      np.asarray(face.normed_embedding, np.float32).tolist()],
                 ).fetchone()
                 face_ids.append(int(row[0]))
+            if face_ids:
+                log_appends(con, "faces", min(face_ids), max(face_ids))
         return face_ids
 
     def checkpoint(self) -> None:
@@ -251,22 +273,23 @@ class Catalog:
     def remove_image(self, image_id: str) -> list[int]:
         """Delete an image and its faces; returns the removed face ids."""
         with self.transaction() as con:
-            ids = [r[0] for r in con.execute("SELECT face_id FROM faces WHERE image_id = ?", [image_id]).fetchall()]
-            con.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
-            con.execute("DELETE FROM images WHERE image_id = ?", [image_id])
+            ids = _delete_faces(con, "image_id = ?", [image_id])
+            log_changes(con, "images", [r[0] for r in con.execute(
+                "DELETE FROM images WHERE image_id = ? RETURNING image_seq", [image_id]).fetchall()])
         return ids
 
     def remove_face(self, face_id: int) -> list[int]:
         """Delete one face; returns ``[face_id]`` when it existed."""
         with self.transaction() as con:
-            found = con.execute("DELETE FROM faces WHERE face_id = ? RETURNING face_id", [face_id]).fetchall()
-        return [r[0] for r in found]
+            return _delete_faces(con, "face_id = ?", [face_id])
 
     def clear(self) -> None:
         """Delete every image and face (the sequence of face ids goes on, ids are never reused)."""
         with self.transaction() as con:
             con.execute("DELETE FROM faces")
             con.execute("DELETE FROM images")
+            log_all(con, "faces")
+            log_all(con, "images")
 
     def stats(self) -> dict[str, Any]:
         """Image counts by status and rejection reason, face counts and the number of person clusters."""
@@ -318,8 +341,13 @@ class Catalog:
                 [str(images_file)],
             )
             total = con.execute("SELECT count(*) FROM read_parquet(?)", [str(images_file)]).fetchone()[0]
-            con.execute("DELETE FROM faces WHERE image_id IN (SELECT image_id FROM staged_images)")
-            con.execute("INSERT OR REPLACE INTO images BY NAME SELECT * EXCLUDE (staged_id) FROM staged_images")
+            _delete_faces(con, "image_id IN (SELECT image_id FROM staged_images)")
+            con.execute("ALTER TABLE staged_images DROP COLUMN IF EXISTS image_seq")
+            staged = "image_id IN (SELECT image_id FROM staged_images)"
+            log_changes_where(con, "images", "image_seq", staged)  # the versions replaced
+            con.execute("INSERT OR REPLACE INTO images BY NAME SELECT * EXCLUDE (staged_id), "
+                        "nextval('image_seq') AS image_seq FROM staged_images")
+            log_changes_where(con, "images", "image_seq", staged)  # the new ones
             faces = con.execute(
                 """INSERT INTO faces BY NAME
                    SELECT f.* EXCLUDE (face_id, image_id), st.image_id
@@ -327,6 +355,8 @@ class Catalog:
                    ORDER BY st.image_id, f.face_index RETURNING face_id""",
                 [str(faces_file)],
             ).fetchall()
+            if faces:
+                log_appends(con, "faces", min(r[0] for r in faces), max(r[0] for r in faces))
             added = [r[0] for r in con.execute("SELECT image_id FROM staged_images ORDER BY image_id").fetchall()]
             con.execute("DROP TABLE staged_images")
         return {"images": len(added), "faces": len(faces), "skipped": total - len(added), "image_ids": added}
@@ -365,3 +395,19 @@ class Catalog:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _delete_faces(con: duckdb.DuckDBPyConnection, where: str, params: Sequence[Any] = ()) -> list[int]:
+    """Delete the faces ``where`` selects, logged for publication; returns their ids."""
+    ids = [r[0] for r in con.execute(f"DELETE FROM faces WHERE {where} RETURNING face_id", list(params)).fetchall()]
+    log_changes(con, "faces", ids)
+    return ids
+
+
+def _new_image_version(con: duckdb.DuckDBPyConnection, image_id: str) -> int:
+    """A new ``image_seq`` for an image row about to be written, with the version it replaces and
+    the new one logged for publication."""
+    log_changes_where(con, "images", "image_seq", "image_id = ?", [image_id])
+    seq = con.execute("SELECT nextval('image_seq')").fetchone()[0]
+    log_changes(con, "images", [seq])
+    return seq
