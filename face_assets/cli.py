@@ -118,6 +118,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    with _library(args) as lib:
+        out = lib.import_faces(args.file)
+    _print(args, out, f"{out['faces']} faces of {out['images']} images imported, {out['skipped_images']} images "
+                      f"already in the catalog; index holds {out['index_size']} faces "
+                      f"(catalog {out['catalog_seconds']} s, index {out['index_seconds']} s)")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     with _library(args) as lib:
         results = lib.search(args.image, top_k=args.top_k, threshold=args.threshold)
@@ -416,6 +425,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("index", "filter, embed and index files or folders (default: the sample photos)", cmd_index,
             (arg("paths", nargs="*", metavar="PATH", help="image files or folders"),
              arg("--no-recursive", action="store_true", help="only the files directly in each folder"))),
+    Command("import", "import precomputed faces (Parquet: image_id, path, embedding, ...) in one transaction",
+            cmd_import, (arg("file", metavar="FILE", help="Parquet file, one row per face"),)),
     Command("search", "find the faces most similar to the main face of an image", cmd_search,
             (arg("image", metavar="IMAGE", help="query image"),
              arg("--top-k", type=_bounded(int, 1), default=10, metavar="N", help="results (default 10)"),

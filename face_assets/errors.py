@@ -137,3 +137,8 @@ class ClusterNotFoundError(FaceRecognitionError, KeyError):
 
 class CurationError(FaceRecognitionError, ValueError):
     """A merge, split or move request that cannot be done (unknown face, empty side, too few faces)."""
+
+
+class FaceImportError(FaceRecognitionError, ValueError):
+    """A file of precomputed faces cannot be imported (missing or mistyped column, wrong embedding
+    dimension, duplicate face, inconsistent image); nothing of it was imported."""

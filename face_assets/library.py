@@ -146,7 +146,7 @@ class FaceRecognitionLibrary:
         self._pack = resolve_pack(self.settings.models)
         self._model_file = self._pack.recognizer
         self.catalog: Catalog | None = None
-        self.index: FaceIndex | None = None
+        self._index: FaceIndex | None = None
         self._index_stamp: tuple[int, int] | None = None
         self._index_checked = 0.0
         self._unsaved = 0
@@ -192,9 +192,22 @@ class FaceRecognitionLibrary:
 
             self._clusters = ClusterStore(self.catalog)
             self._select_model()
-            self.index = self._read_index()
-            if self._reconcile():
-                self._save_index()
+            self._index = None  # read on first use: stats, lists and curation never load it
+
+    @property
+    def index(self) -> FaceIndex:
+        """The faiss index of the active model version, read on first use and repaired from the
+        catalog if they disagree."""
+        with self._lock:
+            if self._index is None:
+                self._index = self._read_index()
+                if self._reconcile():
+                    self._save_index()
+            return self._index
+
+    @index.setter
+    def index(self, value: FaceIndex) -> None:
+        self._index = value
 
     def _read_index(self) -> FaceIndex:
         """The saved index of the active model version, or a new empty one (missing, corrupt, other version)."""
@@ -369,6 +382,26 @@ class FaceRecognitionLibrary:
             return summary
 
     # -- search ----------------------------------------------------------------------------------
+    def import_faces(self, path: str | os.PathLike) -> dict:
+        """Import precomputed faces from a Parquet file (one row per face: ``image_id``, ``path``,
+        ``embedding`` of the running model's dimension; optional box, scores and metadata; see
+        :meth:`Catalog.import_faces <face_assets.store.Catalog.import_faces>`) into the catalog in
+        one transaction, then into the index. Images already in the catalog are skipped.
+
+        Raises:
+            FaceImportError: a missing or mistyped column, a wrong dimension, a face given twice;
+                nothing was imported.
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            report = self.catalog.import_faces(path, self.model_version, self.embedding_dim)
+            t1 = time.perf_counter()
+            if report["faces"]:
+                self._reconcile()
+                self._save_index()
+            return report | {"catalog_seconds": round(t1 - t0, 3),
+                             "index_seconds": round(time.perf_counter() - t1, 3), "index_size": len(self.index)}
+
     def _main_face(self, image: Any, face_index: int | None = None) -> tuple[np.ndarray, FilterResult]:
         """Embedding of the main face (or of face ``face_index``) and the filter result naming it in ``face_index``."""
         analysis: ImageAnalysis = self.filter.analyzer.analyze(image)
@@ -475,7 +508,12 @@ class FaceRecognitionLibrary:
         """Counts per status and reason, faces, index size and type, model version."""
         with self._lock:
             s = self.catalog.stats() | {"persons": self.persons.store.count()}
-            return s | {"index_size": len(self.index), "index_type": self.index.resolved_factory,
+            if self._index is None:  # what the published index holds, from its sidecar: no load
+                side = _index_sidecar(self.index_path)
+                size, kind = side.get("count", 0), side.get("resolved_factory")
+            else:
+                size, kind = len(self._index), self._index.resolved_factory
+            return s | {"index_size": size, "index_type": kind,
                         "model_version": self.model_version, "index_dir": str(self.index_dir)}
 
     # -- feedback --------------------------------------------------------------------------------
@@ -851,6 +889,14 @@ class FaceRecognitionLibrary:
         """Person clusters of at least ``min_size`` faces, largest first."""
         with self._lock:
             return self.persons.list(min_size, limit, offset)
+
+
+def _index_sidecar(path: Path) -> dict:
+    """The metadata sidecar of a saved index (count, type, model version); empty when there is none."""
+    try:
+        return json.loads(path.with_name(path.name + ".json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:

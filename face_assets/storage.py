@@ -235,6 +235,20 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _write_parquet(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], path: Path) -> int:
+    """Stream a query's rows into a Parquet file written beside ``path`` and renamed into place
+    (Arrow's writer: several times faster than DuckDB's COPY for lists of floats); returns the rows."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    reader = con.sql(sql, params=params or None).to_arrow_reader(65_536)
+    rows = 0
+    with pq.ParquetWriter(tmp, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    tmp.replace(path)
+    return rows
+
+
 def _retire(paths: list[Path]) -> None:
     """Stamp files that no view names any more: :func:`_sweep` deletes them ``retention`` seconds later."""
     for path in paths:
@@ -334,7 +348,9 @@ class DuckDBFile:
         delay = 0.01
         while True:
             try:
-                return duckdb.connect(str(self.master), read_only=read_only)
+                con = duckdb.connect(str(self.master), read_only=read_only)
+                con.execute("SET enable_progress_bar = false")  # a long export would draw on the caller's terminal
+                return con
             except duckdb.IOException as exc:
                 if not is_lock_error(exc) or time.monotonic() >= deadline:
                     if is_lock_error(exc):
@@ -612,16 +628,12 @@ class DuckDBFile:
         changed = len(points) + sum(hi - lo + 1 for lo, hi in ranges)
         cols = f"* EXCLUDE ({', '.join(table.exclude)})" if table.exclude else "*"
         data = self.segments_dir / f"{table.name}.{seg}.parquet"
-        tmp = data.with_name(f".{data.name}.{os.getpid()}.partial")
         whole = (table.key is None or not any(r[3] for r in segs) or any(kind == "all" for kind, _, _ in logged)
                  or changed * 4 > max(base_rows, 4096))
         if whole:
             order = f" ORDER BY {table.key}" if table.key else ""
-            con.execute(f"COPY (SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}{order}) "
-                        f"TO {_sql_path(tmp)} (FORMAT parquet)")
-            tmp.replace(data)
+            rows = _write_parquet(con, f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}{order}", [], data)
             written.append(data)
-            rows = con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
             con.execute("DELETE FROM _segments WHERE tbl = ?", [table.name])
             con.execute("INSERT INTO _segments VALUES (?, ?, ?, NULL, ?, true)", [table.name, seg, data.name, rows])
             return [self.segments_dir / r[0] for r in segs] + [self.segments_dir / r[1] for r in segs if r[1]]
@@ -633,14 +645,7 @@ class DuckDBFile:
             parts.append(f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name} WHERE {table.key} = ANY(?)")
             params.append(points)
         sql = f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY {table.key}"
-        if params:
-            rows_table = con.sql(sql, params=params).to_arrow_table()
-            pq.write_table(rows_table, tmp)
-            rows = rows_table.num_rows
-        else:
-            con.execute(f"COPY ({sql}) TO {_sql_path(tmp)} (FORMAT parquet)")
-            rows = pq.ParquetFile(tmp).metadata.num_rows
-        tmp.replace(data)
+        rows = _write_parquet(con, sql, params, data)
         written.append(data)
         keys_name = None
         if points:
@@ -747,10 +752,10 @@ class DuckDBFile:
             top = max(s[0] for s in parts)
             stamp = f"{top}.c{time.time_ns()}"
             data = self.segments_dir / f"{table}.{stamp}.parquet"
-            tmp = data.with_name(f".{data.name}.partial")
             folded = self._view_sql(key[0], [(s[1], s[2]) for s in parts], seg=top)
             with duckdb.connect() as scratch:
-                scratch.execute(f"COPY ({folded} ORDER BY {key[0]}) TO {_sql_path(tmp)} (FORMAT parquet)")
+                scratch.execute("SET enable_progress_bar = false")
+                rows = _write_parquet(scratch, f"{folded} ORDER BY {key[0]}", [], data)
                 keys_name = None
                 key_files = [s[2] for s in parts if s[2]]
                 if key_files and not into_base:
@@ -761,8 +766,6 @@ class DuckDBFile:
                                     f"ORDER BY _key) TO {_sql_path(ktmp)} (FORMAT parquet)")
                     ktmp.replace(keys)
                     keys_name = keys.name
-            tmp.replace(data)
-            rows = pq.ParquetFile(data).metadata.num_rows
             with self.write() as con:
                 present = {r[0] for r in con.execute("SELECT seg FROM _segments WHERE tbl = ?", [table]).fetchall()}
                 if not {s[0] for s in parts} <= present:

@@ -27,8 +27,11 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .config import StorageSettings
+from .errors import FaceImportError
 from .schemas import FilterResult, ImageAnalysis
 from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where
 
@@ -231,11 +234,15 @@ class Catalog:
     def embeddings(self, face_ids: Sequence[int], batch: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
         """``(ids int64 [n], embeddings float32 [n, d])`` of the given faces, read in batches."""
         parts = []
+        face_ids = sorted(int(i) for i in face_ids)
         with self._read() as con:
             for start in range(0, len(face_ids), batch):
+                chunk = face_ids[start : start + batch]
+                # The range bounds let the scan skip the row groups outside the chunk's ids.
                 rows = con.execute(
-                    "SELECT face_id, embedding FROM faces WHERE face_id IN (SELECT unnest(?)) ORDER BY face_id",
-                    [list(face_ids[start : start + batch])],
+                    "SELECT face_id, embedding FROM faces WHERE face_id BETWEEN ? AND ? "
+                    "AND face_id IN (SELECT unnest(?)) ORDER BY face_id",
+                    [chunk[0], chunk[-1], chunk],
                 ).fetchnumpy()
                 if len(rows["face_id"]):
                     parts.append((rows["face_id"].astype(np.int64), np.stack(rows["embedding"]).astype(np.float32)))
@@ -360,6 +367,138 @@ class Catalog:
             added = [r[0] for r in con.execute("SELECT image_id FROM staged_images ORDER BY image_id").fetchall()]
             con.execute("DROP TABLE staged_images")
         return {"images": len(added), "faces": len(faces), "skipped": total - len(added), "image_ids": added}
+    def import_faces(self, file: str | Path, model_version: str, dim: int, batch_rows: int = 65_536) -> dict[str, Any]:
+        """Import precomputed faces, one row per face, from a Parquet file; all or nothing.
+
+        Required columns: ``image_id`` and ``path`` (strings) and ``embedding`` (a list of floats
+        of length ``dim``, the running model's; stored unit-normalised, its norm as
+        ``embedding_norm``). Optional: ``face_index`` (else the file order within an image),
+        ``bbox`` (list of 4) or ``x1``, ``y1``, ``x2``, ``y2``; ``det_score``, ``quality``,
+        ``cartoon_probability`` (NaN when not given: not measured); ``width``, ``height``,
+        ``content_hash`` (else the image id) and ``metadata`` (a JSON string) of the image. Every face
+        is valid and of ``model_version``.
+
+        Images already in the catalog are skipped whole (an import run again adds nothing).
+        Raises :class:`FaceImportError`, with nothing imported, on a missing or mistyped column, an
+        embedding of another length or with NaN, inf or zero norm, a face given twice, or an image
+        with two paths. Returns the counts of images and faces added and of images skipped.
+        """
+        file = Path(file)
+        try:
+            meta = pq.ParquetFile(file)
+        except (OSError, pa.ArrowException) as exc:
+            raise FaceImportError(f"{file}: not a readable Parquet file ({exc})") from exc
+        schema = meta.schema_arrow
+        names = set(schema.names)
+        for col in ("image_id", "path", "embedding"):
+            if col not in names:
+                raise FaceImportError(f"{file}: missing column {col!r} (required: image_id, path, embedding)")
+        for col in ("image_id", "path"):
+            if not pa.types.is_string(schema.field(col).type) and not pa.types.is_large_string(schema.field(col).type):
+                raise FaceImportError(f"{file}: column {col!r} must be a string, not {schema.field(col).type}")
+        etype = schema.field("embedding").type
+        if not (pa.types.is_list(etype) or pa.types.is_large_list(etype) or pa.types.is_fixed_size_list(etype)) \
+                or not pa.types.is_floating(etype.value_type):
+            raise FaceImportError(f"{file}: column 'embedding' must be a list of floats, not {etype}")
+        src = f"read_parquet({_sql_literal(file)}, file_row_number = true)"
+        opt = _optional_columns(names)
+        with self.transaction() as con:
+            # The small columns first: checks that need the whole file, before any row is written.
+            con.execute(f"""CREATE OR REPLACE TEMP TABLE _import AS
+                SELECT file_row_number AS row_no, image_id, path,
+                       {opt["face_index"]} AS face_index, {opt["x1"]} AS x1, {opt["y1"]} AS y1,
+                       {opt["x2"]} AS x2, {opt["y2"]} AS y2, {opt["det_score"]} AS det_score,
+                       {opt["quality"]} AS quality, {opt["cartoon_probability"]} AS cartoon_probability,
+                       {opt["width"]} AS width, {opt["height"]} AS height,
+                       coalesce({opt["content_hash"]}, image_id) AS content_hash, {opt["metadata"]} AS metadata
+                FROM {src}""")
+            try:
+                self._check_import(con, file)
+                skipped = con.execute("""SELECT count(DISTINCT i.image_id) FROM _import i
+                                         WHERE EXISTS (SELECT 1 FROM images m WHERE m.image_id = i.image_id)""").fetchone()[0]
+                con.execute("DELETE FROM _import i WHERE EXISTS (SELECT 1 FROM images m WHERE m.image_id = i.image_id)")
+                face0 = con.execute("SELECT coalesce(max(face_id), 0) FROM faces").fetchone()[0]
+                seq0 = con.execute("SELECT coalesce(max(image_seq), 0) FROM images").fetchone()[0]
+                images = con.execute(
+                    """INSERT INTO images (image_id, content_hash, path, width, height, status, num_faces,
+                                           model_version, metadata, processed_at, image_seq)
+                       SELECT image_id, any_value(content_hash), any_value(path), any_value(width),
+                              any_value(height), 'valid', count(*), ?, any_value(metadata), ?, nextval('image_seq')
+                       FROM _import GROUP BY image_id ORDER BY min(row_no)""", [model_version, _now()]).fetchone()[0]
+                faces = read = 0
+                for batch in meta.iter_batches(batch_size=batch_rows, columns=["embedding"]):
+                    faces += self._import_batch(con, batch.column(0), read, dim, model_version, file)
+                    read += batch.num_rows
+                con.execute("DROP TABLE _import")
+                if images:
+                    face1 = con.execute("SELECT max(face_id) FROM faces").fetchone()[0]
+                    seq1 = con.execute("SELECT max(image_seq) FROM images").fetchone()[0]
+                    log_appends(con, "faces", face0 + 1, face1)
+                    log_appends(con, "images", seq0 + 1, seq1)
+            except duckdb.ConversionException as exc:
+                raise FaceImportError(f"{file}: a column has values of the wrong type ({exc})") from exc
+        return {"images": int(images), "faces": int(faces), "skipped_images": int(skipped)}
+
+    @staticmethod
+    def _check_import(con: duckdb.DuckDBPyConnection, file: Path) -> None:
+        """Refuse a file with missing ids, a face given twice, or an image given two paths."""
+        bad = con.execute("SELECT min(row_no) FROM _import WHERE image_id IS NULL OR path IS NULL "
+                          "OR image_id = ''").fetchone()[0]
+        if bad is not None:
+            raise FaceImportError(f"{file}: row {bad} has no image_id or path")
+        dup = con.execute("SELECT image_id, face_index FROM _import GROUP BY ALL HAVING count(*) > 1 "
+                          "ORDER BY image_id LIMIT 1").fetchone()
+        if dup is not None:
+            raise FaceImportError(f"{file}: face {dup[1]} of image {dup[0]!r} is given twice")
+        two = con.execute("SELECT image_id FROM _import GROUP BY image_id HAVING count(DISTINCT path) > 1 "
+                          "ORDER BY image_id LIMIT 1").fetchone()
+        if two is not None:
+            raise FaceImportError(f"{file}: image {two[0]!r} is given with two paths")
+
+    @staticmethod
+    def _import_batch(con: duckdb.DuckDBPyConnection, column: pa.Array, first: int, dim: int,
+                      model_version: str, file: Path) -> int:
+        """Insert the faces of rows ``first..`` (one batch of the file's embeddings) whose image is
+        being added; returns how many."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        n = len(column)
+        if column.null_count:
+            raise FaceImportError(f"{file}: row {first + column.is_null().index(True).as_py()} has no embedding")
+        if pa.types.is_fixed_size_list(column.type):
+            lengths = np.full(n, column.type.list_size)
+        else:
+            offsets = column.offsets.to_numpy()
+            lengths = np.diff(offsets)
+        wrong = np.flatnonzero(lengths != dim)
+        if len(wrong):
+            raise FaceImportError(f"{file}: row {first + int(wrong[0])} has an embedding of {int(lengths[wrong[0]])} "
+                                  f"values; the running model's dimension is {dim}")
+        x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
+        norms = np.linalg.norm(x, axis=1)
+        bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+        if len(bad):
+            raise FaceImportError(f"{file}: row {first + int(bad[0])} has an embedding with NaN, inf or zero norm")
+        x = x / norms[:, None]
+        rows = pa.table({"row_no": pa.array(np.arange(first, first + n, dtype=np.int64)),
+                         "embedding_norm": pa.array(norms.astype(np.float32)),
+                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)})
+        con.register("_import_batch", rows)
+        try:
+            return con.execute(
+                """INSERT INTO faces (image_id, face_index, x1, y1, x2, y2, det_score, embedding_norm, face_width,
+                       face_height, face_area_ratio, cartoon_probability, quality, is_valid, rejection_reason,
+                       model_version, embedding)
+                   SELECT i.image_id, i.face_index, i.x1, i.y1, i.x2, i.y2, coalesce(i.det_score, 'NaN'),
+                          b.embedding_norm, coalesce(round(i.x2 - i.x1), 0), coalesce(round(i.y2 - i.y1), 0),
+                          coalesce((i.x2 - i.x1) * (i.y2 - i.y1) / (i.width * i.height), 'NaN'),
+                          coalesce(i.cartoon_probability, 'NaN'), coalesce(i.quality, 'NaN'), true, NULL, ?,
+                          b.embedding::FLOAT[]
+                   FROM _import_batch b JOIN _import i USING (row_no) ORDER BY b.row_no""",
+                [model_version]).fetchone()[0]
+        finally:
+            con.unregister("_import_batch")
+
     def image_sources(self, exclude_model_version: str) -> list[tuple[str, str, dict | None]]:
         """``(image_id, path, metadata)`` of readable images not yet processed by ``exclude_model_version``."""
         with self._read() as con:
@@ -395,6 +534,24 @@ class Catalog:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _sql_literal(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _optional_columns(names: set[str]) -> dict[str, str]:
+    """SQL for each optional column of an import file: the column, or NULL (the box from ``bbox``)."""
+    sql = {c: (c if c in names else "NULL") for c in
+           ("face_index", "det_score", "quality", "cartoon_probability", "width", "height", "content_hash",
+            "metadata")}
+    if "face_index" not in names:
+        sql["face_index"] = "row_number() OVER (PARTITION BY image_id ORDER BY file_row_number) - 1"
+    for i, c in enumerate(("x1", "y1", "x2", "y2")):
+        sql[c] = c if c in names else (f"bbox[{i + 1}]" if "bbox" in names else "NULL")
+    if "metadata" in names:
+        sql["metadata"] = "metadata::JSON"
+    return sql
 
 
 def _delete_faces(con: duckdb.DuckDBPyConnection, where: str, params: Sequence[Any] = ()) -> list[int]:

@@ -1,0 +1,217 @@
+"""The catalog's storage at scale: publication by Parquet segments, bulk import, what a write costs.
+
+Real DuckDB files, real Parquet segments, and the DuckDB 1.x command-line client an analyst uses.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from face_assets.errors import FaceImportError
+from face_assets.persons import ClusterStore
+from face_assets.store import Catalog
+
+DIM = 512
+
+
+def faces_file(path: Path, n: int, *, start: int = 0, dim: int = DIM, seed: int = 0, **extra: list) -> Path:
+    """A Parquet file of ``n`` precomputed faces, one image each."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    ids = [f"img{i:08d}" for i in range(start, start + n)]
+    columns = {"image_id": pa.array(ids), "path": pa.array([f"photos/{i}.jpg" for i in ids]),
+               "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)}
+    columns.update({k: pa.array(v) for k, v in extra.items()})
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def open_catalog(folder: Path, **kw) -> Catalog:
+    return Catalog(folder / "store" / "catalog.duckdb", published=folder / "face_assets.duckdb",
+                   publish_interval=0, **kw)
+
+
+def published_rows(folder: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(folder / "face_assets.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def segment_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in (folder / "published" / "face_assets").iterdir())
+
+
+MASTER_VS_PUBLISHED = {
+    "images": "SELECT image_id, path, status, num_faces, image_seq FROM {} ORDER BY image_id",
+    "faces": "SELECT face_id, image_id, face_index, embedding_norm, is_valid FROM {} ORDER BY face_id",
+    "clusters": "SELECT cluster_id, size, label FROM {} ORDER BY cluster_id",
+    "face_clusters": "SELECT face_id, cluster_id, source FROM {} ORDER BY face_id",
+    "cluster_constraints": "SELECT face_a, face_b, kind FROM {} ORDER BY face_a, face_b",
+}
+
+
+def assert_published_matches(catalog: Catalog, folder: Path) -> None:
+    """Every published table holds exactly the master's rows."""
+    catalog.db.publish()
+    for table, sql in MASTER_VS_PUBLISHED.items():
+        with catalog.db.read() as con:
+            master = con.execute(sql.format(table)).fetchall()
+        assert published_rows(folder, sql.format(table)) == master, table
+
+
+def test_published_tables_follow_every_kind_of_write(tmp_path):
+    """Appends, replacements, deletions, curation-style updates and whole rewrites, each published
+    as a delta or a base, read back through the views exactly as the master holds them; folding
+    the deltas changes nothing readers see."""
+    folder = tmp_path / "data"
+    catalog = open_catalog(folder, max_deltas=1000)
+    store = ClusterStore(catalog)
+    report = catalog.import_faces(faces_file(tmp_path / "a.parquet", 300), "m1", DIM)
+    assert report == {"images": 300, "faces": 300, "skipped_images": 0}
+    assert_published_matches(catalog, folder)
+    ids = np.arange(1, 301, dtype=np.int64)
+    with store.transaction() as con:  # a full clustering: whole tables
+        store.write_clusters(con, [{"cluster_id": c, "size": 30} for c in range(10)], (ids, ids % 10), "cluster",
+                             replace_all=True)
+    assert_published_matches(catalog, folder)
+    catalog.import_faces(faces_file(tmp_path / "b.parquet", 20, start=300), "m1", DIM)  # a batch: a delta
+    with store.transaction() as con:  # a move of a few faces and a rename: deltas of changed keys
+        con.execute("UPDATE face_clusters SET cluster_id = 3 WHERE face_id IN (1, 2, 5)")
+        from face_assets.storage import log_changes
+        log_changes(con, "face_clusters", [1, 2, 5])
+        con.execute("UPDATE clusters SET label = 'Ada' WHERE cluster_id = 3")
+        log_changes(con, "clusters", [3])
+    store.add_constraints([(1, 3), (2, 3)], "must_link", "test")
+    assert catalog.remove_face(7) == [7]
+    assert catalog.remove_image("img00000010") == [11]
+    store.forget_faces([7, 11])
+    assert_published_matches(catalog, folder)
+    deltas = published_rows(folder, "SELECT 1")  # the views file opens
+    assert deltas == [(1,)]
+    with catalog.db.read() as con:
+        n_deltas = con.execute("SELECT count(*) FROM _segments WHERE NOT base AND tbl = 'faces'").fetchone()[0]
+    assert n_deltas >= 2
+    assert catalog.db.compact("faces") and catalog.db.compact("face_clusters")
+    with catalog.db.read() as con:
+        assert con.execute("SELECT count(*) FROM _segments WHERE tbl = 'faces'").fetchone()[0] < n_deltas + 1
+    assert_published_matches(catalog, folder)
+    catalog.clear()
+    assert_published_matches(catalog, folder)
+    catalog.close()
+
+
+def test_reader_keeps_its_state_and_a_new_one_sees_the_next(tmp_path):
+    """An open connection to the published file keeps the state it opened (old segments are
+    retired, not deleted); a new connection sees the newest publication."""
+    folder = tmp_path / "data"
+    catalog = open_catalog(folder)
+    catalog.import_faces(faces_file(tmp_path / "a.parquet", 50), "m1", DIM)
+    analyst = duckdb.connect(str(folder / "face_assets.duckdb"), read_only=True)
+    assert analyst.execute("SELECT count(*) FROM faces").fetchone() == (50,)
+    catalog.import_faces(faces_file(tmp_path / "b.parquet", 5000, start=50), "m1", DIM)  # a new base
+    catalog.clear()
+    assert analyst.execute("SELECT count(*) FROM faces").fetchone() == (50,)
+    assert published_rows(folder, "SELECT count(*) FROM faces") == [(0,)]
+    analyst.close()
+    catalog.close()
+
+
+def test_duckdb_1x_cli_opens_the_published_catalog(tmp_path):
+    """The analysts' documented command, with the DuckDB 1.x command-line client (the newest on
+    PyPI reads storage versions up to 1.x only): the views and their Parquet segments answer."""
+    cli = Path(sys.executable).with_name("duckdb")
+    if not cli.exists():
+        pytest.skip("the duckdb-cli package is not installed (pip install -e '.[dev]')")
+    folder = tmp_path / "data"
+    with open_catalog(folder) as catalog:
+        catalog.import_faces(faces_file(tmp_path / "a.parquet", 40), "m1", DIM)
+        catalog.remove_face(3)
+    version = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert version.startswith("v1."), version
+    out = subprocess.run([str(cli), "-readonly", "-noheader", "-csv", str(folder / "face_assets.duckdb"), "-c",
+                          "SELECT count(*), min(face_id) FILTER (WHERE face_id > 2) FROM faces"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "39,4"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"dim": 128}, "dimension is 512"),
+    ({"extra": {"face_index": [0, 0, 0]}, "same_image": True}, "given twice"),
+    ({"nan": True}, "NaN, inf or zero norm"),
+    ({"drop": "path"}, "missing column 'path'"),
+])
+def test_import_refuses_a_bad_file_whole(tmp_path, bad, message):
+    """A wrong dimension, a duplicate face, a NaN embedding or a missing column: a typed error,
+    and nothing of the file in the catalog or the published tables."""
+    folder = tmp_path / "data"
+    catalog = open_catalog(folder)
+    catalog.import_faces(faces_file(tmp_path / "good.parquet", 10), "m1", DIM)
+    path = faces_file(tmp_path / "bad.parquet", 3, start=100, dim=bad.get("dim", DIM), **bad.get("extra", {}))
+    table = pq.read_table(path)
+    if bad.get("same_image"):
+        table = table.set_column(0, "image_id", pa.array(["same"] * 3)).set_column(1, "path", pa.array(["p"] * 3))
+    if bad.get("nan"):
+        x = np.ones((3, DIM), np.float32)
+        x[2, 5] = np.nan
+        table = table.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM))
+    if bad.get("drop"):
+        table = table.drop([bad["drop"]])
+    pq.write_table(table, path)
+    with pytest.raises(FaceImportError, match=message):
+        catalog.import_faces(path, "m1", DIM)
+    assert catalog.stats()["faces"] == 10
+    assert published_rows(folder, "SELECT count(*) FROM faces") == [(10,)]
+    again = catalog.import_faces(tmp_path / "good.parquet", "m1", DIM)  # run again: nothing added
+    assert again == {"images": 0, "faces": 0, "skipped_images": 10}
+    catalog.close()
+
+
+def one_row_writes(catalog: Catalog, store: ClusterStore, n: int = 15) -> tuple[float, int]:
+    """Median seconds and bytes of segment files written by a write that renames one person."""
+    times, written = [], []
+    folder = catalog.db.published.parent
+    for i in range(n):
+        before = segment_bytes(folder)
+        t = time.perf_counter()
+        with store.transaction() as con:
+            con.execute("UPDATE clusters SET label = ? WHERE cluster_id = 1", [f"name {i}"])
+            from face_assets.storage import log_changes
+            log_changes(con, "clusters", [1])
+        times.append(time.perf_counter() - t)
+        written.append(segment_bytes(folder) - before)
+    return float(np.median(times)), int(np.median(written))
+
+
+def test_a_write_costs_the_change_not_the_catalog(tmp_path):
+    """A one-row write (committed and published) on a 200k-face catalog writes as many bytes as on
+    a 10k one, and takes about as long: the ratio, not a time, is asserted."""
+    results = {}
+    for n in (10_000, 200_000):
+        folder = tmp_path / f"c{n}"
+        catalog = open_catalog(folder, max_deltas=10_000)
+        store = ClusterStore(catalog)
+        for start in range(0, n, 100_000):
+            catalog.import_faces(faces_file(tmp_path / f"f{n}_{start}.parquet", min(100_000, n - start), start=start),
+                                 "m1", DIM)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        with store.transaction() as con:
+            store.write_clusters(con, [{"cluster_id": c, "size": 1} for c in range(1, n // 3)],
+                                 (ids, ids % (n // 3 - 1) + 1), "cluster", replace_all=True)
+        results[n] = one_row_writes(catalog, store)
+        assert published_rows(folder, "SELECT label FROM clusters WHERE cluster_id = 1") == [("name 14",)]
+        catalog.close()
+    (t_small, b_small), (t_large, b_large) = results[10_000], results[200_000]
+    assert b_large <= 2 * b_small + 4096, results  # bytes follow the change (a segment of one row)
+    assert t_large <= 3 * t_small + 0.05, results
