@@ -169,6 +169,14 @@ class StorageSettings(_Section):
         1.0, ge=0, description="At most one publication of a store's committed state per this many seconds and "
         "process; later changes are published when it has passed."
     )
+    segment_retention_seconds: float = Field(
+        3600.0, ge=0, description="The published catalog is a views file over Parquet segments: a segment no view "
+        "names any more is deleted this long after, so readers that keep the views they opened go on reading."
+    )
+    max_delta_segments: int = Field(
+        16, ge=2, description="Delta segments a published table collects before they are folded together (in the "
+        "background, from the Parquet files, never under the catalog's lock)."
+    )
     index_refresh_seconds: float = Field(
         1.0, ge=0, description="How often a running library (the search service) looks for a newer index file "
         "published by another process."

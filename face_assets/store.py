@@ -87,17 +87,19 @@ class Catalog:
         read_only: open ``path`` read-only in each read session and refuse writes (for the
             published file, which writers replace but never change in place).
         published: where committed states are published for readers (None: never).
-        lock_timeout / publish_interval: see :class:`face_assets.storage.DuckDBFile`.
+        lock_timeout / publish_interval / retention / max_deltas: see :class:`face_assets.storage.DuckDBFile`.
 
     Thread-safe; no DuckDB connection stays open between calls, so other processes share the file.
     """
 
     def __init__(self, path: str | Path, read_only: bool = False, *, published: str | Path | None = None,
-                 lock_timeout: float = 120.0, publish_interval: float = 1.0):
+                 lock_timeout: float = 120.0, publish_interval: float = 1.0, retention: float = 3600.0,
+                 max_deltas: int = 16):
         self.path = Path(path)
         self.read_only = read_only
         self.db = DuckDBFile(self.path, published, schema=SCHEMA, lock_timeout=lock_timeout,
-                             publish_interval=publish_interval, read_only=read_only, segments=True)
+                             publish_interval=publish_interval, read_only=read_only, segments=True,
+                             retention=retention, max_deltas=max_deltas)
         if not read_only:
             self._add_image_seq()
             self.db.declare(TABLES)
@@ -128,7 +130,8 @@ class Catalog:
             shutil.copyfile(storage.duckdb_path, master.with_name(master.name + ".partial"))
             master.with_name(master.name + ".partial").replace(master)
         return cls(master, published=storage.duckdb_path, lock_timeout=storage.lock_timeout_seconds,
-                   publish_interval=storage.publish_interval_seconds)
+                   publish_interval=storage.publish_interval_seconds,
+                   retention=storage.segment_retention_seconds, max_deltas=storage.max_delta_segments)
 
     def close(self) -> None:
         """Publish what is pending (nothing stays open between calls)."""
