@@ -1,6 +1,6 @@
 """Soak: the whole deployment on one data folder, under load, with a crash in the middle.
 
-    python benchmarks/soak.py [--minutes 10] [--drop-every 20] [--batch 6] [--json]
+    python benchmarks/soak.py [--minutes 10] [--drop-every 20] [--batch 6] [--seed-faces N] [--json FILE]
 
 In a fresh work folder it starts what a deployment runs, each in its own process:
 
@@ -18,6 +18,13 @@ merge step and kills that run's processes with SIGKILL. At the end it waits for 
 searchable, stops everything and checks: every acknowledged vote stored once, no SQL query or CLI
 call failed, no batch ever partly visible in the published catalog, every run that failed was
 retried and succeeded. Prints one table; ``--json`` prints the figures.
+
+At the mission's size: ``--seed-faces N`` first imports N synthetic faces, with their persons as
+clusters (:mod:`benchmarks.catalog_seed`), and the soak also runs curation through the web API
+(rename, merge, move 20 faces, split), one-row writes, people pages and ``face-assets stats``
+timings, samples the resident memory of each process and of the host, counts the bytes written
+to disk per batch, and runs a full re-clustering (``face-assets cluster run``, as the recluster
+policy triggers it) beside the service.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import shared_datasets  # noqa: E402
+from benchmarks.catalog_seed import seed_catalog  # noqa: E402
 from benchmarks.feedback_load import _free_port, verify  # noqa: E402
 from face_assets.auth import TokenStore  # noqa: E402
 from face_assets.config import load_settings  # noqa: E402
@@ -98,6 +106,7 @@ class Deployment:
         self.base = ""
         store = TokenStore(self.data / load_settings(self.config).web.tokens_file)
         self.token = store.create("soak-searcher", "reviewer")[1]
+        self.admin_token = store.create("soak-curator", "admin")[1]
         self.voter_tokens: dict[str, str] = {}
 
     def voter(self, name: str) -> dict[str, str]:
@@ -106,6 +115,11 @@ class Deployment:
             store = TokenStore(self.data / load_settings(self.config).web.tokens_file)
             self.voter_tokens[name] = store.create(name, "reviewer")[1]
         return {"Authorization": f"Bearer {self.voter_tokens[name]}"}
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Authorization header of the curator's (admin) token."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     @property
     def auth(self) -> dict[str, str]:
@@ -275,9 +289,141 @@ def _analyst(dep: Deployment, rec: Recorder, stop: threading.Event, drops: list[
 
 def _stats_loop(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
     while not stop.is_set():
+        t = time.monotonic()
         out = dep.cli("stats", "--json", timeout=120)
         rec.add("cli_ok" if out.returncode == 0 else "cli_failed", out.stderr[-300:])
+        if out.returncode == 0:
+            rec.add("stats_s", time.monotonic() - t)
         stop.wait(5.0)
+
+
+def _timed_request(dep: Deployment, rec: Recorder, key: str, method: str, url: str, **kw) -> httpx.Response | None:
+    t = time.monotonic()
+    try:
+        r = httpx.request(method, f"{dep.base}{url}", headers=dep.admin, timeout=120, **kw)
+    except httpx.HTTPError as exc:
+        rec.add("curation_errors", f"{key}: {exc}")
+        return None
+    if r.status_code >= 400:
+        rec.add("curation_errors", f"{key}: {r.status_code} {r.text[:200]}")
+        return None
+    rec.add(key, time.monotonic() - t)
+    return r
+
+
+def _curator(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
+    """A reviewer on the people page: pages of persons, then rename, merge, move 20 faces and split,
+    through the web API, one action every few seconds."""
+    rng = random.Random(7)
+    i = 0
+    while not stop.is_set():
+        page = _timed_request(dep, rec, "people_page_s", "GET", "/api/people",
+                              params={"offset": rng.randrange(0, 2000), "limit": 48})
+        items = page.json()["items"] if page is not None else []
+        big = [p for p in items if p["size"] >= 22]
+        small = [p for p in items if p["size"] <= 3]
+        action = i % 4
+        if action == 0 and items:
+            _timed_request(dep, rec, "curation_rename_s", "POST", f"/api/people/{items[0]['cluster_id']}/rename",
+                           json={"name": f"soak person {i}"})
+        elif action == 1 and len(small) >= 2:
+            _timed_request(dep, rec, "curation_merge_s", "POST", "/api/people/merge",
+                           json={"cluster_ids": [small[0]["cluster_id"], small[1]["cluster_id"]]})
+        elif action in (2, 3) and big and small:
+            faces = _timed_request(dep, rec, "person_faces_s", "GET", f"/api/people/{big[0]['cluster_id']}",
+                                   params={"limit": 20})
+            ids = [f["face_id"] for f in faces.json()["faces"]][:20] if faces is not None else []
+            if action == 2 and len(ids) == 20:
+                _timed_request(dep, rec, "curation_move20_s", "POST", f"/api/people/{big[0]['cluster_id']}/move",
+                               json={"face_ids": ids, "to": small[0]["cluster_id"]})
+            elif action == 3 and len(ids) >= 2:
+                _timed_request(dep, rec, "curation_split_s", "POST", f"/api/people/{big[0]['cluster_id']}/split",
+                               json={"face_ids": ids[:2]})
+        i += 1
+        stop.wait(3.0)
+
+
+def _writer(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
+    """One-row writes from a process of its own (a rename of one person by the library, committed
+    and published), timed inside that process."""
+    code = ("import sys, time, json\n"
+            "from face_assets import FaceRecognitionLibrary\n"
+            "lib = FaceRecognitionLibrary(index_dir=sys.argv[1])\n"
+            "cid = lib.persons.store.query('SELECT min(cluster_id) FROM clusters')[0][0]\n"
+            "for line in sys.stdin:\n"
+            "    t = time.perf_counter(); lib.rename(cid, 'writer ' + line.strip())\n"
+            "    print(time.perf_counter() - t, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(dep.data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=dep.env, cwd=dep.work)
+    try:
+        n = 0
+        while not stop.is_set() and proc.poll() is None:
+            proc.stdin.write(f"{n}\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if line:
+                rec.add("write_s", float(line))
+            n += 1
+            stop.wait(2.0)
+    finally:
+        proc.kill()
+
+
+def _full_recluster(dep: Deployment, rec: Recorder, stop: threading.Event, after: float) -> None:
+    """A full re-clustering beside the service, as the recluster policy triggers it."""
+    if stop.wait(after):
+        return
+    t = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "face_assets.cli", "cluster", "run", "--json"], env=dep.env,
+                            cwd=dep.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rec.add("recluster_pid", proc.pid)
+    while proc.poll() is None and not stop.is_set():
+        time.sleep(1.0)
+    if proc.poll() is None:
+        proc.kill()
+        rec.add("recluster", {"finished": False, "seconds": time.monotonic() - t})
+    else:
+        rec.add("recluster", {"finished": proc.returncode == 0, "seconds": time.monotonic() - t,
+                              "error": proc.stderr.read()[-300:] if proc.returncode else None})
+
+
+def _rss_tree(pid: int) -> int:
+    """Resident bytes of a process and its descendants."""
+    total = 0
+    try:
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        with open(f"/proc/{pid}/statm") as f:
+            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return total
+    return total + sum(_rss_tree(int(c)) for c in children)
+
+
+def _host_used() -> int:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+
+
+def _disk_written() -> int:
+    """Bytes written to the machine's disks so far (sectors of whole disks in /proc/diskstats)."""
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if len(f) > 9 and not f[2][-1].isdigit():
+            total += int(f[9]) * 512
+    return total
+
+
+def _memory_sampler(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
+    peaks: dict[str, int] = defaultdict(int)
+    while not stop.is_set():
+        peaks["host"] = max(peaks["host"], _host_used())
+        for name, proc in dep.procs.items():
+            peaks[name] = max(peaks[name], _rss_tree(proc.pid))
+        for pid in rec.data.get("recluster_pid", []):
+            peaks["recluster"] = max(peaks["recluster"], _rss_tree(pid))
+        rec.data["rss_peaks"] = [dict(peaks)]
+        stop.wait(1.0)
 
 
 def _reencoded(path: Path) -> bytes:
@@ -342,8 +488,14 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_seconds: float = 40.0,
-        voters: int = 4, work: Path | None = None, drain_seconds: float = 180.0, datasets: Path | None = None) -> dict:
-    """Run the soak; returns the figures and the acceptance checks."""
+        voters: int = 4, work: Path | None = None, drain_seconds: float = 180.0, datasets: Path | None = None,
+        seed_faces: int = 0, recluster_after: float | None = None) -> dict:
+    """Run the soak; returns the figures and the acceptance checks.
+
+    ``seed_faces``: synthetic faces (with persons) imported first. ``recluster_after``: seconds
+    after the start of the ingest phase at which a full re-clustering starts (default: with
+    ``seed_faces``, 30 s; without, none).
+    """
     datasets = datasets or shared_datasets()
     photos = _photos(datasets)
     seed_photos, pool = photos[:24], photos[24:]
@@ -352,6 +504,9 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
     seeded = dep.cli("index", *map(str, seed_photos), "--json", timeout=600)
     if seeded.returncode != 0:
         raise RuntimeError(seeded.stderr[-2000:])
+    seeding = seed_catalog(dep.data, seed_faces, work=work) if seed_faces else None
+    if recluster_after is None and seed_faces:
+        recluster_after = 30.0
     rec = Recorder()
     rec.acked, rec.uncertain = defaultdict(list), set()  # type: ignore[attr-defined]
     prefix = f"soak-{random.randrange(1 << 30):08x}-"
@@ -365,11 +520,19 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
         threads = [threading.Thread(target=_searcher, args=(dep, seed_photos, rec, stop, phase), daemon=True),
                    threading.Thread(target=lambda: asyncio.run(_voters(dep, rec, stop, voters, prefix)), daemon=True),
                    threading.Thread(target=_analyst, args=(dep, rec, stop, drops), daemon=True),
-                   threading.Thread(target=_stats_loop, args=(dep, rec, stop), daemon=True)]
+                   threading.Thread(target=_stats_loop, args=(dep, rec, stop), daemon=True),
+                   threading.Thread(target=_curator, args=(dep, rec, stop), daemon=True),
+                   threading.Thread(target=_writer, args=(dep, rec, stop), daemon=True),
+                   threading.Thread(target=_memory_sampler, args=(dep, rec, stop), daemon=True)]
         for t in threads:
             t.start()
         time.sleep(idle_seconds)
         phase[0] = "ingest"
+        disk_before = _disk_written()
+        if recluster_after is not None:
+            reclusterer = threading.Thread(target=_full_recluster, args=(dep, rec, stop, recluster_after), daemon=True)
+            reclusterer.start()
+            threads.append(reclusterer)
         killer = threading.Thread(target=_kill_a_merge, args=(dep, rec, stop_kill), daemon=True)
         killer.start()
         end = time.monotonic() + max(minutes * 60 - idle_seconds, drop_every)
@@ -394,6 +557,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
             time.sleep(1.0)
         stop_kill.set()
         phase[0] = "drain"
+        disk_per_batch = (_disk_written() - disk_before) / max(len(drops), 1)
     finally:
         stop.set()
         stop_kill.set()
@@ -415,7 +579,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
                   "keys": len(rec.acked), "stored_rows": check["rows"],  # type: ignore[attr-defined]
                   "lost_or_wrong": check["mismatch_count"], "exactly_once": check["exactly_once"],
                   "errors": len(rec.data["vote_errors"]), "error_samples": rec.data["vote_errors"][:3]},
-        "partial_batches_seen": rec.data["partial_batches_seen"][:5],
+        "partial_batch_samples": rec.data["partial_batches_seen"][:5],
         "drop_to_searchable_s": {"p50": _pct(latencies, 50) and _pct(latencies, 50) / 1000,
                                  "p95": _pct(latencies, 95) and _pct(latencies, 95) / 1000,
                                  "searchable": len(latencies), "of": len(drops)},
@@ -424,12 +588,43 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
                       "errors": len(rec.data["search_errors"])},
         "exit_codes": codes,
     }
+    curation = [v for k in ("curation_rename_s", "curation_merge_s", "curation_move20_s", "curation_split_s")
+                for v in rec.data[k]]
+    photo_bytes = [sum(Path(p).stat().st_size for p in d["paths"]) for d in drops]
+    peaks = (rec.data["rss_peaks"] or [{}])[-1]
+    out |= {
+        "seeding": seeding,
+        "curation_s": {k: {"p50": _pct(rec.data[k], 50), "p95": _pct(rec.data[k], 95), "n": len(rec.data[k])}
+                       for k in ("curation_rename_s", "curation_merge_s", "curation_move20_s", "curation_split_s",
+                                 "people_page_s", "person_faces_s", "write_s", "stats_s")},
+        "curation_errors": rec.data["curation_errors"][:5],
+        "recluster": (rec.data["recluster"] or [None])[-1],
+        "rss_peak_gib": {k: round(v / 2**30, 2) for k, v in peaks.items()},
+        "disk_written_per_batch_mib": round(disk_per_batch / 2**20, 1) if drops else None,
+        "photo_bytes_per_batch_mib": round(float(np.mean(photo_bytes)) / 2**20, 2) if drops else None,
+    }
+    # The figures the issue of the 2M soak names, flat.
+    s = out["search_ms"]
+    out |= {
+        "seed_faces": seed_faces,
+        "runs_failed_after_retries": runs["failed_after_retries"],
+        "queries_failed": out["sql"]["failed"] + out["cli_stats"]["failed"],
+        "votes_lost": check["mismatch_count"],
+        "partial_batches_seen": len(rec.data["partial_batches_seen"]),
+        "drop_to_searchable_p95_s": out["drop_to_searchable_s"]["p95"],
+        "search_p99_ratio": round(s["ingest_p99"] / s["idle_p99"], 2) if s["ingest_p99"] and s["idle_p99"] else None,
+        "curation_p95_s": _pct(curation, 95),
+        "write_p50_s": _pct(rec.data["write_s"], 50),
+        "people_page_p95_s": _pct(rec.data["people_page_s"], 95),
+        "stats_p50_s": _pct(rec.data["stats_s"], 50),
+        "host_peak_rss_gib": round(peaks.get("host", 0) / 2**30, 2),
+    }
     p95 = out["drop_to_searchable_s"]["p95"]
     out["acceptance"] = {
         "no_run_failed_after_retries": runs["failed_after_retries"] == 0,
         "no_query_failed": out["sql"]["failed"] == 0 and out["cli_stats"]["failed"] == 0,
         "no_vote_lost": bool(check["exactly_once"]),
-        "no_partial_batch_visible": not rec.data["partial_batches_seen"],
+        "no_partial_batch_visible": out["partial_batches_seen"] == 0,
         "every_drop_searchable": len(latencies) == len(drops) > 0,
         "drop_to_searchable_p95_le_2min": p95 is not None and p95 <= 120,
         "search_p99_ingest_le_2x_idle": bool(idle and ingest) and _pct(ingest, 99) <= 2 * _pct(idle, 99),
@@ -453,12 +648,15 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=40.0)
     parser.add_argument("--voters", type=int, default=4)
     parser.add_argument("--work", type=Path, help="work folder (default: a new temporary folder)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seed-faces", type=int, default=0, help="synthetic faces (with persons) imported first")
+    parser.add_argument("--recluster-after", type=float, help="seconds into the ingest phase of a full re-clustering")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    out = run(args.minutes, args.drop_every, args.batch, args.idle_seconds, args.voters, args.work)
+    out = run(args.minutes, args.drop_every, args.batch, args.idle_seconds, args.voters, args.work,
+              seed_faces=args.seed_faces, recluster_after=args.recluster_after)
     if args.json:
-        print(json.dumps(out, indent=2, default=str))
-    else:
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+    if True:
         r, s, v, d = out["runs"], out["search_ms"], out["votes"], out["drop_to_searchable_s"]
         rows = [
             ("runs succeeded / failed / retried", f"{r['succeeded']} / {r['failed']} / {r['retried']}"),
@@ -467,12 +665,20 @@ def main() -> int:
             ("SQL queries ok / failed", f"{out['sql']['ok']} / {out['sql']['failed']}"),
             ("CLI stats ok / failed", f"{out['cli_stats']['ok']} / {out['cli_stats']['failed']}"),
             ("votes acknowledged / stored rows / lost", f"{v['acknowledged']} / {v['stored_rows']} / {v['lost_or_wrong']}"),
-            ("partial batches seen", len(out["partial_batches_seen"])),
+            ("partial batches seen", out["partial_batches_seen"]),
             ("drop-to-searchable p50 / p95 (s)", f"{d['p50']} / {d['p95']} ({d['searchable']} of {d['of']} drops)"),
             ("search p50 / p99 idle (ms)", f"{s['idle_p50']} / {s['idle_p99']}"),
             ("search p50 / p99 during ingestion (ms)", f"{s['ingest_p50']} / {s['ingest_p99']}"),
-            ("search p99 ratio ingestion / idle", round(s["ingest_p99"] / s["idle_p99"], 2)
-             if s["ingest_p99"] and s["idle_p99"] else None),
+            ("search p99 ratio ingestion / idle", out["search_p99_ratio"]),
+            ("seeded faces", out["seed_faces"]),
+            ("curation (rename, merge, move 20, split) p95 (s)", out["curation_p95_s"]),
+            ("one-row write p50 (s)", out["write_p50_s"]),
+            ("people page p95 (s)", out["people_page_p95_s"]),
+            ("stats p50 (s)", out["stats_p50_s"]),
+            ("peak resident GiB: host / each process", f"{out['host_peak_rss_gib']} / {out['rss_peak_gib']}"),
+            ("disk written per batch / its photos (MiB)",
+             f"{out['disk_written_per_batch_mib']} / {out['photo_bytes_per_batch_mib']}"),
+            ("full re-clustering", out["recluster"]),
         ]
         width = max(len(k) for k, _ in rows)
         for k, val in rows:

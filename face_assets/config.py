@@ -177,6 +177,14 @@ class StorageSettings(_Section):
         16, ge=2, description="Delta segments a published table collects before they are folded together (in the "
         "background, from the Parquet files, never under the catalog's lock)."
     )
+    index_journal_min_bytes: int = Field(
+        64 * 2**20, ge=0, description="Changes to the saved index are appended to its journal (`<index_file>.journal`) "
+        "until it holds this many bytes and `index_journal_share` of the index; then the index is saved whole."
+    )
+    index_journal_share: float = Field(
+        0.25, ge=0, description="See `index_journal_min_bytes`: the journal's size, as a share of the index file's, "
+        "beyond which the index is saved whole (readers then load it whole once)."
+    )
     index_refresh_seconds: float = Field(
         1.0, ge=0, description="How often a running library (the search service) looks for a newer index file "
         "published by another process."

@@ -25,8 +25,15 @@ when shrinking (a rebuild does).
 
 Persistence: :meth:`save` writes one self-describing file (magic, JSON header, faiss payloads,
 SHA-256 over header and payloads) atomically, plus a ``<file>.json`` sidecar with the same metadata
-for tools. :meth:`load` verifies everything and raises :class:`IndexNotFoundError` /
-:class:`IndexCorruptError`. An index never mixes embedding models: it records ``model_version``
+for tools and a ``<file>.ids.npy`` of its ids. :meth:`load` verifies everything and raises
+:class:`IndexNotFoundError` / :class:`IndexCorruptError`.
+
+Between two saves, changes go to the **journal** ``<file>.journal`` (:class:`IndexJournal`):
+records of added vectors and removed ids appended to the saved file, each checksummed, the file
+tied to the saved index by that index's checksum. Publishing a batch appends its faces (a cost
+that follows the batch, not the index); a reader that loaded the index applies only the records
+written since (:meth:`FaceIndex.apply`). When the journal has grown to a share of the index, the
+writer saves the whole index again and starts an empty journal. An index never mixes embedding models: it records ``model_version``
 and refuses vectors (and queries, and loads) that declare another one.
 
 Not thread-safe for writers; concurrent searches on an unchanging index are fine (faiss).
@@ -59,6 +66,8 @@ __all__ = [
     "ModelVersionMismatchError",
     "IndexNotFoundError",
     "IndexCorruptError",
+    "IndexJournal",
+    "saved_ids",
     "EXACT_THRESHOLD",
 ]
 
@@ -538,6 +547,24 @@ class FaceIndex:
         _atomic_write(path, write_index)
         side = json.dumps(dict(meta, checksum_sha256=checksum, index_file=path.name), indent=2, sort_keys=True)
         _atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(side.encode()))
+        _atomic_write(path.with_name(path.name + ".ids.npy"),
+                      lambda f: np.save(f, np.concatenate([np.frombuffer(bytes.fromhex(checksum), np.int64),
+                                                           self._ids])))
+        IndexJournal(path).reset(bytes.fromhex(checksum))
+
+    def apply(self, records: list[tuple[int, np.ndarray, np.ndarray | None]]) -> int:
+        """Apply journal records (see :class:`IndexJournal`) in order: adds of ids not present,
+        removals of ids present. Returns the number of vectors added or removed."""
+        changed = 0
+        for op, ids, vectors in records:
+            if op == IndexJournal.ADD:
+                new = ~self._present(ids)
+                if new.any():
+                    self.add(ids[new], vectors[new])
+                    changed += int(new.sum())
+            else:
+                changed += self.remove(ids)
+        return changed
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model_version: str | None = None) -> FaceIndex:
@@ -582,6 +609,116 @@ class FaceIndex:
         if model_version is not None and str(model_version) != idx.model_version:
             raise ModelVersionMismatchError(idx.model_version, str(model_version))
         return idx
+
+
+class IndexJournal:
+    """The changes made to a saved index since it was written: ``<index file>.journal``.
+
+    Layout: ``FACEJRN1``, then the 32-byte checksum of the index file it follows (the last 32
+    bytes of that file), then records: ``FJR1``, op (1 add, 2 remove), count and dimension
+    (uint32 each), the int64 ids, for an add the float32 vectors, and the first 8 bytes of the
+    SHA-256 of everything before it in the record. Records are only appended; a record cut short
+    by a crash, and anything after it, is ignored by readers and cut off by the next writer.
+    Appending is for one process at a time (the library holds the catalog's lock).
+    """
+
+    ADD, REMOVE = 1, 2
+    _HEAD = b"FACEJRN1"
+    _REC = b"FJR1"
+
+    def __init__(self, index_path: str | os.PathLike[str]):
+        self.index_path = Path(index_path)
+        self.path = self.index_path.with_name(self.index_path.name + ".journal")
+
+    def index_checksum(self) -> bytes | None:
+        """The checksum that ends the saved index file (None when there is none)."""
+        try:
+            with open(self.index_path, "rb") as f:
+                f.seek(-32, os.SEEK_END)
+                return f.read(32)
+        except (FileNotFoundError, OSError):
+            return None
+
+    def size(self) -> int:
+        """Bytes in the journal file (0 when there is none)."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def reset(self, checksum: bytes) -> None:
+        """Start an empty journal for the index whose checksum is ``checksum`` (after a save)."""
+        _atomic_write(self.path, lambda f: f.write(self._HEAD + checksum))
+
+    def read(self, checksum: bytes | None, offset: int = 0) -> tuple[list[tuple[int, np.ndarray, np.ndarray | None]], int]:
+        """Records from byte ``offset`` on (0: all), if the journal follows the index of
+        ``checksum``; returns them and the offset after the last whole record."""
+        start = len(self._HEAD) + 32
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(start)
+                if checksum is None or head != self._HEAD + checksum:
+                    return [], start  # no journal, or one of another saved index
+                f.seek(max(offset, start))
+                data = f.read()
+        except FileNotFoundError:
+            return [], start
+        records, pos = [], 0
+        while pos + 16 <= len(data) and data[pos:pos + 4] == self._REC:
+            op, n, dim = struct.unpack("<III", data[pos + 4:pos + 16])
+            body = 16 + 8 * n + (4 * n * dim if op == self.ADD else 0)
+            end = pos + body + 8
+            if end > len(data) or hashlib.sha256(data[pos:pos + body]).digest()[:8] != data[pos + body:end]:
+                break
+            ids = np.frombuffer(data, np.int64, n, pos + 16).copy()
+            vectors = (np.frombuffer(data, np.float32, n * dim, pos + 16 + 8 * n).reshape(n, dim).copy()
+                       if op == self.ADD else None)
+            records.append((op, ids, vectors))
+            pos = end
+        return records, max(offset, start) + pos
+
+    def _follows(self, checksum: bytes) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(len(self._HEAD) + 32) == self._HEAD + checksum
+        except FileNotFoundError:
+            return False
+
+    def append(self, checksum: bytes, records: list[tuple[int, np.ndarray, np.ndarray | None]],
+               offset: int = 0) -> int:
+        """Append records to the journal of the index of ``checksum`` (started anew if missing or
+        of another index; a torn record after ``offset``, a position known whole, is cut off),
+        durably; returns the journal's size after them."""
+        if not self._follows(checksum):
+            self.reset(checksum)
+        _, end = self.read(checksum, offset)
+        with open(self.path, "r+b") as f:
+            f.truncate(end)
+            f.seek(end)
+            for op, ids, vectors in records:
+                ids = np.ascontiguousarray(ids, np.int64)
+                dim = 0 if vectors is None else vectors.shape[1]
+                body = self._REC + struct.pack("<III", op, len(ids), dim) + ids.tobytes()
+                if op == self.ADD:
+                    body += np.ascontiguousarray(vectors, np.float32).tobytes()
+                f.write(body + hashlib.sha256(body).digest()[:8])
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+
+
+def saved_ids(index_path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The ids of the saved index (sorted), from its ``.ids.npy`` sidecar (led by the index's
+    checksum), without loading the index; None when the sidecar is missing or of another save."""
+    path = Path(index_path)
+    try:
+        data = np.load(path.with_name(path.name + ".ids.npy"))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    checksum = IndexJournal(path).index_checksum()
+    if checksum is None or len(data) < 4 or data[:4].tobytes() != checksum:
+        return None
+    return data[4:]
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, exp
 from .imaging import content_hash
 from .detection import box_iou
 from .filtering import FaceFilter
-from .index import FaceIndex
+from .index import FaceIndex, IndexJournal, saved_ids
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
 from .models import embedding_dim_of, resolve_pack
 from .process import apply_process_settings
@@ -147,6 +147,10 @@ class FaceRecognitionLibrary:
         self._model_file = self._pack.recognizer
         self.catalog: Catalog | None = None
         self._index: FaceIndex | None = None
+        self._index_sum: bytes | None = None  # checksum of the saved index ours was read from
+        self._journal_end = 0  # bytes of its journal applied to ours
+        self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # our changes not saved yet
+        self._full_save = False  # ours replaced the index as a whole: save it whole
         self._index_stamp: tuple[int, int] | None = None
         self._index_checked = 0.0
         self._unsaved = 0
@@ -207,7 +211,21 @@ class FaceRecognitionLibrary:
 
     @index.setter
     def index(self, value: FaceIndex) -> None:
-        self._index = value
+        """Replace the index as a whole (a clear, another model): the next save writes it whole."""
+        self._index, self._pending, self._full_save = value, [], True
+
+    def _add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add faces to the index, and to the changes the next save appends to its journal."""
+        ids = np.asarray(ids, np.int64)
+        vectors = np.asarray(vectors, np.float32)
+        self.index.add(ids, vectors)
+        self._pending.append((IndexJournal.ADD, ids, vectors))
+
+    def _remove(self, ids: np.ndarray) -> None:
+        """Remove faces from the index, and record it for the journal."""
+        ids = np.asarray(ids, np.int64)
+        if self.index.remove(ids):
+            self._pending.append((IndexJournal.REMOVE, ids, None))
 
     def _read_index(self) -> FaceIndex:
         """The saved index of the active model version, or a new empty one (missing, corrupt, other version)."""
@@ -225,7 +243,15 @@ class FaceRecognitionLibrary:
             index, stamp = None, None
         self._index_stamp = stamp
         self._index_checked = time.monotonic()
-        return index if index is not None else self._new_index()
+        self._pending, self._full_save = [], index is None
+        if index is None:
+            self._index_sum, self._journal_end = None, 0
+            return self._new_index()
+        journal = IndexJournal(self.index_path)
+        self._index_sum = journal.index_checksum()
+        records, self._journal_end = journal.read(self._index_sum)
+        index.apply(records)
+        return index
 
     def _stamp(self) -> tuple[int, int] | None:
         return file_stamp(self.index_path)
@@ -242,8 +268,16 @@ class FaceRecognitionLibrary:
             if time.monotonic() - self._index_checked < self.settings.storage.index_refresh_seconds:
                 return False
             self._index_checked = time.monotonic()
-            if self._unsaved or self._stamp() == self._index_stamp:
+            if self._unsaved or self._index is None:
                 return False
+            if self._stamp() == self._index_stamp:
+                # The same saved index: apply what other processes appended to its journal since.
+                records, end = IndexJournal(self.index_path).read(self._index_sum, self._journal_end)
+                if not records:
+                    return False
+                self._index.apply(records)
+                self._journal_end = end
+                return True
         index = None
         try:  # loading a large index takes a while: searches go on with the old one meanwhile
             index = FaceIndex.load(self.index_path)
@@ -258,7 +292,12 @@ class FaceRecognitionLibrary:
                     return False  # a half-finished switch elsewhere: keep searching the index we have
                 logger.info("now running model %s (%s), promoted by another process", self.active_model,
                             self.model_version)
-            self.index, self._index_stamp = index, self._stamp()
+            journal = IndexJournal(self.index_path)
+            checksum = journal.index_checksum()
+            records, end = journal.read(checksum)
+            index.apply(records)
+            self._index, self._index_stamp, self._index_sum, self._journal_end = index, self._stamp(), checksum, end
+            self._pending, self._full_save = [], False
             return True
 
     def save(self) -> Path:
@@ -269,15 +308,83 @@ class FaceRecognitionLibrary:
             return self.index_path
 
     def _save_index(self) -> None:
+        """Append our changes to the saved index's journal (a cost that follows the change), or save
+        the index whole: after a replacement, or when the journal has grown to a share of the index."""
         # Under the catalog's write lock: two processes never interleave their index and catalog writes.
         with self.catalog.db.locked():
-            if self._stamp() != self._index_stamp:
-                # Another process saved the index since this one read it: take in its faces (and
-                # drop what it removed) from the catalog, which holds both processes' commits.
-                self._reconcile()
-            self.index.save(self.index_path)
+            journal = IndexJournal(self.index_path)
+            checksum = journal.index_checksum()
+            whole = self._full_save or checksum is None or checksum != self._index_sum
+            if not whole:
+                others, end = journal.read(checksum, self._journal_end)
+                self.index.apply(others)  # what other processes appended since we read it
+                size = journal.size() + sum(8 * len(i) + (0 if v is None else v.nbytes) for _, i, v in self._pending)
+                whole = size > max(self.settings.storage.index_journal_min_bytes,
+                                   self.settings.storage.index_journal_share * self.index_path.stat().st_size)
+            if whole:
+                if checksum is not None and checksum != self._index_sum and not self._full_save:
+                    # Another process saved the index whole since this one read it: take in its faces
+                    # (and drop what it removed) from the catalog, which holds both processes' commits.
+                    self._reconcile()
+                self.index.save(self.index_path)
+                self._index_sum = journal.index_checksum()
+                self._journal_end = journal.size()
+            elif self._pending:
+                self._journal_end = journal.append(checksum, self._pending, end)
+            else:
+                self._journal_end = end
+        self._pending, self._full_save = [], False
         self._index_stamp = self._stamp()
         self._unsaved = 0
+
+    def published_ids(self) -> np.ndarray | None:
+        """The face ids the published index holds with its journal applied (sorted), read without
+        loading the index; None when it cannot be told that way (no index, an older file)."""
+        base = saved_ids(self.index_path)
+        if base is None or _index_sidecar(self.index_path).get("model_version") != self.model_version:
+            return None
+        journal = IndexJournal(self.index_path)
+        records, _ = journal.read(journal.index_checksum())
+        ids = set(base.tolist())
+        for op, rec_ids, _ in records:
+            (ids.update if op == IndexJournal.ADD else ids.difference_update)(rec_ids.tolist())
+        return np.array(sorted(ids), np.int64)
+
+    def publish_index(self) -> dict:
+        """Bring the published index up to date with the catalog, as the pipeline does after a merge.
+
+        The faces the index misses are appended to its journal, the removed ones recorded there,
+        without loading the index: the cost follows the batch. Without a usable saved index (none
+        yet, another model version's) or once the journal has grown to a share of the index, the
+        index is loaded, repaired and saved whole. Returns what was done (``mode``: ``journal`` or
+        ``whole``), faces added and removed, and the index size.
+        """
+        with self._lock, self.catalog.db.locked():
+            expected = np.array(self.catalog.valid_face_ids(self.model_version), np.int64)
+            held = self.published_ids()
+            journal = IndexJournal(self.index_path)
+            limit = max(self.settings.storage.index_journal_min_bytes,
+                        self.settings.storage.index_journal_share * (self.index_path.stat().st_size
+                                                                     if self.index_path.is_file() else 0))
+            if held is None or self._unsaved or journal.size() > limit:
+                before = held if held is not None else np.zeros(0, np.int64)
+                self.index  # noqa: B018 - loaded and repaired from the catalog
+                self._full_save = True
+                self._save_index()
+                return {"mode": "whole", "added": int(np.setdiff1d(expected, before).size),
+                        "removed": int(np.setdiff1d(before, expected).size), "index_size": int(len(expected))}
+            add = np.setdiff1d(expected, held, assume_unique=True)
+            remove = np.setdiff1d(held, expected, assume_unique=True)
+            records: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+            if len(remove):
+                records.append((IndexJournal.REMOVE, remove, None))
+            if len(add):
+                ids, vectors = self.catalog.embeddings(add.tolist())
+                records.append((IndexJournal.ADD, ids, vectors))
+            if records:
+                journal.append(journal.index_checksum(), records)
+            return {"mode": "journal", "added": int(len(add)), "removed": int(len(remove)),
+                    "index_size": int(len(expected)), "journal_bytes": journal.size()}
 
     def close(self) -> None:
         """Save the index if this library changed it, publish the catalog and release the stores."""
@@ -315,10 +422,10 @@ class FaceRecognitionLibrary:
         extra = index_ids - catalog_ids
         missing = catalog_ids - index_ids
         if extra:
-            self.index.remove(np.fromiter(extra, np.int64))
+            self._remove(np.fromiter(extra, np.int64))
         if missing:
             ids, vectors = self.catalog.embeddings(sorted(missing))
-            self.index.add(ids, vectors)
+            self._add(ids, vectors)
         if extra or missing:
             logger.info("index repaired from catalog: %d added, %d removed", len(missing), len(extra))
         return bool(extra or missing)
@@ -366,8 +473,8 @@ class FaceRecognitionLibrary:
                 valid = [(fid, face) for fid, face, verdict in
                          zip(outcome.face_ids, outcome.analysis.faces, outcome.result["faces"]) if verdict["is_valid"]]
                 if valid:
-                    self.index.add(np.array([fid for fid, _ in valid], np.int64),
-                                   np.stack([f.normed_embedding for _, f in valid]))
+                    self._add(np.array([fid for fid, _ in valid], np.int64),
+                              np.stack([f.normed_embedding for _, f in valid]))
                 self._unsaved += 1
                 if self._unsaved >= every:
                     self.save()
@@ -375,6 +482,7 @@ class FaceRecognitionLibrary:
                 on_image(outcome)
 
         with self._lock:
+            self.index  # noqa: B018 - read (and repaired) before new faces are stored, which then add only theirs
             summary = ingest_paths(paths, self.filter, self.catalog, on_progress=on_progress, on_image=add_to_index,
                                    image_ids=image_ids, metadata=metadata)
             if self._unsaved:
@@ -393,11 +501,14 @@ class FaceRecognitionLibrary:
                 nothing was imported.
         """
         with self._lock:
+            self.index  # noqa: B018 - read (and repaired) before the import, which then adds only its faces
             t0 = time.perf_counter()
             report = self.catalog.import_faces(path, self.model_version, self.embedding_dim)
             t1 = time.perf_counter()
             if report["faces"]:
-                self._reconcile()
+                first, last = report["face_ids"]
+                ids, vectors = self.catalog.embeddings(range(first, last + 1))
+                self._add(ids, vectors)
                 self._save_index()
             return report | {"catalog_seconds": round(t1 - t0, 3),
                              "index_seconds": round(time.perf_counter() - t1, 3), "index_size": len(self.index)}
@@ -491,7 +602,7 @@ class FaceRecognitionLibrary:
                 face_ids = self.catalog.remove_image(id_) if isinstance(id_, str) else self.catalog.remove_face(int(id_))
                 self.persons.store.forget_faces(face_ids)
             if face_ids:
-                self.index.remove(np.array(face_ids, np.int64))
+                self._remove(np.array(face_ids, np.int64))
                 self.save()
             return len(face_ids)
 

@@ -381,7 +381,8 @@ class Catalog:
         ``content_hash`` (else the image id) and ``metadata`` (a JSON string) of the image. Every face
         is valid and of ``model_version``.
 
-        Images already in the catalog are skipped whole (an import run again adds nothing).
+        Images already in the catalog are skipped whole (an import run again adds nothing). The new
+        faces get consecutive ids, ``face_ids`` gives the first and the last.
         Raises :class:`FaceImportError`, with nothing imported, on a missing or mistyped column, an
         embedding of another length or with NaN, inf or zero norm, a face given twice, or an image
         with two paths. Returns the counts of images and faces added and of images skipped.
@@ -405,6 +406,7 @@ class Catalog:
             raise FaceImportError(f"{file}: column 'embedding' must be a list of floats, not {etype}")
         src = f"read_parquet({_sql_literal(file)}, file_row_number = true)"
         opt = _optional_columns(names)
+        images = faces = 0
         with self.transaction() as con:
             # The small columns first: checks that need the whole file, before any row is written.
             con.execute(f"""CREATE OR REPLACE TEMP TABLE _import AS
@@ -440,7 +442,8 @@ class Catalog:
                     log_appends(con, "images", seq0 + 1, seq1)
             except duckdb.ConversionException as exc:
                 raise FaceImportError(f"{file}: a column has values of the wrong type ({exc})") from exc
-        return {"images": int(images), "faces": int(faces), "skipped_images": int(skipped)}
+        return {"images": int(images), "faces": int(faces), "skipped_images": int(skipped),
+                "face_ids": [int(face0) + 1, int(face0) + int(faces)] if faces else []}
 
     @staticmethod
     def _check_import(con: duckdb.DuckDBPyConnection, file: Path) -> None:

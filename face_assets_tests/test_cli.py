@@ -52,7 +52,7 @@ def test_the_parser_refuses_wrong_arguments(argv, capsys):
 
 
 def test_every_command_parses_with_its_arguments():
-    required = {"filter": ["a.jpg"], "search": ["a.jpg"], "compare": ["a.jpg", "b.jpg"], "remove": ["7"],
+    required = {"filter": ["a.jpg"], "import": ["faces.parquet"], "search": ["a.jpg"], "compare": ["a.jpg", "b.jpg"], "remove": ["7"],
                 "calibrate": ["dir"], "token create": ["bob"], "token revoke": ["bob"], "feedback export": ["out"],
                 "model promote": ["v1"], "cluster show": ["3"], "cluster merge": ["3", "4", "5"],
                 "cluster split": ["3", "--faces", "1", "2"], "cluster move": ["9", "3"], "cluster rename": ["3"]}

@@ -288,7 +288,8 @@ def test_failed_save_leaves_old_file_intact(lib, tmp_path, monkeypatch):
         idx.save(path)
     monkeypatch.undo()
     assert len(FaceIndex.load(path)) == 100  # the previous version, still valid
-    assert sorted(os.listdir(tmp_path)) == ["faces.index", "faces.index.json"]  # no temp left
+    assert sorted(os.listdir(tmp_path)) == ["faces.index", "faces.index.ids.npy", "faces.index.journal",
+                                            "faces.index.json"]  # no temp left
 
 
 def test_missing_and_corrupt_files(lib, tmp_path):

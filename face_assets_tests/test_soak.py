@@ -20,6 +20,8 @@ def test_short_soak(datasets, tmp_path):
     assert checks["no_run_failed_after_retries"], out["runs"]
     assert checks["no_query_failed"], (out["sql"], out["cli_stats"])
     assert checks["no_vote_lost"] and out["votes"]["acknowledged"] > 0, out["votes"]
-    assert checks["no_partial_batch_visible"], out["partial_batches_seen"]
+    assert checks["no_partial_batch_visible"], out["partial_batch_samples"]
+    assert not out["curation_errors"] and out["curation_s"]["curation_rename_s"]["n"] > 0, out["curation_errors"]
+    assert out["curation_s"]["write_s"]["n"] > 0 and out["host_peak_rss_gib"] > 0
     assert checks["every_drop_searchable"], out["drop_to_searchable_s"]
     assert out["runs"]["succeeded"] >= out["drops"]

@@ -78,7 +78,7 @@ def test_published_tables_follow_every_kind_of_write(tmp_path):
     catalog = open_catalog(folder, max_deltas=1000)
     store = ClusterStore(catalog)
     report = catalog.import_faces(faces_file(tmp_path / "a.parquet", 300), "m1", DIM)
-    assert report == {"images": 300, "faces": 300, "skipped_images": 0}
+    assert report == {"images": 300, "faces": 300, "skipped_images": 0, "face_ids": [1, 300]}
     assert_published_matches(catalog, folder)
     ids = np.arange(1, 301, dtype=np.int64)
     with store.transaction() as con:  # a full clustering: whole tables
@@ -180,7 +180,7 @@ def test_import_refuses_a_bad_file_whole(tmp_path, bad, message):
     assert catalog.stats()["faces"] == 10
     assert published_rows(folder, "SELECT count(*) FROM faces") == [(10,)]
     again = catalog.import_faces(tmp_path / "good.parquet", "m1", DIM)  # run again: nothing added
-    assert again == {"images": 0, "faces": 0, "skipped_images": 10}
+    assert again == {"images": 0, "faces": 0, "skipped_images": 10, "face_ids": []}
     catalog.close()
 
 

@@ -11,8 +11,8 @@ main catalog for writing, and both run in the ``face_catalog`` pool, whose limit
 
 Nothing reaches a shared file before its blocking check passed: ``filtered_images`` stages the
 batch as Parquet and its check ``embeddings_finite_and_normalized`` reads the staged embeddings, so
-``face_embeddings`` merges only a batch that passed; ``ann_index`` builds the index into a staged
-file, checks it against the catalog and only then renames it over the published one. The steps
+``face_embeddings`` merges only a batch that passed; ``ann_index`` appends the batch's faces to
+the published index's journal and checks what it holds against the catalog. The steps
 that touch the shared catalog or index files retry on errors (a held lock, a busy file) with
 exponential backoff and jitter (:data:`SHARED_FILE_RETRY`); an error that a retry cannot cure
 (another model version, an index that disagrees) stops the step at once.
@@ -29,8 +29,6 @@ library's back.
 
 
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -59,9 +57,7 @@ from dagster import (
 )
 
 from ..errors import ModelVersionError
-from ..index import FaceIndex
 from ..ingest import ingest_paths
-from ..storage import file_stamp
 from ..store import Catalog
 from .charts import counts_markdown, histogram_markdown
 from .resources import FaceAssetsResource
@@ -302,14 +298,6 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
     )
 
 
-def _previous_count(index_path: Path) -> int | None:
-    """Vectors in the index as last saved, from its metadata sidecar (None when there is none)."""
-    try:
-        return int(json.loads(index_path.with_name(index_path.name + ".json").read_text())["count"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 INDEX_CHECK = "catalog_and_index_agree"
 """Blocking check of ``ann_index``: the index built holds exactly the catalog's searchable faces."""
 
@@ -325,34 +313,30 @@ INDEX_CHECK = "catalog_and_index_agree"
     check_specs=[AssetCheckSpec(INDEX_CHECK, asset="ann_index", blocking=True,
                                 description="The index built holds exactly the catalog's searchable faces; "
                                 "an index that fails is not published.")],
-    description="The faiss index of every valid face (file `faces.faiss` beside the catalog), brought up to "
-    "date with the catalog by the library itself, checked, then published (renamed into place).",
+    description="The faiss index of every valid face (file `faces.faiss` beside the catalog): the faces a batch "
+    "added or removed appended to its journal by the library, checked against the catalog.",
 )
 def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -> Iterator[Any]:
-    """Build the index into a staged file with the library, check it against the catalog, then publish it.
+    """Bring the published index up to date with the catalog, then check that it holds exactly the
+    catalog's searchable faces.
 
-    The library, opened on the staged file (a copy of the published index), adds the new faces
-    and removes the deleted ones; the staged file is read back and compared with the catalog; only
-    when they agree is it renamed over the published index, so readers never load an index that
-    failed its check.
+    The library appends the batch's faces to the index's journal (:meth:`FaceRecognitionLibrary.publish_index`),
+    a cost that follows the batch; it saves the index whole only when the journal has grown to a
+    share of it. The check reads the ids the published index and its journal hold, without loading
+    the index. A failed check blocks what depends on the index; the library repairs the index
+    from the catalog when it next loads it.
 
     Raises:
-        Failure: the index built disagrees with the catalog (not retried); the published index is unchanged.
+        Failure: the index disagrees with the catalog after the update (not retried).
     """
     start = time.perf_counter()
-    storage = face_assets.settings.storage
-    published = Path(storage.data_dir) / storage.index_file
-    staged = published.with_name(published.name + ".staged")
-    before = _previous_count(published)
-    base = file_stamp(published)
-    if base is not None:
-        shutil.copyfile(published, staged)  # start from the published index: only what changed is redone
-    with face_assets.library(index_file=staged.name) as lib:
-        lib.save()
+    with face_assets.library() as lib:
+        done = lib.publish_index()
         expected = set(lib.catalog.valid_face_ids(lib.model_version))
+        held = lib.published_ids()
+        stored = set() if held is None else set(held.tolist())
         stats = lib.stats()
-        model_version = lib.model_version
-    stored = {int(i) for i in FaceIndex.load(staged, model_version=model_version).ids()}
+        published = lib.index_path
     missing, extra = expected - stored, stored - expected
     check = AssetCheckResult(
         check_name=INDEX_CHECK,
@@ -362,23 +346,18 @@ def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -
     )
     if missing or extra:
         yield check  # recorded for the UI; no materialization, so nothing downstream sees this index
-        raise Failure(f"the index built holds {len(stored)} faces, {len(missing)} of the catalog's {len(expected)} "
-                      f"missing and {len(extra)} not in the catalog: not published", allow_retries=False)
-    # The sidecar first: the index file, which alone is authoritative, replaces the published one last;
-    # under the catalog's write lock, like every index save, so no other writer interleaves.
-    with face_assets.catalog() as catalog, catalog.db.locked():
-        if file_stamp(published) != base:
-            # Another process (a CLI index) saved the index meanwhile: build again from its file.
-            raise Failure("the published index changed while this one was built: building again", allow_retries=True)
-        for suffix in (".json", ""):
-            os.replace(staged.with_name(staged.name + suffix), published.with_name(published.name + suffix))
+        raise Failure(f"the index holds {len(stored)} faces, {len(missing)} of the catalog's {len(expected)} "
+                      f"missing and {len(extra)} not in the catalog", allow_retries=False)
     yield MaterializeResult(
         metadata={
-            "dagster/row_count": stats["index_size"],
-            "faces_added": stats["index_size"] - (before or 0),
+            "dagster/row_count": len(stored),
+            "faces_added": done["added"],
+            "faces_removed": done["removed"],
+            "saved": done["mode"],
             "index_type": stats["index_type"],
             "model_version": stats["model_version"],
             "file_bytes": published.stat().st_size,
+            "journal_bytes": done.get("journal_bytes", 0),
             "path": MetadataValue.path(str(published)),
             "seconds": _seconds(start),
         },
