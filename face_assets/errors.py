@@ -137,3 +137,7 @@ class ClusterNotFoundError(FaceRecognitionError, KeyError):
 
 class CurationError(FaceRecognitionError, ValueError):
     """A merge, split or move request that cannot be done (unknown face, empty side, too few faces)."""
+
+
+class InvalidNameError(CurationError):
+    """A person's name that cannot be stored: control or bidirectional-override characters, or too long."""
