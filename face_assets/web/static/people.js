@@ -306,7 +306,7 @@ function describe(e) {
   switch (e.action) {
     case "rename": return `renamed #${e.cluster_id} from ${quoted(e.old)} to ${quoted(e.new)}`;
     case "merge": return `merged ${ids(e.cluster_ids)} into #${e.kept}`;
-    case "split": return `made ${faceCount(Object.values(e.sizes || {}).slice(1).reduce((a, b) => a + b, 0))} of #${e.cluster_id} a new person ${ids(e.parts || [])}`;
+    case "split": return `made ${faceCount((e.parts || []).reduce((n, c) => n + (e.sizes[c] || 0), 0))} of #${e.cluster_id} a new person ${ids(e.parts || [])}`;
     case "move": return `moved ${faceCount((e.face_ids || []).length)} from #${e.cluster_id} to #${e.to}`;
     case "undo": return `undid change ${e.undoes} (${e.of})`;
     default: return e.action;
