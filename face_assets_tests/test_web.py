@@ -26,7 +26,7 @@ from PIL import Image
 
 from face_assets import load_settings
 from face_assets.auth import TokenStore
-from face_assets.errors import ConfigError
+from face_assets.errors import ConfigError, CurationError
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.web import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, check_bind, create_app, serve
 
@@ -240,6 +240,29 @@ def test_people_rename_merge_move_split_undo_and_audit(client, lib, tokens):
     older = client.get("/api/audit", params={"cluster_id": new["cluster_id"], "before": mine[1]["id"]},
                        headers=rev).json()
     assert [e["action"] for e in older] == ["move", "split"]
+
+
+def test_former_audit_file_is_taken_in_once(data_dir, lib):
+    import json
+
+    lib.cluster()
+    cid = lib.list_clusters()[0].cluster_id
+    lines = [{"at": "2026-01-02T03:04:05+00:00", "actor": "ann", "action": "rename", "cluster_id": cid, "old": None,
+              "new": "Ann"}, {"at": "2026-01-02T03:05:00+00:00", "actor": "ann", "action": "merge",
+                              "cluster_ids": [cid, 99], "kept": cid}]
+    legacy = data_dir / "audit" / "people.jsonl"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    lib.close()
+    with open_library(data_dir) as again:
+        log = again.curation_log(limit=10)
+        assert [(e["actor"], e["action"]) for e in log] == [("ann", "merge"), ("ann", "rename")]
+        assert log[1]["new"] == "Ann" and log[0]["kept"] == cid and log[0]["cluster_ids"] == sorted([cid, 99])
+        assert not legacy.exists() and legacy.with_name("people.jsonl.imported").is_file()
+        with pytest.raises(CurationError, match="without what undoing it needs"):
+            again.undo(log[0]["id"])
+    with open_library(data_dir) as third:  # taken in once
+        assert len(third.curation_log(limit=10)) == 2
 
 
 def test_catalog_faces_name_their_person(client, lib, tokens):

@@ -291,6 +291,8 @@ def test_moves_and_late_answers_never_land_on_another_person(browser, served, sh
     page.click("#confirm-ok")
     page.locator("#person-status").filter(has_text="is gone").wait_for()
     assert page.url.endswith(f"#person/{a.cluster_id}") and page.locator(".face").count() == a.size + d.size
+    last = lib.curation_log(limit=2)  # the faces moved in one request, one change
+    assert last[0]["action"] == "move" and len(last[0]["face_ids"]) == d.size and last[1]["action"] == "merge"
     assert "no such person" not in page.content()
     page.screenshot(path=shots / "03_moved_all.png", full_page=True)
     page.goto(f"{base}/people#person/{d.cluster_id}")  # the emptied person: said so, with its history
