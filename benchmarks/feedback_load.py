@@ -2,11 +2,11 @@
 
     python benchmarks/feedback_load.py --index-dir DIR [--seconds 10] [--clients 16] [--min-votes N] [--json]
 
-Starts ``face-assets serve`` on a free loopback port over DIR (a catalog with indexed faces), makes
-a few searches with catalog faces, then ``--clients`` concurrent clients post votes for
-``--seconds``: random (query, result) pairs and votes, each client voting as its own three voters
-(each a reviewer with its own API token, created here), so many votes repeat a pair and must update
-it instead of adding a row. Then the server is stopped
+Starts ``face-assets serve`` on a free loopback port over DIR (a catalog with indexed faces); each
+voter (a reviewer with its own API token, created here) makes ``--queries`` searches with catalog
+faces (a vote is accepted only from the query's searcher); then ``--clients`` concurrent clients
+post votes for ``--seconds``: each client votes as its own three voters, on random results of the
+voter's searches, so many votes repeat a pair and must update it instead of adding a row. Then the server is stopped
 (gracefully) and the store is checked: every acknowledged vote is stored exactly once, i.e. one row
 per (query, result, voter) holding the last acknowledged vote, with ``revisions`` equal to the
 number of acknowledged votes minus one. Prints requests/s and latency percentiles.
@@ -111,13 +111,13 @@ def make_pairs(base: str, n_queries: int, token: str) -> list[tuple[str, int]]:
     return pairs
 
 
-async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: dict[str, str],
+async def _client(http: httpx.AsyncClient, base: str, pairs: dict[str, list], voters: dict[str, str],
                   more: Callable[[], bool], rng: random.Random, acked: dict, uncertain: set, latencies: list,
                   errors: list) -> None:
     names = sorted(voters)
     while more():
-        query_id, face_id = rng.choice(pairs)
         voter, vote = rng.choice(names), rng.choice(("up", "down"))
+        query_id, face_id = rng.choice(pairs[voter])
         key = (query_id, face_id, voter)
         start = time.perf_counter()
         try:
@@ -135,7 +135,7 @@ async def _client(http: httpx.AsyncClient, base: str, pairs: list, voters: dict[
             errors.append(f"{r.status_code} {r.text[:200]}")
 
 
-async def _load(base: str, pairs: list, clients: int, seconds: float, tokens: dict[str, str], prefix: str,
+async def _load(base: str, pairs: dict[str, list], clients: int, seconds: float, tokens: dict[str, str], prefix: str,
                 seed: int, min_votes: int) -> dict:
     acked: dict = defaultdict(list)
     uncertain: set = set()
@@ -196,7 +196,7 @@ def run(index_dir: str | Path, seconds: float = 10.0, clients: int = 16, n_queri
     tokens = make_tokens(index_dir, names)
     proc, base = start_server(index_dir, index_dir / "feedback_load_server.log")
     try:
-        pairs = make_pairs(base, n_queries, tokens[names[0]])
+        pairs = {name: make_pairs(base, n_queries, tokens[name]) for name in names}
         result = asyncio.run(_load(base, pairs, clients, seconds, tokens, prefix, seed, min_votes))
     finally:
         code = stop_server(proc)
@@ -205,7 +205,8 @@ def run(index_dir: str | Path, seconds: float = 10.0, clients: int = 16, n_queri
     acknowledged = sum(len(v) for v in result["acked"].values())
     requests = len(result["latencies"]) + sum(1 for e in result["errors"] if not e[:3].isdigit())
     check = verify(index_dir, result["acked"], result["uncertain"], prefix)
-    return {"clients": clients, "seconds": round(result["elapsed"], 2), "pairs": len(pairs), "requests": requests,
+    return {"clients": clients, "seconds": round(result["elapsed"], 2), "pairs": sum(map(len, pairs.values())),
+            "requests": requests,
             "acknowledged": acknowledged, "errors": len(result["errors"]), "error_samples": result["errors"][:5],
             "requests_per_second": round(requests / result["elapsed"], 1),
             "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
@@ -220,7 +221,7 @@ def main() -> int:
     parser.add_argument("--index-dir", required=True, help="data folder with an indexed catalog")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--queries", type=int, default=4, help="searches whose results are voted on")
+    parser.add_argument("--queries", type=int, default=4, help="searches of each voter, whose results it votes on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-votes", type=int, default=0, help="vote past --seconds until this many are acknowledged")
     parser.add_argument("--json", action="store_true")

@@ -217,29 +217,43 @@ def _searcher(dep: Deployment, photos: list[Path], rec: Recorder, stop: threadin
             rec.add(f"search_{phase[0]}", time.perf_counter() - start)
             if not ok:
                 rec.add("search_errors", phase[0])
-            else:
-                body = r.json()
-                rec.add("pairs", [(body["query_id"], h["face_id"]) for h in body["results"]])
             stop.wait(0.5)
 
 
-async def _voters(dep: Deployment, rec: Recorder, stop: threading.Event, clients: int, prefix: str) -> None:
+async def _voters(dep: Deployment, rec: Recorder, stop: threading.Event, clients: int, prefix: str,
+                  photos: list[Path]) -> None:
+    """Reviewers voting on the results of their own searches (a query takes votes from its searcher only)."""
     acked: dict = rec.acked  # type: ignore[attr-defined]
     uncertain: set = rec.uncertain  # type: ignore[attr-defined]
     names = [f"{prefix}{c}-{j}" for c in range(clients) for j in range(3)]
     headers = {name: dep.voter(name) for name in names}
-    async with httpx.AsyncClient(timeout=30) as http:
+    own: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    async with httpx.AsyncClient(timeout=60) as http:
+
+        async def search(voter: str, rng: random.Random) -> None:
+            path = rng.choice(photos)
+            try:
+                r = await http.post(f"{dep.base}/api/search", headers=headers[voter],
+                                    files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+            except httpx.HTTPError as exc:
+                rec.add("vote_errors", f"search: {exc!r}")
+                return
+            if r.status_code == 200:
+                body = r.json()
+                own[voter] = [(body["query_id"], h["face_id"]) for h in body["results"]]
 
         async def one(c: int) -> None:
             rng = random.Random(c)
+            n = 0
             while not stop.is_set():
-                with rec.lock:
-                    pairs = [p for batch in rec.data["pairs"][-20:] for p in batch]
-                if not pairs:
+                voter, vote = f"{prefix}{c}-{rng.randrange(3)}", rng.choice(("up", "down"))
+                if not own[voter] or n % 25 == 0:
+                    await search(voter, rng)
+                n += 1
+                if not own[voter]:
                     await asyncio.sleep(0.2)
                     continue
-                query_id, face_id = rng.choice(pairs)
-                voter, vote = f"{prefix}{c}-{rng.randrange(3)}", rng.choice(("up", "down"))
+                query_id, face_id = rng.choice(own[voter])
                 key = (query_id, face_id, voter)
                 try:
                     r = await http.post(f"{dep.base}/api/feedback", headers=headers[voter],
@@ -518,7 +532,8 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
         dep.start_service()
         dep.start_daemon()
         threads = [threading.Thread(target=_searcher, args=(dep, seed_photos, rec, stop, phase), daemon=True),
-                   threading.Thread(target=lambda: asyncio.run(_voters(dep, rec, stop, voters, prefix)), daemon=True),
+                   threading.Thread(target=lambda: asyncio.run(_voters(dep, rec, stop, voters, prefix, seed_photos)),
+                                    daemon=True),
                    threading.Thread(target=_analyst, args=(dep, rec, stop, drops), daemon=True),
                    threading.Thread(target=_stats_loop, args=(dep, rec, stop), daemon=True),
                    threading.Thread(target=_curator, args=(dep, rec, stop), daemon=True),

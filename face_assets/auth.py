@@ -7,6 +7,7 @@ fast hash is safe here (no password to brute-force), and the file never holds a 
 The file (``web.tokens_file`` under the data folder, mode 0600) is written only by
 ``face-assets token create|list|revoke`` through :class:`TokenStore`, atomically and under a lock
 file; the running server reloads it when it changes, so a revoked token stops working at once.
+Page logins are sessions of a token, kept by the server in :class:`SessionStore`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -62,6 +65,12 @@ class TokenRecord:
     def principal(self) -> Principal:
         """The principal a request with this token acts as."""
         return Principal(self.id, self.name, self.role)
+
+
+def token_id_of(token: str) -> str | None:
+    """The id a token names (``fa_<id>_<secret>``), whether or not it is valid; None when it is not token-shaped."""
+    match = _TOKEN.fullmatch(token)
+    return match.group(1) if match else None
 
 
 def _digest(token: str) -> str:
@@ -161,3 +170,49 @@ class TokenStore:
             self._refresh()
             record = self._by_id.get(token_id)
         return record.principal if record is not None else None
+
+
+class SessionStore:
+    """Page sessions kept by the server: a login adds one, a logout ends it, expired ones are dropped.
+
+    The session cookie (signed) names a session id and its token id; a request with it is
+    authenticated only while the session's row lives here, so a cookie copied before a logout is
+    refused after it. Rows hold the SHA-256 of the session id, never the id itself. A small SQLite
+    file (``sessions.sqlite`` beside the token file, mode 0600): one lookup by primary key per request.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._lock = threading.Lock()
+        self._con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("CREATE TABLE IF NOT EXISTS sessions (sid_sha256 TEXT PRIMARY KEY, token_id TEXT NOT NULL, "
+                          "expires REAL NOT NULL)")
+
+    def start(self, token_id: str, seconds: float) -> str:
+        """A new session of ``token_id`` lasting ``seconds``; returns its id (for the signed cookie)."""
+        sid = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._lock:
+            self._con.execute("DELETE FROM sessions WHERE expires < ?", [now])
+            self._con.execute("INSERT INTO sessions VALUES (?, ?, ?)", [_digest(sid), token_id, now + seconds])
+        return sid
+
+    def valid(self, sid: str, token_id: str) -> bool:
+        """Whether session ``sid`` of ``token_id`` is live (started, not ended, not expired)."""
+        with self._lock:
+            row = self._con.execute("SELECT token_id, expires FROM sessions WHERE sid_sha256 = ?",
+                                    [_digest(sid)]).fetchone()
+        return row is not None and row[0] == token_id and row[1] > time.time()
+
+    def end(self, sid: str) -> None:
+        """End session ``sid`` (a logout): its cookie is refused from now on, wherever it was copied."""
+        with self._lock:
+            self._con.execute("DELETE FROM sessions WHERE sid_sha256 = ?", [_digest(sid)])
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._con.close()

@@ -283,11 +283,16 @@ class WebSettings(_Section):
         "600/minute", description="Requests per token (or per client address without auth), `limits` syntax."
     )
     search_rate_limit: str = Field("60/minute", description="Searches per token, on top of `rate_limit`.")
+    auth_failure_limit: str = Field(
+        "60/minute", description="Failed authentications (a wrong token, an ended session) per client address, and "
+        "per token id named; beyond: 429 for that address or token id, valid credentials included."
+    )
     tokens_file: str = Field(
         "auth/tokens.json", description="Hashed API tokens inside `storage.data_dir` (written by `face-assets token`)."
     )
     audit_file: str = Field(
-        "audit/people.jsonl", description="Append-only log of people-page changes inside `storage.data_dir`."
+        "audit/people.jsonl", description="Former JSON-lines curation log inside `storage.data_dir`: taken into the "
+        "catalog's audit table once, then renamed `*.imported`."
     )
     thumbnail_dir: str = Field("thumbnails", description="Cache of face thumbnails inside `storage.data_dir`.")
     prewarm_thumbnails: bool = Field(

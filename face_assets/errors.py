@@ -139,6 +139,10 @@ class CurationError(FaceRecognitionError, ValueError):
     """A merge, split or move request that cannot be done (unknown face, empty side, too few faces)."""
 
 
+class InvalidNameError(CurationError):
+    """A person's name that cannot be stored: control or bidirectional-override characters, or too long."""
+
+
 class FaceImportError(FaceRecognitionError, ValueError):
     """A file of precomputed faces cannot be imported (missing or mistyped column, wrong embedding
     dimension, duplicate face, inconsistent image); nothing of it was imported."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import registry
+from .audit import ACTOR
 from .config import Settings, load_settings
 from .errors import (EmbeddingError, FeedbackError, ImageLoadError, IndexCorruptError, IndexNotFoundError,
                      ModelVersionError, NoFaceDetectedError, NotAResultError, TrainingError, UnknownFaceError, UnknownQueryError)
@@ -194,7 +195,7 @@ class FaceRecognitionLibrary:
             self.catalog = Catalog.open(self.settings.storage)
             from .persons import ClusterStore  # clustering imports scipy: only for libraries that open a catalog
 
-            self._clusters = ClusterStore(self.catalog)
+            self._clusters = ClusterStore(self.catalog, self.index_dir / self.settings.web.audit_file)
             self._select_model()
             self._index = None  # read on first use: stats, lists and curation never load it
 
@@ -694,7 +695,7 @@ class FaceRecognitionLibrary:
         with self._lock:
             self._queries[record.query_id] = {"query_id": record.query_id, "model_version": record.model_version,
                                               "embedding": np.asarray(record.embedding, np.float32),
-                                              "query_face_id": record.query_face_id,
+                                              "query_face_id": record.query_face_id, "session_id": record.session_id,
                                               "result_face_ids": list(record.result_face_ids or [])}
             while len(self._queries) > _RECENT_QUERIES:
                 self._queries.popitem(last=False)
@@ -707,6 +708,14 @@ class FaceRecognitionLibrary:
         if found is None:
             raise UnknownQueryError(query_id)
         return found
+
+    def query_searcher(self, query_id: str) -> str | None:
+        """The ``session_id`` a recorded query was made with (the web app: the searcher's token id).
+
+        Raises:
+            UnknownQueryError: no such query.
+        """
+        return self._query(str(query_id)).get("session_id")
 
     def more_results(self, query_id: str, offset: int, limit: int) -> list[SearchResult]:
         """Results ``offset`` to ``offset + limit`` of a recorded query (its own face left out).
@@ -971,35 +980,62 @@ class FaceRecognitionLibrary:
         with self._lock:
             return self.persons.decision()
 
-    def merge(self, cluster_ids: Sequence[int]) -> "ClusterInfo":
-        """Merge person clusters into the largest one; the decision survives re-clustering."""
-        with self._lock:
-            return self.persons.merge(list(cluster_ids))
+    def merge(self, cluster_ids: Sequence[int], actor: str = ACTOR) -> "ClusterInfo":
+        """Merge person clusters into the largest one; the decision survives re-clustering.
 
-    def split(self, cluster_id: int, face_ids: Sequence[int] | None = None, k: int | None = None) -> list["ClusterInfo"]:
-        """Split a cluster: ``face_ids`` become a new person, or (none given) k-means into ``k`` parts."""
+        Every curation call is one write, recorded in the audit log as ``actor`` (:meth:`curation_log`).
+        """
         with self._lock:
-            return self.persons.split(cluster_id, list(face_ids) if face_ids else None, k)
+            return self.persons.merge(list(cluster_ids), actor=actor)
 
-    def move(self, face_id: int, cluster_id: int) -> "ClusterInfo":
+    def split(self, cluster_id: int, face_ids: Sequence[int] | None = None, k: int | None = None,
+              actor: str = ACTOR) -> list["ClusterInfo"]:
+        """Split a cluster: ``face_ids`` become a new person (the rest keep the id and name), or (none
+        given) k-means into ``k`` parts (the largest keeps them). Returns the parts, the kept id first."""
+        with self._lock:
+            return self.persons.split(cluster_id, list(face_ids) if face_ids else None, k, actor=actor)
+
+    def move(self, face_id: int, cluster_id: int, actor: str = ACTOR) -> "ClusterInfo":
         """Move a face to another person cluster; it stays there through re-clustering."""
-        with self._lock:
-            return self.persons.move(face_id, cluster_id)
+        return self.move_faces([face_id], cluster_id, actor=actor)
 
-    def rename(self, cluster_id: int, label: str | None) -> "ClusterInfo":
-        """Name (label) a person cluster; ``None`` clears the name."""
+    def move_faces(self, face_ids: Sequence[int], cluster_id: int, from_cluster: int | None = None,
+                   actor: str = ACTOR) -> "ClusterInfo":
+        """Move faces to another person cluster in one write; with ``from_cluster``, only if they all are its faces."""
         with self._lock:
-            return self.persons.rename(cluster_id, label)
+            return self.persons.move_faces(face_ids, cluster_id, from_cluster, actor=actor)
 
-    def get_cluster(self, cluster_id: int) -> "ClusterInfo":
-        """One person cluster with its face ids."""
+    def rename(self, cluster_id: int, label: str | None, actor: str = ACTOR) -> "ClusterInfo":
+        """Name (label) a person cluster; ``None`` or blank clears the name (normalised: see
+        :func:`~face_assets.persons.normalize_label`)."""
         with self._lock:
-            return self.persons.get(cluster_id)
+            return self.persons.rename(cluster_id, label, actor=actor)
+
+    def undo(self, change_id: int, actor: str = ACTOR) -> dict:
+        """Undo a curation change of the audit log, as far as later changes left it; returns the undo's entry."""
+        with self._lock:
+            return self.persons.undo(change_id, actor=actor)
+
+    def curation_log(self, limit: int = 50, before: int | None = None, cluster_id: int | None = None) -> list[dict]:
+        """Curation changes, newest first: ``limit`` of them with ids below ``before``, of one person if given."""
+        with self._lock:
+            return self.persons.store.audit.page(limit, before, cluster_id)
+
+    def get_cluster(self, cluster_id: int, limit: int | None = None, offset: int = 0) -> "ClusterInfo":
+        """One person cluster with its face ids by id (``limit`` of them from ``offset`` when given)."""
+        with self._lock:
+            return self.persons.get(cluster_id, limit=limit, offset=offset)
 
     def list_clusters(self, min_size: int = 1, limit: int | None = None, offset: int = 0) -> list["ClusterInfo"]:
         """Person clusters of at least ``min_size`` faces, largest first."""
         with self._lock:
             return self.persons.list(min_size, limit, offset)
+
+    def find_persons(self, text: str = "", limit: int = 48, offset: int = 0) -> tuple[int, list["ClusterInfo"]]:
+        """``(how many match, one page)`` of the persons whose name contains ``text`` (any case) or
+        whose id it is (``12`` / ``#12``), largest first; every person when ``text`` is blank."""
+        with self._lock:
+            return self.persons.find(text, limit, offset)
 
 
 def _index_sidecar(path: Path) -> dict:

@@ -21,7 +21,10 @@ A later decision on the same pair of faces replaces an earlier one.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +44,8 @@ from .clustering import (
     split_kmeans,
 )
 from .config import ClusteringSettings
-from .errors import ClusterNotFoundError, CurationError
+from .audit import ACTOR, AuditLog
+from .errors import ClusterNotFoundError, CurationError, InvalidNameError
 from .storage import Table, log_all, log_changes
 from .store import Catalog
 
@@ -115,10 +119,12 @@ class ClusterStore:
     Creates its tables on first use; on a read-only (published) catalog it only reads.
     """
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, audit_file: str | os.PathLike | None = None):
         self.catalog = catalog
         catalog.db.ensure(CLUSTER_SCHEMA, "cluster_runs")
         catalog.db.declare(TABLES)
+        self.audit = AuditLog(catalog.db, audit_file)
+        """The curation audit log, beside the person tables (a former log file ``audit_file`` is taken in)."""
 
     def transaction(self):
         """One write session on the catalog file (joined by nested calls of the same thread)."""
@@ -134,6 +140,44 @@ class ClusterStore:
         rows = self.catalog.db.read_ids("SELECT face_id, cluster_id FROM face_clusters WHERE face_id IN "
                                         "(SELECT unnest(?))", [int(i) for i in face_ids])
         return {int(f): int(c) for f, c in rows}
+
+    def labels(self, cluster_ids: Sequence[int]) -> dict[int, str | None]:
+        """Cluster id -> name of the given clusters that exist, in one query."""
+        return dict(self.query("SELECT cluster_id, label FROM clusters WHERE cluster_id IN (SELECT unnest(?))",
+                               [[int(c) for c in cluster_ids]]))
+
+    def members(self, cluster_id: int, limit: int | None = None, offset: int = 0) -> list[int]:
+        """Face ids of a cluster by id, ``limit`` of them from ``offset`` (the cluster index finds them)."""
+        rows = self.query("SELECT face_id FROM face_clusters WHERE cluster_id = ? ORDER BY face_id LIMIT ? OFFSET ?",
+                          [int(cluster_id), limit, int(offset)])
+        return [r[0] for r in rows]
+
+    def find(self, text: str = "", min_size: int = 1, limit: int | None = None,
+             offset: int = 0) -> tuple[int, list[tuple]]:
+        """``(count, rows)`` of the clusters of at least ``min_size`` faces whose name contains ``text``
+        (case-insensitive) or whose id it is (``12`` / ``#12``), largest first; one page of rows
+        (:data:`_INFO_COLS`), counted and cut by the store."""
+        needle = unicodedata.normalize("NFC", text or "").strip()
+        where, params = ["size >= ?"], [int(min_size)]
+        if needle:
+            digits = needle.removeprefix("#")
+            ident = int(digits) if digits.isdigit() and len(digits) < 19 else None
+            where.append("(label ILIKE ? ESCAPE '\\' OR cluster_id = ?)")
+            params += ["%" + re.sub(r"([\\%_])", r"\\\1", needle) + "%", ident]
+        rows = self.query(f"SELECT {_INFO_COLS}, count(*) OVER () FROM clusters WHERE {' AND '.join(where)} "
+                          "ORDER BY size DESC, cluster_id LIMIT ? OFFSET ?", [*params, limit, int(offset)])
+        if rows:
+            return int(rows[0][-1]), [r[:-1] for r in rows]
+        total = 0 if not offset else int(self.query(f"SELECT count(*) FROM clusters WHERE {' AND '.join(where)}",
+                                                    params)[0][0])
+        return total, []
+
+    def face_page(self, model_version: str, limit: int, offset: int = 0) -> list[tuple[int, int | None]]:
+        """``(face id, cluster id or None)`` of the searchable faces of ``model_version`` by id: one page."""
+        return [(int(f), c) for f, c in self.query(
+            "SELECT f.face_id, c.cluster_id FROM faces f LEFT JOIN face_clusters c USING (face_id) "
+            "WHERE f.is_valid AND f.model_version = ? ORDER BY f.face_id LIMIT ? OFFSET ?",
+            [model_version, int(limit), int(offset)])]
 
     def count(self) -> int:
         """Number of person clusters."""
@@ -159,20 +203,6 @@ class ClusterStore:
         must = np.array([(a, b) for a, b, k in rows if k == "must_link"], np.int64).reshape(-1, 2)
         cannot = np.array([(a, b) for a, b, k in rows if k == "cannot_link"], np.int64).reshape(-1, 2)
         return must, cannot
-
-    def add_constraints(self, pairs: Sequence[tuple[int, int]], kind: str, reason: str) -> None:
-        """Record must-link / cannot-link face pairs; a later decision on a pair replaces the earlier one.
-
-        Inside a :meth:`transaction` of the same thread it joins that transaction.
-        """
-        if kind not in ("must_link", "cannot_link"):
-            raise ValueError(f"kind must be must_link or cannot_link, got {kind!r}")
-        rows = [(min(a, b), max(a, b), kind, reason, _now()) for a, b in pairs if a != b]
-        if not rows:
-            return
-        with self.transaction() as con:
-            con.executemany("INSERT OR REPLACE INTO cluster_constraints VALUES (?, ?, ?, ?, ?)", rows)
-            log_all(con, "cluster_constraints")
 
     def write_clusters(self, con: duckdb.DuckDBPyConnection, clusters: Sequence[dict[str, Any]],
                        assignments: tuple[np.ndarray, np.ndarray], source: str, replace_all: bool) -> None:
@@ -274,6 +304,7 @@ class ClusterInfo:
         separation: 1 - best average cosine with another cluster (None for one face).
         confidence: cohesion minus that best average cosine with another cluster.
         face_ids: the faces, when asked for (``get_cluster``).
+        change_id: the audit entry of the curation call that returned it, if any.
     """
 
     cluster_id: int
@@ -286,6 +317,7 @@ class ClusterInfo:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     face_ids: list[int] | None = None
+    change_id: int | None = None
 
 
 @dataclass
@@ -317,6 +349,11 @@ class ClusterRun:
     quality: dict[str, float | None] = field(default_factory=dict)
 
 
+MAX_LABEL = 200
+#: Bidirectional formatting characters: embeddings, overrides, isolates and marks.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_KEEP = object()
+
 _INFO_COLS = "cluster_id, size, label, representative_face_id, cohesion, separation, confidence, created_at, updated_at"
 
 
@@ -344,6 +381,40 @@ def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] 
                     "face_b IN (SELECT unnest(?))) OR (face_b IN (SELECT unnest(?)) AND face_a IN (SELECT unnest(?))))",
                     [kind, side_a, side_b, side_a, side_b])
     log_all(con, "cluster_constraints")
+
+
+def _link(con: Any, side_a: list[int], side_b: list[int], kind: str, reason: str) -> None:
+    """Record a ``kind`` constraint between every face of ``side_a`` and every other face of ``side_b``,
+    in one statement; a later decision on a pair replaces the earlier one."""
+    if side_a and side_b:
+        con.execute("INSERT OR REPLACE INTO cluster_constraints SELECT DISTINCT least(a, b), greatest(a, b), ?, ?, "
+                    "now() FROM (SELECT unnest(?) AS a) CROSS JOIN (SELECT unnest(?) AS b) WHERE a <> b",
+                    [kind, reason, [int(f) for f in side_a], [int(f) for f in side_b]])
+        log_all(con, "cluster_constraints")
+
+
+def _clusters_of(con: Any, faces: list[int]) -> dict[int, int]:
+    """Face id -> cluster id of the clustered ``faces``, read in the caller's transaction."""
+    return dict(con.execute("SELECT face_id, cluster_id FROM face_clusters WHERE face_id IN (SELECT unnest(?))",
+                            [faces]).fetchall())
+
+
+def normalize_label(label: str | None) -> str | None:
+    """A person's name as stored: NFC, runs of white space made one space, blank -> None.
+
+    Raises:
+        InvalidNameError: control characters (NUL, line breaks...), bidirectional overrides and
+            isolates (which can make "evil" display as "live"), or more than ``MAX_LABEL`` characters.
+    """
+    if label is None:
+        return None
+    text = re.sub(" {2,}", " ", unicodedata.normalize("NFC", str(label)).strip(" "))
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") or c in _BIDI_CONTROLS]
+    if bad:
+        raise InvalidNameError(f"a name cannot hold control or text-direction characters ({ascii(bad[0])})")
+    if len(text) > MAX_LABEL:
+        raise InvalidNameError(f"a name has at most {MAX_LABEL} characters, not {len(text)}")
+    return text or None
 
 
 class PersonClusters:
@@ -407,13 +478,6 @@ class PersonClusters:
 
     def _info(self, row: tuple) -> ClusterInfo:
         return ClusterInfo(*row)
-
-    def _members(self, cluster_id: int) -> list[int]:
-        rows = self.store.query("SELECT face_id FROM face_clusters WHERE cluster_id = ? ORDER BY face_id",
-                                  [int(cluster_id)])
-        if not rows:
-            raise ClusterNotFoundError(cluster_id)
-        return [r[0] for r in rows]
 
     def _rewrite(self, con: Any, cluster_ids: list[int], source: str) -> None:
         """Recompute the rows of ``cluster_ids`` from their current faces (delete the empty ones)."""
@@ -566,125 +630,236 @@ class PersonClusters:
                                   max_growth=cfg.recluster_growth, max_unassigned=cfg.recluster_unassigned,
                                   max_age_days=cfg.recluster_max_age_days)
 
-    # -- curation --------------------------------------------------------------------------------
+    # -- reading persons -------------------------------------------------------------------------
 
-    def get(self, cluster_id: int, with_faces: bool = True) -> ClusterInfo:
-        """One cluster (with its face ids)."""
+    def get(self, cluster_id: int, with_faces: bool = True, limit: int | None = None, offset: int = 0) -> ClusterInfo:
+        """One cluster, with its face ids by id (``limit`` of them from ``offset`` when given)."""
         rows = self.store.query(f"SELECT {_INFO_COLS} FROM clusters WHERE cluster_id = ?", [int(cluster_id)])
         if not rows:
             raise ClusterNotFoundError(cluster_id)
         info = self._info(rows[0])
         if with_faces:
-            info.face_ids = self._members(cluster_id)
+            info.face_ids = self.store.members(cluster_id, limit, offset)
         return info
 
     def list(self, min_size: int = 1, limit: int | None = None, offset: int = 0) -> list[ClusterInfo]:
         """Clusters of at least ``min_size`` faces, largest first."""
-        sql = f"SELECT {_INFO_COLS} FROM clusters WHERE size >= ? ORDER BY size DESC, cluster_id"
-        params: list[Any] = [int(min_size)]
-        if limit is not None:
-            sql += " LIMIT ? OFFSET ?"
-            params += [int(limit), int(offset)]
-        return [self._info(r) for r in self.store.query(sql, params)]
+        return [self._info(r) for r in self.store.find(min_size=min_size, limit=limit, offset=offset)[1]]
 
-    def merge(self, cluster_ids: list[int]) -> ClusterInfo:
-        """Merge clusters into the largest one (its id is kept); the decision survives re-clustering."""
+    def find(self, text: str = "", limit: int = 48, offset: int = 0) -> tuple[int, list[ClusterInfo]]:
+        """``(how many match, one page of them)``: persons whose name contains ``text`` (any case), or
+        whose id it is (``12`` or ``#12``), largest first; every person when ``text`` is blank."""
+        total, rows = self.store.find(text=text, limit=limit, offset=offset)
+        return total, [self._info(r) for r in rows]
+
+    # -- curation: each call is one write session holding the change and its audit entry ------------
+
+    def rename(self, cluster_id: int, label: str | None, actor: str = ACTOR) -> ClusterInfo:
+        """Name (label) a person; ``None`` or blank clears it. Labels follow the id through re-clustering.
+
+        Raises:
+            InvalidNameError: control or bidirectional-override characters, or over ``MAX_LABEL`` characters.
+        """
+        label = normalize_label(label)
+        cid = int(cluster_id)
+        entry = None
+        with self.store.transaction() as con:
+            old = self.get(cid, with_faces=False).label
+            if old != label:
+                con.execute("UPDATE clusters SET label = ?, updated_at = now() WHERE cluster_id = ?", [label, cid])
+                entry = self.store.audit.append(
+                    actor, "rename", [cid], cluster_id=cid, old=old, new=label,
+                    changes={"moves": [], "labels": [{"cluster_id": cid, "old": old, "new": label}]})
+        return self._changed(self.get(cid, with_faces=False), entry)
+
+    def merge(self, cluster_ids: list[int], actor: str = ACTOR) -> ClusterInfo:
+        """Merge clusters into the largest one (its id is kept); the decision survives re-clustering.
+
+        The kept person keeps its name, or takes the first name among the others when it has none.
+        """
         ids = sorted(set(int(c) for c in cluster_ids))
         if len(ids) < 2:
             raise CurationError("merge needs at least two different cluster ids")
-        infos = [self.get(c) for c in ids]
-        keep = max(infos, key=lambda i: (i.size, -i.cluster_id))
-        anchor = keep.representative_face_id or keep.face_ids[0]
-        faces = [f for i in infos for f in i.face_ids]
         with self.store.transaction() as con:
+            infos = [self.get(c) for c in ids]
+            keep = max(infos, key=lambda i: (i.size, -i.cluster_id))
+            anchor = keep.representative_face_id or keep.face_ids[0]
+            faces = [f for i in infos for f in i.face_ids]
             _drop_constraints(con, "cannot_link", faces, faces)
-            self.store.add_constraints([(anchor, f) for f in faces], "must_link", "merge")
+            _link(con, [anchor], faces, "must_link", "merge")
             con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE cluster_id IN "
                         "(SELECT unnest(?))", [keep.cluster_id, ids])
-            label = next((i.label for i in [keep, *infos] if i.label), None)
             self._rewrite(con, ids, "user")
-            if label is not None:
+            label = next((i.label for i in [keep, *infos] if i.label), None)
+            labels = []
+            if label != keep.label:
                 con.execute("UPDATE clusters SET label = ? WHERE cluster_id = ?", [label, keep.cluster_id])
-        return self.get(keep.cluster_id)
+                labels = [{"cluster_id": keep.cluster_id, "old": keep.label, "new": label}]
+            moves = [{"faces": i.face_ids, "from": i.cluster_id, "to": keep.cluster_id, "from_label": i.label}
+                     for i in infos if i is not keep]
+            entry = self.store.audit.append(actor, "merge", ids, kept=keep.cluster_id,
+                                    sizes={str(i.cluster_id): i.size for i in infos},
+                                    changes={"moves": moves, "labels": labels})
+        return self._changed(self.get(keep.cluster_id), entry)
 
-    def split(self, cluster_id: int, face_ids: list[int] | None = None, k: int | None = None) -> list[ClusterInfo]:
-        """Split a cluster: ``face_ids`` become a new cluster, or (none given) k-means into ``k`` parts.
+    def split(self, cluster_id: int, face_ids: list[int] | None = None, k: int | None = None,
+              actor: str = ACTOR) -> list[ClusterInfo]:
+        """Split a cluster: ``face_ids`` become a new person, or (none given) k-means into ``k`` parts.
 
-        The largest part keeps the id. Each part's faces must-link its first face; the parts'
-        first faces cannot-link each other, so re-clustering keeps the parts apart.
+        Returns the parts, the one keeping the id first. With ``face_ids`` the remaining faces keep
+        the id and the name, and the chosen ones get a new id and no name; with k-means the largest
+        part keeps them. Each part's faces must-link its first face; the parts' first faces
+        cannot-link each other, so re-clustering keeps the parts apart.
         """
-        members = self._members(cluster_id)
-        if face_ids:
-            chosen = sorted(set(int(f) for f in face_ids))
-            outside = set(chosen) - set(members)
-            if outside:
-                raise CurationError(f"faces {sorted(outside)[:5]} are not in cluster {cluster_id}")
-            if len(chosen) == len(members):
-                raise CurationError("split needs faces on both sides")
-            rest = sorted(set(members) - set(chosen))
-            parts = [chosen, rest]
-        else:
-            k = k or self.settings.split_k
-            if len(members) < k:
-                raise CurationError(f"cluster {cluster_id} has {len(members)} faces, cannot split into {k}")
-            ids, x = self.catalog.embeddings(members)
-            lab = split_kmeans(x, k)
-            parts = [ids[lab == j].tolist() for j in range(k) if (lab == j).any()]
-        parts.sort(key=lambda p: (-len(p), p[0]))
-        next_id = self._next_id()
-        new_ids = [int(cluster_id)] + list(range(next_id, next_id + len(parts) - 1))
-        anchors = [p[0] for p in parts]
+        cid = int(cluster_id)
         with self.store.transaction() as con:
+            info = self.get(cid)
+            members = info.face_ids
+            if face_ids:
+                chosen = sorted(set(int(f) for f in face_ids))
+                outside = set(chosen) - set(members)
+                if outside:
+                    raise CurationError(f"faces {sorted(outside)[:5]} are not in cluster {cid}")
+                if len(chosen) == len(members):
+                    raise CurationError("split needs faces on both sides")
+                parts = [sorted(set(members) - set(chosen)), chosen]
+            else:
+                k = k or self.settings.split_k
+                if len(members) < k:
+                    raise CurationError(f"cluster {cid} has {len(members)} faces, cannot split into {k}")
+                ids, x = self.catalog.embeddings(members)
+                lab = split_kmeans(x, k)
+                parts = sorted((ids[lab == j].tolist() for j in range(k) if (lab == j).any()),
+                               key=lambda p: (-len(p), p[0]))
+            next_id = self._next_id()
+            new_ids = [cid] + list(range(next_id, next_id + len(parts) - 1))
+            anchors = [p[0] for p in parts]
             _drop_constraints(con, "must_link", members, members)
             for part in parts:
-                self.store.add_constraints([(part[0], f) for f in part[1:]], "must_link", "split")
-            self.store.add_constraints([(a, b) for i, a in enumerate(anchors) for b in anchors[i + 1:]],
-                                         "cannot_link", "split")
-            for cid, part in zip(new_ids[1:], parts[1:]):
+                _link(con, part[:1], part[1:], "must_link", "split")
+            _link(con, anchors, anchors, "cannot_link", "split")
+            for new, part in zip(new_ids[1:], parts[1:]):
                 con.execute("UPDATE face_clusters SET cluster_id = ?, source = 'user' WHERE face_id IN "
-                            "(SELECT unnest(?))", [cid, part])
+                            "(SELECT unnest(?))", [new, part])
             self._rewrite(con, new_ids, "user")
-        return [self.get(c) for c in new_ids]
+            entry = self.store.audit.append(actor, "split", new_ids, cluster_id=cid, parts=new_ids[1:],
+                                    sizes={str(c): len(p) for c, p in zip(new_ids, parts)},
+                                    changes={"moves": [{"faces": p, "from": cid, "to": c, "from_label": info.label}
+                                                       for c, p in zip(new_ids[1:], parts[1:])], "labels": []})
+        return [self._changed(self.get(c), entry) for c in new_ids]
 
-    def move(self, face_id: int, cluster_id: int) -> ClusterInfo:
-        """Move one face to another cluster; it stays there through re-clustering.
+    def move_faces(self, face_ids: Sequence[int], cluster_id: int, from_cluster: int | None = None,
+                   actor: str = ACTOR) -> ClusterInfo:
+        """Move faces to another cluster, in one write; they stay there through re-clustering.
 
-        The face must-links every face of the target (a must-link to one face alone could take that
-        face away from its cluster), and cannot-links the representative of the cluster it leaves.
+        ``from_cluster``: the person the faces were chosen on; the move is refused unless they are
+        all still its faces. Each moved face must-links every face of the target (a must-link to one
+        face alone could take that face away from its cluster) and cannot-links the representative
+        of the cluster it leaves. Faces already in the target are left as they are.
         """
-        face_id, cluster_id = int(face_id), int(cluster_id)
-        target = self.get(cluster_id)
-        rows = self.store.query("SELECT cluster_id FROM face_clusters WHERE face_id = ?", [face_id])
-        if not rows:
-            if not self.store.query("SELECT 1 FROM faces WHERE face_id = ?", [face_id]):
-                raise CurationError(f"no face {face_id}")
-            old = None
-        else:
-            old = rows[0][0]
-        if old == cluster_id:
-            return target
+        faces = sorted(set(int(f) for f in face_ids))
+        if not faces:
+            raise CurationError("no faces to move")
+        to = int(cluster_id)
         with self.store.transaction() as con:
-            _drop_constraints(con, "must_link", [face_id], None)
-            _drop_constraints(con, "cannot_link", [face_id], target.face_ids)
-            self.store.add_constraints([(face_id, f) for f in target.face_ids], "must_link", "move")
-            if old is not None:
-                old_members = [r[0] for r in con.execute(
-                    "SELECT face_id FROM face_clusters WHERE cluster_id = ? AND face_id <> ? ORDER BY face_id",
-                    [old, face_id]).fetchall()]
-                old_rep = con.execute("SELECT representative_face_id FROM clusters WHERE cluster_id = ?",
-                                      [old]).fetchone()
-                other = old_rep[0] if old_rep and old_rep[0] != face_id else (old_members[0] if old_members else None)
-                if other is not None:
-                    self.store.add_constraints([(face_id, other)], "cannot_link", "move")
-            con.execute("INSERT OR REPLACE INTO face_clusters VALUES (?, ?, 'user', now())", [face_id, cluster_id])
-            self._rewrite(con, [cluster_id] + ([old] if old is not None else []), "user")
-        return self.get(cluster_id)
+            if from_cluster is not None:
+                outside = set(faces) - set(self.get(from_cluster).face_ids)
+                if outside:
+                    raise CurationError(f"{len(outside)} of the faces are not in person {from_cluster}")
+            self.get(to, with_faces=False)
+            moves, entry = self._move(con, faces, to), None
+            if moves:
+                entry = self.store.audit.append(actor, "move", [to, *(m["from"] for m in moves if m["from"] is not None)],
+                                        cluster_id=from_cluster, to=to, face_ids=[f for m in moves for f in m["faces"]],
+                                        changes={"moves": moves, "labels": []})
+        return self._changed(self.get(to), entry)
 
-    def rename(self, cluster_id: int, label: str | None) -> ClusterInfo:
-        """Name (label) a person; ``None`` clears it. Labels follow the id through re-clustering."""
-        self.get(cluster_id, with_faces=False)
+    def undo(self, entry_id: int, actor: str = ACTOR) -> dict[str, Any]:
+        """Undo a recorded change (see :mod:`face_assets.audit`); returns the undo's own entry (undoable too).
+
+        Faces go back to where the change took them from (a person it emptied comes back under its
+        id and name) and names back to what they were, as far as later changes left them: a face
+        moved on since, or a name changed again since, is left alone.
+
+        Raises:
+            CurationError: no such change, already undone, recorded without undo information, or
+                nothing of it is left to undo.
+        """
         with self.store.transaction() as con:
-            con.execute("UPDATE clusters SET label = ?, updated_at = now() WHERE cluster_id = ?",
-                        [label, int(cluster_id)])
-            log_changes(con, "clusters", [int(cluster_id)])
-        return self.get(cluster_id, with_faces=False)
+            entry = self.store.audit.get(entry_id)
+            if entry is None:
+                raise CurationError(f"no change {entry_id} in the audit log")
+            if entry["undone_by"] is not None:
+                raise CurationError(f"change {entry_id} was already undone (change {entry['undone_by']})")
+            changes = entry.get("changes")
+            if changes is None:
+                raise CurationError(f"change {entry_id} was recorded without what undoing it needs")
+            moves = []
+            for m in reversed(changes["moves"]):
+                if m["from"] is None:
+                    continue  # the faces had no person before: there is none to give them back to
+                where = _clusters_of(con, m["faces"])
+                still = [f for f in m["faces"] if where.get(f) == m["to"]]
+                if still:
+                    moves += self._move(con, still, int(m["from"]), create_label=m.get("from_label"))
+            labels = []
+            for change in changes["labels"]:
+                now = con.execute("SELECT label FROM clusters WHERE cluster_id = ?", [change["cluster_id"]]).fetchall()
+                if now and now[0][0] == change["new"]:
+                    con.execute("UPDATE clusters SET label = ?, updated_at = now() WHERE cluster_id = ?",
+                                [change["old"], change["cluster_id"]])
+                    labels.append({"cluster_id": change["cluster_id"], "old": change["new"], "new": change["old"]})
+            if not moves and not labels:
+                raise CurationError(f"nothing of change {entry_id} is left to undo: later changes replaced it")
+            touched = [*(m["to"] for m in moves), *(m["from"] for m in moves if m["from"] is not None),
+                       *(c["cluster_id"] for c in labels)]
+            return self.store.audit.append(actor, "undo", touched, undoes=int(entry_id), of=entry["action"],
+                                           changes={"moves": moves, "labels": labels})
+
+    @staticmethod
+    def _changed(info: ClusterInfo, entry: dict[str, Any] | None) -> ClusterInfo:
+        info.change_id = entry["id"] if entry is not None else None
+        return info
+
+    def _move(self, con: Any, faces: list[int], to: int, create_label: Any = _KEEP) -> list[dict[str, Any]]:
+        """Move ``faces`` to cluster ``to`` inside the caller's transaction; returns the moves made, by source.
+
+        ``create_label``: when given, ``to`` may be gone (an undo gives back a person a change
+        emptied): it comes back under its id with this name.
+        """
+        where = _clusters_of(con, faces)
+        unknown = [f for f in faces if f not in where]
+        if unknown:
+            known = {r[0] for r in con.execute("SELECT face_id FROM faces WHERE face_id IN (SELECT unnest(?))",
+                                               [unknown]).fetchall()}
+            if set(unknown) - known:
+                raise CurationError(f"no faces {sorted(set(unknown) - known)[:5]}")
+        moving = [f for f in faces if where.get(f) != to]
+        if not moving:
+            return []
+        exists = con.execute("SELECT 1 FROM clusters WHERE cluster_id = ?", [to]).fetchall()
+        if not exists and create_label is _KEEP:
+            raise ClusterNotFoundError(to)
+        target = [r[0] for r in con.execute("SELECT face_id FROM face_clusters WHERE cluster_id = ?", [to]).fetchall()]
+        _drop_constraints(con, "must_link", moving, None)
+        _drop_constraints(con, "cannot_link", moving, target + moving)
+        _link(con, moving, target or moving[:1], "must_link", "move")
+        sources: dict[int | None, list[int]] = {}
+        for f in moving:
+            sources.setdefault(where.get(f), []).append(f)
+        labels = dict(con.execute("SELECT cluster_id, label FROM clusters WHERE cluster_id IN (SELECT unnest(?))",
+                                  [[s for s in sources if s is not None]]).fetchall())
+        for source, fs in sources.items():
+            if source is None:
+                continue
+            rep = con.execute("SELECT representative_face_id FROM clusters WHERE cluster_id = ?", [source]).fetchone()
+            rest = con.execute("SELECT min(face_id) FROM face_clusters WHERE cluster_id = ? AND face_id NOT IN "
+                               "(SELECT unnest(?))", [source, fs]).fetchone()[0]
+            other = rep[0] if rep and rep[0] is not None and rep[0] not in fs else rest
+            if other is not None:
+                _link(con, fs, [other], "cannot_link", "move")
+        con.execute("INSERT OR REPLACE INTO face_clusters SELECT unnest(?), ?, 'user', now()", [moving, to])
+        self._rewrite(con, [to, *(s for s in sources if s is not None)], "user")
+        if not exists and create_label is not None:
+            con.execute("UPDATE clusters SET label = ? WHERE cluster_id = ?", [create_label, to])
+        return [{"faces": fs, "from": s, "to": to, "from_label": labels.get(s)} for s, fs in sources.items()]

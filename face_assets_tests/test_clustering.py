@@ -4,6 +4,9 @@ end to end with real models, a real DuckDB file and real faiss."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -26,7 +29,7 @@ from face_assets.clustering import (
     recluster_decision,
     split_kmeans,
 )
-from face_assets.errors import ClusterNotFoundError, CurationError
+from face_assets.errors import ClusterNotFoundError, CurationError, InvalidNameError
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.persons import ClusterStore
 from face_assets.store import Catalog
@@ -336,6 +339,149 @@ def test_curation_survives_reclustering(lib_dir, people):
             lib.merge([merged.cluster_id])
         with pytest.raises(CurationError):
             lib.split(parts[0].cluster_id, face_ids=[moved])
+
+
+@pytest.fixture()
+def curated(lib_dir, tmp_path) -> Iterator[FaceRecognitionLibrary]:
+    """A freshly clustered copy of ``lib_dir``, without the curation other tests stored there."""
+    folder = tmp_path / "lib"
+    shutil.copytree(lib_dir, folder)
+    with FaceRecognitionLibrary(index_dir=folder) as lib:
+        lib.persons.store.clear()
+        with lib.catalog.db.write() as con:
+            con.execute("DELETE FROM audit_log; DELETE FROM audit_persons")
+        lib.cluster()
+        yield lib
+
+
+def _where(lib: FaceRecognitionLibrary) -> dict[int, int]:
+    return dict(lib.catalog.query("SELECT face_id, cluster_id FROM face_clusters"))
+
+
+def test_split_makes_the_chosen_faces_the_new_person(curated):
+    lib = curated
+    big = lib.list_clusters(min_size=3)[0]
+    lib.rename(big.cluster_id, "Ada")
+    faces = lib.get_cluster(big.cluster_id).face_ids
+    chosen = faces[: len(faces) - 1]  # the larger part is chosen: it still becomes the new person
+    kept, new = lib.split(big.cluster_id, face_ids=chosen, actor="ann")
+    assert (kept.cluster_id, kept.label, kept.face_ids) == (big.cluster_id, "Ada", faces[-1:])
+    assert new.cluster_id not in (c.cluster_id for c in lib.list_clusters() if c.cluster_id != new.cluster_id)
+    assert new.label is None and new.face_ids == chosen
+    entry = lib.curation_log(limit=1)[0]
+    assert (entry["actor"], entry["action"], entry["cluster_id"], entry["parts"]) == ("ann", "split", big.cluster_id,
+                                                                                      [new.cluster_id])
+    lib.cluster()  # the decision survives a full run
+    assert set(chosen) <= set(lib.get_cluster(new.cluster_id).face_ids)
+    assert faces[-1] not in lib.get_cluster(new.cluster_id).face_ids
+
+
+def test_moving_many_faces_is_one_write_and_checks_where_they_were(curated, monkeypatch):
+    lib = curated
+    a, b = lib.list_clusters(min_size=2)[:2]
+    faces = lib.get_cluster(a.cluster_id).face_ids
+    writes, depth = [], []
+    real = lib.catalog.db.write
+
+    @contextmanager
+    def counted():  # counts the outermost write sessions (transactions), not the nested ones joining them
+        writes.append(not depth)
+        depth.append(1)
+        try:
+            with real() as con:
+                yield con
+        finally:
+            depth.pop()
+
+    monkeypatch.setattr(lib.catalog.db, "write", counted)
+    with pytest.raises(CurationError, match="not in person"):  # chosen on b, but they are a's faces
+        lib.move_faces(faces, a.cluster_id, from_cluster=b.cluster_id)
+    before = _where(lib)
+    writes.clear()
+    moved = lib.move_faces(faces, b.cluster_id, from_cluster=a.cluster_id, actor="ann")
+    assert sum(writes) == 1  # the faces, the constraints, both persons' rows and the audit entry: one write
+    assert moved.size == b.size + len(faces) and set(faces) <= set(moved.face_ids)
+    with pytest.raises(ClusterNotFoundError):  # a was emptied: it is gone
+        lib.get_cluster(a.cluster_id)
+    entry = lib.curation_log(limit=1, cluster_id=a.cluster_id)[0]
+    assert entry["action"] == "move" and entry["face_ids"] == sorted(faces) and entry["cluster_ids"] == sorted(
+        [a.cluster_id, b.cluster_id])
+    writes.clear()
+    lib.undo(entry["id"], actor="bob")  # the emptied person comes back under its id
+    assert sum(writes) == 1 and _where(lib) == before and lib.get_cluster(a.cluster_id).size == a.size
+    writes.clear()
+    kept = lib.merge([a.cluster_id, b.cluster_id])
+    assert sum(writes) == 1
+    writes.clear()
+    lib.split(kept.cluster_id, kept.face_ids[: kept.size // 2])
+    assert sum(writes) == 1
+
+
+def test_undo_merge_split_rename_and_redo(curated):
+    lib = curated
+    a, b, c = lib.list_clusters(min_size=2)[:3]
+    lib.rename(a.cluster_id, "Ada")
+    lib.rename(b.cluster_id, "Bob")
+    start = _where(lib)
+    merged = lib.merge([a.cluster_id, b.cluster_id], actor="ann")
+    merge_entry = lib.curation_log(limit=1)[0]
+    assert merge_entry["action"] == "merge" and merge_entry["kept"] == merged.cluster_id
+    undo = lib.undo(merge_entry["id"], actor="bob")
+    assert (undo["action"], undo["undoes"], undo["actor"]) == ("undo", merge_entry["id"], "bob")
+    assert _where(lib) == start  # every face back in its person, under its id
+    assert (lib.get_cluster(a.cluster_id).label, lib.get_cluster(b.cluster_id).label) == ("Ada", "Bob")
+    with pytest.raises(CurationError, match="already undone"):
+        lib.undo(merge_entry["id"])
+    lib.undo(undo["id"])  # undoing the undo merges again
+    assert set(lib.get_cluster(merged.cluster_id).face_ids) == set(merged.face_ids)
+
+    faces = lib.get_cluster(c.cluster_id).face_ids
+    lib.split(c.cluster_id, face_ids=faces[:1])
+    lib.undo(lib.curation_log(limit=1)[0]["id"])
+    assert lib.get_cluster(c.cluster_id).face_ids == faces
+
+    lib.rename(c.cluster_id, "Cy")
+    rename = lib.curation_log(limit=1)[0]
+    lib.rename(c.cluster_id, "Cyril")  # renamed again since: undoing the first rename leaves the name alone
+    with pytest.raises(CurationError, match="nothing of change"):
+        lib.undo(rename["id"])
+    assert lib.get_cluster(c.cluster_id).label == "Cyril"
+    lib.undo(lib.curation_log(limit=1)[0]["id"])
+    assert lib.get_cluster(c.cluster_id).label == "Cy"
+    with pytest.raises(CurationError, match="no change"):
+        lib.undo(10**9)
+    history = lib.curation_log(limit=100, cluster_id=c.cluster_id)
+    assert [e["action"] for e in history] == ["undo", "rename", "rename", "undo", "split"]
+    older = lib.curation_log(limit=2, before=history[1]["id"], cluster_id=c.cluster_id)
+    assert [e["id"] for e in older] == [e["id"] for e in history[2:4]]  # keyset paging
+
+
+def test_names_are_normalised_and_found_by_the_store(curated):
+    lib = curated
+    persons = lib.list_clusters()
+    a = persons[0]
+    assert lib.rename(a.cluster_id, "  Jose\u0301   Mari  ").label == "Jos\u00e9 Mari"  # NFC, spaces folded
+    for bad in ["evil\u202e", "a\x00b", "two\nlines", "x" * 201, "\u2066iso"]:
+        with pytest.raises(InvalidNameError):
+            lib.rename(a.cluster_id, bad)
+    assert lib.get_cluster(a.cluster_id).label == "Jos\u00e9 Mari"
+    assert len(lib.curation_log(limit=100)) == 1  # refused names wrote nothing
+    assert lib.rename(a.cluster_id, "   ").label is None  # blank clears
+    lib.rename(persons[1].cluster_id, "100%_real")
+    total, found = lib.find_persons("JOS")
+    assert total == 0  # the name was cleared
+    lib.rename(a.cluster_id, "Josiane")
+    total, found = lib.find_persons("jos")
+    assert total == 1 and [p.cluster_id for p in found] == [a.cluster_id]
+    assert lib.find_persons("%_")[0] == 1  # LIKE wildcards are plain characters
+    assert lib.find_persons("0%")[0] == 1 and lib.find_persons("1_0")[0] == 0
+    total, page = lib.find_persons(f"#{persons[2].cluster_id}")
+    assert [p.cluster_id for p in page] == [persons[2].cluster_id]
+    total, page = lib.find_persons("", limit=2, offset=1)
+    assert total == len(persons) and [p.cluster_id for p in page] == [p.cluster_id for p in persons[1:3]]
+    assert lib.find_persons("", limit=2, offset=10_000) == (len(persons), [])
+    info = lib.get_cluster(a.cluster_id, limit=1, offset=1)
+    assert info.face_ids == lib.get_cluster(a.cluster_id).face_ids[1:2]
 
 
 def test_incremental_and_policy(tmp_path, people):

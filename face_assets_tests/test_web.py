@@ -26,7 +26,7 @@ from PIL import Image
 
 from face_assets import load_settings
 from face_assets.auth import TokenStore
-from face_assets.errors import ConfigError
+from face_assets.errors import ConfigError, CurationError
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.web import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, check_bind, create_app, serve
 
@@ -175,46 +175,116 @@ def test_vote_only_on_a_result_of_the_query(client, lib, tokens, feedback_people
 
 # -- people ---------------------------------------------------------------------------------------
 
-def test_people_rename_merge_move_split_and_audit(client, lib, tokens):
+def test_people_rename_merge_move_split_undo_and_audit(client, lib, tokens):
     lib.cluster()
     rev, adm = bearer(tokens["reviewer"]), bearer(tokens["admin"])
     page = client.get("/api/people", params={"limit": 2}, headers=bearer(tokens["viewer"])).json()
     assert page["total"] == len(lib.list_clusters()) >= 3 and len(page["items"]) == 2
     a, b = page["items"]
     assert a["size"] >= b["size"] and a["cover_url"] == f"/api/faces/{a['cover_face_id']}/thumbnail"
+    rest = client.get("/api/people", params={"limit": 2, "offset": 2}, headers=rev).json()
+    assert rest["total"] == page["total"] and rest["items"][0]["cluster_id"] not in (a["cluster_id"], b["cluster_id"])
 
     r = client.post(f"/api/people/{a['cluster_id']}/rename", json={"name": "  Grace Hopper "}, headers=rev)
-    assert r.status_code == 200 and r.json()["name"] == "Grace Hopper"
+    assert r.status_code == 200 and r.json()["persons"][0]["name"] == "Grace Hopper" and r.json()["change_id"]
     found = client.get("/api/people", params={"q": "grace"}, headers=rev).json()
     assert [p["cluster_id"] for p in found["items"]] == [a["cluster_id"]] and found["total"] == 1
+    by_id = client.get("/api/people", params={"q": f"#{b['cluster_id']}"}, headers=rev).json()
+    assert [p["cluster_id"] for p in by_id["items"]] == [b["cluster_id"]]
     assert client.get("/api/people", params={"q": "nobody"}, headers=rev).json()["total"] == 0
     viewer_try = client.post(f"/api/people/{a['cluster_id']}/rename", json={"name": "x"}, headers=bearer(tokens["viewer"]))
     assert viewer_try.status_code == 403
 
     merged = client.post("/api/people/merge", json={"cluster_ids": [a["cluster_id"], b["cluster_id"]]}, headers=rev)
-    assert merged.status_code == 200 and merged.json()["size"] == a["size"] + b["size"]
-    kept = merged.json()["cluster_id"]
-    faces = client.get(f"/api/people/{kept}", headers=rev).json()["faces"]
-    moved_off = [faces[0]["face_id"], faces[1]["face_id"]]
-    parts = client.post(f"/api/people/{kept}/split", json={"face_ids": moved_off}, headers=rev)
-    assert parts.status_code == 200 and sorted(p["size"] for p in parts.json()) == [2, len(faces) - 2]
-    new_id = next(p["cluster_id"] for p in parts.json() if p["size"] == 2)
-    assert sorted(lib.get_cluster(new_id).face_ids) == sorted(moved_off)
+    assert merged.status_code == 200 and merged.json()["persons"][0]["size"] == a["size"] + b["size"]
+    kept = merged.json()["persons"][0]["cluster_id"]
+    faces = [f["face_id"] for f in client.get(f"/api/people/{kept}", headers=rev).json()["faces"]]
+    second = client.get(f"/api/people/{kept}", params={"offset": 1, "limit": 2}, headers=rev).json()["faces"]
+    assert [f["face_id"] for f in second] == faces[1:3]  # a page of a person's faces
+    chosen = faces[:len(faces) - 1]  # the larger part: it still becomes the new person
+    parts = client.post(f"/api/people/{kept}/split", json={"face_ids": chosen}, headers=rev)
+    assert parts.status_code == 200, parts.text
+    source, new = parts.json()["persons"]
+    assert (source["cluster_id"], source["name"], source["size"]) == (kept, "Grace Hopper", 1)
+    assert new["name"] is None and sorted(lib.get_cluster(new["cluster_id"]).face_ids) == sorted(chosen)
 
-    r = client.post(f"/api/people/{new_id}/move", json={"face_ids": moved_off[:1], "to": kept}, headers=rev)
-    assert r.status_code == 200 and moved_off[0] in lib.get_cluster(kept).face_ids
-    assert client.post(f"/api/people/{kept}/move", json={"face_ids": moved_off[1:], "to": kept},
-                       headers=rev).status_code == 409  # not a face of that person
+    # move: one call for several faces; refused unless they are the named person's faces
+    assert client.post(f"/api/people/{kept}/move", json={"face_ids": chosen[:2], "to": new["cluster_id"]},
+                       headers=rev).status_code == 409
+    r = client.post(f"/api/people/{new['cluster_id']}/move", json={"face_ids": chosen[:2], "to": kept}, headers=rev)
+    assert r.status_code == 200 and [p["cluster_id"] for p in r.json()["persons"]] == [kept, new["cluster_id"]]
+    assert set(chosen[:2]) <= set(lib.get_cluster(kept).face_ids)
+    move_id = r.json()["change_id"]
+    everything = lib.get_cluster(new["cluster_id"]).face_ids
+    r = client.post(f"/api/people/{new['cluster_id']}/move", json={"face_ids": everything, "to": kept}, headers=rev)
+    assert [p["cluster_id"] for p in r.json()["persons"]] == [kept]  # the emptied person is gone
+    assert client.get(f"/api/people/{new['cluster_id']}", headers=rev).status_code == 404
+    undo = client.post(f"/api/audit/{r.json()['change_id']}/undo", headers=rev)
+    assert undo.status_code == 200 and {p["cluster_id"] for p in undo.json()["persons"]} == {kept, new["cluster_id"]}
+    assert sorted(lib.get_cluster(new["cluster_id"]).face_ids) == sorted(everything)  # back, under its id
+    assert client.post(f"/api/audit/{r.json()['change_id']}/undo", headers=rev).status_code == 409  # done already
     assert client.post(f"/api/people/{kept}/split", json={"face_ids": lib.get_cluster(kept).face_ids},
                        headers=rev).status_code == 409  # nothing would be left
     assert client.post("/api/people/merge", json={"cluster_ids": [kept, 99999]}, headers=rev).status_code == 404
     assert client.get("/api/people/99999", headers=rev).status_code == 404
 
-    assert client.get("/api/audit", headers=rev).status_code == 403
+    assert client.get("/api/audit", headers=bearer(tokens["viewer"])).status_code == 403
     log = client.get("/api/audit", headers=adm).json()
-    assert [(e["actor"], e["action"]) for e in log] == [("reviewer", "move"), ("reviewer", "split"),
+    assert [(e["actor"], e["action"]) for e in log] == [("reviewer", "undo"), ("reviewer", "move"),
+                                                        ("reviewer", "move"), ("reviewer", "split"),
                                                         ("reviewer", "merge"), ("reviewer", "rename")]
-    assert log[3]["old"] is None and log[3]["new"] == "Grace Hopper" and log[2]["kept"] == kept
+    assert log[5]["old"] is None and log[5]["new"] == "Grace Hopper" and log[4]["kept"] == kept
+    assert log[2]["id"] == move_id and log[0]["undoes"] == log[1]["id"]
+    mine = client.get("/api/audit", params={"cluster_id": new["cluster_id"], "limit": 2}, headers=rev).json()
+    assert [e["action"] for e in mine] == ["undo", "move"]
+    older = client.get("/api/audit", params={"cluster_id": new["cluster_id"], "before": mine[1]["id"]},
+                       headers=rev).json()
+    assert [e["action"] for e in older] == ["move", "split"]
+
+
+def test_former_audit_file_is_taken_in_once(data_dir, lib):
+    import json
+
+    lib.cluster()
+    cid = lib.list_clusters()[0].cluster_id
+    lines = [{"at": "2026-01-02T03:04:05+00:00", "actor": "ann", "action": "rename", "cluster_id": cid, "old": None,
+              "new": "Ann"}, {"at": "2026-01-02T03:05:00+00:00", "actor": "ann", "action": "merge",
+                              "cluster_ids": [cid, 99], "kept": cid}]
+    legacy = data_dir / "audit" / "people.jsonl"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    lib.close()
+    with open_library(data_dir) as again:
+        log = again.curation_log(limit=10)
+        assert [(e["actor"], e["action"]) for e in log] == [("ann", "merge"), ("ann", "rename")]
+        assert log[1]["new"] == "Ann" and log[0]["kept"] == cid and log[0]["cluster_ids"] == sorted([cid, 99])
+        assert not legacy.exists() and legacy.with_name("people.jsonl.imported").is_file()
+        with pytest.raises(CurationError, match="without what undoing it needs"):
+            again.undo(log[0]["id"])
+    with open_library(data_dir) as third:  # taken in once
+        assert len(third.curation_log(limit=10)) == 2
+
+
+def test_catalog_faces_name_their_person(client, lib, tokens):
+    lib.cluster()
+    auth = bearer(tokens["viewer"])
+    first = client.get("/api/faces", params={"limit": 5}, headers=auth).json()
+    more = client.get("/api/faces", params={"limit": 5, "offset": 5}, headers=auth).json()
+    ids = [f["face_id"] for f in first + more]
+    assert ids == lib.catalog.valid_face_ids(lib.model_version)[:10]
+    assert all(f["cluster_id"] == lib.persons.store.cluster_ids([f["face_id"]])[f["face_id"]] for f in first + more)
+
+
+def test_names_are_normalised(client, lib, tokens):
+    lib.cluster()
+    cid = lib.list_clusters()[0].cluster_id
+    rev = bearer(tokens["reviewer"])
+    for bad in ["evil\u202e", "nul\x00", "two\nlines", "x" * 201, "\u2067rtl"]:
+        r = client.post(f"/api/people/{cid}/rename", json={"name": bad}, headers=rev)
+        assert r.status_code == 422, (bad, r.status_code)
+    assert lib.get_cluster(cid).label is None
+    r = client.post(f"/api/people/{cid}/rename", json={"name": "Jose\u0301"}, headers=rev)
+    assert r.json()["persons"][0]["name"] == "Jos\u00e9" == lib.get_cluster(cid).label  # NFC
 
 
 # -- security: authentication, roles, sessions, CSRF ----------------------------------------------
@@ -286,6 +356,82 @@ def test_page_login_session_and_csrf(client, lib, tokens, feedback_people):
     assert client.post("/api/feedback", json=vote, headers=csrf).json()["voter"] == "reviewer"
     assert client.post("/api/logout", headers=csrf).status_code == 200
     assert client.get("/api/me").status_code == 401
+
+
+def page_login(client: TestClient, token: str) -> dict[str, str]:
+    """Log ``client`` in through the page flow; returns the CSRF header its writes need."""
+    client.get("/login")
+    csrf = {CSRF_HEADER: client.cookies[CSRF_COOKIE]}
+    assert client.post("/api/login", json={"token": token}, headers=csrf).status_code == 200
+    return csrf
+
+
+def test_logout_ends_the_session_on_the_server(lib, tokens):
+    app = create_app(lib)
+    browser = TestClient(app)
+    csrf = page_login(browser, tokens["admin"])
+    copied = browser.cookies[SESSION_COOKIE]  # e.g. taken from the machine before the user logged out
+    thief = TestClient(app, cookies={SESSION_COOKIE: copied})
+    assert thief.get("/api/audit").status_code == 200
+    assert browser.post("/api/logout", headers=csrf).status_code == 200
+    assert browser.get("/api/me").status_code == 401
+    for url in ["/api/me", "/api/audit", "/api/people"]:
+        assert thief.get(url).status_code == 401, url
+    assert thief.get("/", follow_redirects=False).status_code == 303
+    other = TestClient(app)  # another login of the same token is a session of its own
+    page_login(other, tokens["admin"])
+    assert other.get("/api/me").status_code == 200 and thief.get("/api/me").status_code == 401
+
+
+def test_votes_only_from_the_querys_searcher(client, lib, tokens, data_dir, feedback_people):
+    other = TokenStore(data_dir / "auth" / "tokens.json").create("eve", "reviewer")[1]
+    body = search(client, tokens["reviewer"], next(iter(feedback_people.values()))[0])
+    qid, face = body["query_id"], body["results"][1]["face_id"]
+    vote = {"query_id": qid, "result_id": face, "vote": "down"}
+    for intruder in (other, tokens["admin"]):
+        r = client.post("/api/feedback", json=vote, headers=bearer(intruder))
+        assert r.status_code == 403 and "your own searches" in r.json()["detail"]
+    assert lib.feedback.votes(query_id=qid) == []
+    assert client.post("/api/feedback", json=vote, headers=bearer(tokens["reviewer"])).status_code == 200
+    assert client.delete(f"/api/feedback/{qid}/{face}", headers=bearer(other)).status_code == 403
+    assert [v["voter"] for v in lib.feedback.votes(query_id=qid)] == ["reviewer"]
+    assert client.post("/api/feedback", json=vote | {"query_id": "0" * 32},
+                       headers=bearer(tokens["reviewer"])).status_code == 404
+
+
+def test_failed_tokens_are_rate_limited_per_address_and_per_token(data_dir, tokens):
+    with open_library(data_dir, auth_failure_limit="5/minute") as library:
+        app = create_app(library)
+        here, there = TestClient(app, client=("10.0.0.1", 5000)), TestClient(app, client=("10.0.0.2", 5000))
+        wrong = [bearer(f"fa_{i:012x}_" + "x" * 43) for i in range(6)]
+        codes = [here.get("/api/me", headers=h).status_code for h in wrong]
+        assert codes == [401] * 5 + [429] and int(here.get("/api/me", headers=wrong[0]).headers["retry-after"]) >= 1
+        # the address is slowed down, valid tokens included; another address is not
+        assert here.get("/api/me", headers=bearer(tokens["viewer"])).status_code == 429
+        assert there.get("/api/me", headers=bearer(tokens["viewer"])).status_code == 200
+        # guessing one token's secret from many addresses: limited per token id too
+        real_id = tokens["reviewer"].split("_")[1]
+        guesses = [TestClient(app, client=(f"10.0.1.{i}", 5000)).get(
+            "/api/me", headers=bearer(f"fa_{real_id}_" + "y" * 43)).status_code for i in range(6)]
+        assert guesses == [401] * 5 + [429]
+        assert not any(r.status_code == 200 for r in [there.get("/api/me", headers=h) for h in wrong])
+
+
+def test_api_schema_needs_a_token(client, tokens):
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json", headers=bearer("fa_" + "0" * 12 + "_" + "x" * 43)).status_code == 401
+    assert client.get("/openapi.json", headers=bearer(tokens["viewer"])).status_code == 200
+
+
+def test_early_413_and_errors_carry_the_security_headers(data_dir, tokens):
+    with open_library(data_dir) as library, uvicorn_server(create_app(library)) as base:
+        big = httpx.post(f"{base}/api/feedback", content=b"x" * 100_000, headers=bearer(tokens["reviewer"]) | {
+            "Content-Type": "application/json"})
+        assert big.status_code == 413
+        for r in [big, httpx.get(f"{base}/api/me"), httpx.get(f"{base}/nothing"),
+                  httpx.get(f"{base}/api/me", headers={"Host": "evil.example"})]:
+            assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), r.status_code
+            assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
 
 
 def test_no_auth_mode_is_loopback_only_and_still_csrf_safe(data_dir, feedback_people, caplog):
@@ -455,8 +601,8 @@ def test_concurrent_searches_beyond_the_limit_get_503(data_dir, tokens, feedback
         assert library.feedback_stats()["queries"] == codes.count(200)
 
 
-def test_openapi_describes_the_api(client):
-    spec = client.get("/openapi.json").json()
+def test_openapi_describes_the_api(client, tokens):
+    spec = client.get("/openapi.json", headers=bearer(tokens["viewer"])).json()
     assert {"/api/search", "/api/feedback", "/api/people/merge", "/api/faces/{face_id}/thumbnail"} <= set(spec["paths"])
     assert spec["components"]["schemas"]["FeedbackIn"]["properties"]["vote"]["enum"] == ["up", "down"]
     assert "image" in spec["paths"]["/api/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"][

@@ -6,7 +6,8 @@ and vote), ``/people`` (persons: rename, merge, move, split), ``/login``. Every 
 ``/api/health`` and ``/api/login`` needs a role (:data:`face_assets.auth.ROLES`).
 
 Images are served by face id or query id only: the file read is the one the catalog or the feedback
-store names, so no request can name a path.
+store names, so no request can name a path. Curation requests name the person they were made on, and
+each is one library call (one write, its audit entry included) that can be undone (``/api/audit``).
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette_csrf import CSRFMiddleware
 
-from ..audit import AuditLog
-from ..auth import Principal, TokenStore
+from ..auth import Principal, SessionStore, TokenStore
 from ..errors import (ClusterNotFoundError, ConfigError, CurationError, FeedbackError, FeedbackStoreUnavailableError,
-                      ImageLoadError, ImageTooLargeError, NoFaceDetectedError, UnknownFaceError, UnknownQueryError)
+                      ImageLoadError, ImageTooLargeError, InvalidNameError, NoFaceDetectedError, UnknownFaceError,
+                      UnknownQueryError)
 from ..feedback import Vote
 from ..imaging import load_image
 from ..library import FaceRecognitionLibrary, SearchResult
 from .images import ThumbnailCache, encode_jpeg, prepare_query_image
-from .security import SESSION_KEY, Guard, SecurityHeaders, is_loopback, session_secret
+from .security import SESSION_ID, SESSION_KEY, Guard, SecurityHeaders, is_loopback, session_secret
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,20 @@ class PersonFacesOut(PersonOut):
     faces: list[FaceOut]
 
 
+class ChangeOut(BaseModel):
+    """What a curation request did: its audit entry (``change_id``, for undo) and the persons it left."""
+
+    change_id: int | None = Field(description="`POST /api/audit/{change_id}/undo` undoes it; null: nothing changed.")
+    persons: list[PersonOut] = Field(description="rename: the person; merge: the kept one; move: the receiving "
+                                     "one, then the source if faces are left; split: the source, then the new person.")
+
+
 class RenameIn(BaseModel):
-    """A person's new name; empty or null clears it."""
+    """A person's new name; empty or null clears it (stored NFC; control and text-direction characters refused)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=400)
 
 
 class MergeIn(BaseModel):
@@ -158,6 +167,28 @@ class FacesIn(BaseModel):
     to: Id | None = Field(None, description="move: the person that receives the faces.")
 
 
+class ChangeEntry(BaseModel):
+    """One curation change of the audit log (its details vary with ``action``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    at: str
+    actor: str
+    action: str
+    cluster_ids: list[int]
+    undoes: int | None
+    undone_by: int | None
+
+
+class _App(FastAPI):
+    """FastAPI with :class:`SecurityHeaders` around its whole stack: answers made before the user
+    middleware (the 413 of an oversized ``Content-Length``, server errors) carry the headers too."""
+
+    def build_middleware_stack(self):
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def _thumbnail_url(face_id: int) -> str:
     return f"/api/faces/{face_id}/thumbnail"
 
@@ -174,6 +205,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Library errors to typed 4xx / 503 answers whose messages do not repeat what was sent."""
+    app.add_exception_handler(InvalidNameError, lambda _r, e: _error(422, str(e)[:300]))
     plain = {UnknownQueryError: (404, "unknown query_id: run a search first"),
              UnknownFaceError: (404, "unknown face id: not in the catalog"),
              ClusterNotFoundError: (404, "no such person"),
@@ -196,8 +228,8 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     cfg, fcfg = settings.web, settings.feedback
     data_dir = Path(settings.storage.data_dir)
     tokens = TokenStore(data_dir / cfg.tokens_file)
-    guard = Guard(cfg, tokens)
-    audit = AuditLog(data_dir / cfg.audit_file)
+    sessions = SessionStore(data_dir / Path(cfg.tokens_file).parent / "sessions.sqlite")
+    guard = Guard(cfg, tokens, sessions)
     thumbnails = ThumbnailCache(library, data_dir / cfg.thumbnail_dir, fcfg.thumbnail_size)
     searches = threading.BoundedSemaphore(cfg.max_concurrent_searches)
     # Decoding and detection run on these threads only: the memory each thread's allocator keeps
@@ -216,12 +248,13 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
         search_pool.shutdown(wait=False, cancel_futures=True)
         if warmer.is_alive():
             warmer.join(10)
+        sessions.close()
 
     async def in_pool(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(search_pool, fn, *args)
     viewer, reviewer, admin = guard.role("viewer"), guard.role("reviewer"), guard.role("admin")
 
-    app = FastAPI(title="face_assets review", version="2", docs_url=None, redoc_url=None,
+    app = _App(title="face_assets review", version="2", docs_url=None, redoc_url=None, openapi_url=None,
                   max_body_size=cfg.max_json_bytes, lifespan=lifespan,
                   description="Search faces, vote on the results (votes become training data), curate persons.")
     _install_error_handlers(app)
@@ -236,20 +269,10 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
                        sensitive_cookies={SESSION_COOKIE} if cfg.auth == "tokens" else None,
                        required_urls=[re.compile(r"^/api/login$")])
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.allowed_hosts)
-    app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def names(cluster_ids: set[int]) -> dict[int, str | None]:
-        out = {}
-        for cid in cluster_ids:
-            try:
-                out[cid] = library.persons.get(cid, with_faces=False).label
-            except ClusterNotFoundError:
-                out[cid] = None
-        return out
-
     def hits(results: list[SearchResult]) -> list[Hit]:
-        labels = names({r.cluster_id for r in results if r.cluster_id is not None})
+        labels = library.persons.store.labels({r.cluster_id for r in results if r.cluster_id is not None})
         return [Hit(face_id=r.face_id, image_id=r.image_id, similarity=r.similarity, is_match=r.is_match,
                     cluster_id=r.cluster_id, person=labels.get(r.cluster_id), thumbnail_url=_thumbnail_url(r.face_id))
                 for r in results]
@@ -282,20 +305,33 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
         return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     # -- session -----------------------------------------------------------------------------------
-    @app.post("/api/login", responses={401: {}, 403: {}})
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_who: Principal = Depends(viewer)) -> JSONResponse:
+        """The OpenAPI description, to authenticated callers only."""
+        return JSONResponse(app.openapi())
+
+    @app.post("/api/login", responses={401: {}, 403: {}, 429: {}})
     def login(request: Request, body: LoginIn) -> dict:
-        """Page login: exchange an API token for a session cookie (needs the CSRF header)."""
+        """Page login: exchange an API token for a server-side session and its cookie (needs the CSRF header)."""
         guard.login_attempt(request)
         who = tokens.authenticate(body.token)
         if who is None:
+            guard.login_failed(request)
             raise HTTPException(401, "unknown or revoked token")
+        old = request.session.get(SESSION_ID)
+        if isinstance(old, str):
+            sessions.end(old)
         request.session.clear()
         request.session[SESSION_KEY] = who.token_id
+        request.session[SESSION_ID] = sessions.start(who.token_id, cfg.session_hours * 3600)
         return {"name": who.name, "role": who.role}
 
     @app.post("/api/logout")
     def logout(request: Request) -> dict:
-        """End the page session."""
+        """End the page session on the server: its cookie, and any copy of it, is refused from now on."""
+        sid = request.session.get(SESSION_ID)
+        if isinstance(sid, str):
+            sessions.end(sid)
         request.session.clear()
         return {"status": "logged out"}
 
@@ -380,15 +416,22 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
         return [MyVote(result_id=r["result_face_id"], vote=r["vote"])
                 for r in library.feedback.votes(query_id=query_id) if r["voter"] == who.name]
 
+    def searcher_only(query_id: str, who: Principal) -> None:
+        """Votes on a query come from its searcher only (who saw its results), admins included."""
+        if library.query_searcher(query_id[:64]) != who.token_id:
+            raise HTTPException(403, "you can vote only on the results of your own searches")
+
     @app.post("/api/feedback", response_model=Vote, responses={401: {}, 403: {}, 404: {}, 409: {}, 422: {}, 503: {}})
     def feedback(body: FeedbackIn, who: Principal = Depends(reviewer)) -> Vote:
-        """Store a thumbs up/down as the caller; voting again on the same result updates the vote."""
+        """Store a thumbs up/down as the caller, on a search of theirs; voting again on the same result updates the vote."""
+        searcher_only(body.query_id, who)
         return library.record_feedback(body.query_id, body.result_id, body.vote, voter=who.name,
                                        session_id=who.token_id)
 
-    @app.delete("/api/feedback/{query_id}/{result_id}", responses={404: {}})
+    @app.delete("/api/feedback/{query_id}/{result_id}", responses={403: {}, 404: {}})
     def clear_vote(query_id: str, result_id: int, who: Principal = Depends(reviewer)) -> dict:
-        """Withdraw the caller's vote on one result (undo); 404 when there was none."""
+        """Withdraw the caller's vote on one result of a search of theirs (undo); 404 when there was none."""
+        searcher_only(query_id, who)
         if not library.clear_feedback(query_id[:64], result_id, who.name):
             raise HTTPException(404, "no vote of yours on this result")
         return {"status": "cleared"}
@@ -402,11 +445,9 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     @app.get("/api/faces", response_model=list[FaceOut])
     def faces(limit: int = Query(24, ge=1, le=200), offset: int = Query(0, ge=0, le=10**9),
               _who: Principal = Depends(viewer)) -> list[FaceOut]:
-        """Searchable catalog faces, in id order."""
-        ids = library.catalog.valid_face_ids(library.model_version)[offset:offset + limit]
-        rows = library.catalog.faces_by_id(ids)
-        return [FaceOut(face_id=i, cluster_id=rows[i].get("cluster_id"), thumbnail_url=_thumbnail_url(i))
-                for i in ids if i in rows]
+        """Searchable catalog faces with their person, in id order: one page, cut by the store."""
+        return [FaceOut(face_id=f, cluster_id=c, thumbnail_url=_thumbnail_url(f))
+                for f, c in library.persons.store.face_page(library.model_version, limit, offset)]
 
     @app.get("/api/faces/{face_id}/thumbnail", response_class=Response, responses={404: {}})
     def thumbnail(face_id: int = PathParam(ge=1, le=2**62),
@@ -430,68 +471,71 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     @app.get("/api/people", response_model=PeopleOut)
     def people(q: str = Query("", max_length=100), offset: int = Query(0, ge=0, le=10**9),
                limit: int = Query(48, ge=1, le=200), _who: Principal = Depends(viewer)) -> PeopleOut:
-        """Persons, largest first; ``q`` keeps those whose name contains it (case-insensitive)."""
-        found = library.list_clusters()
-        if q.strip():
-            needle = q.strip().casefold()
-            found = [c for c in found if c.label and needle in c.label.casefold()]
-        return PeopleOut(total=len(found), items=[person(c) for c in found[offset:offset + limit]])
+        """Persons, largest first; ``q`` keeps those whose name contains it (any case) or whose id it is
+        (``12``, ``#12``). Found, counted and paged by the store."""
+        total, found = library.find_persons(q, limit, offset)
+        return PeopleOut(total=total, items=[person(c) for c in found])
 
     @app.get("/api/people/{cluster_id}", response_model=PersonFacesOut, responses={404: {}})
     def person_faces(cluster_id: int = PathParam(ge=1, le=2**62), offset: int = Query(0, ge=0, le=10**9),
                      limit: int = Query(200, ge=1, le=500), _who: Principal = Depends(viewer)) -> PersonFacesOut:
-        """One person with a page of its faces."""
-        info = library.get_cluster(cluster_id)
+        """One person with a page of its faces (by face id)."""
+        info = library.get_cluster(cluster_id, limit=limit, offset=offset)
         return PersonFacesOut(**person(info).model_dump(), faces=[
-            FaceOut(face_id=f, cluster_id=cluster_id, thumbnail_url=_thumbnail_url(f))
-            for f in info.face_ids[offset:offset + limit]])
+            FaceOut(face_id=f, cluster_id=cluster_id, thumbnail_url=_thumbnail_url(f)) for f in info.face_ids])
 
-    @app.post("/api/people/{cluster_id}/rename", response_model=PersonOut, responses={404: {}})
-    def rename(body: RenameIn, cluster_id: int = PathParam(ge=1, le=2**62), who: Principal = Depends(reviewer)) -> PersonOut:
-        """Name a person (an empty name clears it)."""
-        old = library.get_cluster(cluster_id).label
-        name = (body.name or "").strip() or None
-        info = library.rename(cluster_id, name)
-        audit.append(who.name, "rename", cluster_id=cluster_id, old=old, new=name)
-        return person(info)
+    def changed(infos: list, change_id: int | None = None) -> ChangeOut:
+        return ChangeOut(change_id=change_id if change_id is not None else infos[0].change_id,
+                         persons=[person(i) for i in infos])
 
-    @app.post("/api/people/merge", response_model=PersonOut, responses={404: {}, 409: {}})
-    def merge(body: MergeIn, who: Principal = Depends(reviewer)) -> PersonOut:
+    @app.post("/api/people/{cluster_id}/rename", response_model=ChangeOut, responses={404: {}, 422: {}})
+    def rename(body: RenameIn, cluster_id: int = PathParam(ge=1, le=2**62),
+               who: Principal = Depends(reviewer)) -> ChangeOut:
+        """Name a person (an empty name clears it); 422 for control or text-direction characters, or over 200."""
+        return changed([library.rename(cluster_id, body.name, actor=who.name)])
+
+    @app.post("/api/people/merge", response_model=ChangeOut, responses={404: {}, 409: {}})
+    def merge(body: MergeIn, who: Principal = Depends(reviewer)) -> ChangeOut:
         """Merge persons into the largest of them (its id and, failing that, the first name are kept)."""
-        info = library.merge(body.cluster_ids)
-        audit.append(who.name, "merge", cluster_ids=body.cluster_ids, kept=info.cluster_id)
-        return person(info)
+        return changed([library.merge(body.cluster_ids, actor=who.name)])
 
-    def members(cluster_id: int, face_ids: list[int]) -> None:
-        outside = set(face_ids) - set(library.get_cluster(cluster_id).face_ids)
-        if outside:
-            raise CurationError(f"{len(outside)} of the faces are not in this person")
-
-    @app.post("/api/people/{cluster_id}/move", response_model=PersonOut, responses={404: {}, 409: {}, 422: {}})
-    def move(body: FacesIn, cluster_id: int = PathParam(ge=1, le=2**62), who: Principal = Depends(reviewer)) -> PersonOut:
-        """Move faces of this person to person ``to``."""
+    @app.post("/api/people/{cluster_id}/move", response_model=ChangeOut, responses={404: {}, 409: {}, 422: {}})
+    def move(body: FacesIn, cluster_id: int = PathParam(ge=1, le=2**62),
+             who: Principal = Depends(reviewer)) -> ChangeOut | JSONResponse:
+        """Move faces of this person to person ``to``: one write; 409 unless they all still are this person's."""
         if body.to is None:
             return _error(422, "say which person receives the faces: 'to'")
-        members(cluster_id, body.face_ids)
-        library.get_cluster(body.to)
-        for face_id in body.face_ids:
-            info = library.move(face_id, body.to)
-        audit.append(who.name, "move", cluster_id=cluster_id, to=body.to, face_ids=body.face_ids)
-        return person(info)
+        target = library.move_faces(body.face_ids, body.to, from_cluster=cluster_id, actor=who.name)
+        try:
+            left = [library.get_cluster(cluster_id, limit=0)]
+        except ClusterNotFoundError:
+            left = []  # every face moved out: the person is gone
+        return changed([target, *left], target.change_id)
 
-    @app.post("/api/people/{cluster_id}/split", response_model=list[PersonOut], responses={404: {}, 409: {}})
-    def split(body: FacesIn, cluster_id: int = PathParam(ge=1, le=2**62), who: Principal = Depends(reviewer)) -> list[PersonOut]:
-        """Split the chosen faces off into a new person (the larger part keeps the id and name)."""
-        members(cluster_id, body.face_ids)
-        parts = library.split(cluster_id, body.face_ids)
-        audit.append(who.name, "split", cluster_id=cluster_id, face_ids=body.face_ids,
-                     parts=[p.cluster_id for p in parts])
-        return [person(p) for p in parts]
+    @app.post("/api/people/{cluster_id}/split", response_model=ChangeOut, responses={404: {}, 409: {}})
+    def split(body: FacesIn, cluster_id: int = PathParam(ge=1, le=2**62),
+              who: Principal = Depends(reviewer)) -> ChangeOut:
+        """Make the chosen faces a new person (no name); the rest keep this person's id and name."""
+        return changed(library.split(cluster_id, body.face_ids, actor=who.name))
 
-    @app.get("/api/audit")
-    def audit_log(limit: int = Query(100, ge=1, le=1000), _who: Principal = Depends(admin)) -> list[dict]:
-        """The latest changes made on the people page, newest first."""
-        return audit.tail(limit)
+    @app.get("/api/audit", response_model=list[ChangeEntry])
+    def audit_log(limit: int = Query(20, ge=1, le=1000), before: int | None = Query(None, ge=1, le=2**62),
+                  cluster_id: int | None = Query(None, ge=1, le=2**62),
+                  _who: Principal = Depends(reviewer)) -> list[dict]:
+        """Curation changes, newest first (ids below ``before``), of one person when ``cluster_id`` is given."""
+        return library.curation_log(limit, before, cluster_id)
+
+    @app.post("/api/audit/{change_id}/undo", response_model=ChangeOut, responses={409: {}})
+    def undo(change_id: int = PathParam(ge=1, le=2**62), who: Principal = Depends(reviewer)) -> ChangeOut:
+        """Undo a change as far as later changes left it (the undo is a change too, and can be undone)."""
+        entry = library.undo(change_id, actor=who.name)
+        infos = []
+        for cid in entry["cluster_ids"]:
+            try:
+                infos.append(library.get_cluster(cid, limit=0))
+            except ClusterNotFoundError:
+                pass
+        return changed(infos, entry["id"])
 
     @app.get("/api/health")
     def health() -> dict:

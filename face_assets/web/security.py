@@ -1,9 +1,10 @@
 """Who may do what in the web app, and the guards around every request.
 
 - :class:`Guard`: the principal of a request (``Authorization: Bearer <token>``, else the page's
-  signed session cookie holding a token id), its role check and per-token rate limits (``limits``).
+  signed session cookie naming a live server-side session), its role check, per-token rate limits
+  and limits on failed authentications per client address and per token id (``limits``).
 - :class:`SecurityHeaders`: CSP with ``frame-ancestors 'none'``, nosniff, Referrer-Policy on every
-  response, the framework's own errors included.
+  response, the framework's own errors included (it wraps the whole app, early 413s too).
 - :func:`is_loopback`: whether a bind address reaches only this machine.
 
 Host checking (starlette ``TrustedHostMiddleware``), CSRF (``starlette-csrf``), sessions
@@ -27,11 +28,12 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..auth import Principal, TokenStore
+from ..auth import Principal, SessionStore, TokenStore, token_id_of
 from ..config import WebSettings
 from ..errors import ConfigError
 
 SESSION_KEY = "token_id"
+SESSION_ID = "sid"
 LOCAL = Principal("local", "local", "admin")
 """Who every request is with ``web.auth: none`` (loopback only)."""
 
@@ -72,26 +74,60 @@ def session_secret(path: Path) -> str:
 class Guard:
     """Authentication, roles and rate limits, as FastAPI dependencies (``Depends(guard.role("reviewer"))``)."""
 
-    def __init__(self, settings: WebSettings, tokens: TokenStore):
+    def __init__(self, settings: WebSettings, tokens: TokenStore, sessions: SessionStore):
         self.settings = settings
         self.tokens = tokens
+        self.sessions = sessions
         try:
             self.rate = parse(settings.rate_limit)
             self.search_rate = parse(settings.search_rate_limit)
+            self.failure_rate = parse(settings.auth_failure_limit)
         except ValueError as exc:
-            raise ConfigError(f"web.rate_limit / web.search_rate_limit: {exc}") from None
+            raise ConfigError(f"web.rate_limit / search_rate_limit / auth_failure_limit: {exc}") from None
         self.limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
 
     def principal(self, request: Request) -> Principal | None:
-        """Who sends ``request``, or None when unauthenticated (a bad token counts as none)."""
+        """Who sends ``request``, or None when unauthenticated (a bad token or an ended session counts as none)."""
         if self.settings.auth == "none":
             return LOCAL
         header = request.headers.get("authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
             return self.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-        token_id = request.session.get(SESSION_KEY)
-        return self.tokens.principal(token_id) if isinstance(token_id, str) else None
+        token_id, sid = request.session.get(SESSION_KEY), request.session.get(SESSION_ID)
+        if isinstance(token_id, str) and isinstance(sid, str) and self.sessions.valid(sid, token_id):
+            return self.tokens.principal(token_id)
+        return None
+
+    def _failure_keys(self, request: Request) -> list[str]:
+        """The failure counters a request with credentials hits: its client address, and the token id it names."""
+        keys = [f"fail:{request.client.host if request.client else '-'}"]
+        named = token_id_of(request.headers.get("authorization", "").partition(" ")[2].strip())
+        if named is not None:
+            keys.append(f"fail-token:{named}")
+        return keys
+
+    def authenticate(self, request: Request) -> Principal:
+        """The principal of ``request`` (401 without one); 429 while its address or token id has too many failures.
+
+        A failure is a request that brings credentials (a bearer token, a session cookie) that do
+        not authenticate: guessing tokens from one address, or one token's secret from many, is slowed.
+        """
+        keys = self._failure_keys(request)
+        for key in keys:
+            if not self.limiter.test(self.failure_rate, key):
+                self._limit(self.failure_rate, key)  # raises 429 with Retry-After
+        who = self.principal(request)
+        if who is None:
+            if "authorization" in request.headers or request.session:
+                for key in keys:
+                    self.limiter.hit(self.failure_rate, key)
+            raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    def login_failed(self, request: Request) -> None:
+        """Count a refused page login against the client address's failures."""
+        self.limiter.hit(self.failure_rate, self._failure_keys(request)[0])
 
     def _limit(self, item, key: str) -> None:
         if not self.limiter.hit(item, key):
@@ -103,9 +139,7 @@ class Guard:
         """A dependency: the principal when its role includes ``role`` (401/403 otherwise), rate-limited."""
 
         def dependency(request: Request) -> Principal:
-            who = self.principal(request)
-            if who is None:
-                raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
+            who = self.authenticate(request)
             if limited:
                 self._limit(self.rate, who.token_id)
             if not who.can(role):
@@ -115,8 +149,12 @@ class Guard:
         return dependency
 
     def login_attempt(self, request: Request) -> None:
-        """Count a login attempt against the client address's rate (429 beyond)."""
+        """Count a login attempt against the client address's rate, and refuse it while the address
+        has too many failures (429 beyond either)."""
         self._limit(self.search_rate, f"login:{request.client.host if request.client else '-'}")
+        key = self._failure_keys(request)[0]
+        if not self.limiter.test(self.failure_rate, key):
+            self._limit(self.failure_rate, key)
 
     def search_slot(self, who: Principal) -> None:
         """Count a search against the principal's search rate (429 beyond)."""

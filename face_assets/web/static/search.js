@@ -3,7 +3,7 @@
 // the last search and the user's votes come back after a reload (sessionStorage + /votes).
 
 const $ = (id) => document.getElementById(id);
-const state = { search: null, extra: [], votes: new Map(), file: null };
+const state = { search: null, extra: [], votes: new Map(), file: null, voter: false };
 const STORE = "face_assets.lastSearch";
 // Material "thumb_up" icon (Apache 2.0), inline: the page loads no external asset or emoji font.
 const THUMB = "M1 21h4V9H1v12zm22-11c0-1.1-.9-2-2-2h-6.31l.95-4.57.03-.32c0-.41-.17-.79-.44-1.06L14.17 1 " +
@@ -34,7 +34,9 @@ async function runSearch(form) {
     save();
     render();
     const n = state.search.results.length;
-    setStatus($("status"), n ? `${n} results. Vote: same person (thumbs up) or not (thumbs down).` : "No results.");
+    setStatus($("status"), !n ? "No results." : state.voter
+      ? `${n} results. Vote: same person (thumbs up) or not (thumbs down).` : `${n} results.`);
+    $("results-title").focus();
   } catch (e) {
     setStatus($("status"), e.message, true);
   } finally {
@@ -85,11 +87,15 @@ function card(hit) {
   const name = hit.person || (hit.cluster_id ? `Unnamed person ${hit.cluster_id}` : "Unknown person");
   node.append(
     el("img", { class: "thumb", src: hit.thumbnail_url, alt: `face of ${name}`, loading: "lazy", width: "160", height: "160" }),
-    el("div", { class: "name" + (hit.person ? "" : " unnamed"), text: name, title: name }),
+    hit.cluster_id
+      ? el("a", { class: "name" + (hit.person ? "" : " unnamed"), href: `/people#person/${hit.cluster_id}`, text: name,
+                  title: `open ${name}` })
+      : el("div", { class: "name unnamed", text: name }),
     el("div", { class: "meta" },
       el("span", { text: `similarity ${hit.similarity.toFixed(3)}` }),
       el("span", { class: hit.is_match ? "badge match" : "badge", text: hit.is_match ? "match" : "no match" })),
   );
+  if (!state.voter) return node;  // a viewer cannot vote: no buttons that would fail
   const votes = el("div", { class: "votes", role: "group", "aria-label": `is this the same person? (face ${hit.face_id})` });
   for (const [vote, label] of [["up", "same person"], ["down", "different person"]]) {
     const b = el("button", { type: "button", "data-vote": vote, "aria-label": `thumbs ${vote}: ${label}`,
@@ -209,7 +215,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     e.preventDefault(); zone.classList.remove("over");
     if (e.dataTransfer.files.length) { pickFile(e.dataTransfer.files[0]); searchFile(); }
   });
-  await showWho();
+  const me = await showWho();
+  state.voter = me.role !== "viewer";
   const face = new URLSearchParams(location.search).get("face");
   if (face && /^\d+$/.test(face)) {
     const form = new FormData();
