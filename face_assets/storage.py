@@ -631,8 +631,10 @@ class DuckDBFile:
         whole = (table.key is None or not any(r[3] for r in segs) or any(kind == "all" for kind, _, _ in logged)
                  or changed * 4 > max(base_rows, 4096))
         if whole:
-            order = f" ORDER BY {table.key}" if table.key else ""
-            rows = _write_parquet(con, f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}{order}", [], data)
+            # In table order, not sorted: rows are appended as their keys are drawn from a sequence, so
+            # the file comes out in key order anyway, and a sort of millions of embeddings costs more
+            # than the export.
+            rows = _write_parquet(con, f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}", [], data)
             written.append(data)
             con.execute("DELETE FROM _segments WHERE tbl = ?", [table.name])
             con.execute("INSERT INTO _segments VALUES (?, ?, ?, NULL, ?, true)", [table.name, seg, data.name, rows])

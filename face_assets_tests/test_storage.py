@@ -18,6 +18,7 @@ import pytest
 
 from face_assets.errors import FaceImportError
 from face_assets.persons import ClusterStore
+from face_assets.storage import log_all, log_changes
 from face_assets.store import Catalog
 
 DIM = 512
@@ -25,7 +26,7 @@ DIM = 512
 
 def faces_file(path: Path, n: int, *, start: int = 0, dim: int = DIM, seed: int = 0, **extra: list) -> Path:
     """A Parquet file of ``n`` precomputed faces, one image each."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed * 1_000_003 + start)  # other rows, other vectors
     x = rng.standard_normal((n, dim), dtype=np.float32)
     ids = [f"img{i:08d}" for i in range(start, start + n)]
     columns = {"image_id": pa.array(ids), "path": pa.array([f"photos/{i}.jpg" for i in ids]),
@@ -88,11 +89,13 @@ def test_published_tables_follow_every_kind_of_write(tmp_path):
     catalog.import_faces(faces_file(tmp_path / "b.parquet", 20, start=300), "m1", DIM)  # a batch: a delta
     with store.transaction() as con:  # a move of a few faces and a rename: deltas of changed keys
         con.execute("UPDATE face_clusters SET cluster_id = 3 WHERE face_id IN (1, 2, 5)")
-        from face_assets.storage import log_changes
         log_changes(con, "face_clusters", [1, 2, 5])
         con.execute("UPDATE clusters SET label = 'Ada' WHERE cluster_id = 3")
         log_changes(con, "clusters", [3])
-    store.add_constraints([(1, 3), (2, 3)], "must_link", "test")
+    with store.transaction() as con:  # a small table published whole
+        con.execute("INSERT INTO cluster_constraints VALUES (1, 3, 'must_link', 'test', now()), "
+                    "(2, 3, 'must_link', 'test', now())")
+        log_all(con, "cluster_constraints")
     assert catalog.remove_face(7) == [7]
     assert catalog.remove_image("img00000010") == [11]
     store.forget_faces([7, 11])
@@ -193,7 +196,6 @@ def one_row_writes(catalog: Catalog, store: ClusterStore, n: int = 15) -> tuple[
         t = time.perf_counter()
         with store.transaction() as con:
             con.execute("UPDATE clusters SET label = ? WHERE cluster_id = 1", [f"name {i}"])
-            from face_assets.storage import log_changes
             log_changes(con, "clusters", [1])
         times.append(time.perf_counter() - t)
         written.append(segment_bytes(folder) - before)
@@ -221,3 +223,45 @@ def test_a_write_costs_the_change_not_the_catalog(tmp_path):
     (t_small, b_small), (t_large, b_large) = results[10_000], results[200_000]
     assert b_large <= 2 * b_small + 4096, results  # bytes follow the change (a segment of one row)
     assert t_large <= 3 * t_small + 0.05, results
+
+
+def library(data: Path, **storage) -> "FaceRecognitionLibrary":
+    from face_assets import FaceRecognitionLibrary, load_settings
+
+    settings = load_settings(overrides={"storage": {"data_dir": str(data), "index_refresh_seconds": 0,
+                                                    "publish_interval_seconds": 0, **storage}})
+    return FaceRecognitionLibrary(settings=settings)
+
+
+def test_index_journal_carries_a_batch_to_a_running_service(tmp_path):
+    """A batch reaches the saved index as journal records (the index file is not rewritten), a
+    running service applies just those, removals too; the pipeline's path appends from the catalog
+    without loading the index; past its share of the index the journal is folded into a whole save."""
+    from face_assets.storage import file_stamp
+
+    data = tmp_path / "data"
+    with library(data) as first:
+        first.import_faces(faces_file(tmp_path / "a.parquet", 300))
+        index_file = first.index_path
+    service = library(data)
+    assert len(service.index) == 300
+    saved = file_stamp(index_file)
+    with library(data) as writer:
+        writer.import_faces(faces_file(tmp_path / "b.parquet", 20, start=300))
+        writer.remove(5)
+    assert file_stamp(index_file) == saved  # the batch went to the journal
+    assert service.refresh() and len(service.index) == 319 and 5 not in service.index and 320 in service.index
+    with library(data) as pipeline:  # faces merged into the catalog by another path, then published
+        pipeline.catalog.import_faces(faces_file(tmp_path / "c.parquet", 10, start=400), pipeline.model_version, DIM)
+        done = pipeline.publish_index()
+        assert (done["mode"], done["added"], done["removed"]) == ("journal", 10, 0)
+        assert pipeline.published_ids().tolist() == sorted(pipeline.catalog.valid_face_ids(pipeline.model_version))
+    assert file_stamp(index_file) == saved
+    assert service.refresh() and len(service.index) == 329
+    with library(data, index_journal_min_bytes=0, index_journal_share=0.0) as folding:
+        folding.import_faces(faces_file(tmp_path / "d.parquet", 5, start=500))
+    assert file_stamp(index_file) != saved  # saved whole, journal started anew
+    assert service.refresh() and len(service.index) == 334
+    hits = service.search_embedding(pq.read_table(tmp_path / "d.parquet")["embedding"][0].as_py(), top_k=1)
+    assert hits[0].face_id == 331
+    service.close()
