@@ -320,6 +320,7 @@ class DuckDBFile:
         self._schema_done = False
         self._ensured: set[str] = set()
         self._declared: set[str] = set()
+        self._known: tuple[set[tuple[str, str]], dict[str, tuple[str | None, tuple[str, ...]]]] | None = None
         self._lock = _file_lock(None if self._memory is not None else self.master.with_name(self.master.name + ".lock"))
         self._local = threading.local()
         self._queue: list[_Pending] = []
@@ -432,6 +433,23 @@ class DuckDBFile:
         if con is not self._memory:
             con.close()
 
+    def _shape(self) -> tuple[set[tuple[str, str]], dict[str, tuple[str | None, tuple[str, ...]]]]:
+        """The file's ``(table, column)`` pairs and its declared tables, read once per process in one
+        session (every store checks its tables when it opens: one session instead of one each)."""
+        if self._known is None:
+            with self.read() as con:
+                columns = {(t, c) for t, c in con.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns").fetchall()}
+                declared = {r[0]: (r[1], tuple(r[2])) for r in con.execute(
+                    "SELECT tbl, key, exclude FROM _published_tables").fetchall()} \
+                    if ("_published_tables", "tbl") in columns else {}
+            self._known = (columns, declared)
+        return self._known
+
+    def has_column(self, table: str, column: str) -> bool:
+        """Whether ``table`` has ``column`` (as the file was when this process first looked)."""
+        return (table, column) in self._shape()[0]
+
     def declare(self, tables: list[Table]) -> None:
         """Publish these tables as segments (see :class:`Table`); a table declared for the first
         time, or declared otherwise than before, is exported whole by the next publication.
@@ -439,12 +457,7 @@ class DuckDBFile:
         todo = [t for t in tables if t.name not in self._declared]
         if not self.segments or not todo:
             return
-        try:
-            with self.read() as con:
-                known = {r[0]: (r[1], tuple(r[2])) for r in
-                         con.execute("SELECT tbl, key, exclude FROM _published_tables").fetchall()}
-        except duckdb.CatalogException:
-            known = {}  # a master written before publication by segments: the write below creates the log
+        known = self._shape()[1]
         changed = [t for t in todo if known.get(t.name) != (t.key, t.exclude)]
         if changed:
             with self.write() as con:
@@ -452,6 +465,7 @@ class DuckDBFile:
                     con.execute("INSERT OR REPLACE INTO _published_tables VALUES (?, ?, ?)",
                                 [t.name, t.key, list(t.exclude)])
                     log_all(con, t.name)
+                    known[t.name] = (t.key, t.exclude)
         elif self.published is not None and not self.published.is_file():
             self._dirty = True  # the views file is gone (or was never written): the next publication writes it
         self._declared.update(t.name for t in todo)
@@ -461,11 +475,10 @@ class DuckDBFile:
         tables in this file. Checked once per process; a read-only file is left as it is."""
         if self.read_only or table in self._ensured:
             return
-        with self.read() as con:
-            found = con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
-        if not found:
+        if not any(t == table for t, _ in self._shape()[0]):
             with self.write() as con:
                 con.execute(schema)
+            self._known = None  # tables were added: read the shape again when next asked
         self._ensured.add(table)
 
     @contextmanager

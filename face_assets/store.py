@@ -106,10 +106,7 @@ class Catalog:
 
     def _add_image_seq(self) -> None:
         """Give the images of a catalog written before ``image_seq`` existed their version numbers."""
-        with self.db.read() as con:
-            found = con.execute("SELECT 1 FROM information_schema.columns WHERE table_name = 'images' "
-                                "AND column_name = 'image_seq'").fetchall()
-        if not found:
+        if not self.db.has_column("images", "image_seq"):
             with self.db.write() as con:
                 con.execute("CREATE SEQUENCE IF NOT EXISTS image_seq START 1")
                 con.execute("ALTER TABLE images ADD COLUMN image_seq BIGINT DEFAULT nextval('image_seq')")
