@@ -137,8 +137,8 @@ class ClusterStore:
 
     def cluster_ids(self, face_ids: Sequence[int]) -> dict[int, int]:
         """Face id -> person cluster id of the clustered ones (published file first, like search results)."""
-        rows = self.catalog.db.read_ids("SELECT face_id, cluster_id FROM face_clusters WHERE face_id IN "
-                                        "(SELECT unnest(?))", [int(i) for i in face_ids])
+        rows = self.catalog.db.read_ids("SELECT face_id, cluster_id FROM face_clusters WHERE face_id IN ({keys})",
+                                        [int(i) for i in face_ids])
         return {int(f): int(c) for f, c in rows}
 
     def labels(self, cluster_ids: Sequence[int]) -> dict[int, str | None]:

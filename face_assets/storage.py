@@ -159,6 +159,7 @@ def _copy(src: Path, dst: Path) -> None:
 PUBLICATION_SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS _change_seq START 1;
 CREATE TABLE IF NOT EXISTS _published_tables (tbl VARCHAR PRIMARY KEY, key VARCHAR, exclude VARCHAR[] NOT NULL);
+ALTER TABLE _published_tables ADD COLUMN IF NOT EXISTS ord VARCHAR;
 CREATE TABLE IF NOT EXISTS _changes (
     tbl VARCHAR NOT NULL,
     kind VARCHAR NOT NULL,  -- 'key': a row changed or was deleted; 'append': new keys lo..hi; 'all': the whole table
@@ -193,11 +194,14 @@ class Table:
             publication exports those rows only. None: the table is small and exported whole
             whenever a write logs a change to it.
         exclude: columns readers do not get (internal state, such as cluster centroids).
+        order: the column a base segment is sorted by, when lookups go by another column than
+            the key (images by ``image_id``): the scan skips the row groups that cannot match.
     """
 
     name: str
     key: str | None
     exclude: tuple[str, ...] = ()
+    order: str | None = None
 
 
 def log_changes(con: duckdb.DuckDBPyConnection, table: str, keys: Any) -> None:
@@ -243,7 +247,8 @@ def _write_parquet(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], 
     rows = 0
     with pq.ParquetWriter(tmp, reader.schema) as writer:
         for batch in reader:
-            writer.write_batch(batch)
+            # Row groups of 16k rows: a lookup of one face's embedding reads 32 MiB, not a whole batch.
+            writer.write_batch(batch, row_group_size=16_384)
             rows += batch.num_rows
     tmp.replace(path)
     return rows
@@ -320,7 +325,7 @@ class DuckDBFile:
         self._schema_done = False
         self._ensured: set[str] = set()
         self._declared: set[str] = set()
-        self._known: tuple[set[tuple[str, str]], dict[str, tuple[str | None, tuple[str, ...]]]] | None = None
+        self._known: tuple[set[tuple[str, str]], dict[str, tuple[str | None, tuple[str, ...], str | None]]] | None = None
         self._lock = _file_lock(None if self._memory is not None else self.master.with_name(self.master.name + ".lock"))
         self._local = threading.local()
         self._queue: list[_Pending] = []
@@ -433,16 +438,16 @@ class DuckDBFile:
         if con is not self._memory:
             con.close()
 
-    def _shape(self) -> tuple[set[tuple[str, str]], dict[str, tuple[str | None, tuple[str, ...]]]]:
+    def _shape(self) -> tuple[set[tuple[str, str]], dict[str, tuple[str | None, tuple[str, ...], str | None]]]:
         """The file's ``(table, column)`` pairs and its declared tables, read once per process in one
         session (every store checks its tables when it opens: one session instead of one each)."""
         if self._known is None:
             with self.read() as con:
                 columns = {(t, c) for t, c in con.execute(
                     "SELECT table_name, column_name FROM information_schema.columns").fetchall()}
-                declared = {r[0]: (r[1], tuple(r[2])) for r in con.execute(
-                    "SELECT tbl, key, exclude FROM _published_tables").fetchall()} \
-                    if ("_published_tables", "tbl") in columns else {}
+                declared = {r[0]: (r[1], tuple(r[2]), r[3]) for r in con.execute(
+                    "SELECT tbl, key, exclude, ord FROM _published_tables").fetchall()} \
+                    if ("_published_tables", "ord") in columns else {}
             self._known = (columns, declared)
         return self._known
 
@@ -458,14 +463,14 @@ class DuckDBFile:
         if not self.segments or not todo:
             return
         known = self._shape()[1]
-        changed = [t for t in todo if known.get(t.name) != (t.key, t.exclude)]
+        changed = [t for t in todo if known.get(t.name) != (t.key, t.exclude, t.order)]
         if changed:
             with self.write() as con:
                 for t in changed:
-                    con.execute("INSERT OR REPLACE INTO _published_tables VALUES (?, ?, ?)",
-                                [t.name, t.key, list(t.exclude)])
+                    con.execute("INSERT OR REPLACE INTO _published_tables (tbl, key, exclude, ord) VALUES (?, ?, ?, ?)",
+                                [t.name, t.key, list(t.exclude), t.order])
                     log_all(con, t.name)
-                    known[t.name] = (t.key, t.exclude)
+                    known[t.name] = (t.key, t.exclude, t.order)
         elif self.published is not None and not self.published.is_file():
             self._dirty = True  # the views file is gone (or was never written): the next publication writes it
         self._declared.update(t.name for t in todo)
@@ -601,8 +606,8 @@ class DuckDBFile:
         try:
             top = con.execute("SELECT max(seq) FROM _changes").fetchone()[0]
             if top is not None:
-                tables = {r[0]: Table(r[0], r[1], tuple(r[2])) for r in
-                          con.execute("SELECT tbl, key, exclude FROM _published_tables").fetchall()}
+                tables = {r[0]: Table(r[0], r[1], tuple(r[2]), r[3]) for r in
+                          con.execute("SELECT tbl, key, exclude, ord FROM _published_tables").fetchall()}
                 logged: dict[str, list[tuple[str, int | None, int | None]]] = {}
                 for tbl, kind, lo, hi in con.execute(
                         "SELECT tbl, kind, lo, hi FROM _changes WHERE seq <= ? ORDER BY seq", [top]).fetchall():
@@ -647,7 +652,8 @@ class DuckDBFile:
             # In table order, not sorted: rows are appended as their keys are drawn from a sequence, so
             # the file comes out in key order anyway, and a sort of millions of embeddings costs more
             # than the export.
-            rows = _write_parquet(con, f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}", [], data)
+            order = f" ORDER BY {table.order}" if table.order else ""
+            rows = _write_parquet(con, f"SELECT {cols}, {seg}::BIGINT AS _seg FROM {table.name}{order}", [], data)
             written.append(data)
             con.execute("DELETE FROM _segments WHERE tbl = ?", [table.name])
             con.execute("INSERT INTO _segments VALUES (?, ?, ?, NULL, ?, true)", [table.name, seg, data.name, rows])
@@ -823,9 +829,11 @@ class DuckDBFile:
         self._snapshot = (duckdb.connect(str(self.published), read_only=True), key)
         return self._snapshot[0]
 
-    def read_ids(self, sql: str, ids: list[int]) -> list[tuple]:
-        """Rows of ``sql`` (one parameter: a list of ids; first column: the id) from the published file,
-        then from the master for the ids not published yet.
+    def read_ids(self, sql: str, ids: list[Any]) -> list[tuple]:
+        """Rows of ``sql`` for the keys ``ids`` from the published file, then from the master for the
+        keys not published yet. ``sql`` names the keys as ``IN ({keys})`` (a list of constants, which
+        lets the scan of a Parquet segment skip the row groups that cannot hold them, and the
+        master use its index) and returns the key first.
 
         The service's search path reads here: it never waits for a writer while the ids it looks
         up are published. A process whose own changes are not published yet reads the master, so
@@ -833,18 +841,20 @@ class DuckDBFile:
         """
         if not ids:
             return []
+        ids = list(dict.fromkeys(ids))
         rows: list[tuple] = []
         with self._snapshot_lock:
             con = None if self.read_only or self._dirty else self.snapshot()
             if con is not None:
                 try:
-                    rows = con.execute(sql, [ids]).fetchall()
+                    rows = con.execute(sql.format(keys=", ".join("?" * len(ids))), ids).fetchall()
                 except duckdb.CatalogException:
                     rows = []  # published before the table existed
-        missing = sorted(set(ids) - {r[0] for r in rows})
+        found = {r[0] for r in rows}
+        missing = [i for i in ids if i not in found]
         if missing:
             with self.read() as con:
-                rows += con.execute(sql, [missing]).fetchall()
+                rows += con.execute(sql.format(keys=", ".join("?" * len(missing))), missing).fetchall()
         return rows
 
     @property

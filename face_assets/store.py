@@ -35,7 +35,7 @@ from .errors import FaceImportError
 from .schemas import FilterResult, ImageAnalysis
 from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where
 
-TABLES = [Table("images", "image_seq"), Table("faces", "face_id")]
+TABLES = [Table("images", "image_seq", order="image_id"), Table("faces", "face_id")]
 """The catalog's published tables: an image row gets a new ``image_seq`` each time it is written."""
 
 SCHEMA = """
@@ -256,12 +256,20 @@ class Catalog:
         Read from the published catalog when it has the faces (a search never waits for a writer),
         else from the master.
         """
-        rows = self.db.read_ids(
-            """SELECT f.face_id, f.image_id, i.path, f.x1, f.y1, f.x2, f.y2, i.metadata
-               FROM faces f JOIN images i USING (image_id) WHERE f.face_id IN (SELECT unnest(?))""",
-            [int(i) for i in face_ids])
-        return {r[0]: {"image_id": r[1], "path": r[2], "bbox": [r[3], r[4], r[5], r[6]],
-                       "metadata": json.loads(r[7]) if r[7] else None} for r in rows}
+        faces = self.db.read_ids("SELECT face_id, image_id, x1, y1, x2, y2 FROM faces WHERE face_id IN ({keys})",
+                                 [int(i) for i in face_ids])
+        images = self._images_by_id({r[1] for r in faces}, "path, metadata")
+        return {r[0]: {"image_id": r[1], "path": images[r[1]][0], "bbox": list(r[2:6]),
+                       "metadata": json.loads(images[r[1]][1]) if images[r[1]][1] else None}
+                for r in faces if r[1] in images}
+
+    def _images_by_id(self, image_ids: set[str], columns: str) -> dict[str, tuple]:
+        """Image id -> ``columns`` of these images. Looked up apart from their faces: a join would
+        read the image ids of the whole published table, a list of ids reads the row groups that
+        can hold them."""
+        rows = self.db.read_ids(f"SELECT image_id, {columns} FROM images WHERE image_id IN ({{keys}})",
+                                sorted(image_ids))
+        return {r[0]: r[1:] for r in rows}
 
     def face_records(self, face_ids: Sequence[int]) -> list[dict[str, Any]]:
         """Faces with their image: ids, path, box, det_score, embedding, model version, image metadata.
@@ -270,12 +278,11 @@ class Catalog:
         """
         names = ["face_id", "image_id", "model_version", "embedding", "det_score", "path", "content_hash",
                  "width", "height", "metadata", "bbox"]
-        rows = self.db.read_ids(
-            """SELECT f.face_id, f.image_id, f.model_version, f.embedding, f.det_score, i.path, i.content_hash,
-                      i.width, i.height, i.metadata, [f.x1, f.y1, f.x2, f.y2] AS bbox
-               FROM faces f JOIN images i USING (image_id) WHERE f.face_id IN (SELECT unnest(?))""",
-            [int(i) for i in face_ids])
-        return [dict(zip(names, r)) for r in rows]
+        faces = self.db.read_ids("SELECT face_id, image_id, model_version, embedding, det_score, "
+                                 "[x1, y1, x2, y2] AS bbox FROM faces WHERE face_id IN ({keys})",
+                                 [int(i) for i in face_ids])
+        images = self._images_by_id({r[1] for r in faces}, "path, content_hash, width, height, metadata")
+        return [dict(zip(names, (*r[:5], *images[r[1]], r[5]))) for r in faces if r[1] in images]
 
     def remove_image(self, image_id: str) -> list[int]:
         """Delete an image and its faces; returns the removed face ids."""
