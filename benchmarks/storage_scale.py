@@ -50,6 +50,7 @@ def measure(data_dir: Path, repeats: int, seed: int) -> dict[str, list[float]]:
         return result
 
     with FaceRecognitionLibrary(index_dir=data_dir) as lib:
+        timed("service: load the index once (then journal)", lambda: lib.index)
         store = lib.persons.store
         pairs = store.query("SELECT cluster_id, size FROM clusters USING SAMPLE 2000 ROWS (reservoir, 1)")
         small = [c for c, s in pairs if s <= 3]

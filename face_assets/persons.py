@@ -213,15 +213,19 @@ class ClusterStore:
         dropped first (labels of surviving ids are kept), else rows are upserted.
         """
         now = _now()
-        labels = dict(con.execute("SELECT cluster_id, label FROM clusters WHERE label IS NOT NULL").fetchall())
-        created = dict(con.execute("SELECT cluster_id, created_at FROM clusters").fetchall())
+        ids = [int(c["cluster_id"]) for c in clusters]
+        # The names and creation times that survive: of every person for a full rewrite, else of these only.
+        which = "" if replace_all else " WHERE cluster_id IN (SELECT unnest(?))"
+        params = [] if replace_all else [ids]
+        labels = dict(con.execute(f"SELECT cluster_id, label FROM clusters{which}", params).fetchall())
+        labels = {c: name for c, name in labels.items() if name is not None}
+        created = dict(con.execute(f"SELECT cluster_id, created_at FROM clusters{which}", params).fetchall())
         if replace_all:
             con.execute("DELETE FROM clusters")
             con.execute("DELETE FROM face_clusters")
             log_all(con, "clusters")
             log_all(con, "face_clusters")
         else:
-            ids = [int(c["cluster_id"]) for c in clusters]
             con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?))", [ids])
             log_changes(con, "clusters", ids)
             log_changes(con, "face_clusters", np.asarray(assignments[0], np.int64).tolist())
