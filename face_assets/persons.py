@@ -190,6 +190,42 @@ class ClusterStore:
                 con.execute(f"DELETE FROM {table}")
                 log_all(con, table)
 
+    def unclustered_faces(self, model_version: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(face ids, image ids)`` of the valid faces of ``model_version`` in no cluster, by face id."""
+        with self.catalog.db.read() as con:
+            rows = con.execute("""SELECT f.face_id, f.image_id FROM faces f
+                                  WHERE f.is_valid AND f.model_version = ? AND NOT EXISTS
+                                        (SELECT 1 FROM face_clusters c WHERE c.face_id = f.face_id)
+                                  ORDER BY f.face_id""", [model_version]).fetchnumpy()
+        return rows["face_id"].astype(np.int64), np.asarray(rows["image_id"], dtype=object)
+
+    def centroids(self, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(cluster ids, sizes, means float32 [c, dim])`` of the clusters that have a centroid, by id;
+        read as Arrow arrays (a Python list per person would cost seconds at a million persons)."""
+        with self.catalog.db.read() as con:
+            table = con.sql("SELECT cluster_id, size, centroid FROM clusters WHERE centroid IS NOT NULL "
+                            "ORDER BY cluster_id").to_arrow_table()
+        centroid = table.column("centroid").combine_chunks()
+        means = centroid.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return (table.column("cluster_id").to_numpy().astype(np.int64), table.column("size").to_numpy().astype(np.int64),
+                means.reshape(len(table), dim))
+
+    def barred(self, face_ids: Sequence[int]) -> set[tuple[int, int]]:
+        """``(face, cluster)`` pairs these faces may not join: the clusters of the other faces of their
+        photos (two faces of one photo are two people) and of the faces curation cannot-linked them to."""
+        with self.catalog.db.read() as con:
+            rows = con.execute("""WITH new AS (SELECT unnest(?) AS face_id),
+                     partners AS (
+                         SELECT n.face_id, o.face_id AS other FROM new n JOIN faces f USING (face_id)
+                         JOIN faces o ON o.image_id = f.image_id AND o.face_id <> n.face_id
+                         UNION ALL SELECT face_a, face_b FROM cluster_constraints
+                                   WHERE kind = 'cannot_link' AND face_a IN (SELECT face_id FROM new)
+                         UNION ALL SELECT face_b, face_a FROM cluster_constraints
+                                   WHERE kind = 'cannot_link' AND face_b IN (SELECT face_id FROM new))
+                  SELECT DISTINCT p.face_id, c.cluster_id FROM partners p JOIN face_clusters c ON c.face_id = p.other""",
+                               [[int(f) for f in face_ids]]).fetchall()
+        return {(int(f), int(c)) for f, c in rows}
+
     def face_cluster_map(self) -> tuple[np.ndarray, np.ndarray]:
         """``(face ids, cluster ids)`` of every clustered face, by face id."""
         with self.catalog.db.read() as con:
@@ -549,23 +585,13 @@ class PersonClusters:
         """
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc)
-        all_ids, images = self.catalog.face_images(self.model_version)
-        old_f, old_c = self.store.face_cluster_map()
-        new = all_ids[~np.isin(all_ids, old_f)]
+        # What the new faces need, read by the store: a cost that follows the batch, and the centroids.
+        new, new_images = self.store.unclustered_faces(self.model_version)
         if len(new) == 0:
             return self._record_incremental(started, t0, 0, 0)
         new, x = self.catalog.embeddings(new.tolist())
-        rows = self.store.query("SELECT cluster_id, size, centroid FROM clusters WHERE centroid IS NOT NULL "
-                                  "ORDER BY cluster_id")
-        c_ids = np.array([r[0] for r in rows], np.int64)
-        sizes = np.array([r[1] for r in rows], np.int64)
-        means = np.array([r[2] for r in rows], np.float32).reshape(len(rows), x.shape[1])
-        # Cannot-link partners of the new faces (same photo, curation) -> their clusters.
-        _, cannot = self.store.constraints()
-        pairs = np.concatenate([cannot, same_photo_pairs(all_ids, images)])
-        pairs = np.concatenate([pairs, pairs[:, ::-1]])
-        face_cluster = dict(zip(old_f.tolist(), old_c.tolist()))
-        banned = {(a, face_cluster[b]) for a, b in pairs.tolist() if b in face_cluster}
+        c_ids, sizes, means = self.store.centroids(x.shape[1])
+        banned = self.store.barred(new.tolist())
         cfg = self.settings
 
         def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -575,7 +601,7 @@ class PersonClusters:
         assigned = np.where(best >= 0, c_ids[np.maximum(best, 0)], -1)
         # Two new faces of one photo must not both join the same cluster: the second starts its own.
         taken: set[tuple[str, int]] = set()
-        image_of = dict(zip(all_ids.tolist(), images.tolist()))
+        image_of = dict(zip(new.tolist(), new_images.tolist()))
         for i in np.argsort(-score, kind="stable"):
             if assigned[i] >= 0:
                 key = (image_of[int(new[i])], int(assigned[i]))
