@@ -329,11 +329,12 @@ def _curator(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
     """A reviewer on the people page: pages of persons, then rename, merge, move 20 faces and split,
     through the web API, one action every few seconds."""
     rng = random.Random(7)
-    i = 0
+    i = total = 0
     while not stop.is_set():
         page = _timed_request(dep, rec, "people_page_s", "GET", "/api/people",
-                              params={"offset": rng.randrange(0, 2000), "limit": 48})
+                              params={"offset": rng.randrange(0, max(total - 48, 0) + 1), "limit": 48})
         items = page.json()["items"] if page is not None else []
+        total = page.json()["total"] if page is not None else total
         big = [p for p in items if p["size"] >= 22]
         small = [p for p in items if p["size"] <= 3]
         action = i % 4
@@ -360,11 +361,13 @@ def _curator(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
 def _writer(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
     """One-row writes from a process of its own (a rename of one person by the library, committed
     and published), timed inside that process."""
-    code = ("import sys, time, json\n"
+    code = ("import sys, time\n"
             "from face_assets import FaceRecognitionLibrary\n"
             "lib = FaceRecognitionLibrary(index_dir=sys.argv[1])\n"
-            "cid = lib.persons.store.query('SELECT min(cluster_id) FROM clusters')[0][0]\n"
             "for line in sys.stdin:\n"
+            "    cid = lib.persons.store.query('SELECT min(cluster_id) FROM clusters')[0][0]\n"
+            "    if cid is None:\n"
+            "        print('', flush=True); continue  # nobody clustered yet\n"
             "    t = time.perf_counter(); lib.rename(cid, 'writer ' + line.strip())\n"
             "    print(time.perf_counter() - t, flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(dep.data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -374,7 +377,7 @@ def _writer(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
         while not stop.is_set() and proc.poll() is None:
             proc.stdin.write(f"{n}\n")
             proc.stdin.flush()
-            line = proc.stdout.readline()
+            line = proc.stdout.readline().strip()
             if line:
                 rec.add("write_s", float(line))
             n += 1
@@ -498,7 +501,13 @@ def _run_counts(dep: Deployment) -> dict:
 
 
 def _pct(values: list[float], q: float) -> float | None:
+    """Percentile ``q`` of durations in seconds, in milliseconds."""
     return round(float(np.percentile(np.array(values) * 1000, q)), 1) if values else None
+
+
+def _pct_s(values: list[float], q: float) -> float | None:
+    """Percentile ``q`` of durations in seconds, in seconds."""
+    return round(float(np.percentile(values, q)), 3) if values else None
 
 
 def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_seconds: float = 40.0,
@@ -609,7 +618,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
     peaks = (rec.data["rss_peaks"] or [{}])[-1]
     out |= {
         "seeding": seeding,
-        "curation_s": {k: {"p50": _pct(rec.data[k], 50), "p95": _pct(rec.data[k], 95), "n": len(rec.data[k])}
+        "curation_s": {k: {"p50": _pct_s(rec.data[k], 50), "p95": _pct_s(rec.data[k], 95), "n": len(rec.data[k])}
                        for k in ("curation_rename_s", "curation_merge_s", "curation_move20_s", "curation_split_s",
                                  "people_page_s", "person_faces_s", "write_s", "stats_s")},
         "curation_errors": rec.data["curation_errors"][:5],
@@ -628,10 +637,10 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
         "partial_batches_seen": len(rec.data["partial_batches_seen"]),
         "drop_to_searchable_p95_s": out["drop_to_searchable_s"]["p95"],
         "search_p99_ratio": round(s["ingest_p99"] / s["idle_p99"], 2) if s["ingest_p99"] and s["idle_p99"] else None,
-        "curation_p95_s": _pct(curation, 95),
-        "write_p50_s": _pct(rec.data["write_s"], 50),
-        "people_page_p95_s": _pct(rec.data["people_page_s"], 95),
-        "stats_p50_s": _pct(rec.data["stats_s"], 50),
+        "curation_p95_s": _pct_s(curation, 95),
+        "write_p50_s": _pct_s(rec.data["write_s"], 50),
+        "people_page_p95_s": _pct_s(rec.data["people_page_s"], 95),
+        "stats_p50_s": _pct_s(rec.data["stats_s"], 50),
         "host_peak_rss_gib": round(peaks.get("host", 0) / 2**30, 2),
     }
     p95 = out["drop_to_searchable_s"]["p95"]
