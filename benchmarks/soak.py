@@ -421,19 +421,40 @@ def _host_used() -> int:
     return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
 
 
-def _disk_written() -> int:
-    """Bytes written to the machine's disks so far (sectors of whole disks in /proc/diskstats)."""
-    total = 0
-    for line in Path("/proc/diskstats").read_text().splitlines():
-        f = line.split()
-        if len(f) > 9 and not f[2][-1].isdigit():
-            total += int(f[9]) * 512
-    return total
+def _written_by_tree(pid: int, seen: dict[int, int], names: dict[int, str]) -> None:
+    """Bytes each process of a tree has written to storage so far (``write_bytes`` of /proc/PID/io),
+    kept per process id in ``seen`` so that processes that end (run workers, CLI calls) still count;
+    ``names`` keeps each one's command line."""
+    try:
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        seen[pid] = max(seen.get(pid, 0), int(io["write_bytes"]))
+        if pid not in names:
+            names[pid] = " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0"))[:160]
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+        return
+    for c in children:
+        _written_by_tree(int(c), seen, names)
+
+
+def _top_writers(rec: Recorder, n: int = 5) -> list[tuple[str, float]]:
+    """The processes that wrote most, with their command lines (where the disk writes come from)."""
+    if not rec.data["written"]:
+        return []
+    written, names = rec.data["written"][0], rec.data["writer_names"][0]
+    top = sorted(written, key=written.get, reverse=True)[:n]
+    return [(names.get(pid, "?"), round(written[pid] / 2**20, 1)) for pid in top]
 
 
 def _memory_sampler(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
+    """Peak resident memory per process tree and of the host, and the bytes the soak's processes
+    (service, daemon and its runs, CLI calls, writer) have written, sampled every second."""
     peaks: dict[str, int] = defaultdict(int)
+    written: dict[int, int] = {}
+    names: dict[int, str] = {}
+    rec.data["written"], rec.data["writer_names"] = [written], [names]
     while not stop.is_set():
+        _written_by_tree(os.getpid(), written, names)
         peaks["host"] = max(peaks["host"], _host_used())
         for name, proc in dep.procs.items():
             peaks[name] = max(peaks[name], _rss_tree(proc.pid))
@@ -525,8 +546,9 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
     work = Path(work or tempfile.mkdtemp(prefix="face-assets-soak-"))
     dep = Deployment(work)
     seeded = dep.cli("index", *map(str, seed_photos), "--json", timeout=600)
-    if seeded.returncode != 0:
-        raise RuntimeError(seeded.stderr[-2000:])
+    clustered = dep.cli("cluster", "run", "--json", timeout=600) if seeded.returncode == 0 else seeded
+    if clustered.returncode != 0:  # persons from the start: the curator and the one-row writer act on them
+        raise RuntimeError(clustered.stderr[-2000:])
     seeding = seed_catalog(dep.data, seed_faces, work=work) if seed_faces else None
     if recluster_after is None and seed_faces:
         recluster_after = 30.0
@@ -552,7 +574,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
             t.start()
         time.sleep(idle_seconds)
         phase[0] = "ingest"
-        disk_before = _disk_written()
+        disk_before = sum(rec.data["written"][0].values()) if rec.data["written"] else 0
         if recluster_after is not None:
             reclusterer = threading.Thread(target=_full_recluster, args=(dep, rec, stop, recluster_after), daemon=True)
             reclusterer.start()
@@ -581,7 +603,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
             time.sleep(1.0)
         stop_kill.set()
         phase[0] = "drain"
-        disk_per_batch = (_disk_written() - disk_before) / max(len(drops), 1)
+        disk_per_batch = (sum(rec.data["written"][0].values()) - disk_before) / max(len(drops), 1)
     finally:
         stop.set()
         stop_kill.set()
@@ -626,6 +648,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
         "rss_peak_gib": {k: round(v / 2**30, 2) for k, v in peaks.items()},
         "disk_written_per_batch_mib": round(disk_per_batch / 2**20, 1) if drops else None,
         "photo_bytes_per_batch_mib": round(float(np.mean(photo_bytes)) / 2**20, 2) if drops else None,
+        "top_writers_mib": _top_writers(rec),
     }
     # The figures the issue of the 2M soak names, flat.
     s = out["search_ms"]

@@ -23,5 +23,6 @@ def test_short_soak(datasets, tmp_path):
     assert checks["no_partial_batch_visible"], out["partial_batch_samples"]
     assert not out["curation_errors"] and out["curation_s"]["curation_rename_s"]["n"] > 0, out["curation_errors"]
     assert out["curation_s"]["write_s"]["n"] > 0 and out["host_peak_rss_gib"] > 0
+    assert out["disk_written_per_batch_mib"] > 0  # the processes' own writes are attributed
     assert checks["every_drop_searchable"], out["drop_to_searchable_s"]
     assert out["runs"]["succeeded"] >= out["drops"]

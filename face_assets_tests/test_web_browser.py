@@ -63,6 +63,7 @@ def log_in(page, base: str, token: str) -> None:
     page.fill("#token", token)
     page.click("#login-btn")
     page.wait_for_url(base + "/")
+    page.locator("#who span").wait_for()  # the header fills in after /api/me answers
 
 
 def test_login_search_choose_face_vote_undo_more_reload(browser, data_dir, feedback_people, tmp_path, shots):
