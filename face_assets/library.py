@@ -246,7 +246,8 @@ class FaceRecognitionLibrary:
                 logger.info("now running model %s (%s), promoted by another process", self.active_model,
                             self.model_version)
             self.index, self._index_stamp = index, self._stamp()
-            return True
+        logger.info("loaded the index published at %s: %d faces", self.index_path, len(index))
+        return True
 
     def save(self) -> Path:
         """Write the index atomically next to the catalog and publish the catalog; returns the index path."""

@@ -215,13 +215,21 @@ INGEST = AssetSelection.assets(source_images, filtered_images, face_embeddings)
 """The ingest graph of one batch, as the ingest_images job runs it (with the staged check)."""
 
 
-def test_automation_requests_index_and_clusters_after_new_merges(ws):
+def test_automation_requests_index_and_clusters_after_new_merges_only(ws):
     first = evaluate_automation_conditions(defs, ws.instance)
     assert first.total_requested == 0  # the first evaluation redoes nothing (a daemon started after a run)
-    assert ws.materialize(ws.key, selection=INGEST).success  # a batch merged again
-    after = evaluate_automation_conditions(defs, ws.instance, cursor=first.cursor)
+    # A merged batch re-executed: it adds nothing, keeps its data version, and requests nothing.
+    assert ws.materialize(ws.key, selection=INGEST).success
+    assert _latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
+    again = evaluate_automation_conditions(defs, ws.instance, cursor=first.cursor)
+    assert again.total_requested == 0
+    # A batch that adds faces: the index, and the clusters after it in the same run.
+    ws.add(["real/lfw10/Tony_Blair/Tony_Blair_0001.jpg"])
+    (key,) = ws.plan()
+    assert ws.materialize(key, selection=INGEST).success
+    after = evaluate_automation_conditions(defs, ws.instance, cursor=again.cursor)
     assert after.get_requested_partitions(ann_index.key) == {None}
-    assert after.get_requested_partitions(person_clusters.key) == {None}  # after the index, in the same run
+    assert after.get_requested_partitions(person_clusters.key) == {None}
     assert evaluate_automation_conditions(defs, ws.instance, cursor=after.cursor).total_requested == 0
 
 
@@ -429,8 +437,7 @@ def test_dagster_cli_materializes_into_duckdb(datasets, tmp_path, monkeypatch):
     proc = subprocess.run(
         [_bin("dagster"), "asset", "materialize", "-m", "face_assets.pipeline.definitions",
          # the ingest graph and the index (learning from feedback needs votes: test_pipeline_feedback.py)
-         "--select", "source_images,filtered_images,face_embeddings,ann_index", "--partition", key,
-         "--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})],  # one process: faster
+         "--select", "source_images,filtered_images,face_embeddings,ann_index", "--partition", key],
         cwd=tmp_path, env=_env(w.home, w.config), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "data" / "dagster" / "storage").is_dir()
