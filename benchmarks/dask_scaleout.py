@@ -10,7 +10,8 @@ as ``dagster.yaml`` sets it):
   process (the executor a small host runs; models loaded once);
 - ``dask, N workers``: a Dask cluster of N single-threaded worker processes started for the
   configuration, and all batches' runs launched at once on it (``pipeline.executor: dask`` with
-  the cluster's scheduler), as the daemon launches concurrent runs.
+  the cluster's scheduler), each run in a process of its own, as the daemon launches concurrent
+  runs (their start-up is counted).
 
 Every configuration runs the models on one thread per process (``models.intra_op_threads: 1``,
 ``detection.workers: 1``), so a worker process is one core's worth of work. The time of a
@@ -27,7 +28,8 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -68,28 +70,39 @@ class Config:
                          "executor": executor, "dask_scheduler": scheduler},
         }))
         self.resource = FaceAssetsResource(config_path=str(self.config))
-        (root / "home").mkdir()
-        self.instance = DagsterInstance.local_temp(str(root / "home"), overrides={
-            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
+        self.home = root / "home"
+        self.home.mkdir()
+        (self.home / "dagster.yaml").write_text(yaml.safe_dump({
+            "storage": {"sqlite": {"base_dir": str(self.home / "storage")}}, "telemetry": {"enabled": False},
+            "concurrency": {"pools": {"default_limit": 1}}}))
+        self.instance = DagsterInstance.from_config(str(self.home))
         self.keys = pending_batches(self.resource, set())
         self.instance.add_dynamic_partitions(image_batches.name, self.keys)
 
     def run(self, key: str) -> bool:
-        """One ``ingest_images`` run of batch ``key``, as the code location defines the job for these settings."""
-        from dagster import build_reconstructable_job, execute_job
-
-        from face_assets.pipeline.definitions import INGEST_JOB
-
-        job = build_reconstructable_job("face_assets.pipeline.definitions", "resolve_job",
-                                        reconstructable_args=(INGEST_JOB, self.resource.settings.pipeline.model_dump_json()))
-        run_config = {"resources": {"face_assets": {"config": {"config_path": str(self.config)}}}}
-        with execute_job(job, self.instance, run_config=run_config, tags={"dagster/partition": key}) as result:
-            return result.success
+        """One ``ingest_images`` run of batch ``key`` in this process."""
+        return run_batch(str(self.config), str(self.home), key)
 
     def valid_faces(self) -> int:
         """Valid faces in the catalog at the end (the same for every configuration)."""
         with self.resource.catalog() as catalog:
             return catalog.stats()["valid_faces"]
+
+
+def run_batch(config: str, home: str, key: str) -> bool:
+    """One ``ingest_images`` run of batch ``key``, as the code location defines the job for the settings in ``config``."""
+    from dagster import DagsterInstance, build_reconstructable_job, execute_job
+
+    from face_assets.config import load_settings
+    from face_assets.pipeline.definitions import INGEST_JOB
+
+    job = build_reconstructable_job("face_assets.pipeline.definitions", "resolve_job",
+                                    reconstructable_args=(INGEST_JOB, load_settings(config).pipeline.model_dump_json()))
+    run_config = {"resources": {"face_assets": {"config": {"config_path": config}}},
+                  "loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the table only
+    with DagsterInstance.from_config(home) as instance, execute_job(
+            job, instance, run_config=run_config, tags={"dagster/partition": key}) as result:
+        return result.success
 
 
 def measure(photos: list[Path], batch_size: int, workers: list[int], work: Path) -> list[dict]:
@@ -106,8 +119,8 @@ def measure(photos: list[Path], batch_size: int, workers: list[int], work: Path)
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
             cfg = Config(work / f"dask_{n}", photos, batch_size, "dask", cluster.scheduler_address)
             start = time.perf_counter()
-            with ThreadPoolExecutor(len(cfg.keys)) as pool:
-                ok = all(pool.map(cfg.run, cfg.keys))
+            with ProcessPoolExecutor(len(cfg.keys), mp_context=multiprocessing.get_context("spawn")) as pool:
+                ok = all(pool.map(run_batch, *zip(*[(str(cfg.config), str(cfg.home), k) for k in cfg.keys])))
             rows.append({"configuration": f"dask, {n} worker process(es)", "seconds": time.perf_counter() - start,
                          "ok": ok, "batches": len(cfg.keys), "valid_faces": cfg.valid_faces()})
     for row in rows:

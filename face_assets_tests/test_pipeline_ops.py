@@ -119,10 +119,14 @@ def test_a_dropped_photo_is_searchable_and_clustered_in_time_with_the_defaults(d
     assert codes["serve"] == 0
     # The daemon's log: plain text, no warnings, the batch it found, and no line per idle tick.
     log = (dep.work / "daemon.log").read_text()
-    assert "\x1b[" not in log
+    assert "\x1b[" not in log and "Traceback" not in log  # stopped by SIGTERM without a traceback either
     assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line], log[-3000:]
     assert "1 new batch(es)" in log
     assert log.count("skipped: no new images\n") <= 3 and "Checking for new runs" not in log, log[-3000:]
+    # The service says what it serves, and each index it reloads.
+    served = (dep.work / "serve.log").read_text()
+    assert f"serving {dep.data}" in served and "(auth: tokens; index faces.faiss: 0 faces" in served, served[:2000]
+    assert "loaded the index published at" in served
 
 
 def _free_port() -> int:
@@ -211,3 +215,85 @@ def test_a_dask_cluster_started_in_another_folder_runs_the_ingest_steps(datasets
         assert len(versions) == 2 and versions[0] == versions[1] and versions[0]
     finally:
         _stop(procs[::-1])
+    for i in range(2):  # the steps' results are bytes Dask can size: no warning per result
+        assert "Sizeof calculation" not in (tmp_path / f"worker{i}.log").read_text()
+
+
+def _postgres_url(conninfo: str) -> str:
+    """A libpq ``key=value`` connection string as the URL dagster-postgres takes."""
+    kv = dict(item.split("=", 1) for item in conninfo.split())
+    return f"postgresql://{kv.get('user', 'postgres')}@{kv['host']}:{kv['port']}/{kv['dbname']}"
+
+
+def test_dagster_storage_on_postgresql_serves_dask_runs_and_pools(datasets, tmp_path, monkeypatch, postgres_dsn):
+    from dask.distributed import LocalCluster
+
+    from face_assets.pipeline.assets import CATALOG_POOL, image_batches
+    from face_assets.pipeline.resources import FaceAssetsResource
+    from face_assets.pipeline.sensors import pending_batches
+
+    # As docs/scaling.md moves the instance for several hosts: runs, events and pools in PostgreSQL.
+    w = Workspace(tmp_path, datasets, FIRST[:2])
+    (w.home / "dagster.yaml").write_text(yaml.safe_dump({
+        "storage": {"postgres": {"postgres_url": _postgres_url(postgres_dsn)}},
+        "concurrency": {"pools": {"default_limit": 1}}, "telemetry": {"enabled": False}}))
+    instance = DagsterInstance.from_config(str(w.home))
+    (key,) = pending_batches(w.resource, set())
+    instance.add_dynamic_partitions(image_batches.name, [key])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.setenv("FACE_ASSETS_CONFIG", str(w.config))
+        monkeypatch.setenv("FACE_ASSETS__PIPELINE__EXECUTOR", "dask")
+        monkeypatch.setenv("FACE_ASSETS__PIPELINE__DASK_SCHEDULER", cluster.scheduler_address)
+        with execute_job(_defs_job(FaceAssetsResource()), instance=instance, tags={"dagster/partition": key},
+                         raise_on_error=False) as result:
+            assert result.success
+            run_id = result.run_id
+    # Another process (another host) opening the same instance sees the run, the batch and the pool.
+    other = DagsterInstance.from_config(str(w.home))
+    assert other.get_run_by_id(run_id).status == DagsterRunStatus.SUCCESS
+    assert key in other.get_materialized_partitions(AssetKey("face_embeddings"))
+    pool = other.event_log_storage.get_concurrency_info(CATALOG_POOL)
+    assert pool.slot_count == 1 and pool.active_slot_count == 0
+    assert not (w.home / "storage").exists()  # nothing of the instance in local SQLite
+    assert len(w.sql("SELECT face_id FROM faces WHERE is_valid")) == 2
+
+
+def test_first_start_creates_the_instance_once_then_daemon_and_webserver_start_together(datasets, tmp_path):
+    """As the units and the compose file start them on a fresh DAGSTER_HOME: init, then both at the same moment."""
+    w = Workspace(tmp_path / "w", datasets, [])
+    root = tmp_path / "checkout"  # the folder the processes run in, as the units' WorkingDirectory
+    root.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", root / "dagster.yaml")
+    (root / "workspace.yaml").write_text((REPO_ROOT / "workspace.yaml").read_text().replace(
+        "working_directory: .", f"working_directory: {REPO_ROOT}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FACE_ASSETS", "DAGSTER"))}
+    env |= {"DAGSTER_HOME": str(root), "FACE_ASSETS_CONFIG": str(w.config), "PYTHONPATH": str(REPO_ROOT)}
+    init = subprocess.run([str(Path(sys.executable).parent / "dagster"), "instance", "migrate"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr[-2000:]
+    port = _free_port()
+    module = [sys.executable, "-m", "face_assets.pipeline.processes"]
+    procs = [_start(module + ["daemon"], root, env, tmp_path / "daemon.log"),
+             _start(module + ["webserver", "-h", "127.0.0.1", "-p", str(port)], root, env, tmp_path / "web.log")]
+    try:
+        def up() -> bool:
+            assert all(p.poll() is None for p in procs), (tmp_path / "web.log").read_text()[-2000:]
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/graphql", timeout=5,
+                               json={"query": "{ assetNodes { assetKey { path } } }"})
+            except httpx.TransportError:
+                return False
+            return r.status_code == 200 and bool(r.json()["data"]["assetNodes"])
+
+        _wait(up, 180, "webserver answering")
+        # What the UI asks on its first visit: with `nux` disabled, nothing is written into DAGSTER_HOME.
+        nux = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": "{ shouldShowNux }"}, timeout=10)
+        assert nux.json()["data"]["shouldShowNux"] is False
+        instance = DagsterInstance.from_config(str(root))
+        _wait(lambda: instance.get_daemon_heartbeats(), 120, "daemon heartbeats")
+    finally:
+        _stop(procs)
+    logs = (tmp_path / "daemon.log").read_text() + (tmp_path / "web.log").read_text()
+    assert "alembic_version" not in logs and "Traceback" not in logs, logs[-3000:]
+    assert "\x1b[" not in logs
+    assert not (root / ".nux").exists()

@@ -324,7 +324,7 @@ def merge_data_version(context: AssetExecutionContext, added: int) -> DataVersio
         previous = records[0].asset_materialization.tags.get(DATA_VERSION_TAG) if records else None
         if previous:
             return DataVersion(previous)
-    return DataVersion(context.run_id)
+    return DataVersion(context.run.run_id)
 
 
 def _previous_count(index_path: Path) -> int | None:

@@ -68,6 +68,7 @@ EXECUTOR_TAG = "face_assets/executor"
 """Run tag naming the executor of the run's steps (``in_process``, ``multiprocess``, ``dask``)."""
 
 IN_PROCESS = {EXECUTOR_TAG: "in_process"}
+"""The tag of every run but the ingest runs: ``defs`` runs their steps in the run's process."""
 
 
 def _ingest_job(executor: str, executor_def: ExecutorDefinition, max_retries: int = 0):

@@ -31,23 +31,27 @@ POOL_POLL_SECONDS = 1.0
 """How often a step waiting for a pool slot asks the instance again."""
 
 
-def _run_step(dependencies: list, payload: bytes, pool: str | None) -> list[DagsterEvent]:
+def _run_step(dependencies: list, payload: bytes, pool: str | None) -> bytes:
     """Dask task: unpack one step's arguments and run it with dagster-dask's worker function.
 
     A step in a concurrency pool first takes a slot of that pool from the Dagster instance, as
     Dagster's own executors do, and waits while the pool is full; so the pool limit holds across
-    Dask workers and across runs on other executors.
+    Dask workers and across runs on other executors. The step's events come back pickled: Dask
+    cannot size Dagster's event records and warned about each one ("Sizeof calculation ... failed").
     """
     recon_job, run, run_config, step_keys, instance_ref, known_state = pickle.loads(payload)
     if pool is None:
-        return query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+        events = query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+        return pickle.dumps(events)
     with DagsterInstance.from_ref(instance_ref) as instance, InstanceConcurrencyContext(instance, run) as slots:
         while not slots.claim(pool, step_keys[0]):
             time.sleep(POOL_POLL_SECONDS)
         try:
-            return query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref, known_state)
+            events = query_on_dask_worker(dependencies, recon_job, run, run_config, step_keys, instance_ref,
+                                          known_state)
         finally:
             slots.free_step(step_keys[0])
+    return pickle.dumps(events)
 
 
 def _absolute_paths(config: Any, key: str | None = None) -> Any:
@@ -141,7 +145,7 @@ class PoolSafeDaskExecutor(DaskExecutor):
                         _run_step, upstream, payload, step.pool, key=f"{job_name}.{step.key}.{run.run_id}",
                         pure=False, resources=get_dask_resource_requirements(step.tags))
             for _, events in dask.distributed.as_completed(list(futures.values()), with_results=True):
-                yield from events
+                yield from pickle.loads(events)
 
 
 @executor(name="dask", config_schema=_upstream_dask_executor.config_schema,
