@@ -147,7 +147,7 @@ class Deployment:
             env=self.env, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> dict[str, int]:
-        """Stop the service (SIGINT: it closes the library) and the daemon's whole process group."""
+        """Stop the service (SIGINT: it closes the library) and the daemon, then what is left of its process group."""
         codes = {}
         serve = self.procs.get("serve")
         if serve is not None:
@@ -160,7 +160,9 @@ class Deployment:
         daemon = self.procs.get("daemon")
         if daemon is not None:
             try:
-                os.killpg(daemon.pid, signal.SIGTERM)
+                # SIGTERM to the daemon alone, as systemd's KillMode=mixed does: it stops its code
+                # server itself (a code server sent SIGTERM directly dies with a traceback).
+                daemon.send_signal(signal.SIGTERM)
                 codes["daemon"] = daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 codes["daemon"] = None

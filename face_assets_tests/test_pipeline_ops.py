@@ -141,15 +141,20 @@ def _start(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process, then SIGKILL to what is left of its group (systemd's KillMode=mixed)."""
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
     for proc in procs:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_a_dask_cluster_started_in_another_folder_runs_the_ingest_steps(datasets, tmp_path, monkeypatch):
@@ -220,9 +225,9 @@ def test_a_dask_cluster_started_in_another_folder_runs_the_ingest_steps(datasets
 
 
 def _postgres_url(conninfo: str) -> str:
-    """A libpq ``key=value`` connection string as the URL dagster-postgres takes."""
+    """A libpq ``key=value`` connection string as the URL dagster-postgres takes (its driver, psycopg2, named)."""
     kv = dict(item.split("=", 1) for item in conninfo.split())
-    return f"postgresql://{kv.get('user', 'postgres')}@{kv['host']}:{kv['port']}/{kv['dbname']}"
+    return f"postgresql+psycopg2://{kv.get('user', 'postgres')}@{kv['host']}:{kv['port']}/{kv['dbname']}"
 
 
 def test_dagster_storage_on_postgresql_serves_dask_runs_and_pools(datasets, tmp_path, monkeypatch, postgres_dsn):
@@ -234,10 +239,12 @@ def test_dagster_storage_on_postgresql_serves_dask_runs_and_pools(datasets, tmp_
 
     # As docs/scaling.md moves the instance for several hosts: runs, events and pools in PostgreSQL.
     w = Workspace(tmp_path, datasets, FIRST[:2])
-    (w.home / "dagster.yaml").write_text(yaml.safe_dump({
+    home = tmp_path / "pg_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump({
         "storage": {"postgres": {"postgres_url": _postgres_url(postgres_dsn)}},
         "concurrency": {"pools": {"default_limit": 1}}, "telemetry": {"enabled": False}}))
-    instance = DagsterInstance.from_config(str(w.home))
+    instance = DagsterInstance.from_config(str(home))
     (key,) = pending_batches(w.resource, set())
     instance.add_dynamic_partitions(image_batches.name, [key])
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -249,16 +256,17 @@ def test_dagster_storage_on_postgresql_serves_dask_runs_and_pools(datasets, tmp_
             assert result.success
             run_id = result.run_id
     # Another process (another host) opening the same instance sees the run, the batch and the pool.
-    other = DagsterInstance.from_config(str(w.home))
+    other = DagsterInstance.from_config(str(home))
     assert other.get_run_by_id(run_id).status == DagsterRunStatus.SUCCESS
     assert key in other.get_materialized_partitions(AssetKey("face_embeddings"))
     pool = other.event_log_storage.get_concurrency_info(CATALOG_POOL)
     assert pool.slot_count == 1 and pool.active_slot_count == 0
-    assert not (w.home / "storage").exists()  # nothing of the instance in local SQLite
+    assert not list(home.rglob("*.db"))  # runs, events, schedules: nothing in local SQLite
     assert len(w.sql("SELECT face_id FROM faces WHERE is_valid")) == 2
 
 
-def test_first_start_creates_the_instance_once_then_daemon_and_webserver_start_together(datasets, tmp_path):
+def test_first_start_creates_the_instance_once_then_daemon_and_webserver_start_together(datasets, tmp_path,
+                                                                                        monkeypatch):
     """As the units and the compose file start them on a fresh DAGSTER_HOME: init, then both at the same moment."""
     w = Workspace(tmp_path / "w", datasets, [])
     root = tmp_path / "checkout"  # the folder the processes run in, as the units' WorkingDirectory
@@ -289,6 +297,7 @@ def test_first_start_creates_the_instance_once_then_daemon_and_webserver_start_t
         # What the UI asks on its first visit: with `nux` disabled, nothing is written into DAGSTER_HOME.
         nux = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": "{ shouldShowNux }"}, timeout=10)
         assert nux.json()["data"]["shouldShowNux"] is False
+        monkeypatch.chdir(root)  # dagster.yaml's storage is relative to the folder Dagster runs in
         instance = DagsterInstance.from_config(str(root))
         _wait(lambda: instance.get_daemon_heartbeats(), 120, "daemon heartbeats")
     finally:

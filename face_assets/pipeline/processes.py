@@ -12,8 +12,9 @@ commands, with their logging changed in three ways.
   settle: ...", then "no new images" again). ``--log-level debug`` shows them all.
 - The daemon's first start on a fresh instance says at INFO, not WARNING, that it has no event
   cursor yet.
-- The code servers the daemon starts log from ERROR up: each one the daemon replaces says "No
-  heartbeat received in 20 seconds, shutting down" as a WARNING, which is routine.
+- The code servers the daemon and the webserver start log from ERROR up: each one the daemon
+  replaces says "No heartbeat received in 20 seconds, shutting down" as a WARNING, which is
+  routine, and they log in colour, in their own processes.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
         cli.main(["run", *workspace, "--code-server-log-level", "error", *rest], prog_name="dagster-daemon", obj={})
     else:
-        dagster_webserver.cli.cli.main([*workspace, *rest], prog_name="dagster-webserver")
+        dagster_webserver.cli.cli.main([*workspace, "--code-server-log-level", "error", *rest],
+                                       prog_name="dagster-webserver")
 
 
 if __name__ == "__main__":
