@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job
 from dagster._core.scheduler.instigation import InstigatorType

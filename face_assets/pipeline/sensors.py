@@ -30,7 +30,6 @@ from dagster import (
 from ..config import PipelineSettings
 from ..errors import FeedbackStoreUnavailableError
 from ..feedback import FeedbackStore
-from ..store import Catalog
 from .assets import image_batches
 from .learning import promoted_model
 from .resources import FaceAssetsResource
