@@ -5,7 +5,8 @@
 In a fresh work folder it starts what a deployment runs, each in its own process:
 
 - ``face-assets serve`` (the search service), loaded by searchers (an upload every 0.5 s) and voters;
-- the Dagster daemon (``dagster-daemon run``, under ``nice``, as docs/operations.md runs it) with
+- the Dagster daemon (``python -m face_assets.pipeline.processes daemon``, under ``nice``, as
+  docs/operations.md runs it) with
   the project's sensors and automation: new files in the watched folder become batches, are
   ingested, merged, indexed and clustered;
 - an analyst's loop of read-only SQL on the published catalog (one session held open throughout,
@@ -69,9 +70,12 @@ def _photos(datasets: Path) -> list[Path]:
 
 
 class Deployment:
-    """The processes of one host on a work folder: config, data, watched folder, Dagster home."""
+    """The processes of one host on a work folder: config, data, watched folder, Dagster home.
 
-    def __init__(self, work: Path, sensor_seconds: int = 5):
+    ``pipeline`` settings are added to the watched folder; the others are the defaults.
+    """
+
+    def __init__(self, work: Path, pipeline: dict | None = None):
         self.work = work
         self.data = work / "data"
         self.incoming = work / "incoming"
@@ -81,11 +85,8 @@ class Deployment:
         self.config = work / "face_assets.yaml"
         self.config.write_text(yaml.safe_dump({
             "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.incoming)], "sensor_interval_seconds": sensor_seconds,
-                         "index_refresh_seconds": sensor_seconds, "settle_seconds": 2.0,
-                         "batch_size": 64, "retrain_min_new_votes": 1_000_000,
-                         # One process per run: on 2 cores a process per step costs more than it runs.
-                         "executor": "in_process"},
+            # The default intervals, settle time and executor: what a deployment gets.
+            "pipeline": {"watched_folders": [str(self.incoming)]} | (pipeline or {}),
             # The load comes from a few tokens: their rate limits are the deployment's to choose.
             "web": {"rate_limit": "100000/minute", "search_rate_limit": "100000/minute",
                     "max_concurrent_searches": 4, "prewarm_thumbnails": False},
@@ -155,12 +156,12 @@ class Deployment:
         """The Dagster daemon (sensors, run queue, monitoring) under ``nice``, in its own process group."""
         log = open(self.work / "daemon.log", "wb")
         self.procs["daemon"] = subprocess.Popen(
-            ["nice", "-n", "10", sys.executable, "-m", "dagster._daemon", "run", "-w",
+            ["nice", "-n", "10", sys.executable, "-m", "face_assets.pipeline.processes", "daemon", "-w",
              str(self.home / "workspace.yaml")],
             env=self.env, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> dict[str, int]:
-        """Stop the service (SIGINT: it closes the library) and the daemon's whole process group."""
+        """Stop the service (SIGINT: it closes the library) and the daemon, then what is left of its process group."""
         codes = {}
         serve = self.procs.get("serve")
         if serve is not None:
@@ -173,7 +174,9 @@ class Deployment:
         daemon = self.procs.get("daemon")
         if daemon is not None:
             try:
-                os.killpg(daemon.pid, signal.SIGTERM)
+                # SIGTERM to the daemon alone, as systemd's KillMode=mixed does: it stops its code
+                # server itself (a code server sent SIGTERM directly dies with a traceback).
+                daemon.send_signal(signal.SIGTERM)
                 codes["daemon"] = daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 codes["daemon"] = None
@@ -544,7 +547,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
     photos = _photos(datasets)
     seed_photos, pool = photos[:24], photos[24:]
     work = Path(work or tempfile.mkdtemp(prefix="face-assets-soak-"))
-    dep = Deployment(work)
+    dep = Deployment(work, pipeline={"batch_size": 64, "retrain_min_new_votes": 1_000_000})
     seeded = dep.cli("index", *map(str, seed_photos), "--json", timeout=600)
     clustered = dep.cli("cluster", "run", "--json", timeout=600) if seeded.returncode == 0 else seeded
     if clustered.returncode != 0:  # persons from the start: the curator and the one-row writer act on them

@@ -187,10 +187,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVICE_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     from .web import serve
 
+    # The package's own lines (an index not loaded, another model version switched to) in plain
+    # text on stderr beside uvicorn's; without a handler only warnings would reach it, unformatted.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(SERVICE_LOG_FORMAT))
+    log = logging.getLogger("face_assets")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     with _library(args) as lib:
+        settings = lib.settings
+        log.info("serving %s on http://%s:%d (auth: %s; index %s: %d faces, model %s; reloaded within %g s of a "
+                 "new one)", Path(settings.storage.data_dir).absolute(), args.host, args.port, settings.web.auth,
+                 lib.index_path.name, len(lib.index), lib.model_version, settings.storage.index_refresh_seconds)
         serve(lib, host=args.host, port=args.port)
     return 0
 

@@ -309,10 +309,10 @@ class PipelineSettings(_Section):
         "`storage.data_dir` (created when missing).",
     )
     settle_seconds: float = Field(
-        10.0,
+        2.0,
         ge=0,
         description="A file is read only once neither its content nor its metadata changed for this long, "
-        "so a file still being copied is left for a later scan.",
+        "so a file still being copied is left for a later scan (raise it for slow network copies).",
     )
     max_partition_retries: int = Field(
         3,
@@ -334,12 +334,16 @@ class PipelineSettings(_Section):
     batch_size: int = Field(
         500, ge=1, le=100_000, description="New images per partition of the graph (one run per partition)."
     )
-    sensor_interval_seconds: int = Field(60, ge=5, description="How often the new-image sensor scans the folders.")
+    sensor_interval_seconds: int = Field(
+        5, ge=5, description="How often the new-image sensor scans the folders (a tick with nothing new only lists "
+        "them: one `stat` per file)."
+    )
     index_refresh_seconds: int = Field(
-        60,
+        5,
         ge=5,
-        description="How often the automation sensor of `ann_index` evaluates its condition; the batches "
-        "merged in between are indexed in one run.",
+        description="How often the automation sensor of `ann_index` and `person_clusters` evaluates their "
+        "conditions (reading the event log only); the batches merged in between are indexed, then clustered, "
+        "in one run.",
     )
     nightly_cron: str | None = Field(
         None,
@@ -347,9 +351,10 @@ class PipelineSettings(_Section):
         "whole catalog (e.g. `0 2 * * *`); None = no schedule.",
     )
     executor: Literal["multiprocess", "in_process", "dask"] = Field(
-        "multiprocess",
-        description="Where the steps of the ingest job run (also when launched by `face-assets pipeline`): a "
-        "process each, all in the run's process, or tasks on a Dask cluster (docs/scaling.md).",
+        "in_process",
+        description="Where the steps of the ingest job run (also when launched by `face-assets pipeline`): all in "
+        "the run's process (its steps are a chain: batches run in parallel as concurrent runs), a process each, "
+        "or tasks on a Dask cluster (docs/scaling.md).",
     )
     dask_scheduler: str | None = Field(
         None,
@@ -377,12 +382,6 @@ class PipelineSettings(_Section):
         60,
         ge=5,
         description="How often the re-embedding sensor looks for a newly promoted model version.",
-    )
-    cluster_check_seconds: int = Field(
-        120,
-        ge=5,
-        description="How often the automation sensor of `person_clusters` evaluates its condition (after a "
-        "published index); all new faces are clustered in one run.",
     )
     min_cluster_cohesion: float = Field(
         0.3,

@@ -278,7 +278,8 @@ class FaceRecognitionLibrary:
                     return False
                 self._index.apply(records)
                 self._journal_end = end
-                return True
+            logger.info("applied %d index changes published by another process", len(records))
+            return True
         index = None
         try:  # loading a large index takes a while: searches go on with the old one meanwhile
             index = FaceIndex.load(self.index_path)
@@ -299,7 +300,8 @@ class FaceRecognitionLibrary:
             index.apply(records)
             self._index, self._index_stamp, self._index_sum, self._journal_end = index, self._stamp(), checksum, end
             self._pending, self._full_save = [], False
-            return True
+        logger.info("loaded the index published at %s: %d faces", self.index_path, len(index))
+        return True
 
     def save(self) -> Path:
         """Write the index atomically next to the catalog and publish the catalog; returns the index path."""

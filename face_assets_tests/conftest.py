@@ -34,7 +34,9 @@ MODULE_MARKERS = {
     "test_training": ("training",),  # torch: conversion, fine-tuning runs, the scenario benchmark
     "test_web_browser": ("browser",),
     "test_web_load": ("slow",),  # 10 s of votes against a served app
-    "test_soak": ("slow", "dagster"),  # ~90 s of the service, the Dagster daemon and the CLI together
+    "test_soak": ("slow", "dagster"),
+    "test_pipeline_ops": ("slow", "dagster"),  # a deployment's processes with its defaults; a Dask cluster
+    "test_docs_ops": ("slow", "dagster"),  # the guides' SQL and commands on a deployment made by the pipeline  # ~90 s of the service, the Dagster daemon and the CLI together
 }
 FIXTURE_MARKERS = {"postgres_server": ("postgres",), "postgres_dsn": ("postgres",)}
 NAME_MARKERS = {"browser": ("browser",)}  # a test with this in its name drives chromium

@@ -215,13 +215,21 @@ INGEST = AssetSelection.assets(source_images, filtered_images, face_embeddings)
 """The ingest graph of one batch, as the ingest_images job runs it (with the staged check)."""
 
 
-def test_automation_requests_index_and_clusters_after_new_merges(ws):
+def test_automation_requests_index_and_clusters_after_new_merges_only(ws):
     first = evaluate_automation_conditions(defs, ws.instance)
     assert first.total_requested == 0  # the first evaluation redoes nothing (a daemon started after a run)
-    assert ws.materialize(ws.key, selection=INGEST).success  # a batch merged again
-    after = evaluate_automation_conditions(defs, ws.instance, cursor=first.cursor)
+    # A merged batch re-executed: it adds nothing, keeps its data version, and requests nothing.
+    assert ws.materialize(ws.key, selection=INGEST).success
+    assert _latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
+    again = evaluate_automation_conditions(defs, ws.instance, cursor=first.cursor)
+    assert again.total_requested == 0
+    # A batch that adds faces: the index, and the clusters after it in the same run.
+    ws.add(["real/lfw10/Tony_Blair/Tony_Blair_0001.jpg"])
+    (key,) = ws.plan()
+    assert ws.materialize(key, selection=INGEST).success
+    after = evaluate_automation_conditions(defs, ws.instance, cursor=again.cursor)
     assert after.get_requested_partitions(ann_index.key) == {None}
-    assert after.get_requested_partitions(person_clusters.key) == {None}  # after the index, in the same run
+    assert after.get_requested_partitions(person_clusters.key) == {None}
     assert evaluate_automation_conditions(defs, ws.instance, cursor=after.cursor).total_requested == 0
 
 
@@ -293,7 +301,9 @@ def test_a_file_still_being_written_is_not_planned_until_settled(datasets, tmp_p
     with target.open("ab") as f:
         f.write(data[len(data) // 2 :])
     os.utime(target, (time.time() - 3600,) * 2)  # a copy that restores an old time (cp -p) is still fresh
-    assert w.plan() == []
+    sensor = defs.resolve_sensor_def("new_images_sensor")
+    waiting = sensor(build_sensor_context(instance=w.instance, resources={"face_assets": w.resource}))
+    assert waiting.skip_message == f"no new images; 1 file(s) waiting to settle: {target}"  # the tick names it
     time.sleep(2.2)
     (key,) = w.plan()
     (planned,) = w.resource.batches().files(key)
@@ -429,8 +439,7 @@ def test_dagster_cli_materializes_into_duckdb(datasets, tmp_path, monkeypatch):
     proc = subprocess.run(
         [_bin("dagster"), "asset", "materialize", "-m", "face_assets.pipeline.definitions",
          # the ingest graph and the index (learning from feedback needs votes: test_pipeline_feedback.py)
-         "--select", "source_images,filtered_images,face_embeddings,ann_index", "--partition", key,
-         "--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})],  # one process: faster
+         "--select", "source_images,filtered_images,face_embeddings,ann_index", "--partition", key],
         cwd=tmp_path, env=_env(w.home, w.config), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "data" / "dagster" / "storage").is_dir()
@@ -450,8 +459,10 @@ def test_webserver_lists_the_assets_over_graphql(datasets, tmp_path):
     w = Workspace(tmp_path / "w", datasets, [])
     shutil.copy(REPO_ROOT / "dagster.yaml", w.home / "dagster.yaml")
     port = _free_port()
+    # As the units and the compose file start it: Dagster's webserver with plain logs.
     server = subprocess.Popen(
-        [_bin("dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "face_assets.pipeline.processes", "webserver", "-w", str(REPO_ROOT / "workspace.yaml"),
+         "-h", "127.0.0.1", "-p", str(port)],
         cwd=tmp_path, env=_env(w.home, w.config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
     try:

@@ -12,7 +12,8 @@ It holds no face logic: every asset calls the library (``ingest_paths``, ``Catal
 - :mod:`.sensors`: the new-image, index, cluster, retraining and re-embedding sensors, the nightly schedule;
 - :mod:`.definitions`: ``defs`` for ``dagster dev`` / ``dagster asset materialize``, and the jobs;
 - :mod:`.executors`: the Dask executor (optional ``distributed`` extra);
-- :mod:`.runner`: ``face-assets pipeline``, the main job of ``make run``.
+- :mod:`.runner`: ``face-assets pipeline``, the main job of ``make run``;
+- :mod:`.processes`: the daemon and webserver of a deployment, with plain, quiet logs.
 
 See ``docs/pipeline.md`` and ``docs/scaling.md``.
 """

@@ -44,8 +44,10 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AssetRecordsFilter,
     AutomationCondition,
     Backoff,
+    DataVersion,
     DynamicPartitionsDefinition,
     Failure,
     Jitter,
@@ -55,6 +57,7 @@ from dagster import (
     asset,
     asset_check,
 )
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from ..errors import ModelVersionError
 from ..ingest import ingest_paths
@@ -81,16 +84,22 @@ seconds (Dagster's exponential backoff), each moved at random by up to 0.5 s so 
 steps do not retry in step."""
 
 AFTER_UPSTREAM_UPDATES = (
-    AutomationCondition.any_deps_updated().since_last_handled()
+    AutomationCondition.any_deps_match(
+        (AutomationCondition.data_version_changed() & ~AutomationCondition.executed_with_root_target())
+        | AutomationCondition.will_be_requested()
+    ).since_last_handled()
     & AutomationCondition.all_deps_blocking_checks_passed()
     & ~AutomationCondition.in_progress()
-).with_label("after upstream updates")
-"""Requested once after its dependencies were updated (all merges since the last request together)
-and their blocking checks passed, unless a run of it is in progress. Unlike
-``AutomationCondition.eager()`` it neither waits for every dependency partition to exist (a failed
-batch must not stop the index) nor for running dependency partitions (under a steady stream of new
-images some batch is always running, and the index must not wait for a quiet moment). The first
-evaluation sees nothing as updated, so starting the daemon redoes nothing."""
+).with_label("after upstream changes")
+"""Requested once after the data of its dependencies changed (all merges since the last request
+together) and their blocking checks passed, unless a run of it is in progress; in the same run as
+a dependency requested on the same tick. Unlike ``AutomationCondition.eager()`` it neither waits for
+every dependency partition to exist (a failed batch must not stop the index) nor for running
+dependency partitions (under a steady stream of new images some batch is always running, and the
+index must not wait for a quiet moment). It follows data versions, not materializations: a merge
+that added nothing keeps its batch's data version (:func:`merge_data_version`), so re-executing a
+merged batch requests neither the index nor the clusters. The first evaluation sees nothing as
+changed, so starting the daemon redoes nothing."""
 
 
 def _seconds(start: float) -> MetadataValue:
@@ -283,6 +292,7 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
     context.log.info("merged %s: %d images, %d faces added, %d skipped",
                      context.partition_key, merged["images"], merged["faces"], merged["skipped"])
     return MaterializeResult(
+        data_version=merge_data_version(context, added=merged["images"]),
         metadata={
             "images_added": merged["images"],
             "faces_added": merged["faces"],
@@ -296,6 +306,21 @@ def face_embeddings(context: AssetExecutionContext, face_assets: FaceAssetsResou
             "seconds": _seconds(start),
         },
     )
+
+
+def merge_data_version(context: AssetExecutionContext, added: int) -> DataVersion:
+    """Data version of a batch after its merge: new when the merge added anything, else the batch's previous one.
+
+    A merge retried after it committed, or a batch re-executed, adds nothing: its data version stays,
+    so the automation after it (:data:`AFTER_UPSTREAM_UPDATES`) sees no change and requests nothing.
+    """
+    if not added:
+        records = context.instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1).records
+        previous = records[0].asset_materialization.tags.get(DATA_VERSION_TAG) if records else None
+        if previous:
+            return DataVersion(previous)
+    return DataVersion(context.run.run_id)
 
 
 INDEX_CHECK = "catalog_and_index_agree"

@@ -42,10 +42,10 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Scan:
-    """What a scan found: the settled files, sorted by path, and how many files are still settling."""
+    """What a scan found: the settled files, sorted by path, and the paths of the files still settling."""
 
     files: list[SourceFile]
-    settling: int
+    settling: list[str]
 
 
 def scan(folders: Iterable[str | os.PathLike], extensions: Sequence[str], recursive: bool = True,
@@ -62,7 +62,7 @@ def scan(folders: Iterable[str | os.PathLike], extensions: Sequence[str], recurs
     endings = tuple(e.lower() for e in extensions)
     hashes = hashes or {}
     now = time.time() if now is None else now
-    found, settling = [], 0
+    found, settling = [], []
     for folder in folders:
         if not Path(folder).exists():
             continue
@@ -73,7 +73,7 @@ def scan(folders: Iterable[str | os.PathLike], extensions: Sequence[str], recurs
             try:
                 st = path.stat()
                 if now - max(st.st_mtime, st.st_ctime) < settle_seconds:
-                    settling += 1  # still being written (or just touched): a later scan looks again
+                    settling.append(name)  # still being written (or just touched): a later scan looks again
                     continue
                 size, mtime_ns, digest = hashes.get(name, (None, None, None))
                 if (size, mtime_ns) != (st.st_size, st.st_mtime_ns):
@@ -81,7 +81,7 @@ def scan(folders: Iterable[str | os.PathLike], extensions: Sequence[str], recurs
             except (OSError, ImageLoadError):
                 continue  # removed or unreadable between listing and reading
             found.append(SourceFile(name, st.st_size, st.st_mtime_ns, digest))
-    return Scan(sorted(set(found)), settling)
+    return Scan(sorted(set(found)), sorted(settling))
 
 
 def batch_key(files: Sequence[SourceFile]) -> str:
@@ -138,11 +138,16 @@ class BatchStore:
 
     def scan(self, folders: Iterable[str | os.PathLike], extensions: Sequence[str], recursive: bool = True,
              settle_seconds: float = 0.0) -> Scan:
-        """:func:`scan` with this store's hash cache, which is then replaced by what this scan saw."""
-        found = scan(folders, extensions, recursive, settle_seconds, self.hashes())
-        self.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / HASH_CACHE,
-                      json.dumps({f.path: [f.size, f.mtime_ns, f.sha256] for f in found.files}))
+        """:func:`scan` with this store's hash cache, which is then replaced by what this scan saw.
+
+        The cache is rewritten only when it changed: a scan that finds nothing new writes nothing.
+        """
+        cached = self.hashes()
+        found = scan(folders, extensions, recursive, settle_seconds, cached)
+        seen = {f.path: (f.size, f.mtime_ns, f.sha256) for f in found.files}
+        if seen != cached:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.root / HASH_CACHE, json.dumps(seen))
         return found
 
     def plan(self, files: Iterable[SourceFile], batch_size: int) -> list[str]:

@@ -14,7 +14,11 @@ Jobs:
 - ``nightly_refresh``: the ANN index and the person clusters; what the nightly schedule runs.
 
 ``face-assets pipeline`` launches these jobs (:func:`resolve_job`). The daemon requests the ANN index
-and the person clusters declaratively (their ``AutomationCondition``, one automation sensor each).
+and the person clusters declaratively (their ``AutomationCondition``, evaluated by one automation
+sensor, so that both come in one run after a merge).
+
+Every job's runs carry the tag ``face_assets/executor`` (:data:`EXECUTOR_TAG`): the UI shows where
+their steps ran.
 
 ``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
 :func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
@@ -60,10 +64,17 @@ RESOURCES = {"face_assets": FaceAssetsResource()}
 """Default resources: settings from ``$FACE_ASSETS_CONFIG`` and the environment, like the CLI."""
 
 
-def _ingest_job(executor_def: ExecutorDefinition | None = None, max_retries: int = 0):
+EXECUTOR_TAG = "face_assets/executor"
+"""Run tag naming the executor of the run's steps (``in_process``, ``multiprocess``, ``dask``)."""
+
+IN_PROCESS = {EXECUTOR_TAG: "in_process"}
+"""The tag of every run but the ingest runs: ``defs`` runs their steps in the run's process."""
+
+
+def _ingest_job(executor: str, executor_def: ExecutorDefinition, max_retries: int = 0):
     partitioned = [a for a in ASSETS if isinstance(a, AssetsDefinition) and a.partitions_def == image_batches]
     return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*partitioned), executor_def=executor_def,
-                            tags=retry_tags(max_retries),
+                            tags=retry_tags(max_retries) | {EXECUTOR_TAG: executor},
                             description="One batch of new images filtered, checked, embedded and merged into the "
                             "catalog.")
 
@@ -80,13 +91,8 @@ def _executor(name: str) -> ExecutorDefinition:
     raise ValueError(f"unknown executor {name!r}; use in_process, multiprocess or dask")
 
 
-def _settings_executor(cfg: PipelineSettings) -> ExecutorDefinition | None:
-    """The executor ``pipeline.executor`` names, configured: Dask on ``pipeline.dask_scheduler``, else a local cluster.
-
-    None for ``multiprocess``: Dagster's default, which still lets a run choose ``in_process`` in its config.
-    """
-    if cfg.executor == "multiprocess":
-        return None
+def _settings_executor(cfg: PipelineSettings) -> ExecutorDefinition:
+    """The executor ``pipeline.executor`` names, configured: Dask on ``pipeline.dask_scheduler``, else a local cluster."""
     if cfg.executor == "dask":
         cluster = {"existing": {"address": cfg.dask_scheduler}} if cfg.dask_scheduler else {"local": {}}
         return _executor("dask").configured({"cluster": cluster})
@@ -99,7 +105,7 @@ def build_ingest_job(executor: str = "multiprocess") -> JobDefinition:
     For ``dagster.build_reconstructable_job`` callers (tests, scripts) that pick the executor per
     call; executor settings (e.g. a Dask scheduler address) come with the run config.
     """
-    job = _ingest_job(_executor(executor))
+    job = _ingest_job(executor, _executor(executor))
     return Definitions(assets=ALL_ASSETS, resources=RESOURCES, jobs=[job]).resolve_job_def(INGEST_JOB)
 
 
@@ -111,22 +117,23 @@ def build_retrain_job(auto_promote: bool):
     """
     selected = [feedback_pairs, fine_tuned_model] + ([promoted_model] if auto_promote else [])
     return define_asset_job(RETRAIN_JOB, selection=AssetSelection.assets(*selected),
-                            description="Export the feedback, fine-tune a candidate and gate it"
+                            tags=IN_PROCESS, description="Export the feedback, fine-tune a candidate and gate it"
                             + (", promote it when it passed." if auto_promote else "."))
 
 
 def _jobs(cfg: PipelineSettings) -> list:
-    ingest = _ingest_job(_settings_executor(cfg), cfg.max_partition_retries)
-    # One step each: in the run's own process, as a step process would only add its start-up.
-    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index),
-                               executor_def=in_process_executor,
+    ingest = _ingest_job(cfg.executor, _settings_executor(cfg), cfg.max_partition_retries)
+    # The other jobs run in the run's own process (the default of ``defs``): their steps are a chain,
+    # and a step process would only add its start-up (imports, models).
+    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index), tags=IN_PROCESS,
                                description="Bring the ANN index up to date with the catalog, check it, publish it.")
     reembed = define_asset_job(REEMBED_JOB, selection=AssetSelection.assets(reembedded_catalog, ann_index),
+                               tags=IN_PROCESS,
                                description="Re-embed the catalog with the active model version, then the index.")
-    clusters = define_asset_job(CLUSTER_JOB, selection=AssetSelection.assets(person_clusters),
-                                executor_def=in_process_executor,
+    clusters = define_asset_job(CLUSTER_JOB, selection=AssetSelection.assets(person_clusters), tags=IN_PROCESS,
                                 description="Assign new faces to person clusters, or re-cluster fully when due.")
     nightly = define_asset_job(NIGHTLY_JOB, selection=AssetSelection.assets(ann_index, person_clusters),
+                               tags=IN_PROCESS,
                                description="The ANN index and the person clusters over the whole catalog, with checks.")
     return [ingest, refresh, build_retrain_job(cfg.auto_promote), reembed, clusters, nightly]
 
@@ -139,13 +146,12 @@ def build_definitions() -> Definitions:
         assets=ALL_ASSETS,
         jobs=_jobs(cfg),
         sensors=[build_new_images_sensor(INGEST_JOB, cfg),
-                 build_automation_sensor("index_automation", ann_index, cfg.index_refresh_seconds,
-                                         cfg.max_partition_retries),
-                 build_automation_sensor("clusters_automation", person_clusters, cfg.cluster_check_seconds,
-                                         cfg.max_partition_retries),
+                 build_automation_sensor("index_and_clusters_automation", [ann_index, person_clusters],
+                                         cfg.index_refresh_seconds, retry_tags(cfg.max_partition_retries) | IN_PROCESS),
                  build_retraining_sensor(RETRAIN_JOB, cfg), build_reembed_sensor(REEMBED_JOB, cfg)],
         schedules=[schedule] if schedule else [],
         resources=RESOURCES,
+        executor=in_process_executor,
     )
 
 
@@ -157,7 +163,8 @@ def resolve_job(name: str, pipeline_json: str) -> JobDefinition:
     rebuilds the same job from the same arguments without reading a config file.
     """
     cfg = PipelineSettings.model_validate_json(pipeline_json)
-    return Definitions(assets=ALL_ASSETS, resources=RESOURCES, jobs=_jobs(cfg)).resolve_job_def(name)
+    return Definitions(assets=ALL_ASSETS, resources=RESOURCES, jobs=_jobs(cfg),
+                       executor=in_process_executor).resolve_job_def(name)
 
 
 defs = build_definitions()

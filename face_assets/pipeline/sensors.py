@@ -9,6 +9,7 @@ a look outside the instance (files, votes, the model registry) is a sensor.
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import duckdb
@@ -29,7 +30,6 @@ from dagster import (
 from ..config import PipelineSettings
 from ..errors import FeedbackStoreUnavailableError
 from ..feedback import FeedbackStore
-from ..store import Catalog
 from .assets import image_batches
 from .learning import promoted_model
 from .resources import FaceAssetsResource
@@ -38,7 +38,19 @@ _NEW_VOTES = "SELECT count(*) AS n, max(updated_at) AS last FROM feedback WHERE 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def pending_batches(face_assets: FaceAssetsResource, registered: set[str], wait: bool = False) -> list[str]:
+SETTLING_NAMED = 5
+"""How many of the files still settling a sensor tick names (then: "and N more")."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a look at the watched folders gave: the batches to run, and the files still settling."""
+
+    keys: list[str]
+    settling: list[str]
+
+
+def plan_batches(face_assets: FaceAssetsResource, registered: set[str], wait: bool = False) -> Plan:
     """Plan batches for the new contents of the watched folders; returns every batch not yet ``registered``.
 
     Files are identified by content and read only once settled (:mod:`.batches`); with ``wait``,
@@ -53,7 +65,19 @@ def pending_batches(face_assets: FaceAssetsResource, registered: set[str], wait:
         time.sleep(cfg.settle_seconds)
         found = store.scan(face_assets.watched_folders(), cfg.extensions, cfg.recursive, cfg.settle_seconds)
     store.plan(found.files, cfg.batch_size)
-    return [key for key in store.keys() if key not in registered]
+    return Plan([key for key in store.keys() if key not in registered], found.settling)
+
+
+def pending_batches(face_assets: FaceAssetsResource, registered: set[str], wait: bool = False) -> list[str]:
+    """The keys of :func:`plan_batches`: every planned batch not yet ``registered``."""
+    return plan_batches(face_assets, registered, wait).keys
+
+
+def settling_note(paths: list[str]) -> str:
+    """The files still settling, named (the first :data:`SETTLING_NAMED`), for a sensor tick's message."""
+    named = ", ".join(paths[:SETTLING_NAMED]) + (f" and {len(paths) - SETTLING_NAMED} more"
+                                                 if len(paths) > SETTLING_NAMED else "")
+    return f"{len(paths)} file(s) waiting to settle: {named}" if paths else ""
 
 
 def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
@@ -65,10 +89,11 @@ def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
             "and each batch gets one run of the ingest job (retried up to pipeline.max_partition_retries).")
     def new_images_sensor(context: SensorEvaluationContext, face_assets: FaceAssetsResource):
         registered = set(context.instance.get_dynamic_partitions(image_batches.name))
-        keys = pending_batches(face_assets, registered)
+        plan = plan_batches(face_assets, registered)
+        keys, waiting = plan.keys, settling_note(plan.settling)
         if not keys:
-            return SkipReason("no new images")
-        context.log.info("%d new batch(es): %s", len(keys), ", ".join(keys))
+            return SkipReason(f"no new images; {waiting}" if waiting else "no new images")
+        context.log.info("%d new batch(es): %s%s", len(keys), ", ".join(keys), f"; {waiting}" if waiting else "")
         # run_key = partition key: a batch is requested once, even if two ticks see it.
         return SensorResult(
             run_requests=[RunRequest(partition_key=key, run_key=key) for key in keys],
@@ -78,18 +103,20 @@ def build_new_images_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
     return new_images_sensor
 
 
-def build_automation_sensor(name: str, asset: AssetsDefinition, interval_seconds: int,
-                            max_retries: int) -> AutomationConditionSensorDefinition:
-    """Sensor evaluating the ``AutomationCondition`` of ``asset`` every ``interval_seconds``.
+def build_automation_sensor(name: str, assets: list[AssetsDefinition], interval_seconds: int,
+                            run_tags: dict[str, str]) -> AutomationConditionSensorDefinition:
+    """Sensor evaluating the ``AutomationCondition`` of ``assets`` every ``interval_seconds``, with ``run_tags``.
 
-    Its runs are tagged for Dagster's run retries (``max_retries`` times, from the failed step), as
-    the ingest runs are.
+    One sensor for assets that follow each other (the index, then the clusters): when both are due on
+    one tick they come in one run, so the second does not wait for another tick and another run's
+    start-up. A tick with nothing new reads the event log only.
     """
+    names = ", ".join(a.key.to_user_string() for a in assets)
     return AutomationConditionSensorDefinition(
-        name, target=AssetSelection.assets(asset), minimum_interval_seconds=interval_seconds,
-        default_status=DefaultSensorStatus.RUNNING, run_tags=retry_tags(max_retries),
-        description=f"Requests {asset.key.to_user_string()} when its automation condition holds "
-        "(after its upstream assets were updated and passed their blocking checks).")
+        name, target=AssetSelection.assets(*assets), minimum_interval_seconds=interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING, run_tags=run_tags,
+        description=f"Requests {names} when their automation conditions hold (after the data of their upstream "
+        "assets changed and passed their blocking checks).")
 
 
 def retry_tags(max_retries: int) -> dict[str, str]:
