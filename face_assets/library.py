@@ -278,8 +278,8 @@ class FaceRecognitionLibrary:
                     return False
                 self._index.apply(records)
                 self._journal_end = end
-            logger.info("applied %d index changes published by another process", len(records))
-            return True
+                logger.info("applied %d index changes published by another process", len(records))
+                return True
         index = None
         try:  # loading a large index takes a while: searches go on with the old one meanwhile
             index = FaceIndex.load(self.index_path)
