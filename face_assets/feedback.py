@@ -1,6 +1,7 @@
 """Feedback on search results: the vote store and its export to training pairs and triplets.
 
-Two tables, the same on DuckDB (inside the catalog file, the default) and on PostgreSQL:
+Three tables, the same on DuckDB (the data folder's own feedback store file, the default) and on
+PostgreSQL:
 
 ``feedback_queries``  one row per search that people can vote on: ``query_id``, ``created_at``, the
                       ``session_id`` that searched, ``model_version``, the query ``embedding``, the
@@ -13,6 +14,12 @@ Two tables, the same on DuckDB (inside the catalog file, the default) and on Pos
                       here), ``model_version``, ``similarity``, ``query_embedding``,
                       ``result_embedding``, and the result image's ``result_image_id``,
                       ``result_path``, ``result_bbox``, ``result_metadata``.
+``feedback_more_results``  the results a query showed later ("more results"): ``query_id``, ``face_id``.
+
+On DuckDB the store publishes like the catalog (:mod:`.storage`): each write logs the rows it
+changed (``query_seq``, ``feedback_id``, ``result_seq`` are the published keys), and a publication
+exports those rows as Parquet segments with a views file at ``<data_dir>/feedback.duckdb``, so a vote
+costs the vote, not the store.
 
 The export (:func:`export_feedback`) turns votes into ``pairs.parquet`` and ``triplets.parquet``
 for fine-tuning, after data-quality checks whose drops are reported with their reasons.
@@ -38,7 +45,7 @@ from PIL import Image
 
 from .config import FeedbackSettings, Settings
 from .errors import ConfigError, FeedbackError, FeedbackStoreUnavailableError
-from .storage import DuckDBFile
+from .storage import DuckDBFile, Table, log_changes
 from .store import Catalog
 
 VOTES = ("up", "down")
@@ -63,6 +70,9 @@ SCHEMA = [
         filename VARCHAR
     )""",
     "CREATE INDEX IF NOT EXISTS feedback_queries_time_idx ON feedback_queries (created_at)",
+    # Integer keys for publication as segments (added after the first release; existing rows get theirs).
+    "CREATE SEQUENCE IF NOT EXISTS feedback_query_seq START 1",
+    "ALTER TABLE feedback_queries ADD COLUMN IF NOT EXISTS query_seq BIGINT DEFAULT nextval('feedback_query_seq')",
     # The results a query showed: a vote is accepted only for one of them (added after the first release).
     "ALTER TABLE feedback_queries ADD COLUMN IF NOT EXISTS result_face_ids BIGINT[]",
     # Results shown later ("more results"); a table of their own, as DuckDB cannot update a row that
@@ -72,6 +82,8 @@ SCHEMA = [
         face_id BIGINT NOT NULL,
         PRIMARY KEY (query_id, face_id)
     )""",
+    "CREATE SEQUENCE IF NOT EXISTS feedback_result_seq START 1",
+    "ALTER TABLE feedback_more_results ADD COLUMN IF NOT EXISTS result_seq BIGINT DEFAULT nextval('feedback_result_seq')",
     """CREATE TABLE IF NOT EXISTS feedback (
         feedback_id BIGINT PRIMARY KEY DEFAULT nextval('feedback_id_seq'),
         query_id VARCHAR NOT NULL REFERENCES feedback_queries (query_id),
@@ -99,6 +111,10 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS feedback_model_idx ON feedback (model_version)",
 ]
 
+TABLES = [Table("feedback_queries", "query_seq", order="query_id"), Table("feedback", "feedback_id"),
+          Table("feedback_more_results", "result_seq")]
+"""The tables published as segments on DuckDB, by the integer key each write logs."""
+
 _RETURNING = " RETURNING feedback_id, query_id, result_face_id, vote, voter, similarity, created_at, updated_at, revisions"
 _REVOTE = """UPDATE feedback SET vote = ?, session_id = ?, updated_at = ?, revisions = revisions + 1
 WHERE query_id = ? AND result_face_id = ? AND voter = ?""" + _RETURNING
@@ -110,7 +126,15 @@ _ON_CONFLICT = """ ON CONFLICT (query_id, result_face_id, voter) DO UPDATE SET
     vote = excluded.vote, session_id = excluded.session_id, updated_at = excluded.updated_at,
     revisions = feedback.revisions + 1"""
 
-Rows = Callable[..., list[dict[str, Any]]]
+
+
+class Rows(Protocol):
+    """``rows(sql, params)``: one statement in the current transaction, rows as dicts; ``changed``
+    records which rows of a published table the transaction wrote (a no-op where nothing is published)."""
+
+    def __call__(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]: ...
+
+    def changed(self, table: str, keys: Sequence[int]) -> None: ...
 
 
 def _now() -> datetime:
@@ -121,6 +145,8 @@ class _Backend(Protocol):
     name: str
     # True when other processes may insert the same vote between our UPDATE and INSERT.
     concurrent_writers: bool
+
+    def create(self, schema: list[str]) -> None: ...
 
     def transaction(self) -> Any: ...
 
@@ -133,24 +159,28 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-def _records(con: Any) -> Rows:
-    """A ``rows(sql, params)`` callable over a DuckDB connection, returning dicts."""
+class _DuckDBRows:
+    """:class:`Rows` over a DuckDB write or read session's connection."""
 
-    def rows(sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        cursor = con.execute(sql, params or [])
+    def __init__(self, con: Any):
+        self.con = con
+
+    def __call__(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        cursor = self.con.execute(sql, params or [])
         if cursor.description is None:
             return []
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    return rows
+    def changed(self, table: str, keys: Sequence[int]) -> None:
+        log_changes(self.con, table, keys)
 
 
 class _DuckDBBackend:
     """Votes in their own DuckDB store file (``<data_dir>/store/feedback.duckdb``), in short sessions.
 
     Votes of concurrent requests commit together (group commit, :meth:`DuckDBFile.submit`); the
-    committed state is published to ``<data_dir>/feedback.duckdb`` for readers.
+    committed changes are published as segments with views at ``<data_dir>/feedback.duckdb``.
     """
 
     name = "duckdb"
@@ -159,19 +189,26 @@ class _DuckDBBackend:
     def __init__(self, db: DuckDBFile):
         self.db = db
 
+    def create(self, schema: list[str]) -> None:
+        """Create the tables (``IF NOT EXISTS``), then declare those published as segments."""
+        with self.transaction() as rows:
+            for statement in schema:
+                rows(statement)
+        self.db.declare(TABLES)
+
     @contextmanager
     def transaction(self) -> Iterator[Rows]:
         with self.db.write() as con:
-            yield _records(con)
+            yield _DuckDBRows(con)
 
     def run(self, fn: Callable[[Rows], Any]) -> Any:
         """``fn(rows)`` in a write transaction, grouped with other threads' concurrent calls."""
-        return self.db.submit(lambda con: fn(_records(con)))
+        return self.db.submit(lambda con: fn(_DuckDBRows(con)))
 
     def read(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """One read statement in a read session."""
         with self.db.read() as con:
-            return _records(con)(sql, params)
+            return _DuckDBRows(con)(sql, params)
 
     def vector(self, values: Any) -> np.ndarray:
         """A ``REAL[]`` parameter: DuckDB binds a float32 array far faster than a list of floats."""
@@ -180,6 +217,19 @@ class _DuckDBBackend:
     def close(self) -> None:
         """Publish what is pending."""
         self.db.close()
+
+
+class _PostgresRows:
+    """:class:`Rows` on the server: readers query the server itself, so nothing is logged for publication."""
+
+    def __init__(self, execute: Callable[..., list[dict[str, Any]]]):
+        self._execute = execute
+
+    def __call__(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        return self._execute(sql, params)
+
+    def changed(self, table: str, keys: Sequence[int]) -> None:
+        """Nothing to publish."""
 
 
 class _PostgresBackend:
@@ -206,6 +256,12 @@ class _PostgresBackend:
         cursor = self.con.execute(sql.replace("?", "%s"), params or None)
         return cursor.fetchall() if cursor.description else []
 
+    def create(self, schema: list[str]) -> None:
+        """Create the tables (``IF NOT EXISTS``)."""
+        with self.transaction() as rows:
+            for statement in schema:
+                rows(statement)
+
     @contextmanager
     def _alive(self) -> Iterator[None]:
         """Reconnect a broken connection; a connection lost mid-statement is the store being unavailable."""
@@ -222,7 +278,7 @@ class _PostgresBackend:
     @contextmanager
     def transaction(self) -> Iterator[Rows]:
         with self._alive(), self.con.transaction():
-            yield self._rows
+            yield _PostgresRows(self._rows)
 
     def run(self, fn: Callable[[Rows], Any]) -> Any:
         """``fn(rows)`` in one transaction (the server serializes concurrent writers itself)."""
@@ -289,15 +345,13 @@ class FeedbackStore:
     def __init__(self, backend: _Backend, create: bool = True):
         self._backend = backend
         if create:
-            with backend.transaction() as rows:
-                for statement in SCHEMA:
-                    rows(statement)
+            backend.create(SCHEMA)
 
     @classmethod
     def open(cls, settings: Settings, read_only: bool = False) -> "FeedbackStore":
         """The store ``feedback.backend`` names: the data folder's DuckDB feedback file, or ``postgresql_dsn``.
 
-        ``read_only`` (DuckDB only) reads the published copy, which never waits for a writer.
+        ``read_only`` (DuckDB only) reads the published views, which never wait for a writer.
         """
         feedback = settings.feedback
         if feedback.backend == "postgresql":
@@ -307,7 +361,9 @@ class FeedbackStore:
         storage = settings.storage
         if read_only:
             return cls(_DuckDBBackend(DuckDBFile(storage.feedback_path, read_only=True)), create=False)
-        db = DuckDBFile(storage.feedback_master_path, storage.feedback_path, lock_timeout=storage.lock_timeout_seconds, publish_interval=storage.publish_interval_seconds)
+        db = DuckDBFile(storage.feedback_master_path, storage.feedback_path, lock_timeout=storage.lock_timeout_seconds,
+                        publish_interval=storage.publish_interval_seconds,
+                        retention=storage.segment_retention_seconds, max_deltas=storage.max_delta_segments)
         return cls(_DuckDBBackend(db))
 
     @property
@@ -321,21 +377,26 @@ class FeedbackStore:
 
     def add_query(self, q: QueryRecord) -> None:
         """Store a query; its id must be new."""
-        self._backend.run(lambda rows: rows(
-            """INSERT INTO feedback_queries (query_id, created_at, session_id, model_version, embedding,
-               image_path, content_hash, width, height, bbox, det_score, query_face_id, source, filename,
-               result_face_ids)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [q.query_id, q.created_at, q.session_id, q.model_version, self._backend.vector(q.embedding),
-             q.image_path, q.content_hash, q.width, q.height, self._backend.vector(q.bbox), q.det_score,
-             q.query_face_id, q.source, q.filename, [int(i) for i in q.result_face_ids or []]],
-        ))
+        def write(rows: Rows) -> None:
+            added = rows(
+                """INSERT INTO feedback_queries (query_id, created_at, session_id, model_version, embedding,
+                   image_path, content_hash, width, height, bbox, det_score, query_face_id, source, filename,
+                   result_face_ids)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING query_seq""",
+                [q.query_id, q.created_at, q.session_id, q.model_version, self._backend.vector(q.embedding),
+                 q.image_path, q.content_hash, q.width, q.height, self._backend.vector(q.bbox), q.det_score,
+                 q.query_face_id, q.source, q.filename, [int(i) for i in q.result_face_ids or []]])
+            rows.changed("feedback_queries", [r["query_seq"] for r in added])
+
+        self._backend.run(write)
 
     def add_results(self, query_id: str, face_ids: Sequence[int]) -> None:
         """Record more results shown for a query (votes are accepted only on shown results)."""
         def write(rows: Rows) -> None:
             for face_id in face_ids:
-                rows("INSERT INTO feedback_more_results VALUES (?, ?) ON CONFLICT DO NOTHING", [query_id, int(face_id)])
+                added = rows("INSERT INTO feedback_more_results (query_id, face_id) VALUES (?, ?) "
+                             "ON CONFLICT DO NOTHING RETURNING result_seq", [query_id, int(face_id)])
+                rows.changed("feedback_more_results", [r["result_seq"] for r in added])
 
         self._backend.run(write)
 
@@ -375,12 +436,14 @@ class FeedbackStore:
         insert = _INSERT + (_ON_CONFLICT if self._backend.concurrent_writers else "") + _RETURNING
 
         def write(rows: Rows) -> list[dict[str, Any]]:
-            return rows(_REVOTE, [vote, session_id, now, query_id, int(result_face_id), voter]) or rows(
+            found = rows(_REVOTE, [vote, session_id, now, query_id, int(result_face_id), voter]) or rows(
                 insert, [query_id, int(result_face_id), vote, voter, session_id, now, now, model_version,
                          float(similarity), self._backend.vector(query_embedding),
                          self._backend.vector(result_embedding), result_image_id, result_path,
                          self._backend.vector(result_bbox),
                          json.dumps(result_metadata) if result_metadata is not None else None])
+            rows.changed("feedback", [r["feedback_id"] for r in found])
+            return found
 
         row = self._backend.run(write)[0]
         return Vote(feedback_id=int(row["feedback_id"]), query_id=row["query_id"], result_id=int(row["result_face_id"]),
@@ -392,6 +455,7 @@ class FeedbackStore:
         with self._backend.transaction() as rows:
             found = rows("DELETE FROM feedback WHERE query_id = ? AND result_face_id = ? AND voter = ? "
                          "RETURNING feedback_id", [query_id, int(result_face_id), voter])
+            rows.changed("feedback", [r["feedback_id"] for r in found])
         return bool(found)
 
     def votes(self, query_id: str | None = None, voter_prefix: str | None = None) -> list[dict[str, Any]]:

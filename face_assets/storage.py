@@ -11,22 +11,19 @@ and analysts' SQL on one data folder, so no process here keeps a store file open
   :class:`~face_assets.errors.StoreBusyError`. Threads of one process take turns (DuckDB keeps one
   database instance per file and process).
 - After a write session the master's committed state is **published** for readers who must never
-  wait for a writer (analysts, BI tools, the service's search path). Two ways, by store:
+  wait for a writer (analysts, BI tools, the service's search path), as **segments** (the
+  tables a store declares with :class:`Table`): each published table is a set of immutable Parquet
+  files under ``<data_dir>/published/<name>/``, a base and the deltas written since, and the
+  published file (``<data_dir>/face_assets.duckdb``, ``<data_dir>/feedback.duckdb``) is a small
+  DuckDB file of views over them, written in a storage version every DuckDB 1.x reads. Stores log
+  what a write changes (:func:`log_changes`, :func:`log_appends`, :func:`log_all`) in the same
+  transaction, so a publication exports only the changed rows: its cost follows the change, not
+  the store. A delta also lists the keys it supersedes; a view keeps a row unless a later segment
+  lists its key. Many deltas are folded together from the Parquet files themselves
+  (:meth:`DuckDBFile.compact`), never under the master's lock; files no view names any more are
+  deleted after ``retention`` seconds, so a reader that keeps the views it opened keeps reading.
 
-  * **Segments** (the catalog, with :class:`Table` declarations): each published table is a set of
-    immutable Parquet files under ``<data_dir>/published/<name>/``, a base and the deltas written
-    since, and the published file (``<data_dir>/face_assets.duckdb``) is a small DuckDB file of
-    views over them, written in a storage version every DuckDB 1.x reads. Stores log what a write
-    changes (:func:`log_changes`, :func:`log_appends`, :func:`log_all`) in the same transaction, so
-    a publication exports only the changed rows: its cost follows the change, not the catalog.
-    A delta also lists the keys it supersedes; a view keeps a row unless a later segment lists its
-    key. Many deltas are folded together from the Parquet files themselves
-    (:meth:`DuckDBFile.compact`), never under the master's lock; files no view names any more are
-    deleted after ``retention`` seconds, so a reader that keeps the views it opened keeps reading.
-  * **Copy** (the feedback store, which is small): the master is copied beside its public name
-    and renamed over it.
-
-  Either way a reader sees a whole committed state (a batch merged in one transaction is all
+  A reader sees a whole committed state (a batch merged in one transaction is all
   there or not at all). Publication is rate-limited to one per ``storage.publish_interval_seconds``
   per process; a pending publication is made by a timer thread, by the next session, or on
   :meth:`DuckDBFile.close`. The change log lives in the master, so changes a process committed
@@ -41,7 +38,6 @@ import fcntl
 import logging
 import os
 import random
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,24 +130,6 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """Copy a file, with ``copy_file_range`` where the kernel offers it: on XFS and Btrfs that shares
-    the blocks (a reflink) instead of copying them, so publishing a large catalog costs no I/O."""
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            left = os.fstat(fin.fileno()).st_size
-            while left > 0:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), left)
-                if n == 0:
-                    break
-                left -= n
-            if left == 0:
-                return
-    except OSError:
-        pass  # not offered here (e.g. across file systems): copy the bytes
-    shutil.copyfile(src, dst)
 
 
 # -- segment publication: what each store logs, and the files readers open --------------------------
@@ -297,9 +275,6 @@ class DuckDBFile:
         publish_interval: at most one publication per this many seconds from this process.
         read_only: ``master`` is a published file: read sessions open it read-only with no lock
             (writers replace it, never change it in place), and write sessions are refused.
-        segments: publish as Parquet segments and a views file (the tables each store declares
-            with :meth:`declare`, the changes it logs) instead of copying the master. The change
-            log's tables are created even when nothing is published (a run's staging file).
         retention: seconds a segment file no view names any more is kept for readers that still
             hold the views they opened.
         max_deltas: delta segments a table collects before they are folded together.
@@ -307,7 +282,7 @@ class DuckDBFile:
 
     def __init__(self, master: str | os.PathLike, published: str | os.PathLike | None = None, *,
                  schema: str | None = None, lock_timeout: float = 120.0, publish_interval: float = 1.0,
-                 read_only: bool = False, segments: bool = False, retention: float = 3600.0,
+                 read_only: bool = False, retention: float = 3600.0,
                  max_deltas: int = 16):
         self.read_only = read_only
         # ":memory:" is a private, throw-away store (a report's scratch catalog): one connection for its life.
@@ -318,10 +293,10 @@ class DuckDBFile:
         self.publish_interval = publish_interval
         self.retention = retention
         self.max_deltas = max_deltas
-        self.segments = segments and not read_only
+        # Every writable file keeps the change log (a run's staging file too, though it is not published).
         self.segments_dir = (self.published.parent / "published" / self.published.stem
-                             if self.segments and self.published is not None else None)
-        self._schema = (PUBLICATION_SCHEMA + (schema or "")) if self.segments else schema
+                             if self.published is not None and not read_only else None)
+        self._schema = None if read_only else PUBLICATION_SCHEMA + (schema or "")
         self._schema_done = False
         self._ensured: set[str] = set()
         self._declared: set[str] = set()
@@ -399,7 +374,7 @@ class DuckDBFile:
         Nested write sessions of one thread join the outer transaction.
         """
         if self.read_only:
-            raise PermissionError(f"{self.master} is a published copy: open the store's master to write")
+            raise PermissionError(f"{self.master} is a published file: open the store's master to write")
         current = self._current
         if current is not None:
             if not current[1]:
@@ -423,10 +398,9 @@ class DuckDBFile:
                 con.execute("COMMIT")
                 self._dirty = True
                 # Segments are exported on this session's connection when due: no second open.
-                if self.segments_dir is not None and self._publish_due() <= 0:
+                if self.published is not None and self._publish_due() <= 0:
                     self._export(con)
-                # Fold the log into the file: the next process opens it without replaying it, and
-                # a published copy is the whole committed state.
+                # Fold the log into the file: the next process opens it without replaying it.
                 if self._memory is None:
                     con.execute("CHECKPOINT")
             finally:
@@ -460,7 +434,7 @@ class DuckDBFile:
         time, or declared otherwise than before, is exported whole by the next publication.
         Checked once per table and process; without ``segments`` nothing is done."""
         todo = [t for t in tables if t.name not in self._declared]
-        if not self.segments or not todo:
+        if self.read_only or not todo:
             return
         known = self._shape()[1]
         changed = [t for t in todo if known.get(t.name) != (t.key, t.exclude, t.order)]
@@ -491,7 +465,7 @@ class DuckDBFile:
         """Hold the store's exclusive lock without opening it: for a file that changes together with
         the store (the faiss index beside the catalog), so no writer of the store interleaves."""
         if self.read_only:
-            raise PermissionError(f"{self.master} is a published copy: lock the store's master")
+            raise PermissionError(f"{self.master} is a published file: lock the store's master")
         with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
             yield
 
@@ -574,26 +548,18 @@ class DuckDBFile:
 
     def publish(self) -> None:
         """Publish the committed state now, if this process changed it since its last publication:
-        the logged changes as segments (see the module doc), or a copy of the master."""
+        the logged changes as segments (see the module doc)."""
         if self.published is None or not self._dirty:
             return
         with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
             if not self._dirty:
                 return
-            if self.segments_dir is not None:
-                con = self._connect(read_only=False)
-                try:
-                    self._export(con)
-                    con.execute("CHECKPOINT")
-                finally:
-                    self._release(con)
-                return
-            partial = self.published.with_name(f".{self.published.name}.{os.getpid()}.partial")
-            self.published.parent.mkdir(parents=True, exist_ok=True)
-            _copy(self.master, partial)
-            os.replace(partial, self.published)
-            self._dirty = False
-            self._last_publish = time.monotonic()
+            con = self._connect(read_only=False)
+            try:
+                self._export(con)
+                con.execute("CHECKPOINT")
+            finally:
+                self._release(con)
 
     def _export(self, con: duckdb.DuckDBPyConnection) -> None:
         """Write the changes logged in the master as segments, in one transaction that also empties

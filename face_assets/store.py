@@ -98,7 +98,7 @@ class Catalog:
         self.path = Path(path)
         self.read_only = read_only
         self.db = DuckDBFile(self.path, published, schema=SCHEMA, lock_timeout=lock_timeout,
-                             publish_interval=publish_interval, read_only=read_only, segments=True,
+                             publish_interval=publish_interval, read_only=read_only,
                              retention=retention, max_deltas=max_deltas)
         if not read_only:
             self._add_image_seq()

@@ -19,7 +19,7 @@ import pytest
 
 from face_assets.errors import StoreBusyError
 from face_assets.library import FaceRecognitionLibrary
-from face_assets.storage import DuckDBFile
+from face_assets.storage import DuckDBFile, Table, log_changes
 
 
 def _cli(data: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -102,11 +102,17 @@ def test_concurrent_votes_all_stored_once(data_dir):
 def test_one_bad_call_in_a_group_fails_alone(tmp_path):
     """Group commit: a call that fails is retried alone, so the calls grouped with it still commit."""
     db = DuckDBFile(tmp_path / "m.duckdb", tmp_path / "p.duckdb", schema="CREATE TABLE IF NOT EXISTS t (k INT PRIMARY KEY)")
+    db.declare([Table("t", "k")])
     results, errors = [], []
+
+    def write(con: duckdb.DuckDBPyConnection, k: int) -> int:
+        con.execute("INSERT INTO t VALUES (?)", [k])
+        log_changes(con, "t", [k])
+        return k
 
     def insert(k: int) -> None:
         try:
-            results.append(db.submit(lambda con: con.execute("INSERT INTO t VALUES (?) RETURNING k", [k]).fetchone()[0]))
+            results.append(db.submit(lambda con: write(con, k)))
         except duckdb.ConstraintException as exc:
             errors.append(exc)
 

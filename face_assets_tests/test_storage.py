@@ -265,3 +265,61 @@ def test_index_journal_carries_a_batch_to_a_running_service(tmp_path):
     hits = service.search_embedding(pq.read_table(tmp_path / "d.parquet")["embedding"][0].as_py(), top_k=1)
     assert hits[0].face_id == 331
     service.close()
+
+
+def test_a_vote_publishes_the_vote_not_the_feedback_store(tmp_path):
+    """The feedback store publishes like the catalog: a vote, a re-vote and a retraction each add a
+    segment of their own row, and the published views hold what the master holds."""
+    from face_assets import load_settings
+    from face_assets.feedback import FeedbackStore, QueryRecord
+
+    rng = np.random.default_rng(0)
+
+    def settings(interval: float):
+        return load_settings(overrides={"storage": {"data_dir": str(tmp_path), "publish_interval_seconds": interval}})
+
+    def vote(store: FeedbackStore, q: str, result: int, value: str = "up"):
+        return store.upsert_vote(
+            query_id=q, result_face_id=result, vote=value, voter="ann", session_id=None, model_version="m1",
+            similarity=0.5, query_embedding=rng.standard_normal(512), result_embedding=rng.standard_normal(512),
+            result_image_id="img", result_path="p.jpg", result_bbox=[0, 0, 1, 1], result_metadata=None)
+
+    def published_votes() -> list[tuple]:
+        con = duckdb.connect(str(tmp_path / "feedback.duckdb"), read_only=True)
+        try:
+            return con.execute("SELECT feedback_id, query_id, result_face_id, vote, revisions FROM feedback "
+                               "ORDER BY feedback_id").fetchall()
+        finally:
+            con.close()
+
+    def segments() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / "published" / "feedback").iterdir())
+
+    store = FeedbackStore.open(settings(3600))  # filled with one publication, on close
+    for i in range(100):
+        store.add_query(QueryRecord(query_id=f"q{i}", model_version="m1", embedding=rng.standard_normal(512),
+                                    image_path="q.jpg", content_hash="h", bbox=[0, 0, 1, 1],
+                                    result_face_ids=list(range(8))))
+        for result in range(4):
+            vote(store, f"q{i}", result)
+    store.add_results("q0", [8, 9])
+    store.close()
+    base = segments()
+    assert len(published_votes()) == 400 and base > 1_000_000
+
+    store = FeedbackStore.open(settings(0))
+    written = []
+    for change in (lambda: vote(store, "q5", 6), lambda: vote(store, "q5", 6, "down"),
+                   lambda: store.delete_vote("q7", 1, "ann")):
+        before = segments()
+        change()
+        written.append(segments() - before)
+    expected = sorted((r["feedback_id"], r["query_id"], r["result_face_id"], r["vote"], r["revisions"])
+                      for r in store.votes())
+    store.close()
+    assert max(written) < base / 50, (written, base)  # a few kB per change against the whole store
+    assert published_votes() == expected and len(expected) == 400
+    assert ("q5", 6, "down", 1) in [v[1:] for v in expected] and not any(v[1:3] == ("q7", 1) for v in expected)
+    read_only = FeedbackStore.open(settings(0), read_only=True)
+    assert read_only.get_query("q0")["result_face_ids"] == list(range(10))
+    read_only.close()
