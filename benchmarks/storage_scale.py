@@ -40,7 +40,7 @@ def measure(data_dir: Path, repeats: int, seed: int) -> dict[str, list[float]]:
     """Run each operation ``repeats`` times on a seeded folder; seconds (and bytes) per run."""
     from face_assets import FaceRecognitionLibrary
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, time.time_ns()])
     out: dict[str, list[float]] = {}
 
     def timed(name: str, fn, *args):
@@ -69,9 +69,12 @@ def measure(data_dir: Path, repeats: int, seed: int) -> dict[str, list[float]]:
             timed("page: 48 persons, largest first", lib.list_clusters, 1, 48, offset)
         for i in range(max(2, repeats // 3)):
             batch = Path(tempfile.mkdtemp()) / "batch.parquet"
-            write_faces_file(batch, 500, seed=1000 + seed * 100 + i)
+            # Image ids no earlier run used: a folder measured again imports new faces, not skipped ones.
+            write_faces_file(batch, 500, seed=1000 + seed * 100 + i, start=10**9 + int(rng.integers(0, 10**9)) * 1000)
             before = _disk_written()
-            timed("batch: import 500 faces (catalog + index)", lib.import_faces, batch)
+            imported = timed("batch: import 500 faces (catalog + index)", lib.import_faces, batch)
+            if imported["faces"] != 500:
+                raise RuntimeError(f"the batch was not imported as new faces: {imported}")
             timed("batch: assign the 500 to persons", lib.assign_new)
             out.setdefault("batch: MB written to disk", []).append((_disk_written() - before) / 2**20)
             out.setdefault("batch: MB of the batch's file", []).append(batch.stat().st_size / 2**20)

@@ -33,8 +33,18 @@ from .errors import (
     UnknownFaceError,
     UnknownQueryError,
 )
-from .filtering import FaceFilter, filter_image
 from .library import FaceRecognitionLibrary
+
+
+def __getattr__(name: str):
+    """``FaceFilter`` and ``filter_image`` on first use: they import the models' runtime (onnxruntime,
+    insightface), which a process that only reads tables does without."""
+    if name in ("FaceFilter", "filter_image"):
+        from . import filtering
+
+        return getattr(filtering, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ClusterNotFoundError",

@@ -14,12 +14,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ImageLoadError
-from .filtering import FaceFilter
 from .imaging import content_hash, load_image
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
+
+if TYPE_CHECKING:
+    from .filtering import FaceFilter
 
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each file as ``on_progress(done, total, path)``."""

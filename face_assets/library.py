@@ -33,8 +33,6 @@ from .errors import (EmbeddingError, FeedbackError, ImageLoadError, IndexCorrupt
                      ModelVersionError, NoFaceDetectedError, NotAResultError, TrainingError, UnknownFaceError, UnknownQueryError)
 from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, export_feedback, save_query_image
 from .imaging import content_hash
-from .detection import box_iou
-from .filtering import FaceFilter
 from .index import FaceIndex, IndexJournal, saved_ids
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
 from .models import embedding_dim_of, resolve_pack
@@ -45,6 +43,7 @@ from .store import Catalog
 
 if TYPE_CHECKING:
     from .clustering import ReclusterDecision
+    from .filtering import FaceFilter
     from .persons import ClusterInfo, ClusterRun, PersonClusters
 
 logger = logging.getLogger(__name__)
@@ -166,6 +165,8 @@ class FaceRecognitionLibrary:
 
         Reading tables, listing, clustering and index upkeep never load a model.
         """
+        from .filtering import FaceFilter  # the models' modules, imported with the first model
+
         with self._lock:
             if self._filter is None:
                 face_filter = FaceFilter(self.settings)
@@ -809,6 +810,8 @@ class FaceRecognitionLibrary:
 
     def _catalog_face_of(self, digest: str, bbox: Sequence[float]) -> int | None:
         """The catalog face at ``bbox`` in the catalog image of this content hash, if any."""
+        from .detection import box_iou  # with the detector: only a search that has a photo needs it
+
         rows = self.catalog.query(
             """SELECT f.face_id, f.x1, f.y1, f.x2, f.y2 FROM faces f JOIN images i USING (image_id)
                WHERE i.content_hash = ?""", [digest])

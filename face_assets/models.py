@@ -16,18 +16,20 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import onnx
-import onnxruntime as ort
-from insightface.model_zoo import get_model
-from insightface.model_zoo.arcface_onnx import ArcFaceONNX
-from insightface.model_zoo.scrfd import SCRFD
-from insightface.utils import face_align
 
 from .config import DetectionSettings, ModelSettings
 from .errors import ConfigError, ModelNotFoundError
+
+# onnx, onnxruntime and insightface are imported where a model is loaded: a process that only reads
+# tables (``face-assets stats``, the pipeline's sensors) starts without them (about 1.5 s on 2 cores).
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from insightface.model_zoo.scrfd import SCRFD
 
 logger = logging.getLogger(__name__)
 # insightface's norm_crop calls a scikit-image API deprecated upstream; the result is unchanged.
@@ -109,6 +111,8 @@ def builtin_pack() -> ModelPack | None:
 
 def _graph_role(path: Path) -> str | None:
     """Classify an ONNX file as 'detector' or 'recognizer' from its inputs and outputs, like insightface."""
+    import onnx
+
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception:  # a broken file in a user's folder must not hide the good ones
@@ -171,6 +175,8 @@ def resolve_pack(settings: ModelSettings) -> ModelPack:
 
 def providers_for(settings: ModelSettings) -> list[str]:
     """onnxruntime execution providers for the configured device (CUDA first, CPU as fallback)."""
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     cuda = "CUDAExecutionProvider" in available
     if settings.device == "cuda" and not cuda:
@@ -185,6 +191,8 @@ def providers_for(settings: ModelSettings) -> list[str]:
 
 def session_options(settings: ModelSettings) -> ort.SessionOptions:
     """Session options tuned for few cores: no busy-waiting threads, thread counts from config."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = settings.intra_op_threads
     opts.inter_op_num_threads = settings.inter_op_threads
@@ -203,6 +211,9 @@ def load_detector(
     ``intra_op_threads`` overrides ``models.intra_op_threads`` for this session (a detection thread's
     share of the cores).
     """
+    from insightface.model_zoo import get_model
+    from insightface.model_zoo.scrfd import SCRFD
+
     providers = providers_for(models)
     opts = session_options(models)
     if intra_op_threads is not None:
@@ -231,6 +242,8 @@ def _with_taps(model_path: Path, taps: tuple[str, ...]) -> bytes:
 
     Pooling inside the graph keeps the extra outputs tiny (N x C) instead of whole feature maps.
     """
+    import onnx
+
     model = onnx.load(str(model_path))
     graph = model.graph
     known = {out for node in graph.node for out in node.output}
@@ -264,6 +277,10 @@ class Recognizer:
     """
 
     def __init__(self, model_path: Path, models: ModelSettings, taps: tuple[str, ...] = ()):
+        import onnxruntime as ort
+        from insightface.model_zoo import get_model
+        from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
         providers = providers_for(models)
         self.model_path = Path(model_path)
         self.taps = tuple(taps)
@@ -306,6 +323,8 @@ class Recognizer:
 
     def align(self, img: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """Aligned square face crop from five landmarks (insightface's ``norm_crop``)."""
+        from insightface.utils import face_align
+
         return face_align.norm_crop(img, landmark=kps, image_size=self.input_size)
 
     def embed_aligned(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
