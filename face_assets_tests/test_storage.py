@@ -202,27 +202,84 @@ def one_row_writes(catalog: Catalog, store: ClusterStore, n: int = 15) -> tuple[
     return float(np.median(times)), int(np.median(written))
 
 
-def test_a_write_costs_the_change_not_the_catalog(tmp_path):
+@pytest.fixture(scope="module")
+def two_sizes(tmp_path_factory) -> dict[int, Path]:
+    """Data folders of 10k and 200k imported faces (one image each), a person per three faces."""
+    from face_assets import FaceRecognitionLibrary, load_settings
+
+    folders = {}
+    for n in (10_000, 200_000):
+        folder = tmp_path_factory.mktemp(f"c{n}")
+        settings = load_settings(overrides={"storage": {"data_dir": str(folder), "publish_interval_seconds": 0,
+                                                        "max_delta_segments": 10_000}})
+        with FaceRecognitionLibrary(settings=settings) as lib:
+            for start in range(0, n, 100_000):
+                lib.import_faces(faces_file(folder / f"f{start}.parquet", min(100_000, n - start), start=start))
+            store = lib.persons.store
+            ids = np.arange(1, n + 1, dtype=np.int64)
+            with store.transaction() as con:
+                store.write_clusters(con, [{"cluster_id": c, "size": int(np.sum(ids % (n // 3 - 1) + 1 == c))}
+                                           for c in range(1, n // 3)],
+                                     (ids, ids % (n // 3 - 1) + 1), "cluster", replace_all=True)
+            for i in range(3):
+                lib.rename(7, f"Ada {i}")  # entries in the audit log
+        folders[n] = folder
+    return folders
+
+
+def test_a_write_costs_the_change_not_the_catalog(two_sizes):
     """A one-row write (committed and published) on a 200k-face catalog writes as many bytes as on
     a 10k one, and takes about as long: the ratio, not a time, is asserted."""
     results = {}
-    for n in (10_000, 200_000):
-        folder = tmp_path / f"c{n}"
+    for n, folder in two_sizes.items():
         catalog = open_catalog(folder, max_deltas=10_000)
-        store = ClusterStore(catalog)
-        for start in range(0, n, 100_000):
-            catalog.import_faces(faces_file(tmp_path / f"f{n}_{start}.parquet", min(100_000, n - start), start=start),
-                                 "m1", DIM)
-        ids = np.arange(1, n + 1, dtype=np.int64)
-        with store.transaction() as con:
-            store.write_clusters(con, [{"cluster_id": c, "size": 1} for c in range(1, n // 3)],
-                                 (ids, ids % (n // 3 - 1) + 1), "cluster", replace_all=True)
-        results[n] = one_row_writes(catalog, store)
+        results[n] = one_row_writes(catalog, ClusterStore(catalog))
         assert published_rows(folder, "SELECT label FROM clusters WHERE cluster_id = 1") == [("name 14",)]
         catalog.close()
     (t_small, b_small), (t_large, b_large) = results[10_000], results[200_000]
     assert b_large <= 2 * b_small + 4096, results  # bytes follow the change (a segment of one row)
     assert t_large <= 3 * t_small + 0.05, results
+
+
+def test_pages_are_cut_by_the_store_at_both_sizes(two_sizes):
+    """People (largest first, by name), a person's faces, catalog faces and audit entries: each page
+    holds what the published tables say it should, at 10k and 200k faces, and costs about the same."""
+    from fastapi.testclient import TestClient
+
+    from face_assets import FaceRecognitionLibrary, load_settings
+    from face_assets.web import create_app
+
+    timings = {}
+    for n, folder in two_sizes.items():
+        settings = load_settings(overrides={"storage": {"data_dir": str(folder)},
+                                            "web": {"auth": "none", "allowed_hosts": ["testserver"]}})
+        with FaceRecognitionLibrary(settings=settings) as lib:
+            client = TestClient(create_app(lib))
+            persons = n // 3 - 1
+            late = persons - 60
+            pages = [  # (what, url, expected ids, the ids in the answer)
+                ("people, late page", f"/api/people?offset={late}&limit=48", [r[0] for r in published_rows(
+                    folder, f"SELECT cluster_id FROM clusters ORDER BY size DESC, cluster_id LIMIT 48 OFFSET {late}")],
+                 lambda r: [p["cluster_id"] for p in r["items"]]),
+                ("people by name", "/api/people?q=ada", [7], lambda r: [p["cluster_id"] for p in r["items"]]),
+                ("a person's faces", "/api/people/5?offset=1&limit=2", [r[0] for r in published_rows(
+                    folder, "SELECT face_id FROM face_clusters WHERE cluster_id = 5 ORDER BY face_id LIMIT 2 OFFSET 1")],
+                 lambda r: [f["face_id"] for f in r["faces"]]),
+                ("catalog faces, last page", f"/api/faces?offset={n - 30}&limit=24", list(range(n - 29, n - 5)),
+                 lambda r: [f["face_id"] for f in r]),
+                ("audit entries", "/api/audit?limit=2", [3, 2], lambda r: [e["id"] for e in r]),
+            ]
+            for what, url, want, ids in pages:
+                answer = client.get(url)
+                assert answer.status_code == 200 and ids(answer.json()) == want, (n, url, answer.text[:300])
+                times = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    client.get(url)
+                    times.append(time.perf_counter() - t)
+                timings.setdefault(what, {})[n] = float(np.median(times))
+    for endpoint, t in timings.items():
+        assert t[200_000] <= 4 * t[10_000] + 0.05, (endpoint, timings)  # 20x the rows, not 20x the time
 
 
 def library(data: Path, **storage) -> "FaceRecognitionLibrary":
