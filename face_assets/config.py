@@ -159,7 +159,7 @@ class StorageSettings(_Section):
     store_dir: str = Field(
         "store",
         description="Folder inside `data_dir` of the master store files, which only face_assets opens, in short "
-        "sessions; readers use the published copies (`duckdb_file`, `feedback.duckdb`).",
+        "sessions; readers use the published views (`duckdb_file`, `feedback.duckdb`).",
     )
     lock_timeout_seconds: float = Field(
         120.0, gt=0, description="How long a process waits for another one's session on a store file before "
@@ -170,7 +170,7 @@ class StorageSettings(_Section):
         "process; later changes are published when it has passed."
     )
     segment_retention_seconds: float = Field(
-        3600.0, ge=0, description="The published catalog is a views file over Parquet segments: a segment no view "
+        3600.0, ge=0, description="A published store is a views file over Parquet segments: a segment no view "
         "names any more is deleted this long after, so readers that keep the views they opened go on reading."
     )
     max_delta_segments: int = Field(
