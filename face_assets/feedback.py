@@ -476,6 +476,12 @@ class FeedbackStore:
                 r["result_metadata"] = json.loads(r["result_metadata"])
         return found
 
+    def votes_since(self, since: datetime | None) -> tuple[int, datetime | None]:
+        """How many votes were cast or changed after ``since`` (all when None), and the newest one's time."""
+        row = self._backend.read("SELECT count(*) AS n, max(updated_at) AS last FROM feedback WHERE updated_at > ?",
+                                 [since or datetime(1970, 1, 1, tzinfo=timezone.utc)])[0]
+        return int(row["n"]), row["last"]
+
     def export_rows(self) -> list[dict[str, Any]]:
         """Every vote with its query's image, box and catalog face, for :func:`export_feedback`."""
         return self._backend.read(

@@ -812,9 +812,7 @@ class FaceRecognitionLibrary:
         """The catalog face at ``bbox`` in the catalog image of this content hash, if any."""
         from .detection import box_iou  # with the detector: only a search that has a photo needs it
 
-        rows = self.catalog.query(
-            """SELECT f.face_id, f.x1, f.y1, f.x2, f.y2 FROM faces f JOIN images i USING (image_id)
-               WHERE i.content_hash = ?""", [digest])
+        rows = self.catalog.face_boxes_of_content(digest)
         best = max(rows, key=lambda r: box_iou(bbox, r[1:]), default=None)
         return int(best[0]) if best is not None and box_iou(bbox, best[1:]) >= 0.5 else None
 

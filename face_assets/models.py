@@ -28,7 +28,6 @@ from .errors import ConfigError, ModelNotFoundError
 # tables (``face-assets stats``, the pipeline's sensors) starts without them (about 1.5 s on 2 cores).
 if TYPE_CHECKING:
     import onnxruntime as ort
-    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
     from insightface.model_zoo.scrfd import SCRFD
 
 logger = logging.getLogger(__name__)

@@ -527,19 +527,15 @@ class Catalog:
                 [model_version]).fetchnumpy()
         return rows["face_id"].astype(np.int64), np.asarray(rows["image_id"], dtype=object)
 
+    def face_boxes_of_content(self, digest: str) -> list[tuple[int, float, float, float, float]]:
+        """``(face_id, x1, y1, x2, y2)`` of the faces of the catalog image with this content hash."""
+        return self.query("""SELECT f.face_id, f.x1, f.y1, f.x2, f.y2 FROM faces f JOIN images i USING (image_id)
+                             WHERE i.content_hash = ?""", [digest])
+
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         """Run a read query and return all rows."""
         with self._read() as con:
             return con.execute(sql, params or []).fetchall()
-
-    def records(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """Run a query and return its rows as dicts keyed by column name."""
-        with self._read() as con:
-            cursor = con.execute(sql, params or [])
-            if cursor.description is None:
-                return []
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
 def _now() -> datetime:

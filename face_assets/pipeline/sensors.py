@@ -10,7 +10,7 @@ a look outside the instance (files, votes, the model registry) is a sensor.
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 import duckdb
 from dagster import (
@@ -34,8 +34,6 @@ from .assets import image_batches
 from .learning import promoted_model
 from .resources import FaceAssetsResource
 
-_NEW_VOTES = "SELECT count(*) AS n, max(updated_at) AS last FROM feedback WHERE updated_at > ?"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 SETTLING_NAMED = 5
@@ -146,10 +144,9 @@ def new_votes(face_assets: FaceAssetsResource, since: datetime | None) -> tuple[
         return 0, None
     store = FeedbackStore.open(settings, read_only=not postgres)
     try:
-        row = store.query(_NEW_VOTES, [since or _EPOCH])[0]
+        return store.votes_since(since)
     finally:
         store.close()
-    return int(row["n"]), row["last"]
 
 
 def build_retraining_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefinition:
