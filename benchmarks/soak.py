@@ -334,13 +334,18 @@ def _curator(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
     rng = random.Random(7)
     i = total = 0
     while not stop.is_set():
-        page = _timed_request(dep, rec, "people_page_s", "GET", "/api/people",
-                              params={"offset": rng.randrange(0, max(total - 48, 0) + 1), "limit": 48})
+        action = i % 4
+        # Moves and splits take a large person: the first page has them; other actions page at random.
+        offset = 0 if action in (2, 3) else rng.randrange(0, max(total - 48, 0) + 1)
+        page = _timed_request(dep, rec, "people_page_s", "GET", "/api/people", params={"offset": offset, "limit": 48})
         items = page.json()["items"] if page is not None else []
         total = page.json()["total"] if page is not None else total
         big = [p for p in items if p["size"] >= 22]
         small = [p for p in items if p["size"] <= 3]
-        action = i % 4
+        if action in (2, 3) and big and not small:  # the receiving person of a move: a small one elsewhere
+            tail = _timed_request(dep, rec, "people_page_s", "GET", "/api/people",
+                                  params={"offset": max(total - 48, 0), "limit": 48})
+            small = [p for p in (tail.json()["items"] if tail is not None else []) if p["size"] <= 3]
         if action == 0 and items:
             _timed_request(dep, rec, "curation_rename_s", "POST", f"/api/people/{items[0]['cluster_id']}/rename",
                            json={"name": f"soak person {i}"})
