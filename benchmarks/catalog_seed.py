@@ -75,6 +75,11 @@ def seed_catalog(data_dir: Path, n: int, seed: int = 0, work: Path | None = None
                      "centroid": sums[p] / sizes[p]} for p in np.flatnonzero(sizes)]
         with store.transaction() as con:
             store.write_clusters(con, clusters, (face_ids, base + people), "cluster", replace_all=False)
+            # The seeded persons stand for a full clustering of the catalog: recorded as one, so the
+            # drift policy does not ask the pipeline for a full re-clustering of the seed at once.
+            store.record_cluster_run(con, kind="full", seconds=0.0, faces=len(lib.catalog.valid_face_ids(lib.model_version)),
+                                     clusters=len(clusters), singletons=int(np.sum(sizes == 1)), new_faces=len(face_ids),
+                                     unassigned=0, model_version=lib.model_version, settings={"seeded": True})
         t3 = time.perf_counter()
     file.unlink()
     return {"faces": report["faces"], "persons": len(clusters), "generate_s": round(t1 - t0, 1),
