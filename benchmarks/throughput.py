@@ -8,8 +8,9 @@ sizes), ``cv2.imread`` then ``app.get``. Both run in this process on the same fi
 ``--repeat`` times: the table gives the best run of each (images/s, the share of images where at
 least one face was found), the ratio of the best runs and the ratio of every pair of runs, since
 one run's ratio moves by a few percent with what else the machine does. Then the
-cost per face of the cartoon check: the recognizer pass with the texture taps against the same
-pass without them, and the classifier head, on the aligned faces of the same images.
+cost per face of each path of the cartoon check: the recognizer pass with the texture taps against
+the same pass without them, the image backbone on the aligned and the wide crop (when the shipped
+classifier uses one), and the classifier head, on the faces of the same images.
 """
 
 from __future__ import annotations
@@ -67,35 +68,43 @@ def project_pipeline(paths: list[Path], chunk: int = 16) -> tuple[float, int, in
 
 
 def cartoon_cost(paths: list[Path], repeat: int = 3) -> dict[str, float]:
-    """Milliseconds per face of the recognizer with and without the cartoon taps, and of the classifier head
-    (best of ``repeat`` runs over the aligned faces of ``paths``, batches of ``models.rec_batch_size``)."""
+    """Milliseconds per face of the recognizer with and without the cartoon taps, of the image backbone
+    (aligned and wide crop) and of the classifier head (best of ``repeat`` runs over the faces of
+    ``paths``, batches of ``models.rec_batch_size``)."""
     from face_assets.cartoon import CartoonClassifier
-    from face_assets.models import Recognizer
+    from face_assets.models import Recognizer, align_wide
 
     face_filter = FaceFilter(load_settings())
     recognizer = face_filter.analyzer.texture_recognizer or face_filter.analyzer.recognizer
     plain = Recognizer(recognizer.model_path, face_filter.settings.models)
-    crops = []
+    crops, wide = [], []
     for p in paths:
         img = load_image(p)
         faces, _ = face_filter.analyzer.detector.detect(img)
         crops += [recognizer.align(img, f.kps) for f in faces[:1]]
+        wide += [align_wide(img, f.kps) for f in faces[:1]]
     batch = face_filter.settings.models.rec_batch_size
 
-    def best(fn) -> float:
+    def best(fn, items=crops) -> float:
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            for i in range(0, len(crops), batch):
-                fn(crops[i : i + batch])
+            for i in range(0, len(items), batch):
+                fn(items[i : i + batch])
             times.append(time.perf_counter() - start)
-        return 1000 * min(times) / len(crops)
+        return 1000 * min(times) / len(items)
 
     clf: CartoonClassifier = face_filter.classifier
+    backbone = face_filter.analyzer.backbone
     emb, tex = recognizer.embed_aligned(crops)
-    x = clf.features(emb / np.linalg.norm(emb, axis=1, keepdims=True), tex)
-    return {"faces": len(crops), "recognizer_ms": best(plain.embed_aligned), "with_taps_ms": best(recognizer.embed_aligned),
+    style = None if backbone is None else backbone.face_features(crops, wide)
+    x = clf.features(emb / np.linalg.norm(emb, axis=1, keepdims=True), tex, style)
+    cost = {"faces": len(crops), "recognizer_ms": best(plain.embed_aligned), "with_taps_ms": best(recognizer.embed_aligned),
             "head_ms": best(lambda c: clf.predict_proba(x[: len(c)]))}
+    if backbone is not None:
+        cost["backbone_ms"] = best(backbone.features)
+        cost["backbone_wide_ms"] = best(backbone.features, wide)
+    return cost
 
 
 def main() -> None:
@@ -121,6 +130,9 @@ def main() -> None:
     print(f"cartoon check, per face ({cost['faces']} faces): recognizer {cost['recognizer_ms']:.2f} ms, with taps "
           f"{cost['with_taps_ms']:.2f} ms (+{cost['with_taps_ms'] - cost['recognizer_ms']:.2f}), classifier head "
           f"{cost['head_ms']:.3f} ms")
+    if "backbone_ms" in cost:
+        print(f"image backbone, per face: aligned crop {cost['backbone_ms']:.2f} ms + wide crop "
+              f"{cost['backbone_wide_ms']:.2f} ms = {cost['backbone_ms'] + cost['backbone_wide_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

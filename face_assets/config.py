@@ -66,6 +66,19 @@ class DetectionSettings(_Section):
         description="When nothing is found, pad each side by this fraction of the image and retry "
         "(tight crops); 0 disables the retry.",
     )
+    native_scale: bool = Field(
+        True,
+        description="Detect images smaller than `det_size` at their own size (rounded up to a multiple of 32, "
+        "at least `native_min_size`) instead of enlarged to `det_size`: 4 to 6x less detection on small "
+        "photos, the same faces found.",
+    )
+    native_min_size: int = Field(
+        320,
+        ge=32,
+        le=2048,
+        description="Smallest detector input at native scale: smaller images are still enlarged to it (SCRFD "
+        "misses many faces of 60 px tiles at their own size; from 320 on it finds those it finds at 640).",
+    )
     max_faces: int = Field(0, ge=0, description="Keep at most this many faces per image (0 = all).")
     workers: int = Field(
         2,
@@ -80,6 +93,8 @@ class DetectionSettings(_Section):
     def _multiple_of_32(self) -> "DetectionSettings":
         if self.det_size % 32:
             raise ValueError(f"det_size must be a multiple of 32, got {self.det_size}")
+        if self.native_min_size % 32:
+            raise ValueError(f"native_min_size must be a multiple of 32, got {self.native_min_size}")
         return self
 
 
