@@ -102,17 +102,17 @@ class FilterSettings(_Section):
     """Thresholds of `filter_image`; defaults calibrated by `face-assets calibrate` on the shared data."""
 
     min_det_score: float = Field(
-        0.541, ge=0.0, le=1.0, description="Minimum detector confidence of a face found directly."
+        0.569, ge=0.0, le=1.0, description="Minimum detector confidence of a face found directly."
     )
     min_det_score_padded: float = Field(
-        0.624,
+        0.563,
         ge=0.0,
         le=1.0,
         description="Minimum detector confidence of a face found by the padded retry (its scores follow "
         "another scale).",
     )
     good_face_norm: float = Field(
-        18.66,
+        18.35,
         ge=0.0,
         description="A face with at least this embedding norm and `good_face_size` px is kept whatever its "
         "detector confidence (a clean, large face is never rejected on det_score alone).",
@@ -121,9 +121,9 @@ class FilterSettings(_Section):
         64, ge=0, description="Minimum of face box width and height, pixels, for the `good_face_norm` rule."
     )
     min_embedding_norm: float = Field(
-        14.88, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
+        14.05, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
     )
-    min_face_size: int = Field(37, ge=0, description="Minimum of face box width and height, pixels.")
+    min_face_size: int = Field(36, ge=0, description="Minimum of face box width and height, pixels.")
     min_face_area_ratio: float = Field(
         0.0, ge=0.0, le=1.0, description="Minimum face box area / image area (0 = off: group photos are legitimate)."
     )

@@ -42,6 +42,7 @@ Usage (from the repo root): ``python scripts/train_cartoon_classifier.py [--cach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -932,10 +933,14 @@ class HeldOut:
         return np.array([calibrate(p, f.aug[idx], quantiles) for idx, p in self.inner])
 
 
-def source_protocol(f: Faces, spec: dict, taps, log=print) -> HeldOut:
+def source_protocol(f: Faces, spec: dict, taps, log=print, quick: bool = False) -> HeldOut:
     """Leave-one-source-fold-out: model m_j trained without fold j scores fold j; its threshold is
     calibrated on the real faces of every other fold i, scored by m_ij, trained without i and j.
-    K + K(K-1)/2 fits; nothing of fold j touches its model or its threshold."""
+    K + K(K-1)/2 fits; nothing of fold j touches its model or its threshold.
+
+    ``quick``: K fits only; fold j's threshold comes from the real faces of the other folds scored by
+    their own fold models m_i, which never saw those faces but did see fold j's (a comparison of
+    features on a loaded machine, not the shipped protocol)."""
     k = int(f.fold.max()) + 1
     prob = np.full(len(f.y), np.nan)
     real = f.y == 0
@@ -944,6 +949,8 @@ def source_protocol(f: Faces, spec: dict, taps, log=print) -> HeldOut:
         m = fit_on(f, f.fold != j, spec, taps)
         prob[f.fold == j] = m.predict_proba(f.X[f.fold == j])
         log(f"  [{spec_name(spec)}] source fold {j}: {sorted(set(f.source[f.fold == j]))}")
+    if quick:
+        return HeldOut(prob, [(idx, prob[idx]) for idx in (np.flatnonzero(real & (f.fold != j)) for j in range(k))])
     for i in range(k):
         for j in range(i + 1, k):
             m = fit_on(f, (f.fold != i) & (f.fold != j), spec, taps)
@@ -1178,6 +1185,16 @@ def _json_clean(obj):
 _JOB: dict = {}  # what the forked style-protocol worker inherits (passing it would pickle every feature)
 
 
+def _quick_job() -> HeldOut:
+    """The quick source protocol of the recognizer's features alone, in a forked worker (``--quick``)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(_JOB["threads"])
+    with threadpool_limits(limits=_JOB["threads"]):
+        return source_protocol(_JOB["faces"], _JOB["spec"], _JOB["taps"], log=lambda *a: print(*a, flush=True), quick=True)
+
+
 def _style_job() -> dict:
     """The leave-one-style-out protocol in a forked worker process (see ``main``)."""
     import torch
@@ -1209,6 +1226,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact path (default: the packaged one)")
     ap.add_argument("--no-backbone", action="store_true",
                     help="without the image backbone's features (the recognizer's features only)")
+    ap.add_argument("--quick", action="store_true",
+                    help="compare with and without the image backbone by the quick source protocol (K fits each, "
+                         "side by side in two processes); no style protocol, no artifact")
     ap.add_argument("--export-backbone", action="store_true",
                     help=f"export the image backbone to {os.path.relpath(STYLE_BACKBONE, REPO_ROOT)} even if it exists")
     ap.add_argument("--dry-run", action="store_true", help="evaluate only, write no artifact")
@@ -1252,6 +1272,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{K_FOLDS} source folds):\n")
     print(counts_markdown(f))
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.quick:
+        base = dataclasses.replace(f, X=f.X[:, : f.X.shape[1] - n_style], backbone_sha=None) if n_style else None
+        _JOB.update(faces=base, spec=spec, taps=taps, threads=args.threads)
+        with threadpool_limits(limits=args.threads), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            pending = pool.submit(_quick_job) if base is not None else None
+            held = source_protocol(f, spec, taps, log=log, quick=True)
+            log(f"\n== quick protocol, {'with the image backbone' if n_style else 'recognizer features only'} ==")
+            report(f, items, held, None, log=log)
+            if pending is not None:
+                log("\n== quick protocol, recognizer features only ==")
+                report(base, items, pending.result(), None, log=log)
+        print(f"runtime: {time.time() - t0:.0f}s")
+        return
     with threadpool_limits(limits=args.threads):
         results = {}
         for s in [spec] + (ALTERNATIVES if args.compare else []):
