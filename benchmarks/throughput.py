@@ -1,15 +1,18 @@
 """Throughput: face_assets' detect+filter+embed vs a plain insightface FaceAnalysis loop, same images.
 
-    python benchmarks/throughput.py [--per-folder 100] [--repeat 3]
+    python benchmarks/throughput.py [--per-folder 100] [--repeat 3] [--large]
 
 The plain loop is what a user writes first: ``FaceAnalysis(name="buffalo_s")`` over the same ONNX
 files with its defaults (every model of the pack, default session options, default detector
 sizes), ``cv2.imread`` then ``app.get``. Both run in this process on the same files, alternately,
 ``--repeat`` times: the table gives the best run of each (images/s, the share of images where at
 least one face was found), the ratio of the best runs and the ratio of every pair of runs, since
-one run's ratio moves by a few percent with what else the machine does. Then the
-cost per face of the cartoon check: the recognizer pass with the texture taps against the same
-pass without them, and the classifier head, on the aligned faces of the same images.
+one run's ratio moves by a few percent with what else the machine does. ``--large`` runs the same
+comparison on the shared photos of at least ``LARGE_PIXELS`` (several megapixels), where decoding and
+detection at ``det_size`` dominate instead of the small-photo detection. Then the
+cost per face of each path of the cartoon check: the recognizer pass with the texture taps against
+the same pass without them, the image backbone on the aligned and the wide crop (when the shipped
+classifier uses one), and the classifier head, on the faces of the same images.
 """
 
 from __future__ import annotations
@@ -32,6 +35,21 @@ from face_assets.imaging import load_image  # noqa: E402
 from face_assets.models import builtin_pack_dir  # noqa: E402
 
 REAL = ("lfw10", "deepface", "imfdb", "dlib_johns", "ageitgey")
+LARGE_PIXELS = 2_000_000
+
+
+def large_photos() -> list[Path]:
+    """The shared real and group photos of at least ``LARGE_PIXELS`` (read from their headers)."""
+    from PIL import Image
+
+    root = shared_datasets()
+    out = []
+    for folder in (root / "real", root / "detection"):
+        for p in sorted(q for q in folder.rglob("*") if q.suffix.lower() in {".jpg", ".jpeg", ".png"}):
+            with Image.open(p) as im:
+                if im.size[0] * im.size[1] >= LARGE_PIXELS:
+                    out.append(p)
+    return out
 
 
 def plain_loop(paths: list[Path]) -> tuple[float, int]:
@@ -67,51 +85,65 @@ def project_pipeline(paths: list[Path], chunk: int = 16) -> tuple[float, int, in
 
 
 def cartoon_cost(paths: list[Path], repeat: int = 3) -> dict[str, float]:
-    """Milliseconds per face of the recognizer with and without the cartoon taps, and of the classifier head
-    (best of ``repeat`` runs over the aligned faces of ``paths``, batches of ``models.rec_batch_size``)."""
+    """Milliseconds per face of the recognizer with and without the cartoon taps, of the image backbone
+    (aligned and wide crop) and of the classifier head (best of ``repeat`` runs over the faces of
+    ``paths``, batches of ``models.rec_batch_size``)."""
     from face_assets.cartoon import CartoonClassifier
-    from face_assets.models import Recognizer
+    from face_assets.models import Recognizer, align_wide
 
     face_filter = FaceFilter(load_settings())
     recognizer = face_filter.analyzer.texture_recognizer or face_filter.analyzer.recognizer
     plain = Recognizer(recognizer.model_path, face_filter.settings.models)
-    crops = []
+    crops, wide = [], []
     for p in paths:
         img = load_image(p)
         faces, _ = face_filter.analyzer.detector.detect(img)
         crops += [recognizer.align(img, f.kps) for f in faces[:1]]
+        wide += [align_wide(img, f.kps) for f in faces[:1]]
     batch = face_filter.settings.models.rec_batch_size
 
-    def best(fn) -> float:
+    def best(fn, items=crops) -> float:
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            for i in range(0, len(crops), batch):
-                fn(crops[i : i + batch])
+            for i in range(0, len(items), batch):
+                fn(items[i : i + batch])
             times.append(time.perf_counter() - start)
-        return 1000 * min(times) / len(crops)
+        return 1000 * min(times) / len(items)
 
     clf: CartoonClassifier = face_filter.classifier
+    backbone = face_filter.analyzer.backbone
     emb, tex = recognizer.embed_aligned(crops)
-    x = clf.features(emb / np.linalg.norm(emb, axis=1, keepdims=True), tex)
-    return {"faces": len(crops), "recognizer_ms": best(plain.embed_aligned), "with_taps_ms": best(recognizer.embed_aligned),
+    style = None if backbone is None else backbone.face_features(crops, wide)
+    x = clf.features(emb / np.linalg.norm(emb, axis=1, keepdims=True), tex, style)
+    cost = {"faces": len(crops), "recognizer_ms": best(plain.embed_aligned), "with_taps_ms": best(recognizer.embed_aligned),
             "head_ms": best(lambda c: clf.predict_proba(x[: len(c)]))}
+    if backbone is not None:
+        cost["backbone_ms"] = best(backbone.features)
+        cost["backbone_wide_ms"] = best(backbone.features, wide)
+    return cost
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-folder", type=int, default=100, help="images taken from each real folder")
     parser.add_argument("--repeat", type=int, default=3, help="alternate runs of each pipeline; the best counts")
+    parser.add_argument("--large", action="store_true",
+                        help=f"the real and group photos of at least {LARGE_PIXELS / 1e6:g} megapixels instead")
     args = parser.parse_args()
-    root = shared_datasets() / "real"
-    paths = [p for d in REAL for p in sorted(q for q in (root / d).rglob("*") if q.is_file())[: args.per_folder]]
+    if args.large:
+        paths = large_photos()
+    else:
+        root = shared_datasets() / "real"
+        paths = [p for d in REAL for p in sorted(q for q in (root / d).rglob("*") if q.is_file())[: args.per_folder]]
     runs = []
     for _ in range(args.repeat):  # alternate, so a slow spell of the machine hits both sides
         runs.append((plain_loop(paths), project_pipeline(paths)))
     t_plain, f_plain = min(plain for plain, _ in runs)
     t_ours, f_ours, v_ours = min(ours for _, ours in runs)
     n = len(paths)
-    print(f"{n} images from {', '.join(REAL)} ({os.cpu_count()} cores), best of {args.repeat} alternate runs")
+    source = f"photos of {LARGE_PIXELS / 1e6:g} MP or more" if args.large else ", ".join(REAL)
+    print(f"{n} images from {source} ({os.cpu_count()} cores), best of {args.repeat} alternate runs")
     print(f"{'pipeline':<38}{'seconds':>9}{'img/s':>8}{'face found':>12}{'valid':>8}")
     print(f"{'insightface FaceAnalysis defaults':<38}{t_plain:>9.1f}{n / t_plain:>8.1f}{f_plain / n:>12.1%}{'-':>8}")
     print(f"{'face_assets filter (det+emb+cartoon)':<38}{t_ours:>9.1f}{n / t_ours:>8.1f}{f_ours / n:>12.1%}{v_ours / n:>8.1%}")
@@ -121,6 +153,9 @@ def main() -> None:
     print(f"cartoon check, per face ({cost['faces']} faces): recognizer {cost['recognizer_ms']:.2f} ms, with taps "
           f"{cost['with_taps_ms']:.2f} ms (+{cost['with_taps_ms'] - cost['recognizer_ms']:.2f}), classifier head "
           f"{cost['head_ms']:.3f} ms")
+    if "backbone_ms" in cost:
+        print(f"image backbone, per face: aligned crop {cost['backbone_ms']:.2f} ms + wide crop "
+              f"{cost['backbone_wide_ms']:.2f} ms = {cost['backbone_ms'] + cost['backbone_wide_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

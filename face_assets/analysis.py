@@ -2,7 +2,8 @@
 
 The analyzer finds the faces of each image, aligns them, and runs the recognizer over aligned
 crops of several images together (batching is ~1.4x faster than one face at a time on CPU). The
-same pass yields the inner-layer texture statistics the cartoon classifier reads.
+same pass yields the inner-layer texture statistics the cartoon classifier reads and, when given an
+image backbone, that network's features of each face's aligned and wide crops.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from .config import Settings
 from .detection import FaceDetector
 from .imaging import load_image
 from .errors import ModelNotFoundError
-from .models import ModelPack, Recognizer, builtin_pack, builtin_pack_dir, load_detector, resolve_pack
+from .models import (ImageBackbone, ModelPack, Recognizer, align_wide, builtin_pack, builtin_pack_dir, load_detector,
+                     resolve_pack)
 from .schemas import DetectedFace, ImageAnalysis
+
+# Faces smaller than this get no style features: their aligned crop is mostly interpolation and style
+# cannot be judged (the cartoon verdict skips them too).
+STYLE_MIN_SIDE = 24
 
 
 class FaceAnalyzer:
@@ -33,13 +39,17 @@ class FaceAnalyzer:
         taps: inner tensor names of the texture recognizer whose statistics each face carries.
         texture_model: recognizer file the taps belong to; when it is not the pack's recognizer, it
             runs as a second model on the same aligned crops.
+        backbone: image backbone whose features of the aligned and wide crops each face of at least
+            ``STYLE_MIN_SIDE`` px carries (``style``); its session starts on the first face.
     """
 
-    def __init__(self, settings: Settings, taps: tuple[str, ...] = (), texture_model: str | None = None):
+    def __init__(self, settings: Settings, taps: tuple[str, ...] = (), texture_model: str | None = None,
+                 backbone: ImageBackbone | None = None):
         self.settings = settings
         self.pack: ModelPack = resolve_pack(settings.models)
         self.detector = self._new_detector()
         self._taps, self._texture_model = tuple(taps), texture_model
+        self.backbone = backbone
         self.recognizer, self.texture_recognizer = self._recognizers(self.pack)
         self._detect_pool: ThreadPoolExecutor | None = None  # created on the first batch of several images
         self._pool_thread = threading.local()  # a detector of its own per pool thread (_detect_in_pool)
@@ -108,10 +118,14 @@ class FaceAnalyzer:
         return detector.detect(img)
 
     def embed_faces(self, found: list[tuple[np.ndarray, list[DetectedFace]]]) -> None:
-        """Set ``embedding`` and ``texture`` of faces already located in their images, one recognizer batch."""
-        crops, owners = [], []
+        """Set ``embedding``, ``texture`` and ``style`` of faces already located in their images, one
+        recognizer batch (and one backbone batch per crop size)."""
+        crops, owners, wide, styled = [], [], [], []
         for img, faces in found:
             for face in faces:
+                if self.backbone is not None and min(face.face_size) >= STYLE_MIN_SIDE:
+                    styled.append(len(crops))
+                    wide.append(align_wide(img, face.kps))
                 crops.append(self.recognizer.align(img, face.kps))
                 owners.append(face)
         embeddings, taps = self.recognizer.embed_aligned(crops)
@@ -120,6 +134,10 @@ class FaceAnalyzer:
         for i, face in enumerate(owners):
             face.embedding = embeddings[i]
             face.texture = None if taps is None else taps[i]
+        if styled:
+            style = self.backbone.face_features([crops[i] for i in styled], wide)
+            for row, i in enumerate(styled):
+                owners[i].style = style[row]
 
 
 def _texture_model_path(sha256: str) -> Path:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ModelSettings
 from .errors import ModelNotFoundError
+from .models import STYLE_BACKBONE, ImageBackbone, file_sha256
 
 DEFAULT_ARTIFACT = Path(__file__).with_name("resources") / "cartoon_classifier.npz"
 
@@ -32,6 +34,8 @@ class CartoonClassifier:
     Attributes:
         recognizer_sha256: recognizer the features come from.
         taps: inner tensor names whose statistics form the texture features.
+        backbone_sha256: the image backbone (``models.STYLE_BACKBONE``) whose features end each row,
+            or None for a classifier on the recognizer's features alone.
         mean, scale: feature standardization.
         proj: optional projection matrix applied after standardization (D x k).
         weights, biases: dense layers; ReLU between them, sigmoid on the single output.
@@ -48,13 +52,16 @@ class CartoonClassifier:
     threshold: float
     proj: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    backbone_sha256: str | None = None
 
     @staticmethod
-    def features(normed_embedding: np.ndarray, texture: np.ndarray) -> np.ndarray:
-        """Feature rows from normalized embeddings [N, 512] and texture statistics [N, T]."""
-        return np.concatenate(
-            [np.atleast_2d(normed_embedding), np.log1p(np.maximum(np.atleast_2d(texture), 0.0))], axis=1
-        ).astype(np.float32)
+    def features(normed_embedding: np.ndarray, texture: np.ndarray, style: np.ndarray | None = None) -> np.ndarray:
+        """Feature rows from normalized embeddings [N, 512], texture statistics [N, T] and, for a
+        classifier with an image backbone, the backbone's features [N, S]."""
+        parts = [np.atleast_2d(normed_embedding), np.log1p(np.maximum(np.atleast_2d(texture), 0.0))]
+        if style is not None:
+            parts.append(np.atleast_2d(style))
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probability that each feature row is a cartoon / illustration rather than a real photo."""
@@ -80,6 +87,7 @@ class CartoonClassifier:
                         "recognizer_sha256": self.recognizer_sha256,
                         "taps": list(self.taps),
                         "threshold": float(self.threshold),
+                        "backbone_sha256": self.backbone_sha256,
                         "layers": len(self.weights),
                         "info": self.info,
                     }
@@ -118,4 +126,19 @@ class CartoonClassifier:
                 biases=[data[f"b{i}"] for i in range(n)],
                 threshold=float(meta["threshold"]),
                 info=meta.get("info", {}),
+                backbone_sha256=meta.get("backbone_sha256"),
             )
+
+
+def backbone_for(classifier: CartoonClassifier, models: ModelSettings) -> ImageBackbone | None:
+    """The image backbone ``classifier`` was trained with (None when it uses none), checked by content
+    hash: features of another file would be read as if they were its own."""
+    if classifier.backbone_sha256 is None:
+        return None
+    if not STYLE_BACKBONE.is_file() or file_sha256(STYLE_BACKBONE) != classifier.backbone_sha256:
+        raise ModelNotFoundError(
+            f"the image backbone the cartoon classifier was trained on (sha256 {classifier.backbone_sha256[:12]})",
+            [str(STYLE_BACKBONE)],
+            "Rebuild both with `python scripts/train_cartoon_classifier.py`, or set filter.check_cartoon to false.",
+        )
+    return ImageBackbone(STYLE_BACKBONE, models)

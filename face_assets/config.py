@@ -66,6 +66,19 @@ class DetectionSettings(_Section):
         description="When nothing is found, pad each side by this fraction of the image and retry "
         "(tight crops); 0 disables the retry.",
     )
+    native_scale: bool = Field(
+        True,
+        description="Detect images smaller than `det_size` at their own size (rounded up to a multiple of 32, "
+        "at least `native_min_size`) instead of enlarged to `det_size`: 4 to 6x less detection on small "
+        "photos, the same faces found.",
+    )
+    native_min_size: int = Field(
+        320,
+        ge=32,
+        le=2048,
+        description="Smallest detector input at native scale: smaller images are still enlarged to it (SCRFD "
+        "misses many faces of 60 px tiles at their own size; from 320 on it finds those it finds at 640).",
+    )
     max_faces: int = Field(0, ge=0, description="Keep at most this many faces per image (0 = all).")
     workers: int = Field(
         2,
@@ -80,6 +93,8 @@ class DetectionSettings(_Section):
     def _multiple_of_32(self) -> "DetectionSettings":
         if self.det_size % 32:
             raise ValueError(f"det_size must be a multiple of 32, got {self.det_size}")
+        if self.native_min_size % 32:
+            raise ValueError(f"native_min_size must be a multiple of 32, got {self.native_min_size}")
         return self
 
 
@@ -87,17 +102,17 @@ class FilterSettings(_Section):
     """Thresholds of `filter_image`; defaults calibrated by `face-assets calibrate` on the shared data."""
 
     min_det_score: float = Field(
-        0.541, ge=0.0, le=1.0, description="Minimum detector confidence of a face found directly."
+        0.569, ge=0.0, le=1.0, description="Minimum detector confidence of a face found directly."
     )
     min_det_score_padded: float = Field(
-        0.624,
+        0.563,
         ge=0.0,
         le=1.0,
         description="Minimum detector confidence of a face found by the padded retry (its scores follow "
         "another scale).",
     )
     good_face_norm: float = Field(
-        18.66,
+        18.35,
         ge=0.0,
         description="A face with at least this embedding norm and `good_face_size` px is kept whatever its "
         "detector confidence (a clean, large face is never rejected on det_score alone).",
@@ -106,9 +121,9 @@ class FilterSettings(_Section):
         64, ge=0, description="Minimum of face box width and height, pixels, for the `good_face_norm` rule."
     )
     min_embedding_norm: float = Field(
-        14.88, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
+        14.05, ge=0.0, description="Minimum raw ArcFace embedding norm (low = ambiguous face)."
     )
-    min_face_size: int = Field(37, ge=0, description="Minimum of face box width and height, pixels.")
+    min_face_size: int = Field(36, ge=0, description="Minimum of face box width and height, pixels.")
     min_face_area_ratio: float = Field(
         0.0, ge=0.0, le=1.0, description="Minimum face box area / image area (0 = off: group photos are legitimate)."
     )

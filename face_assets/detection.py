@@ -1,4 +1,4 @@
-"""Finding faces: insightface's SCRFD with a padded retry for tight crops."""
+"""Finding faces: insightface's SCRFD at the image's own scale (up to det_size), with a padded retry for tight crops."""
 
 from __future__ import annotations
 
@@ -39,9 +39,24 @@ class FaceDetector:
             faces = faces[: self.settings.max_faces]
         return faces, padded
 
+    def input_side(self, img: np.ndarray) -> int:
+        """Side of the square detector input for ``img``: ``det_size``, or with ``native_scale`` the image's
+        own longer side rounded up to a multiple of 32 (SCRFD's strides need it) when that is smaller,
+        but at least ``native_min_size``.
+
+        Enlarging a 400 px photo to 640 costs 2.6x the detection for faces the native size finds
+        too. Tiny images are the exception: SCRFD misses many faces of 60 px tiles at 64 but finds
+        at 320 those it finds at 640. A tight crop near its own scale is also found more often
+        without the padded retry, since the face is then within SCRFD's anchors.
+        """
+        s = self.settings
+        if not s.native_scale:
+            return s.det_size
+        return min(s.det_size, max(s.native_min_size, -(-max(img.shape[:2]) // 32) * 32))
+
     def _detect(self, img: np.ndarray, offset: int = 0) -> list[DetectedFace]:
-        size = (self.settings.det_size, self.settings.det_size)
-        dets, kpss = self.model.detect(img, input_size=size)
+        side = self.input_side(img)
+        dets, kpss = self.model.detect(img, input_size=(side, side))
         return [
             DetectedFace(
                 bbox=(dets[i, :4] - offset).astype(np.float32),

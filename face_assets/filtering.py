@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import FaceAnalyzer
-from .cartoon import CartoonClassifier
+from .analysis import STYLE_MIN_SIDE, FaceAnalyzer
+from .cartoon import CartoonClassifier, backbone_for
 from .config import FilterSettings, Settings, load_settings
 from .schemas import DetectedFace, FaceVerdict, FilterResult, ImageAnalysis, RejectionReason
 
@@ -34,7 +34,7 @@ from .schemas import DetectedFace, FaceVerdict, FilterResult, ImageAnalysis, Rej
 # range of real-face norms on the shared data, and the recognizer's own 112 px input.
 NORM_REF = 25.0
 SIZE_REF = 112.0
-CARTOON_MIN_SIDE = 24
+CARTOON_MIN_SIDE = STYLE_MIN_SIDE
 
 
 def quality_score(det_score: float, embedding_norm: float, face_size: Sequence[int]) -> float:
@@ -80,6 +80,7 @@ class FaceFilter:
             self.settings,
             taps=self.classifier.taps if self.classifier else (),
             texture_model=self.classifier.recognizer_sha256 if self.classifier else None,
+            backbone=backbone_for(self.classifier, self.settings.models) if self.classifier else None,
         )
 
     @property
@@ -129,8 +130,10 @@ class FaceFilter:
         norm = face.embedding_norm or 0.0
         ratio = analysis.area_ratio(face)
         prob = 0.0
-        if self.classifier is not None and face.texture is not None and min(size) >= CARTOON_MIN_SIDE:
-            prob = float(self.classifier.predict_proba(self.classifier.features(face.normed_embedding, face.texture))[0])
+        clf = self.classifier
+        if (clf is not None and face.texture is not None and min(size) >= CARTOON_MIN_SIDE
+                and (clf.backbone_sha256 is None or face.style is not None)):
+            prob = float(clf.predict_proba(clf.features(face.normed_embedding, face.texture, face.style))[0])
         threshold = self.cartoon_threshold
         is_cartoon = threshold is not None and prob >= threshold
         reason: RejectionReason | None = None

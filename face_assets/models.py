@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -229,6 +230,28 @@ def load_detector(
     return det
 
 
+# The wider view of a face for the image backbone: the recognizer's aligned crop zoomed out twice
+# (hair, ears, the picture's edges and its background around the face), at a side small enough that
+# the backbone costs a few milliseconds per face.
+WIDE_SIDE = 128
+WIDE_EXTENT = 2.0
+
+
+def align_wide(img: np.ndarray, kps: np.ndarray, side: int = WIDE_SIDE, extent: float = WIDE_EXTENT) -> np.ndarray:
+    """Square crop around a face, aligned like the recognizer's 112 px crop but ``extent`` times wider.
+
+    The same five-landmark similarity transform as insightface's ``norm_crop``, scaled about the
+    crop's centre; outside the image is black, as in ``norm_crop``.
+    """
+    from insightface.utils import face_align
+
+    m = face_align.estimate_norm(np.asarray(kps, np.float32), 112)
+    s = side / (112.0 * extent)
+    wide = m * s
+    wide[:, 2] += side / 2.0 - s * 56.0
+    return cv2.warpAffine(img, wide, (side, side), borderValue=0.0)
+
+
 # Per-channel statistics of every tapped tensor, in the order embed_aligned returns them. The fraction
 # of positive activations says how often a channel's pattern is present at all (flat paint leaves
 # many texture channels silent), which mean and spread alone blur together.
@@ -359,3 +382,63 @@ class Recognizer:
     def embedding_dim(self) -> int:
         """Length of the embedding vector (512 for the InsightFace recognizers)."""
         return int(self._arcface.output_shape[-1])
+
+
+# The image backbone of the cartoon classifier: EfficientNet-Lite0 with its ImageNet weights
+# (Apache-2.0), cut before its classifier, with the pooled statistics of a few stages as its one output
+# (exported by scripts/train_cartoon_classifier.py; float16 weights, float32 arithmetic).
+STYLE_BACKBONE = Path(__file__).with_name("resources") / "style_backbone_lite0.onnx"
+# EfficientNet-Lite's own input scaling (TensorFlow's lite preprocessing): (RGB - 127) / 128.
+BACKBONE_MEAN, BACKBONE_STD = 127.0, 128.0
+
+
+class ImageBackbone:
+    """A general pretrained image network that describes how a picture is made, not who is in it.
+
+    The ONNX graph takes RGB crops of any side (batched per side) and returns one row of pooled
+    stage statistics per crop. The session starts on the first call, so an analyzer that never
+    judges style never loads it.
+    """
+
+    def __init__(self, model_path: Path, models: ModelSettings):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ModelNotFoundError("the cartoon classifier's image backbone", [str(self.model_path)],
+                                     "Rebuild it with `python scripts/train_cartoon_classifier.py`.")
+        self._models = models
+        self._session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the backbone file."""
+        return file_sha256(self.model_path)
+
+    def _get_session(self) -> ort.InferenceSession:
+        import onnxruntime as ort
+
+        with self._lock:
+            if self._session is None:
+                self._session = ort.InferenceSession(
+                    str(self.model_path), sess_options=session_options(self._models),
+                    providers=providers_for(self._models),
+                )
+            return self._session
+
+    def features(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Feature rows ``[N, D]`` of BGR crops that all have the same side, in batches of ``rec_batch_size``."""
+        session = self._get_session()
+        if not crops:
+            return np.zeros((0, session.get_outputs()[0].shape[-1]), np.float32)
+        out = []
+        side = crops[0].shape[:2][::-1]
+        step = self._models.rec_batch_size
+        for start in range(0, len(crops), step):
+            blob = cv2.dnn.blobFromImages(crops[start : start + step], 1.0 / BACKBONE_STD, side,
+                                          (BACKBONE_MEAN,) * 3, swapRB=True)
+            out.append(session.run(None, {session.get_inputs()[0].name: blob})[0])
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def face_features(self, aligned: list[np.ndarray], wide: list[np.ndarray]) -> np.ndarray:
+        """Features of faces: the backbone's row for the aligned crop, then for the wide crop (``align_wide``)."""
+        return np.concatenate([self.features(aligned), self.features(wide)], axis=1)

@@ -25,6 +25,7 @@ class DetectedFace:
     det_score: float
     embedding: np.ndarray | None = None
     texture: np.ndarray | None = None
+    style: np.ndarray | None = None  # the cartoon classifier's image-backbone features (analysis.FaceAnalyzer)
 
     @property
     def embedding_norm(self) -> float | None:

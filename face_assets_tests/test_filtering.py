@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from face_assets import FaceFilter, ImageLoadError, filter_image, load_settings
+from face_assets.detection import box_iou
 from face_assets.filtering import is_low_quality, quality_score
 from face_assets.imaging import load_image
 
@@ -94,20 +95,49 @@ def test_real_photos_of_new_sources_are_valid(face_filter, datasets, kind):
     assert sum(r["is_valid"] for r in results) >= len(files) - 1, [r["rejection_reason"] for r in results]
 
 
-def test_clean_tight_frontal_crops_are_not_low_quality(face_filter, datasets):
-    # ORL: 92x112 grayscale frontal faces filling the frame, found only by the padded retry, where
-    # SCRFD's confidence is low; the embedding norm and size say they are good faces.
+@pytest.mark.parametrize("native_scale", [True, False])
+def test_clean_tight_frontal_crops_are_not_low_quality(datasets, native_scale):
+    # ORL: 92x112 grayscale frontal faces filling the frame. At their own scale SCRFD finds them
+    # directly; enlarged to det_size only the padded retry does, with a low confidence, and the
+    # embedding norm and size say they are good faces. Kept either way.
+    face_filter = FaceFilter(load_settings(overrides={"detection": {"native_scale": native_scale}}, environ={}))
     files = sorted((datasets / "real" / "extra" / "lighting").glob("orl_*"))[:20]
     results = [face_filter.filter(p) for p in files]
-    assert all(r["padded"] for r in results if r["num_faces"])
+    assert all(r["padded"] is not native_scale for r in results if r["num_faces"])
     assert [r["rejection_reason"] for r in results].count("low_quality") == 0
 
 
-def test_tight_crops_are_found_by_padding(face_filter, datasets):
+@pytest.mark.parametrize("native_scale", [True, False])
+def test_tight_crops_are_found(datasets, native_scale):
+    detector = FaceFilter(load_settings(overrides={"detection": {"native_scale": native_scale}}, environ={})).analyzer.detector
     files = sorted((datasets / "real" / "imfdb").rglob("*.png"))
-    found = sum(bool(face_filter.analyzer.detector.detect(load_image(p))[0]) for p in files)
+    found = [detector.detect(load_image(p)) for p in files]
     assert len(files) == 400
-    assert found / len(files) >= 0.98
+    assert sum(bool(faces) for faces, _ in found) / len(files) >= 0.98
+    padded = sum(p for _, p in found)
+    assert padded < 40 if native_scale else padded > 300  # the retry is what finds them when enlarged
+
+
+def test_native_scale_detection_finds_the_faces_of_det_size(face_filter, datasets):
+    """Small photos detected near their own size (at least 320) find the same faces as enlarged to
+    det_size, at boxes that differ only by resolution; large photos are detected at det_size as before."""
+    enlarged = FaceFilter(load_settings(overrides={"detection": {"native_scale": False}}, environ={})).analyzer.detector
+    native = face_filter.analyzer.detector
+    files = [p for d in ("lfw10", "deepface", "ageitgey") for p in sorted((datasets / "real" / d).rglob("*.*"))[:10]]
+    small = 0
+    for p in files:
+        img = load_image(p)
+        side = native.input_side(img)
+        assert side % 32 == 0 and side == min(640, max(320, -(-max(img.shape[:2]) // 32) * 32))
+        small += side < 640
+        a, _ = enlarged.detect(img)
+        b, _ = native.detect(img)
+        big_a = [f for f in a if min(f.face_size) >= 37]
+        big_b = [f for f in b if min(f.face_size) >= 37]
+        assert len(big_a) == len(big_b), p
+        for fa in big_a:
+            assert max(box_iou(fa.bbox, fb.bbox) for fb in big_b) > 0.7, p
+    assert small >= 10  # the LFW photos (250 px) at least
 
 
 def test_detection_threads_give_the_single_thread_results(face_filter, datasets):
@@ -115,8 +145,10 @@ def test_detection_threads_give_the_single_thread_results(face_filter, datasets)
     files = [_first(datasets / "real" / d) for d in ("lfw10", "imfdb", "dlib_johns", "deepface")]
     files += [datasets / "detection" / "groups" / "10.jpg", _first(datasets / "nonface")]
     images = [load_image(p) for p in files] * 2
-    one = FaceFilter(load_settings(overrides={"detection": {"workers": 1}}, environ={}))
-    two = FaceFilter(load_settings(overrides={"detection": {"workers": 2}, "models": {"intra_op_threads": 2}}, environ={}))
+    # enlarged to det_size, so that the tight crops take the padded retry
+    one = FaceFilter(load_settings(overrides={"detection": {"workers": 1, "native_scale": False}}, environ={}))
+    two = FaceFilter(load_settings(overrides={"detection": {"workers": 2, "native_scale": False},
+                                              "models": {"intra_op_threads": 2}}, environ={}))
     threaded = two.analyzer.analyze_loaded(images)
     pooled = [d for d in two.analyzer._detect_pool.map(lambda _: getattr(two.analyzer._pool_thread, "detector", None),
                                                          range(4)) if d is not None]

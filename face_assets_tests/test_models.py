@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from face_assets.config import ModelSettings, load_settings
@@ -78,3 +79,38 @@ def test_tapped_recognizer_matches_plain_embedding():
     assert (taps[:, 128:256] >= 0).all()  # standard deviations
     positive = taps[:, 256:]
     assert ((positive >= 0) & (positive <= 1)).all() and 0 < positive.mean() < 1
+
+
+def test_wide_crop_holds_the_aligned_crop_at_its_centre(datasets):
+    from face_assets.analysis import FaceAnalyzer
+    from face_assets.imaging import load_image
+    from face_assets.models import align_wide
+
+    settings = load_settings(environ={})
+    analyzer = FaceAnalyzer(settings)
+    img = load_image(sorted((datasets / "real" / "lfw10").rglob("*.jpg"))[0])
+    face = analyzer.detector.detect(img)[0][0]
+    aligned = analyzer.recognizer.align(img, face.kps)
+    # twice as wide at twice the side: the same pixels scale, the aligned crop in the middle
+    wide = align_wide(img, face.kps, side=224, extent=2.0)
+    assert np.abs(wide[56:168, 56:168].astype(int) - aligned.astype(int)).max() <= 1
+    assert align_wide(img, face.kps).shape == (128, 128, 3)
+
+
+def test_image_backbone_loads_lazily_and_batches_consistently():
+    from face_assets.models import STYLE_BACKBONE, ImageBackbone
+
+    settings = load_settings(overrides={"models": {"rec_batch_size": 2}}, environ={})
+    backbone = ImageBackbone(STYLE_BACKBONE, settings.models)
+    assert backbone._session is None  # nothing loads until a face needs it
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
+    together = backbone.features(crops)  # batches of 2 and 1
+    alone = np.concatenate([backbone.features([c]) for c in crops])
+    assert together.shape == (3, 2128) and np.isfinite(together).all()
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(together[0], together[1])  # different pictures, different rows
+    wide = [rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
+    assert backbone.face_features(crops, wide).shape == (3, 2 * 2128)
+    with pytest.raises(ModelNotFoundError):
+        ImageBackbone(STYLE_BACKBONE.with_name("missing.onnx"), settings.models)

@@ -56,7 +56,7 @@ from face_assets.store import Catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIRST = ["real/lfw10/Ariel_Sharon/Ariel_Sharon_0001.jpg", "real/lfw10/Ariel_Sharon/Ariel_Sharon_0002.jpg",
-         # a cartoon the classifier rejects with a wide margin (p 0.9995): this file tests the graph, not the model
+         # a cartoon the classifier rejects with a wide margin (p 1.0 against 0.907): this file tests the graph, not the model
          "cartoon/dualstylegan/cartoon/cartoon_001.png", "corrupted/all_white_640x480.jpg",
          "corrupted/truncated_50pct.jpg"]
 LATER = ["real/lfw10/Colin_Powell/Colin_Powell_0001.jpg", "real/lfw10/Arnold_Schwarzenegger/Arnold_Schwarzenegger_0001.jpg"]
