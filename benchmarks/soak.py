@@ -214,12 +214,12 @@ def _searcher(dep: Deployment, photos: list[Path], rec: Recorder, stop: threadin
             try:
                 r = http.post(f"{dep.base}/api/search", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
                               headers=dep.auth)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+                error = None if r.status_code == 200 else f"{r.status_code} {r.text[:120]}"
+            except httpx.HTTPError as exc:
+                error = repr(exc)[:160]
             rec.add(f"search_{phase[0]}", time.perf_counter() - start)
-            if not ok:
-                rec.add("search_errors", phase[0])
+            if error is not None:
+                rec.add("search_errors", f"{phase[0]}: {error}")
             stop.wait(0.5)
 
 
@@ -647,7 +647,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
                                  "searchable": len(latencies), "of": len(drops)},
         "search_ms": {"idle_p50": _pct(idle, 50), "idle_p99": _pct(idle, 99), "ingest_p50": _pct(ingest, 50),
                       "ingest_p99": _pct(ingest, 99), "idle_n": len(idle), "ingest_n": len(ingest),
-                      "errors": len(rec.data["search_errors"])},
+                      "errors": len(rec.data["search_errors"]), "error_samples": rec.data["search_errors"][:3]},
         "exit_codes": codes,
     }
     curation = [v for k in ("curation_rename_s", "curation_merge_s", "curation_move20_s", "curation_split_s")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -20,6 +21,9 @@ from face_assets.errors import FaceImportError
 from face_assets.persons import ClusterStore
 from face_assets.storage import log_all, log_changes
 from face_assets.store import Catalog
+
+if TYPE_CHECKING:
+    from face_assets import FaceRecognitionLibrary
 
 DIM = 512
 
