@@ -38,7 +38,8 @@ MODULE_MARKERS = {
     "test_pipeline_ops": ("slow", "dagster"),  # a deployment's processes with its defaults; a Dask cluster
     "test_docs_ops": ("slow", "dagster"),  # the guides' SQL and commands on a deployment made by the pipeline  # ~90 s of the service, the Dagster daemon and the CLI together
 }
-FIXTURE_MARKERS = {"postgres_server": ("postgres",), "postgres_dsn": ("postgres",)}
+FIXTURE_MARKERS = {"postgres_server": ("postgres",), "postgres_dsn": ("postgres",),
+                   "two_sizes": ("slow",)}  # imports catalogs of 10k and 200k faces
 NAME_MARKERS = {"browser": ("browser",)}  # a test with this in its name drives chromium
 # Single tests over ~15 s on 2 busy cores (measured with --durations), by name.
 SLOW_TESTS = {
