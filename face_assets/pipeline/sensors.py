@@ -135,7 +135,7 @@ def build_nightly_schedule(job_name: str, cfg: PipelineSettings) -> ScheduleDefi
 def new_votes(face_assets: FaceAssetsResource, since: datetime | None) -> tuple[int, datetime | None]:
     """Votes cast or changed after ``since`` (all when None), and the time of the newest; read without writing.
 
-    The store is ``feedback.backend``: the published copy of the DuckDB feedback store (no votes
+    The store is ``feedback.backend``: the published views of the DuckDB feedback store (no votes
     before it exists), or the PostgreSQL server.
     """
     settings = face_assets.settings
