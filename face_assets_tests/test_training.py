@@ -391,3 +391,15 @@ def test_a_different_person_vote_inside_a_person_is_left_out():
     assert train.contradicted == 1 and val.contradicted == 0 and dropped == 0
     negatives = {tuple(r[:2]) for r in train.pairs if r[2] == 0}
     assert (0, 2) not in negatives and (1, 5) in negatives and len(negatives) == 16  # 4 x 4 across the persons
+
+
+def test_the_style_backbone_built_from_its_wheels_is_the_one_the_classifier_was_trained_on(tmp_path):
+    """The backbone is not in git: built from its PyPI wheels it must have, byte for byte, the content
+    the shipped cartoon classifier records (the export is deterministic)."""
+    from face_assets.cartoon import CartoonClassifier
+    from face_assets.models import file_sha256
+    from face_assets.style_backbone import ensure_style_backbone
+
+    built = ensure_style_backbone(tmp_path / "backbone.onnx")
+    assert built.is_file() and file_sha256(built) == CartoonClassifier.load().backbone_sha256
+    assert not list(tmp_path.glob(".*partial"))

