@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -412,37 +413,42 @@ def _full_recluster(dep: Deployment, rec: Recorder, stop: threading.Event, after
                               "error": proc.stderr.read()[-300:] if proc.returncode else None})
 
 
-def _rss_tree(pid: int) -> int:
-    """Resident bytes of a process and its descendants."""
-    total = 0
-    try:
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        with open(f"/proc/{pid}/statm") as f:
-            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return total
-    return total + sum(_rss_tree(int(c)) for c in children)
+def _processes() -> dict[int, tuple[int, int, int]]:
+    """Every process of the machine, read once from /proc: pid -> (parent pid, resident bytes,
+    bytes written to storage so far, i.e. ``write_bytes`` of /proc/PID/io)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            rss = int((entry / "statm").read_text().split()[1]) * page
+            counters = dict(line.split(": ") for line in (entry / "io").read_text().splitlines())
+            out[int(entry.name)] = (parent, rss, int(counters["write_bytes"]))
+        except (OSError, ValueError, IndexError, KeyError):
+            continue  # ended meanwhile
+    return out
+
+
+def _tree(procs: dict[int, tuple[int, int, int]], root: int) -> list[int]:
+    """``root`` and its descendants among ``procs``."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (parent, _, _) in procs.items():
+        children[parent].append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            found.append(pid)
+            todo += children[pid]
+    return found
 
 
 def _host_used() -> int:
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
-
-
-def _written_by_tree(pid: int, seen: dict[int, int], names: dict[int, str]) -> None:
-    """Bytes each process of a tree has written to storage so far (``write_bytes`` of /proc/PID/io),
-    kept per process id in ``seen`` so that processes that end (run workers, CLI calls) still count;
-    ``names`` keeps each one's command line."""
-    try:
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-        seen[pid] = max(seen.get(pid, 0), int(io["write_bytes"]))
-        if pid not in names:
-            names[pid] = " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0"))[:160]
-    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
-        return
-    for c in children:
-        _written_by_tree(int(c), seen, names)
 
 
 def _top_writers(rec: Recorder, n: int = 5) -> list[tuple[str, float]]:
@@ -465,17 +471,24 @@ def _memory_sampler(dep: Deployment, rec: Recorder, stop: threading.Event) -> No
     """Peak resident memory per process tree and of the host, and the bytes the soak's processes
     (service, daemon and its runs, CLI calls, writer) have written, sampled every second."""
     peaks: dict[str, int] = defaultdict(int)
-    written: dict[str, dict[int, int]] = defaultdict(dict)
+    written: dict[str, dict[int, int]] = defaultdict(dict)  # per tree: pid -> bytes, ended processes kept
     names: dict[int, str] = {}
     rec.data["written"], rec.data["writer_names"] = [written], [names]
     while not stop.is_set():
-        _written_by_tree(os.getpid(), written["all"], names)
+        procs = _processes()
         peaks["host"] = max(peaks["host"], _host_used())
-        for name, proc in dep.procs.items():
-            peaks[name] = max(peaks[name], _rss_tree(proc.pid))
-            _written_by_tree(proc.pid, written[name], names)
+        trees = {"all": _tree(procs, os.getpid())} | {name: _tree(procs, p.pid) for name, p in dep.procs.items()}
         for pid in rec.data.get("recluster_pid", []):
-            peaks["recluster"] = max(peaks["recluster"], _rss_tree(pid))
+            trees["recluster"] = _tree(procs, pid)
+        for name, pids in trees.items():
+            if name != "all":
+                peaks[name] = max(peaks[name], sum(procs[p][1] for p in pids))
+            for p in pids:
+                written[name][p] = max(written[name].get(p, 0), procs[p][2])
+        for p in trees["all"]:
+            if p not in names:
+                with contextlib.suppress(OSError):
+                    names[p] = " ".join(Path(f"/proc/{p}/cmdline").read_text().split("\0"))[:160]
         rec.data["rss_peaks"] = [dict(peaks)]
         stop.wait(1.0)
 

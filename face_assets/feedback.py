@@ -146,7 +146,7 @@ class _Backend(Protocol):
     # True when other processes may insert the same vote between our UPDATE and INSERT.
     concurrent_writers: bool
 
-    def create(self, schema: list[str]) -> None: ...
+    def declare(self, tables: list[Table]) -> None: ...
 
     def transaction(self) -> Any: ...
 
@@ -189,12 +189,9 @@ class _DuckDBBackend:
     def __init__(self, db: DuckDBFile):
         self.db = db
 
-    def create(self, schema: list[str]) -> None:
-        """Create the tables (``IF NOT EXISTS``), then declare those published as segments."""
-        with self.transaction() as rows:
-            for statement in schema:
-                rows(statement)
-        self.db.declare(TABLES)
+    def declare(self, tables: list[Table]) -> None:
+        """Publish these tables as segments (:meth:`DuckDBFile.declare`)."""
+        self.db.declare(tables)
 
     @contextmanager
     def transaction(self) -> Iterator[Rows]:
@@ -256,11 +253,8 @@ class _PostgresBackend:
         cursor = self.con.execute(sql.replace("?", "%s"), params or None)
         return cursor.fetchall() if cursor.description else []
 
-    def create(self, schema: list[str]) -> None:
-        """Create the tables (``IF NOT EXISTS``)."""
-        with self.transaction() as rows:
-            for statement in schema:
-                rows(statement)
+    def declare(self, tables: list[Table]) -> None:
+        """Nothing to publish: readers query the server itself."""
 
     @contextmanager
     def _alive(self) -> Iterator[None]:
@@ -345,7 +339,10 @@ class FeedbackStore:
     def __init__(self, backend: _Backend, create: bool = True):
         self._backend = backend
         if create:
-            backend.create(SCHEMA)
+            with backend.transaction() as rows:
+                for statement in SCHEMA:
+                    rows(statement)
+            backend.declare(TABLES)
 
     @classmethod
     def open(cls, settings: Settings, read_only: bool = False) -> "FeedbackStore":

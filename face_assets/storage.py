@@ -432,7 +432,7 @@ class DuckDBFile:
     def declare(self, tables: list[Table]) -> None:
         """Publish these tables as segments (see :class:`Table`); a table declared for the first
         time, or declared otherwise than before, is exported whole by the next publication.
-        Checked once per table and process; without ``segments`` nothing is done."""
+        Checked once per table and process; on a read-only file nothing is done."""
         todo = [t for t in tables if t.name not in self._declared]
         if self.read_only or not todo:
             return
