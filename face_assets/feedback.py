@@ -127,7 +127,6 @@ _ON_CONFLICT = """ ON CONFLICT (query_id, result_face_id, voter) DO UPDATE SET
     revisions = feedback.revisions + 1"""
 
 
-
 class Rows(Protocol):
     """``rows(sql, params)``: one statement in the current transaction, rows as dicts; ``changed``
     records which rows of a published table the transaction wrote (a no-op where nothing is published)."""

@@ -35,7 +35,6 @@ from .learning import promoted_model
 from .resources import FaceAssetsResource
 
 
-
 SETTLING_NAMED = 5
 """How many of the files still settling a sensor tick names (then: "and N more")."""
 
