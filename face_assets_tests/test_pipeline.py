@@ -27,6 +27,7 @@ from dagster import (
     AssetKey,
     AssetSelection,
     DagsterInstance,
+    Definitions,
     ReexecutionOptions,
     SensorResult,
     SkipReason,
@@ -48,7 +49,7 @@ from face_assets.pipeline.assets import (
     source_images,
 )
 from face_assets.pipeline.clusters import person_clusters
-from face_assets.pipeline.definitions import CLUSTER_JOB, INGEST_JOB, REFRESH_JOB, defs
+from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, INGEST_JOB, REFRESH_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.runner import seed_incoming
 from face_assets.pipeline.sensors import pending_batches
@@ -211,6 +212,14 @@ def test_new_images_add_only_themselves(ws):
     assert meta["images_added"] == 2 and meta["images_already_in_catalog"] == 0
 
 
+def run_as_the_automation(instance: DagsterInstance, resources: dict, *assets):
+    """Materialize ``assets`` as the automation sensor's run would: one run of the asset job that records
+    its asset selection, which the automation conditions read (an in-process ``materialize()`` run
+    records none, so it would look like a run outside the automation)."""
+    job = Definitions(assets=ALL_ASSETS, resources=resources).resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(instance=instance, asset_selection=[a.key for a in assets])
+
+
 INGEST = AssetSelection.assets(source_images, filtered_images, face_embeddings)
 """The ingest graph of one batch, as the ingest_images job runs it (with the staged check)."""
 
@@ -231,6 +240,26 @@ def test_automation_requests_index_and_clusters_after_new_merges_only(ws):
     assert after.get_requested_partitions(ann_index.key) == {None}
     assert after.get_requested_partitions(person_clusters.key) == {None}
     assert evaluate_automation_conditions(defs, ws.instance, cursor=after.cursor).total_requested == 0
+
+
+def test_a_merge_seen_with_the_end_of_an_index_run_is_indexed(ws):
+    start = evaluate_automation_conditions(defs, ws.instance)
+    ws.add(["real/lfw10/Hugo_Chavez/Hugo_Chavez_0001.jpg"])
+    (key,) = ws.plan()
+    assert ws.materialize(key, selection=INGEST).success
+    requested = evaluate_automation_conditions(defs, ws.instance, cursor=start.cursor)
+    assert requested.get_requested_partitions(ann_index.key) == {None}
+    # Before the next tick, the requested run ends and another batch is merged: one tick sees the
+    # request, the index's update and the new merge together. The merge is still to be indexed.
+    assert run_as_the_automation(ws.instance, {"face_assets": ws.resource}, ann_index, person_clusters).success
+    ws.add(["real/lfw10/Jacques_Chirac/Jacques_Chirac_0001.jpg"])
+    (later,) = ws.plan()
+    assert ws.materialize(later, selection=INGEST).success
+    again = evaluate_automation_conditions(defs, ws.instance, cursor=requested.cursor)
+    assert again.get_requested_partitions(ann_index.key) == {None}
+    assert again.get_requested_partitions(person_clusters.key) == {None}
+    # That request handled it: with nothing new, the tick after it resets and requests nothing.
+    assert evaluate_automation_conditions(defs, ws.instance, cursor=again.cursor).total_requested == 0
 
 
 def test_a_batch_that_fails_its_staged_check_is_never_merged(datasets, tmp_path):

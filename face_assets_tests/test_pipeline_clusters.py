@@ -19,6 +19,7 @@ from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, NIGHTLY_JO
 from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
+from face_assets_tests.test_pipeline import run_as_the_automation
 
 
 def _metadata(instance: DagsterInstance, asset: str) -> dict:
@@ -62,8 +63,7 @@ class Workspace:
 
     def index_and_cluster(self):
         """What the automation requests after a merge, in one run: the index, then the person clusters."""
-        return materialize(ALL_ASSETS, selection=[ann_index, person_clusters], instance=self.instance,
-                           resources=self.resources)
+        return run_as_the_automation(self.instance, self.resources, ann_index, person_clusters)
 
     def cluster(self, run_config: dict, resources: dict):
         """Materialize ``person_clusters`` alone with ``run_config``."""

@@ -83,11 +83,18 @@ SHARED_FILE_RETRY = RetryPolicy(max_retries=4, delay=0.5, backoff=Backoff.EXPONE
 seconds (Dagster's exponential backoff), each moved at random by up to 0.5 s so that concurrent
 steps do not retry in step."""
 
-AFTER_UPSTREAM_UPDATES = (
+UPSTREAM_CHANGED = (
     AutomationCondition.any_deps_match(
-        (AutomationCondition.data_version_changed() & ~AutomationCondition.executed_with_root_target())
-        | AutomationCondition.will_be_requested()
-    ).since_last_handled()
+        AutomationCondition.data_version_changed() & ~AutomationCondition.executed_with_root_target())
+    | AutomationCondition.any_deps_match(AutomationCondition.will_be_requested())
+).with_label("upstream data changed")
+"""On this tick: the data version of a dependency changed (outside a run of this asset), or a dependency is
+requested in the same tick."""
+
+AFTER_UPSTREAM_UPDATES = (
+    UPSTREAM_CHANGED.since(
+        (AutomationCondition.newly_requested() & ~UPSTREAM_CHANGED) | AutomationCondition.initial_evaluation()
+    )
     & AutomationCondition.all_deps_blocking_checks_passed()
     & ~AutomationCondition.in_progress()
 ).with_label("after upstream changes")
@@ -99,7 +106,14 @@ dependency partitions (under a steady stream of new images some batch is always 
 index must not wait for a quiet moment). It follows data versions, not materializations: a merge
 that added nothing keeps its batch's data version (:func:`merge_data_version`), so re-executing a
 merged batch requests neither the index nor the clusters. The first evaluation sees nothing as
-changed, so starting the daemon redoes nothing."""
+changed, so starting the daemon redoes nothing.
+
+A change is handled only by a request made after it. Dagster's ``since_last_handled()`` also counts
+the asset's own update as handled, and on a tick that sees both a change and a reset it keeps the
+reset (a data-version change carries no time to order them by): a merge committed while the index
+run was in progress, or between the request and the next tick, was then never indexed until the
+next batch. Here the tick after a request resets only when nothing changed meanwhile; when something
+did, the asset is requested again once its run has ended (a run that may find nothing new: cheap)."""
 
 
 def _seconds(start: float) -> MetadataValue:
