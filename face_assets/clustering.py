@@ -623,7 +623,8 @@ class MeansIndex:
     spherical k-means lists and a query is compared with the members of its ``nprobe`` nearest
     lists, one BLAS product per list (:func:`_ivf_join`). Build it once per clustering and reuse it
     for every batch of new faces (:func:`assign_to_clusters` ``index=``): the build is the
-    k-means and the list of every mean, the search is what a call pays.
+    k-means and the list of every mean, the search is what a call pays. A row whose list is -1
+    is in no list and never found (:meth:`from_parts`: rows superseded since the lists were made).
     """
 
     def __init__(self, means: np.ndarray, *, nprobe: int = 32, seed: int = _SEED):
@@ -642,6 +643,22 @@ class MeansIndex:
         km.train(np.ascontiguousarray(train / np.linalg.norm(train, axis=1, keepdims=True)))
         self.centroids = km.centroids
         self.home = faiss.knn(self.means, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
+
+    @classmethod
+    def from_parts(cls, means: np.ndarray, centroids: np.ndarray, home: np.ndarray, *,
+                   nprobe: int = 32) -> MeansIndex:
+        """An inverted-list index from its parts kept elsewhere (``means`` may be memory-mapped: a
+        search reads only the rows of the lists it probes); ``home`` -1 leaves a row out."""
+        index = cls.__new__(cls)
+        index.means, index.centroids, index.home, index.nprobe = means, centroids, home, nprobe
+        return index
+
+    def lists_of(self, vectors: np.ndarray) -> np.ndarray:
+        """The list each vector belongs in (its nearest list centroid), as ``home`` holds them."""
+        if self.centroids is None or len(vectors) == 0:
+            return np.zeros(len(vectors), np.int64)
+        return faiss.knn(np.ascontiguousarray(vectors, np.float32), self.centroids, 1,
+                         metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
 
     def __len__(self) -> int:
         return len(self.means)
@@ -665,7 +682,7 @@ def _mips(means: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def assign_to_clusters(
     queries: np.ndarray,
-    means: np.ndarray,
+    means: np.ndarray | None,
     sizes: np.ndarray,
     *,
     tau_1: float = _DEFAULTS.tau_1,
@@ -678,6 +695,7 @@ def assign_to_clusters(
     banned: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     index: MeansIndex | None = None,
     group_index: MeansIndex | None = None,
+    group_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best cluster of each query face by average cosine, if it reaches the merge threshold.
 
@@ -688,18 +706,22 @@ def assign_to_clusters(
 
     Args:
         queries: float32 [q, d] unit embeddings.
-        means: float32 [c, d] unnormalised cluster means (:func:`cluster_means`).
+        means: float32 [c, d] unnormalised cluster means (:func:`cluster_means`); may be None when
+            both indexes are given.
         sizes: int [c] cluster sizes.
         k: candidate clusters examined per query (by inner product).
         banned: optional ``f(query rows, cluster rows) -> bool mask`` of forbidden pairs.
         index: a :class:`MeansIndex` of ``means`` kept from an earlier call (built here if None).
-        group_index: :func:`clear_best_index` of ``means, sizes`` kept likewise (built here if None).
+        group_index: :func:`clear_best_index` of ``means, sizes`` kept likewise (built here if None),
+            or any index with a ``search`` over the mean directions of the clusters of 2+ faces.
+        group_rows: the cluster rows ``group_index``'s rows stand for (default: those of 2+ faces,
+            as :func:`clear_best_index` orders them).
 
     Returns:
         ``(cluster row int64 [q], score float32 [q])``; row -1 where no cluster qualifies. The
         score is the average cosine, or for a clear-best join the cosine with the mean direction.
     """
-    if len(means) == 0 or len(queries) == 0:
+    if len(sizes) == 0 or len(queries) == 0:
         return np.full(len(queries), -1, np.int64), np.zeros(len(queries), np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     ds, di = (index if index is not None else MeansIndex(means)).search(q, k)
@@ -714,7 +736,7 @@ def assign_to_clusters(
     rows = np.arange(len(q))
     best = np.where(ok[rows, j], di[rows, j], -1).astype(np.int64)
     best_score = np.where(best >= 0, ds[rows, j], 0.0).astype(np.float32)
-    groups = np.flatnonzero(sizes >= 2)
+    groups = np.flatnonzero(sizes >= 2) if group_rows is None else group_rows
     rest = np.flatnonzero(best < 0)
     if join_ratio > 0 and len(groups) and len(rest):
         index = group_index if group_index is not None else clear_best_index(means, sizes)

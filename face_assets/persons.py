@@ -28,6 +28,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -43,6 +44,7 @@ from .clustering import (
     recluster_decision,
     split_kmeans,
 )
+from .cluster_means import MIN_ROWS, ClusterMeans
 from .config import ClusteringSettings
 from .audit import ACTOR, AuditLog
 from .errors import ClusterNotFoundError, CurationError, InvalidNameError
@@ -199,16 +201,32 @@ class ClusterStore:
                                   ORDER BY f.face_id""", [model_version]).fetchnumpy()
         return rows["face_id"].astype(np.int64), np.asarray(rows["image_id"], dtype=object)
 
-    def centroids(self, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(cluster ids, sizes, means float32 [c, dim])`` of the clusters that have a centroid, by id;
-        read as Arrow arrays (a Python list per person would cost seconds at a million persons)."""
+    def cluster_stamps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(cluster ids, sizes, write times in microseconds)`` of every cluster, by id: what tells
+        a kept copy of the means (:class:`~face_assets.cluster_means.ClusterMeans`) which rows changed."""
         with self.catalog.db.read() as con:
-            table = con.sql("SELECT cluster_id, size, centroid FROM clusters WHERE centroid IS NOT NULL "
-                            "ORDER BY cluster_id").to_arrow_table()
+            rows = con.execute("SELECT cluster_id, size, epoch_us(updated_at) AS stamp FROM clusters "
+                               "ORDER BY cluster_id").fetchnumpy()
+        return (rows["cluster_id"].astype(np.int64), rows["size"].astype(np.int64), rows["stamp"].astype(np.int64))
+
+    def centroids(self, dim: int, cluster_ids: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(cluster ids, sizes, write times in microseconds, means float32 [c, dim])`` of the clusters
+        (all, or ``cluster_ids``) that have a centroid, by id, read together; as Arrow arrays (a
+        Python list per person would cost seconds at a million persons)."""
+        which = "" if cluster_ids is None else "AND cluster_id IN (SELECT unnest(?))"
+        with self.catalog.db.read() as con:
+            table = con.sql(f"SELECT cluster_id, size, epoch_us(updated_at) AS stamp, centroid FROM clusters "
+                            f"WHERE centroid IS NOT NULL {which} ORDER BY cluster_id",
+                            params=None if cluster_ids is None else [np.asarray(cluster_ids).tolist()]).to_arrow_table()
         centroid = table.column("centroid").combine_chunks()
         means = centroid.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         return (table.column("cluster_id").to_numpy().astype(np.int64), table.column("size").to_numpy().astype(np.int64),
-                means.reshape(len(table), dim))
+                table.column("stamp").to_numpy().astype(np.int64), means.reshape(len(table), dim))
+
+    def means_folder(self) -> Path:
+        """Where the kept copy of the cluster means lives: beside the catalog file it reflects."""
+        return self.catalog.path.parent / "cluster_means"
 
     def barred(self, face_ids: Sequence[int]) -> set[tuple[int, int]]:
         """``(face, cluster)`` pairs these faces may not join: the clusters of the other faces of their
@@ -573,6 +591,8 @@ class PersonClusters:
                 settings=self.settings.model_dump())
             self.store.write_clusters(con, self._cluster_rows(x, ids, stable, run_id, quality), (ids, stable),
                                         "cluster", replace_all=True)
+        if n_clusters >= MIN_ROWS:  # the kept means are built now, not by the first assignment after
+            self._kept_means(x.shape[1])
         return ClusterRun(run_id, "full", len(ids), n_clusters, singletons, new_faces, 0, id_changed, seconds,
                           {k: quality.get(k) for k in ("cohesion", "separation", "silhouette")})
 
@@ -590,14 +610,17 @@ class PersonClusters:
         if len(new) == 0:
             return self._record_incremental(started, t0, 0, 0)
         new, x = self.catalog.embeddings(new.tolist())
-        c_ids, sizes, means = self.store.centroids(x.shape[1])
+        means = self._kept_means(x.shape[1])
+        c_ids = means.ids
         banned = self.store.barred(new.tolist())
         cfg = self.settings
 
         def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
             return np.array([(int(new[i]), int(c_ids[j])) in banned for i, j in zip(r, c)], bool)
 
-        best, score = assign_to_clusters(x, means, sizes, **cfg.link_kwargs(), banned=is_banned if banned else None)
+        best, score = assign_to_clusters(x, None, means.sizes, **cfg.link_kwargs(), banned=is_banned if banned else None,
+                                         index=means.means, group_index=means.groups,
+                                         group_rows=np.arange(len(c_ids)))
         assigned = np.where(best >= 0, c_ids[np.maximum(best, 0)], -1)
         # Two new faces of one photo must not both join the same cluster: the second starts its own.
         taken: set[tuple[str, int]] = set()
@@ -622,6 +645,12 @@ class PersonClusters:
             self._rewrite(con, touched, "assign")
             run = self._record_incremental(started, t0, len(new), len(rest), con)
         return run
+
+    def _kept_means(self, dim: int) -> ClusterMeans:
+        """The cluster means as kept between runs, patched by the clusters that changed since: a cost
+        that follows the changes, not the number of persons (docs/clustering.md)."""
+        return ClusterMeans.current(self.store.means_folder(), self.store.cluster_stamps(),
+                                    lambda ids: self.store.centroids(dim, ids), self.model_version, dim)
 
     def _record_incremental(self, started: datetime, t0: float, new: int, unassigned: int,
                             con: Any = None) -> ClusterRun:

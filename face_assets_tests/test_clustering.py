@@ -16,6 +16,7 @@ import pytest
 from benchmarks.metrics import clustering_metrics
 from benchmarks.synthetic import SyntheticFaces
 from face_assets.cli import main as cli_main
+from face_assets.cluster_means import ClusterMeans
 from face_assets.clustering import (
     MeansIndex,
     assign_to_clusters,
@@ -225,6 +226,117 @@ def test_means_index_inverted_lists_find_the_best_mean():
     # assign_to_clusters with the kept index gives what it computes without one.
     sizes = np.full(len(means), 50)
     assert (assign_to_clusters(q, means, sizes, index=index)[0] == assign_to_clusters(q, means, sizes)[0]).all()
+
+class _Clusters:
+    """Cluster rows as the person store holds them (id, size, write time, mean), for ClusterMeans."""
+
+    def __init__(self, ids: np.ndarray, means: np.ndarray, sizes: np.ndarray):
+        self.rows = {int(c): (int(n), 1, m) for c, m, n in zip(ids, means, sizes)}
+        self.clock = 1
+
+    def write(self, cluster_id: int, mean: np.ndarray, size: int) -> None:
+        self.clock += 1
+        self.rows[int(cluster_id)] = (size, self.clock, np.asarray(mean, np.float32))
+
+    def stamps(self):
+        ids = np.array(sorted(self.rows), np.int64)
+        return ids, np.array([self.rows[i][0] for i in ids], np.int64), np.array([self.rows[i][1] for i in ids], np.int64)
+
+    def fetch(self, ids):
+        ids = np.array(sorted(self.rows if ids is None else set(ids.tolist()) & set(self.rows)), np.int64)
+        d = len(next(iter(self.rows.values()))[2])
+        means = np.array([self.rows[i][2] for i in ids], np.float32).reshape(len(ids), d)
+        return ids, *self.stamps_of(ids), means
+
+    def stamps_of(self, ids):
+        return np.array([self.rows[i][0] for i in ids], np.int64), np.array([self.rows[i][1] for i in ids], np.int64)
+
+    def assign(self, queries: np.ndarray, kept=None) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster ids and scores, from ``kept`` (a ClusterMeans) or from every mean searched exactly."""
+        if kept is not None:
+            best, score = assign_to_clusters(queries, None, kept.sizes, index=kept.means, group_index=kept.groups,
+                                             group_rows=np.arange(len(kept.ids)))
+            return np.where(best >= 0, kept.ids[np.maximum(best, 0)], -1), score
+        ids, sizes, _, means = self.fetch(None)
+        best, score = assign_to_clusters(queries, means, sizes)
+        return np.where(best >= 0, ids[np.maximum(best, 0)], -1), score
+
+
+def _generation(folder: Path) -> int:
+    return json.loads((folder / "state.json").read_text())["generation"]
+
+
+def test_kept_means_follow_the_clusters_that_changed(synthetic, generator, tmp_path):
+    x, labels = synthetic
+    store = _Clusters(*cluster_means(x, labels))
+    folder = tmp_path / "cluster_means"
+
+    def current():
+        return ClusterMeans.current(folder, store.stamps(), store.fetch, "m1", x.shape[1], min_rows=0)
+
+    queries = generator.sample_faces(np.flatnonzero(generator.sizes >= 2), seed=11)
+    kept = current()
+    assert _generation(folder) == 1 and kept.patched == 0
+    assert all((a == b).all() for a, b in zip(store.assign(queries, kept), store.assign(queries)))
+    # A few persons change: one grows (a new mean and size), two go, a new one comes.
+    grown, *gone = (int(c) for c in np.unique(labels)[:3])
+    store.write(grown, x[labels == grown].mean(0) * 0.9, int((labels == grown).sum()) + 1)
+    for c in gone:
+        del store.rows[c]
+    store.write(10_000, x[labels == gone[0]].mean(0), int((labels == gone[0]).sum()))
+    kept = current()
+    assert _generation(folder) == 1 and kept.patched == 5  # 3 saved rows superseded, 2 added; files untouched
+    ids, score = store.assign(queries, kept)
+    expected, expected_score = store.assign(queries)
+    assert (ids == expected).all() and np.allclose(score, expected_score, atol=1e-6)
+    assert not set(ids.tolist()) & set(gone) and 10_000 in ids
+    # Enough changes: the files are rewritten with them, and read back give the same answers.
+    for c in list(store.rows)[: len(store.rows) // 10]:
+        store.write(c, store.rows[c][2], store.rows[c][0])
+    kept = current()
+    assert _generation(folder) == 2
+    reread = ClusterMeans.load(folder, "m1", x.shape[1])
+    assert reread.patched == 0 and (store.assign(queries, reread)[0] == store.assign(queries)[0]).all()
+    assert len(list(folder.glob("1.*.npy"))) == 0  # the older generation is gone
+    # Most rows changed (a full re-clustering), or another model, or damaged files: built again.
+    for c in list(store.rows):
+        store.write(c, store.rows[c][2], store.rows[c][0])
+    current()
+    assert _generation(folder) == 3
+    assert ClusterMeans.load(folder, "m2", x.shape[1]) is None
+    (folder / "3.means.npy").write_bytes(b"damaged")
+    assert ClusterMeans.load(folder, "m1", x.shape[1]) is None
+    assert (store.assign(queries, current())[0] == store.assign(queries)[0]).all() and _generation(folder) == 4
+
+
+def test_kept_means_over_inverted_lists_find_changed_clusters():
+    # Above 50,000 means the kept rows are searched by inverted lists, the patched ones exactly.
+    rng = np.random.default_rng(5)
+    n, d = 60_000, 64
+    means = rng.standard_normal((n, d), dtype=np.float32)
+    means *= (rng.uniform(0.5, 0.9, n) / np.linalg.norm(means, axis=1)).astype(np.float32)[:, None]
+    store = _Clusters(np.arange(1, n + 1), means, np.full(n, 5))
+    kept = ClusterMeans.build(store.fetch, "m1")
+    assert _base_lists(kept) > 1
+    moved = rng.choice(n, 50, replace=False) + 1
+    for c in moved:
+        store.write(c, -store.rows[int(c)][2], 6)  # the opposite direction: found only by the patch
+    ids, sizes, stamps = store.stamps()
+    assert kept.patch((ids, sizes, stamps), store.fetch) and kept.patched == 100  # 50 superseded, 50 added
+    q = np.array([store.rows[int(c)][2] for c in moved])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, rows = kept.means.search(q, 3)
+    assert (kept.ids[rows[:, 0]] == moved).all()
+    # The superseded rows are never found, even by their old mean.
+    superseded = np.flatnonzero(kept.sizes == 0)
+    assert len(superseded) == 50
+    _, rows = kept.means.search(-q, 3)
+    assert (rows[:, 0] >= 0).all() and not np.isin(rows, superseded).any()
+
+
+def _base_lists(kept) -> int:
+    return len(kept.means.centroids)
+
 
 def test_split_kmeans_and_policy(synthetic):
     x, labels = synthetic
