@@ -36,8 +36,8 @@ def _disk_written() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("write_bytes"))
 
 
-def measure(data_dir: Path, repeats: int, seed: int) -> dict[str, list[float]]:
-    """Run each operation ``repeats`` times on a seeded folder; seconds (and bytes) per run."""
+def measure(data_dir: Path, repeats: int, batches: int, seed: int) -> dict[str, list[float]]:
+    """Run each operation ``repeats`` times (a batch ``batches`` times) on a seeded folder; seconds (and bytes) per run."""
     from face_assets import FaceRecognitionLibrary
 
     rng = np.random.default_rng([seed, time.time_ns()])
@@ -67,7 +67,7 @@ def measure(data_dir: Path, repeats: int, seed: int) -> dict[str, list[float]]:
             timed("curation: split off one face", lib.split, int(multi[repeats + i]), [int(members[0])])
             offset = int(rng.integers(0, max(1, len(pairs) - 48)))
             timed("page: 48 persons, largest first", lib.list_clusters, 1, 48, offset)
-        for i in range(max(2, repeats // 3)):
+        for i in range(batches):
             batch = Path(tempfile.mkdtemp()) / "batch.parquet"
             # Image ids no earlier run used: a folder measured again imports new faces, not skipped ones.
             write_faces_file(batch, 500, seed=1000 + seed * 100 + i, start=10**9 + int(rng.integers(0, 10**9)) * 1000)
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=int, default=10_000, help="faces of the baseline catalog")
     ap.add_argument("--data-dir", type=Path, help="a large folder seeded before (else one is seeded)")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--batches", type=int, default=3, help="batches of 500 faces imported and assigned")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="storage-scale-"))
@@ -104,7 +105,8 @@ def main() -> None:
     if large is None:
         large = work / "large"
         seeds["large"] = seed_catalog(large, args.n, seed=0)
-    figures = {"baseline": measure(small, args.repeats, 1), "large": measure(large, args.repeats, 2)}
+    figures = {"baseline": measure(small, args.repeats, args.batches, 1),
+               "large": measure(large, args.repeats, args.batches, 2)}
     print(f"{'operation':<44} {'base p50':>9} {'large p50':>10} {'large p95':>10} {'ratio':>6}")
     for name in figures["baseline"]:
         b, g = np.array(figures["baseline"][name]), np.array(figures["large"][name])

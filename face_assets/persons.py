@@ -544,8 +544,10 @@ class PersonClusters:
         # Every face that changed cluster is in one of ``cluster_ids`` now: their rows are republished.
         log_changes(con, "clusters", cluster_ids)
         log_changes(con, "face_clusters", [r[0] for r in rows])
-        con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?)) AND cluster_id NOT IN "
-                    "(SELECT DISTINCT cluster_id FROM face_clusters)", [cluster_ids])
+        # The emptied ones, from the rows just read (a NOT IN over every face's cluster read them all).
+        empty = sorted(set(int(c) for c in cluster_ids) - {int(r[1]) for r in rows})
+        if empty:
+            con.execute("DELETE FROM clusters WHERE cluster_id IN (SELECT unnest(?))", [empty])
         if not rows:
             return
         fids = np.array([r[0] for r in rows], np.int64)
@@ -711,7 +713,7 @@ class PersonClusters:
         total, rows = self.store.find(text=text, limit=limit, offset=offset)
         return total, [self._info(r) for r in rows]
 
-    # -- curation: each call is one write session holding the change and its audit entry ------------
+    # -- curation: one write session per action (the change, its audit entry, the persons returned) --
 
     def rename(self, cluster_id: int, label: str | None, actor: str = ACTOR) -> ClusterInfo:
         """Name (label) a person; ``None`` or blank clears it. Labels follow the id through re-clustering.
@@ -729,7 +731,7 @@ class PersonClusters:
                 entry = self.store.audit.append(
                     actor, "rename", [cid], cluster_id=cid, old=old, new=label,
                     changes={"moves": [], "labels": [{"cluster_id": cid, "old": old, "new": label}]})
-        return self._changed(self.get(cid, with_faces=False), entry)
+            return self._changed(self.get(cid, with_faces=False), entry)
 
     def merge(self, cluster_ids: list[int], actor: str = ACTOR) -> ClusterInfo:
         """Merge clusters into the largest one (its id is kept); the decision survives re-clustering.
@@ -759,7 +761,7 @@ class PersonClusters:
             entry = self.store.audit.append(actor, "merge", ids, kept=keep.cluster_id,
                                     sizes={str(i.cluster_id): i.size for i in infos},
                                     changes={"moves": moves, "labels": labels})
-        return self._changed(self.get(keep.cluster_id), entry)
+            return self._changed(self.get(keep.cluster_id), entry)
 
     def split(self, cluster_id: int, face_ids: list[int] | None = None, k: int | None = None,
               actor: str = ACTOR) -> list[ClusterInfo]:
@@ -805,7 +807,7 @@ class PersonClusters:
                                     sizes={str(c): len(p) for c, p in zip(new_ids, parts)},
                                     changes={"moves": [{"faces": p, "from": cid, "to": c, "from_label": info.label}
                                                        for c, p in zip(new_ids[1:], parts[1:])], "labels": []})
-        return [self._changed(self.get(c), entry) for c in new_ids]
+            return [self._changed(self.get(c), entry) for c in new_ids]
 
     def move_faces(self, face_ids: Sequence[int], cluster_id: int, from_cluster: int | None = None,
                    actor: str = ACTOR) -> ClusterInfo:
@@ -831,7 +833,7 @@ class PersonClusters:
                 entry = self.store.audit.append(actor, "move", [to, *(m["from"] for m in moves if m["from"] is not None)],
                                         cluster_id=from_cluster, to=to, face_ids=[f for m in moves for f in m["faces"]],
                                         changes={"moves": moves, "labels": []})
-        return self._changed(self.get(to), entry)
+            return self._changed(self.get(to), entry)
 
     def undo(self, entry_id: int, actor: str = ACTOR) -> dict[str, Any]:
         """Undo a recorded change (see :mod:`face_assets.audit`); returns the undo's own entry (undoable too).
