@@ -38,7 +38,7 @@ REBUILD_SHARE = 0.5
 """Above this share of changed rows, the lists are trained again from scratch."""
 
 _STATE = "state.json"
-_ARRAYS = ("ids", "sizes", "stamps", "means", "means_lists", "means_home", "units", "units_lists", "units_home")
+_ARRAYS = ("ids", "sizes", "stamps", "means", "scale", "means_lists", "means_home", "units_lists", "units_home")
 
 Stamps = tuple[np.ndarray, np.ndarray, np.ndarray]
 """``(cluster ids, sizes, write times in microseconds)`` of every cluster, by id."""
@@ -101,9 +101,9 @@ class ClusterMeans:
     def build(cls, fetch: Fetch, model_version: str) -> ClusterMeans:
         """Every cluster's mean read and indexed (inverted lists trained when there are many)."""
         ids, sizes, times, means = fetch(None)
-        units = _directions(means)
         return cls(ids.astype(np.int64), sizes.astype(np.int64), times.astype(np.int64),
-                   _index_of(means, np.ones(len(ids), bool)), _index_of(units, sizes >= 2), model_version, len(ids))
+                   _index_of(means, np.ones(len(ids), bool)), _index_of(means, sizes >= 2, _inverse_lengths(means)),
+                   model_version, len(ids))
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -135,14 +135,14 @@ class ClusterMeans:
             return None
         g = state["generation"]
         try:
-            a = {name: np.load(folder / f"{g}.{name}.npy", mmap_mode="r" if name in ("means", "units") else None)
+            a = {name: np.load(folder / f"{g}.{name}.npy", mmap_mode="r" if name == "means" else None)
                  for name in _ARRAYS}
         except (OSError, ValueError):  # a generation deleted by a newer save, or a damaged file: rebuild
             return None
-        if not all(len(a[n]) == state["rows"] for n in ("ids", "sizes", "stamps", "means", "units")):
+        if not all(len(a[n]) == state["rows"] for n in ("ids", "sizes", "stamps", "means", "scale")):
             return None
         means = MeansIndex.from_parts(a["means"], a["means_lists"], np.array(a["means_home"]))
-        units = MeansIndex.from_parts(a["units"], a["units_lists"], np.array(a["units_home"]))
+        units = MeansIndex.from_parts(a["means"], a["units_lists"], np.array(a["units_home"]), scale=a["scale"])
         return cls(np.array(a["ids"]), np.array(a["sizes"]), np.array(a["stamps"]), means, units, model_version,
                    len(a["ids"]))
 
@@ -212,23 +212,23 @@ class ClusterMeans:
         means[saved] = np.asarray(_base(self.means).means[order[saved]])
         extra = self.means.extra if isinstance(self.means, _Patched) else np.zeros((0, means.shape[1]), np.float32)
         means[~saved] = extra[order[~saved] - self.saved_rows]
-        units = _directions(means)
+        scale = _inverse_lengths(means)
         sizes = self.sizes[order]
         # The lists stay those trained at the last build: a saved row keeps its list, a patched row
         # goes to its nearest one (only clusters of 2+ faces are in the directions' lists).
         fresh = np.flatnonzero(~saved)
         mean_home = _home(_base(self.means), means, order, saved, fresh)
-        unit_home = _home(_base(self.groups), units, order, saved, fresh[sizes[fresh] >= 2])
+        unit_home = _home(_base(self.groups), means * scale[:, None], order, saved, fresh[sizes[fresh] >= 2])
         return ClusterMeans(
             self.ids[order], sizes, self.stamps[order],
             MeansIndex.from_parts(means, _base(self.means).centroids, mean_home),
-            MeansIndex.from_parts(units, _base(self.groups).centroids, unit_home),
+            MeansIndex.from_parts(means, _base(self.groups).centroids, unit_home, scale=scale),
             self.model_version, len(order))
 
     def _arrays(self) -> dict[str, np.ndarray]:
         m, u = _base(self.means), _base(self.groups)
         return {"ids": self.ids, "sizes": self.sizes, "stamps": self.stamps, "means": np.asarray(m.means),
-                "means_lists": m.centroids, "means_home": m.home, "units": np.asarray(u.means),
+                "scale": u.scale, "means_lists": m.centroids, "means_home": m.home,
                 "units_lists": u.centroids, "units_home": u.home}
 
 
@@ -252,20 +252,29 @@ def _home(index: MeansIndex, vectors: np.ndarray, order: np.ndarray, saved: np.n
 
 def _directions(means: np.ndarray) -> np.ndarray:
     """The means scaled to unit length (a zero mean stays zero)."""
-    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    return means * _inverse_lengths(means)[:, None]
 
 
-def _index_of(vectors: np.ndarray, member: np.ndarray) -> MeansIndex:
-    """Inverted lists over ``vectors``, trained on and holding only the ``member`` rows."""
+def _inverse_lengths(means: np.ndarray) -> np.ndarray:
+    """float32 [n]: one over each mean's length, which turns the means into their directions
+    without a second copy of them (0 for a zero mean)."""
+    norms = np.linalg.norm(means, axis=1)
+    return np.where(norms > 1e-12, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+
+
+def _index_of(vectors: np.ndarray, member: np.ndarray, scale: np.ndarray | None = None) -> MeansIndex:
+    """Inverted lists over ``vectors`` (each times its ``scale`` when given), trained on and holding
+    only the ``member`` rows."""
     rows = np.flatnonzero(member)
-    trained = MeansIndex(vectors[rows]) if len(rows) else None
+    trained = (MeansIndex(vectors[rows] if scale is None else vectors[rows] * scale[rows, None])
+               if len(rows) else None)
     home = np.full(len(vectors), -1, np.int64)
     if trained is None or trained.centroids is None:
         # Few rows: one list holds them all, and a search compares a query with every member.
         home[rows] = 0
-        return MeansIndex.from_parts(vectors, np.zeros((1, vectors.shape[1]), np.float32), home)
+        return MeansIndex.from_parts(vectors, np.zeros((1, vectors.shape[1]), np.float32), home, scale=scale)
     home[rows] = trained.home
-    return MeansIndex.from_parts(vectors, trained.centroids, home)
+    return MeansIndex.from_parts(vectors, trained.centroids, home, scale=scale)
 
 
 def _read_state(folder: Path) -> dict | None:

@@ -190,6 +190,7 @@ def _ivf_join(
     k: int,
     *,
     same: bool = False,
+    scale: np.ndarray | None = None,
     log: Callable[[str], None] = _log_default,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products of each query with the base rows of the lists it probes.
@@ -203,6 +204,8 @@ def _ivf_join(
         lists: :func:`_invert_lists` of the queries' probes and the base rows' lists.
         k: neighbours kept per query.
         same: ``q`` is ``base`` (a self-join): a row is not its own neighbour.
+        scale: optional float32 [nb] factor of each base row (e.g. one over its length: the rows'
+            directions searched without keeping a normalised copy of the base).
         log: progress messages.
 
     Returns:
@@ -219,7 +222,8 @@ def _ivf_join(
         if len(members) == 0 or len(queries) == 0:
             continue
         kk = min(k + 1 if same else k, len(members))  # +1: a face is a member of its own home list
-        ds, di = faiss.knn(q[queries], base[members], kk, metric=faiss.METRIC_INNER_PRODUCT)
+        rows = base[members] if scale is None else base[members] * scale[members, None]
+        ds, di = faiss.knn(q[queries], rows, kk, metric=faiss.METRIC_INNER_PRODUCT)
         di = members[di]
         if same:
             ds[di == queries[:, None]] = -np.inf
@@ -631,6 +635,7 @@ class MeansIndex:
         self.means = np.ascontiguousarray(means, np.float32)
         self.centroids: np.ndarray | None = None
         self.home: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
         self.nprobe = nprobe
         c = len(self.means)
         if c <= 50_000:
@@ -646,11 +651,13 @@ class MeansIndex:
 
     @classmethod
     def from_parts(cls, means: np.ndarray, centroids: np.ndarray, home: np.ndarray, *,
-                   nprobe: int = 32) -> MeansIndex:
+                   scale: np.ndarray | None = None, nprobe: int = 32) -> MeansIndex:
         """An inverted-list index from its parts kept elsewhere (``means`` may be memory-mapped: a
-        search reads only the rows of the lists it probes); ``home`` -1 leaves a row out."""
+        search reads only the rows of the lists it probes); ``home`` -1 leaves a row out; each row
+        is searched times its ``scale`` when given (the means' directions from the means themselves)."""
         index = cls.__new__(cls)
         index.means, index.centroids, index.home, index.nprobe = means, centroids, home, nprobe
+        index.scale = scale
         return index
 
     def lists_of(self, vectors: np.ndarray) -> np.ndarray:
@@ -668,10 +675,11 @@ class MeansIndex:
         q = np.ascontiguousarray(queries, np.float32)
         k = min(k, len(self.means))
         if self.centroids is None:
-            return faiss.knn(q, self.means, k, metric=faiss.METRIC_INNER_PRODUCT)
+            base = self.means if self.scale is None else self.means * self.scale[:, None]
+            return faiss.knn(q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         nprobe = min(self.nprobe, len(self.centroids))
         probe = faiss.knn(q, self.centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1]
-        ds, di = _ivf_join(q, self.means, _invert_lists(probe, self.home, len(self.centroids)), k)
+        ds, di = _ivf_join(q, self.means, _invert_lists(probe, self.home, len(self.centroids)), k, scale=self.scale)
         return ds, di.astype(np.int64)
 
 
