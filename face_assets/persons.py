@@ -698,12 +698,13 @@ class PersonClusters:
 
     def get(self, cluster_id: int, with_faces: bool = True, limit: int | None = None, offset: int = 0) -> ClusterInfo:
         """One cluster, with its face ids by id (``limit`` of them from ``offset`` when given)."""
-        rows = self.store.query(f"SELECT {_INFO_COLS} FROM clusters WHERE cluster_id = ?", [int(cluster_id)])
-        if not rows:
-            raise ClusterNotFoundError(cluster_id)
-        info = self._info(rows[0])
-        if with_faces:
-            info.face_ids = self.store.members(cluster_id, limit, offset)
+        with self.catalog.db.read():  # one session for both reads (the calls below join it)
+            rows = self.store.query(f"SELECT {_INFO_COLS} FROM clusters WHERE cluster_id = ?", [int(cluster_id)])
+            if not rows:
+                raise ClusterNotFoundError(cluster_id)
+            info = self._info(rows[0])
+            if with_faces:
+                info.face_ids = self.store.members(cluster_id, limit, offset)
         return info
 
     def list(self, min_size: int = 1, limit: int | None = None, offset: int = 0) -> list[ClusterInfo]:
