@@ -959,14 +959,15 @@ class FaceRecognitionLibrary:
 
         return PersonClusters(self.catalog, self.settings.clustering, self.model_version, store=self._clusters)
 
-    def cluster(self) -> "ClusterRun":
+    def cluster(self, log: Callable[[str], None] | None = None) -> "ClusterRun":
         """Cluster every valid face into persons (full run); cluster ids stay stable across runs.
 
         Honours the curation constraints and never puts two faces of one photo together unless a
         user merged or moved them so. Returns what the run did, with its quality metrics.
+        ``log`` receives progress messages (at 2M faces a run takes tens of minutes).
         """
         with self._lock:
-            return self.persons.run()
+            return self.persons.run(log)
 
     def assign_new(self) -> "ClusterRun":
         """Incremental: faces without a cluster join the nearest cluster if close enough, else new ones."""
@@ -1033,6 +1034,12 @@ class FaceRecognitionLibrary:
         """Person clusters of at least ``min_size`` faces, largest first."""
         with self._lock:
             return self.persons.list(min_size, limit, offset)
+
+    def cluster_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sizes, cohesions)`` of every person cluster, largest first (NaN where no cohesion is
+        known): the shape of the clustering without reading every person's row."""
+        with self._lock:
+            return self.persons.store.sizes()
 
     def find_persons(self, text: str = "", limit: int = 48, offset: int = 0) -> tuple[int, list["ClusterInfo"]]:
         """``(how many match, one page)`` of the persons whose name contains ``text`` (any case) or

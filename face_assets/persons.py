@@ -25,7 +25,7 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,6 +183,13 @@ class ClusterStore:
             "SELECT f.face_id, c.cluster_id FROM faces f LEFT JOIN face_clusters c USING (face_id) "
             "WHERE f.is_valid AND f.model_version = ? ORDER BY f.face_id LIMIT ? OFFSET ?",
             [model_version, int(limit), int(offset)])]
+
+    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sizes, cohesions)`` of every cluster, largest first (NaN where no cohesion is known)."""
+        with self.catalog.db.read() as con:
+            rows = con.execute("SELECT size, coalesce(cohesion, 'NaN'::REAL) AS cohesion FROM clusters "
+                               "ORDER BY size DESC").fetchnumpy()
+        return rows["size"].astype(np.int64), rows["cohesion"].astype(np.float64)
 
     def count(self) -> int:
         """Number of person clusters."""
@@ -565,18 +572,23 @@ class PersonClusters:
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def run(self) -> ClusterRun:
-        """Full clustering of every valid face; ids stay stable by maximum overlap with the last run."""
+    def run(self, log: Callable[[str], None] | None = None) -> ClusterRun:
+        """Full clustering of every valid face; ids stay stable by maximum overlap with the last run.
+
+        ``log``: progress messages (the graph, the merging rounds, the write), e.g. a run's logger.
+        """
+        log = log or (lambda _msg: None)
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc)
         ids, x, images = self._faces()
+        log(f"full clustering: {len(ids)} faces read in {time.perf_counter() - t0:.0f}s")
         old_f, old_c = self.store.face_cluster_map()
         new_faces = int((~np.isin(ids, old_f)).sum())
         if len(ids) == 0:
             labels = np.zeros(0, np.int64)
         else:
             must, cannot = self._constraint_rows(ids, images)
-            res = cluster_embeddings(x, must_link=must, cannot_link=cannot, **self.settings.method_kwargs())
+            res = cluster_embeddings(x, must_link=must, cannot_link=cannot, log=log, **self.settings.method_kwargs())
             labels = res.labels
         stable, _ = match_ids(old_f, old_c, ids, labels, self._next_id())
         both = np.isin(ids, old_f)
@@ -587,6 +599,7 @@ class PersonClusters:
         n_clusters = int(len(np.unique(stable)))
         singletons = int((np.unique(stable, return_counts=True)[1] == 1).sum()) if len(ids) else 0
         seconds = time.perf_counter() - t0
+        log(f"full clustering: {n_clusters} clusters in {seconds:.0f}s; writing them")
         with self.store.transaction() as con:
             run_id = self.store.record_cluster_run(
                 con, kind="full", started_at=started, seconds=seconds, faces=len(ids), clusters=n_clusters,

@@ -94,19 +94,3 @@ def test_api_doc_matches_docstrings():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     assert doc == render(), "regenerate with: python -m face_assets.apidoc > docs/api.md"
-
-
-def test_the_data_folder_layout_names_every_path_once(tmp_path):
-    """Every path of the layout lies inside the data folder, no two are the same, and the file names come from
-    the settings that name them."""
-    from face_assets.config import DataLayout
-
-    s = load_settings(overrides={"storage": {"data_dir": str(tmp_path)}, "web": {"tokens_file": "keys/t.json"}},
-                      environ={})
-    layout = s.layout
-    names = [n for n, v in vars(DataLayout).items() if isinstance(v, property)]
-    paths = {n: getattr(layout, n) for n in names}
-    assert len(paths) >= 15 and all(p.is_relative_to(tmp_path) and p != tmp_path for p in paths.values()), paths
-    assert len(set(paths.values())) == len(paths)
-    assert (layout.catalog, layout.catalog_master) == (s.storage.duckdb_path, s.storage.master_path)
-    assert (layout.tokens, layout.sessions) == (tmp_path / "keys" / "t.json", tmp_path / "keys" / "sessions.sqlite")

@@ -95,6 +95,9 @@ def test_automation_waits_for_embeddings_then_clusters_fully(ws):
     meta = _metadata(ws.instance, "person_clusters")
     clusters = ws.sql("SELECT cluster_id, size FROM clusters ORDER BY size DESC")
     assert meta["kind"] == "full" and any("never clustered" in r for r in meta["full_run_reasons"])
+    assert 0.1 < meta["peak_memory_gib"] < 64
+    progress = [e.user_message for e in ws.instance.all_logs(result.run_id)]
+    assert any("faces read" in m for m in progress) and any("clusters in" in m and "writing" in m for m in progress)
     assert meta["clusters"] == len(clusters) >= 3
     assert meta["faces"] == sum(s for _, s in clusters) == ws.sql("SELECT count(*) FROM faces WHERE is_valid")[0][0]
     assert meta["largest_cluster"] == clusters[0][1] >= 4

@@ -7,9 +7,13 @@ too many faces alone, the last full run is old), it calls ``cluster()``; otherwi
 It is requested declaratively after each published index (``AFTER_UPSTREAM_UPDATES``). A run can
 ask for a full re-clustering outright (run config ``full: true``). Everything it writes is in the main
 catalog (``clusters``, ``face_clusters``, ``cluster_runs``), so it runs in the ``face_catalog`` pool.
+A full run logs its progress in the run's logs, and records the run process's peak memory.
 """
 
+import resource
 import time
+
+import numpy as np
 
 from dagster import (
     AssetCheckResult,
@@ -38,22 +42,24 @@ class ClusterRunConfig(Config):
     full: bool = False
 
 
-def size_distribution(sizes: list[int]) -> dict[str, int]:
+def size_distribution(sizes) -> dict[str, int]:
     """Clusters per size bucket (1, 2-3, 4-7, ... 256+), for the UI's chart."""
+    sizes = np.asarray(sizes)
     out: dict[str, int] = {}
     for lo, hi in SIZE_BUCKETS:
-        n = sum(1 for s in sizes if s >= lo and (hi is None or s <= hi))
+        n = int(((sizes >= lo) & ((sizes <= hi) if hi is not None else True)).sum())
         if n:
             name = f"{lo}" if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}")
             out[f"{name} faces"] = n
     return out
 
 
-def weighted_cohesion(clusters) -> float | None:
-    """Mean cohesion of the clusters of 2+ faces, weighted by size (None when there is none)."""
-    multi = [(c.size, c.cohesion) for c in clusters if c.size >= 2 and c.cohesion is not None]
-    total = sum(n for n, _ in multi)
-    return sum(n * c for n, c in multi) / total if total else None
+def weighted_cohesion(sizes: np.ndarray, cohesion: np.ndarray) -> float | None:
+    """Mean cohesion of the clusters of 2+ faces, weighted by size (None when there is none);
+    ``cohesion`` NaN where unknown."""
+    multi = (sizes >= 2) & ~np.isnan(cohesion)
+    total = int(sizes[multi].sum())
+    return float((sizes[multi] * cohesion[multi]).sum() / total) if total else None
 
 
 @asset(
@@ -77,15 +83,15 @@ def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
     with face_assets.library() as lib:
         policy = lib.recluster_policy()
         full = config.full or policy.recluster
-        run = lib.cluster() if full else lib.assign_new()
-        clusters = lib.list_clusters()
-    sizes = [c.size for c in clusters]
-    cohesion = weighted_cohesion(clusters)
+        run = lib.cluster(log=context.log.info) if full else lib.assign_new()
+        sizes, cohesions = lib.cluster_sizes()
+        clusters = lib.list_clusters(limit=10)
+    cohesion = weighted_cohesion(sizes, cohesions)
     floor = face_assets.settings.pipeline.min_cluster_cohesion
     reasons = policy.reasons if policy.recluster else (["asked for by the run"] if config.full else [])
     largest = ["| cluster | label | faces | cohesion |", "|---:|---|---:|---:|"] + [
         f"| {c.cluster_id} | {c.label or ''} | {c.size} | {'' if c.cohesion is None else f'{c.cohesion:.3f}'} |"
-        for c in clusters[:10]]
+        for c in clusters]
     context.log.info("%s clustering: %d clusters, %d new faces, %d unassigned", run.kind, run.clusters,
                      run.new_faces, run.unassigned)
     check = AssetCheckResult(
@@ -93,7 +99,7 @@ def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
         passed=cohesion is None or cohesion >= floor,
         severity=AssetCheckSeverity.ERROR,
         metadata={"weighted_cohesion": MetadataValue.float(cohesion) if cohesion is not None else MetadataValue.null(),
-                  "floor": floor, "multi_face_clusters": sum(s >= 2 for s in sizes)},
+                  "floor": floor, "multi_face_clusters": int((sizes >= 2).sum())},
     )
     return MaterializeResult(
         metadata={
@@ -102,8 +108,8 @@ def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
             "dagster/row_count": run.clusters,
             "clusters": run.clusters,
             "singletons": run.singletons,
-            "faces": sum(sizes),
-            "largest_cluster": max(sizes, default=0),
+            "faces": int(sizes.sum()),
+            "largest_cluster": int(sizes.max(initial=0)),
             "new_faces": run.new_faces,
             "unassigned": run.unassigned,
             "id_changed": MetadataValue.float(run.id_changed) if run.id_changed is not None else MetadataValue.null(),
@@ -114,6 +120,8 @@ def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
                 + "\n**largest clusters**\n\n" + "\n".join(largest) + "\n"),
             "cluster_run_id": run.run_id,
             "seconds": MetadataValue.float(round(time.perf_counter() - start, 3)),
+            # The run's process holds every face's embedding during a full run: its peak, for sizing hosts.
+            "peak_memory_gib": MetadataValue.float(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)),
         },
         check_results=[check],
     )
