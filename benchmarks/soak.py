@@ -24,8 +24,9 @@ At the mission's size: ``--seed-faces N`` first imports N synthetic faces, with 
 clusters (:mod:`benchmarks.catalog_seed`), and the soak also runs curation through the web API
 (rename, merge, move 20 faces, split), one-row writes, people pages and ``face-assets stats``
 timings, samples the resident memory of each process and of the host, counts the bytes written
-to disk (by the pipeline per batch, by the service per second), and runs a full re-clustering (``face-assets cluster run``, as the recluster
-policy triggers it) beside the service.
+to disk (by the pipeline per batch, by the service per second), and runs a full re-clustering beside the
+service as the pipeline runs one when its recluster policy says so (a run of the ``update_clusters``
+job, started by the daemon).
 """
 
 from __future__ import annotations
@@ -396,21 +397,47 @@ def _writer(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
 
 
 def _full_recluster(dep: Deployment, rec: Recorder, stop: threading.Event, after: float) -> None:
-    """A full re-clustering beside the service, as the recluster policy triggers it."""
+    """A full re-clustering beside the service, as the pipeline runs one when its recluster policy says
+    so: a run of the ``update_clusters`` job with ``full: true``, submitted to the deployment's run
+    queue and started by the daemon at its (lower) CPU priority; its progress in the run's logs and
+    its peak memory in the run's metadata."""
+    from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from face_assets.pipeline.definitions import CLUSTER_JOB
+
     if stop.wait(after):
         return
     t = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "face_assets.cli", "cluster", "run", "--json"], env=dep.env,
-                            cwd=dep.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rec.add("recluster_pid", proc.pid)
-    while proc.poll() is None and not stop.is_set():
-        time.sleep(1.0)
-    if proc.poll() is None:
-        proc.kill()
-        rec.add("recluster", {"finished": False, "seconds": time.monotonic() - t})
-    else:
-        rec.add("recluster", {"finished": proc.returncode == 0, "seconds": time.monotonic() - t,
-                              "error": proc.stderr.read()[-300:] if proc.returncode else None})
+    launch = subprocess.run(
+        [sys.executable, "-m", "dagster", "job", "launch", "-w", str(dep.home / "workspace.yaml"), "-j", CLUSTER_JOB,
+         "--config-json", json.dumps({"ops": {"person_clusters": {"config": {"full": True}}}})],
+        env=dep.env, cwd=REPO, capture_output=True, text=True)
+    instance = DagsterInstance.from_config(str(dep.home))
+    runs = instance.get_runs(RunsFilter(job_name=CLUSTER_JOB), limit=1)
+    if launch.returncode or not runs:
+        rec.add("recluster", {"finished": False, "seconds": 0.0, "error": (launch.stderr or launch.stdout)[-300:]})
+        return
+    run_id = runs[0].run_id
+    ended = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    pid = None
+    while not stop.is_set():
+        run = instance.get_run_by_id(run_id)
+        if pid is None:
+            starts = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
+            if starts:  # the run's process: its memory is sampled with the others
+                pid = starts[0].dagster_event.pid
+                rec.add("recluster_pid", pid)
+        if run.status in ended:
+            break
+        stop.wait(2.0)
+    run = instance.get_run_by_id(run_id)
+    event = instance.get_latest_materialization_event(AssetKey("person_clusters"))
+    meta = event.asset_materialization.metadata if event and event.run_id == run_id else {}
+    progress = [e.user_message for e in instance.all_logs(run_id) if e.user_message.startswith("full clustering")]
+    rec.add("recluster", {"finished": run.status == DagsterRunStatus.SUCCESS, "seconds": time.monotonic() - t,
+                          "status": run.status.value, "run_id": run_id,
+                          "peak_memory_gib": meta["peak_memory_gib"].value if "peak_memory_gib" in meta else None,
+                          "progress_lines": len(progress), "last_progress": progress[-1] if progress else None})
 
 
 def _processes() -> dict[int, tuple[int, int, int]]:

@@ -6,7 +6,9 @@ too many faces alone, the last full run is old), it calls ``cluster()``; otherwi
 ``assign_new()`` puts the faces that have no cluster yet into the nearest person, or new ones.
 It is requested declaratively after each published index (``AFTER_UPSTREAM_UPDATES``). A run can
 ask for a full re-clustering outright (run config ``full: true``). Everything it writes is in the main
-catalog (``clusters``, ``face_clusters``, ``cluster_runs``), so it runs in the ``face_catalog`` pool.
+catalog (``clusters``, ``face_clusters``, ``cluster_runs``), under the catalog's lock, but it is not
+in the ``face_catalog`` pool: a full run computes for tens of minutes at 2M faces before its one
+write, and holding the pool's slot that long would stop every merge and index refresh meanwhile.
 A full run logs its progress in the run's logs, and records the run process's peak memory.
 """
 
@@ -26,7 +28,7 @@ from dagster import (
     asset,
 )
 
-from .assets import AFTER_UPSTREAM_UPDATES, CATALOG_POOL, SHARED_FILE_RETRY, ann_index
+from .assets import AFTER_UPSTREAM_UPDATES, SHARED_FILE_RETRY, ann_index
 from .charts import counts_markdown
 from .resources import FaceAssetsResource
 
@@ -64,7 +66,6 @@ def weighted_cohesion(sizes: np.ndarray, cohesion: np.ndarray) -> float | None:
 
 @asset(
     deps=[ann_index],
-    pool=CATALOG_POOL,
     retry_policy=SHARED_FILE_RETRY,
     automation_condition=AFTER_UPSTREAM_UPDATES,
     group_name="clusters",
