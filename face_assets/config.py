@@ -230,7 +230,8 @@ class FeedbackSettings(_Section):
     """The feedback store, the search web app and the export of votes to training data."""
 
     backend: Literal["duckdb", "postgresql"] = Field(
-        "duckdb", description="Where votes are stored: the DuckDB catalog, or a PostgreSQL server (`postgresql_dsn`)."
+        "duckdb", description="Where votes are stored: the data folder's own DuckDB feedback store (not the catalog), or a "
+        "PostgreSQL server (`postgresql_dsn`)."
     )
     postgresql_dsn: str = Field(
         "",

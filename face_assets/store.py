@@ -1,4 +1,4 @@
-"""The DuckDB catalog: the one module that opens DuckDB.
+"""The DuckDB catalog: the images and faces tables and their SQL.
 
 Tables (query them with DuckDB SQL, see ``docs/filter.md``):
 
@@ -9,8 +9,10 @@ Tables (query them with DuckDB SQL, see ``docs/filter.md``):
             box, ``det_score``, ``embedding_norm``, size, area ratio, cartoon probability,
             ``quality``, own verdict, ``model_version`` and the normalized ``embedding``.
 
-The model registry (:mod:`face_assets.registry`) and the person clusters (:mod:`face_assets.persons`)
-keep their own tables in the same file, each module with its own SQL.
+The model registry (:mod:`face_assets.registry`), the person clusters (:mod:`face_assets.persons`) and
+the curation audit log (:mod:`face_assets.audit`) keep their own tables in the same file, each module
+with its own SQL. The file itself is opened by :mod:`face_assets.storage` (short sessions on the
+master ``<data_dir>/store/catalog.duckdb``, published read-only as ``<data_dir>/face_assets.duckdb``).
 
 Each image is written in one transaction, so a crash never leaves half an image behind.
 """
