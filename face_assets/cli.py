@@ -239,7 +239,7 @@ def _tokens(args: argparse.Namespace):
     from .auth import TokenStore
 
     settings = _settings(args)
-    return TokenStore(settings.storage.data_dir / settings.web.tokens_file)
+    return TokenStore(settings.layout.tokens)
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:

@@ -23,7 +23,6 @@ import json
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 from .config import StorageSettings
 from .errors import FaceImportError
 from .schemas import FilterResult, ImageAnalysis
-from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where
+from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where, utc_now
 
 TABLES = [Table("images", "image_seq", order="image_id"), Table("faces", "face_id")]
 """The catalog's published tables: an image row gets a new ``image_seq`` each time it is written."""
@@ -177,7 +176,7 @@ class Catalog:
             con.execute(
                 """INSERT OR REPLACE INTO images (image_id, content_hash, path, status, error, processed_at, image_seq)
                    VALUES (?, ?, ?, 'unreadable', ?, ?, ?)""",
-                [image_id, content_hash, path, error, _now(), seq],
+                [image_id, content_hash, path, error, utc_now(), seq],
             )
 
     def record_image(
@@ -201,7 +200,7 @@ class Catalog:
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [image_id, content_hash, path, analysis.width, analysis.height, status,
                  None if result["is_valid"] else result["rejection_reason"], len(analysis.faces),
-                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, _now(), seq],
+                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, utc_now(), seq],
             )
             face_ids = []
             for i, (face, verdict) in enumerate(zip(analysis.faces, result["faces"])):
@@ -435,7 +434,7 @@ class Catalog:
                                            model_version, metadata, processed_at, image_seq)
                        SELECT image_id, any_value(content_hash), any_value(path), any_value(width),
                               any_value(height), 'valid', count(*), ?, any_value(metadata), ?, nextval('image_seq')
-                       FROM _import GROUP BY image_id ORDER BY min(row_no)""", [model_version, _now()]).fetchone()[0]
+                       FROM _import GROUP BY image_id ORDER BY min(row_no)""", [model_version, utc_now()]).fetchone()[0]
                 faces = read = 0
                 for batch in meta.iter_batches(batch_size=batch_rows, columns=["embedding"]):
                     faces += self._import_batch(con, batch.column(0), read, dim, model_version, file)
@@ -538,10 +537,6 @@ class Catalog:
         """Run a read query and return all rows."""
         with self._read() as con:
             return con.execute(sql, params or []).fetchall()
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _sql_literal(path: Path) -> str:

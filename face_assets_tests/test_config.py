@@ -157,3 +157,19 @@ def test_the_docs_check_finds_a_wrong_setting(text, tmp_path):
     doc = tmp_path / "wrong.md"
     doc.write_text(text + "\n")
     assert len(_wrong_settings([doc])) == 1
+
+
+def test_the_data_folder_layout_names_every_path_once(tmp_path):
+    """Every path of the layout lies inside the data folder, no two are the same, and the file names come from
+    the settings that name them."""
+    from face_assets.config import DataLayout
+
+    s = load_settings(overrides={"storage": {"data_dir": str(tmp_path)}, "web": {"tokens_file": "keys/t.json"}},
+                      environ={})
+    layout = s.layout
+    names = [n for n, v in vars(DataLayout).items() if isinstance(v, property)]
+    paths = {n: getattr(layout, n) for n in names}
+    assert len(paths) >= 15 and all(p.is_relative_to(tmp_path) and p != tmp_path for p in paths.values()), paths
+    assert len(set(paths.values())) == len(paths)
+    assert (layout.catalog, layout.catalog_master) == (s.storage.duckdb_path, s.storage.master_path)
+    assert (layout.tokens, layout.sessions) == (tmp_path / "keys" / "t.json", tmp_path / "keys" / "sessions.sqlite")

@@ -58,14 +58,9 @@ class FaceAssetsResource(ConfigurableResource):
         storage = settings.storage.model_copy(update={"data_dir": Path(settings.storage.data_dir).absolute()})
         return {"settings_json": settings.model_copy(update={"storage": storage}).model_dump_json()}
 
-    @property
-    def pipeline_dir(self) -> Path:
-        """Files of the graph that are not in the catalog: batch manifests and staged Parquet."""
-        return Path(self.settings.storage.data_dir).absolute() / "pipeline"
-
     def batches(self) -> BatchStore:
         """The batch manifests (the dynamic partitions' contents)."""
-        return BatchStore(self.pipeline_dir / "batches")
+        return BatchStore(self.settings.layout.batches.absolute())
 
     def watched_folders(self) -> list[Path]:
         """Folders to scan: ``pipeline.watched_folders``, else ``incoming/`` in the data folder (created if missing)."""
@@ -79,7 +74,7 @@ class FaceAssetsResource(ConfigurableResource):
     @property
     def incoming_dir(self) -> Path:
         """The default watched folder: ``incoming/`` inside ``storage.data_dir``."""
-        return Path(self.settings.storage.data_dir).absolute() / "incoming"
+        return self.settings.layout.incoming.absolute()
 
     def face_filter(self, recognizer: Path | None = None) -> FaceFilter:
         """Detector, recognizer and cartoon classifier, loaded once per process.
@@ -104,7 +99,7 @@ class FaceAssetsResource(ConfigurableResource):
         """
         settings = self.settings
         pack = resolve_pack(settings.models)
-        path = settings.storage.master_path
+        path = settings.layout.catalog_master
         if path.is_file():
             with Catalog.open(settings.storage) as catalog:  # the master: a promotion counts at once
                 version = registry.active_version(catalog, settings)
