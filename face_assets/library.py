@@ -821,8 +821,8 @@ class FaceRecognitionLibrary:
     def _select_model(self) -> None:
         """Choose the recognizer version of config or the registry (at open, before the index); loads no model."""
         registry.ensure_base(self.catalog, self._pack)
-        version = registry.active_version(self.catalog, self.settings)
-        self._use_file(registry.model_file(self.catalog, self.settings, self._pack, version))
+        version, path = registry.active_model(self.catalog, self.settings, self._pack)
+        self._use_file(path)
         self._set_active(version)
         stale = len(self.catalog.image_sources(self.model_version))
         if stale:

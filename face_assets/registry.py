@@ -170,3 +170,20 @@ def active_version(catalog: Catalog, settings: Settings) -> str:
     """The version the library should run: ``training.active_model`` if set, else the promoted one."""
     return settings.training.active_model or promoted(catalog) or BASE
 
+
+def active_model(catalog: Catalog | None, settings: Settings, pack: ModelPack) -> tuple[str, Path]:
+    """The version the library runs (:func:`active_version`) and its ONNX file, checked to exist.
+
+    ``catalog`` None: there is no catalog yet, so no registry, and only ``base`` can run.
+
+    Raises:
+        ModelVersionError: the version is unknown or its file is missing.
+    """
+    if catalog is None:
+        version = settings.training.active_model or BASE
+        if version != BASE:
+            raise ModelVersionError(f"training.active_model is '{version}' but there is no catalog "
+                                    f"(and so no registry) at {settings.layout.catalog_master}")
+        return version, pack.recognizer
+    version = active_version(catalog, settings)
+    return version, model_file(catalog, settings, pack, version)

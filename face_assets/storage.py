@@ -840,3 +840,10 @@ class DuckDBFile:
             if self._snapshot is not None:
                 self._snapshot[0].close()
                 self._snapshot = None
+
+    def remove_files(self) -> None:
+        """Delete the master, DuckDB's write-ahead log beside it and the lock file, after :meth:`close`: for a
+        scratch store that nothing publishes (a batch's staging catalog, once exported)."""
+        for path in (self.master, self.master.with_name(self.master.name + ".wal"), self._lock.path):
+            if path is not None:
+                path.unlink(missing_ok=True)

@@ -135,6 +135,10 @@ class Catalog:
         """Publish what is pending (nothing stays open between calls)."""
         self.db.close()
 
+    def remove_files(self) -> None:
+        """Delete the catalog's files after :meth:`close` (a scratch catalog, such as a batch's staging one)."""
+        self.db.remove_files()
+
     def __enter__(self) -> "Catalog":
         return self
 

@@ -103,6 +103,7 @@ def test_graph_materializes_what_the_library_would_store(ws, tmp_path):
     meta = latest_metadata(ws.instance, "filtered_images", ws.key)
     assert meta["dagster/row_count"] == 5 and meta["valid_images"] == 2 and meta["unreadable_images"] == 1
     assert sum(meta["rejected_by_reason"].values()) == 2 and "det_score" in meta["charts"]
+    assert not list(ws.resource.batches().folder(ws.key).glob("stage.duckdb*"))  # the staging catalog is gone
     index_meta = latest_metadata(ws.instance, "ann_index")
     valid_faces = ws.sql("SELECT count(*) FROM faces WHERE is_valid")[0][0]
     assert index_meta["dagster/row_count"] == valid_faces > 0
