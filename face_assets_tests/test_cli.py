@@ -129,7 +129,7 @@ def test_commands_and_options_in_the_docs_exist():
     ("Run `face-assets cluster fuse 1 2`.", "unknown command"),
     ("Run `face-assets search q.jpg --top 5`.", "no option --top"),
     ("```bash\nface-assets cluster merge 12\n```", "the following arguments are required"),
-])
+], ids=["command", "option", "arguments"])
 def test_the_docs_check_finds_a_wrong_command(text, problem, tmp_path):
     doc = tmp_path / "wrong.md"
     doc.write_text(text + "\n")

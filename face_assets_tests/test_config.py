@@ -152,7 +152,7 @@ def test_settings_named_in_the_docs_exist():
     "Set `FACE_ASSETS__WEB__PORT=8080`.",
     "```yaml\nstorage:\n  data_dir: data\n  index_dir: old\n```",
     "```yaml\nfilter:\n  min_det_score: 7\n```",
-])
+], ids=["key", "environment", "yaml-key", "yaml-value"])
 def test_the_docs_check_finds_a_wrong_setting(text, tmp_path):
     doc = tmp_path / "wrong.md"
     doc.write_text(text + "\n")
