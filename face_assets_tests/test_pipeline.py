@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 from dagster import (
     AssetKey,
     AssetSelection,
@@ -485,6 +486,18 @@ def test_merge_replaces_faces_of_another_model_version(ws, tmp_path):
         assert catalog.query("SELECT count(*), count(DISTINCT model_version) FROM images WHERE status <> 'unreadable'") == [(4, 1)]
         (new_face,) = catalog.query("SELECT face_id FROM faces WHERE image_id = 'user-1'")
         assert new_face[0] > max(i for (i,) in old) and len(catalog.query("SELECT * FROM faces")) == len(old)
+
+
+def test_the_resource_reads_its_configuration_once(tmp_path):
+    """A resource instance keeps the settings it read first; a new instance (Dagster makes one per run, tick
+    or step process) reads the file again."""
+    config = tmp_path / "face_assets.yaml"
+    config.write_text(yaml.safe_dump({"pipeline": {"batch_size": 7}}))
+    resource = FaceAssetsResource(config_path=str(config))
+    assert resource.settings.pipeline.batch_size == 7
+    config.write_text(yaml.safe_dump({"pipeline": {"batch_size": 9}}))
+    assert resource.settings.pipeline.batch_size == 7
+    assert FaceAssetsResource(config_path=str(config)).settings.pipeline.batch_size == 9
 
 
 def test_first_run_seeds_the_default_watched_folder_with_the_samples(datasets, tmp_path):
