@@ -23,7 +23,7 @@ test: setup
 	bash scripts/ci_system_packages.sh
 	$(BIN)/python -m pytest -q
 
-# Test tiers: markers given in face_assets_tests/conftest.py, registered in pyproject.toml.
+# Test tiers: markers on the tests themselves (see face_assets_tests/conftest.py), registered in pyproject.toml.
 FAST := not (slow or browser or postgres or dagster or training)
 
 ## Set up, then run the unit and library tests only (no chromium, PostgreSQL, Dagster, torch or slow tests).

@@ -257,7 +257,7 @@ def print_report(r: dict) -> None:
 
 def print_ablation(reports: dict[str, dict]) -> None:
     """One row per variant: held-out and general-set errors at the operating point, AUCs, gate."""
-    print(f"| variant | threshold | held-out FA | held-out FR | held-out AUC | general FA | general FR | general TAR@1e-3 | gate |")
+    print("| variant | threshold | held-out FA | held-out FR | held-out AUC | general FA | general FR | general TAR@1e-3 | gate |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in reports.items():
         ho, gen = r["held_out"]["operating_point"], r["general_operating_point"]

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .storage import DuckDBFile, Table, log_all, log_changes
+from .storage import DuckDBFile, Table, log_all, log_changes, utc_now
 
 AUDIT_SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS audit_seq START 1;
@@ -75,7 +74,7 @@ class AuditLog:
         persons = sorted({int(c) for c in persons})
         with self.db.write() as con:
             row = con.execute(f"INSERT INTO audit_log (made_at, actor, action, details, undoes) VALUES (?, ?, ?, ?, ?) "
-                              f"RETURNING {_COLS}", [datetime.now(timezone.utc), actor, action,
+                              f"RETURNING {_COLS}", [utc_now(), actor, action,
                                                      json.dumps(details, default=str), undoes]).fetchone()
             if persons:
                 con.execute("INSERT INTO audit_persons SELECT unnest(?), ?", [persons, row[0]])

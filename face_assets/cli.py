@@ -239,7 +239,7 @@ def _tokens(args: argparse.Namespace):
     from .auth import TokenStore
 
     settings = _settings(args)
-    return TokenStore(settings.storage.data_dir / settings.web.tokens_file)
+    return TokenStore(settings.layout.tokens)
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:
@@ -494,7 +494,7 @@ COMMANDS: tuple[Command, ...] = (
              arg("--limit", type=_bounded(int, 1), metavar="N", help="at most this many clusters"))),
     Command("cluster show", "one cluster: its faces, label and quality", cmd_cluster_show, (CLUSTER,)),
     Command("cluster merge", "merge clusters into the largest of them", cmd_cluster_merge,
-            (CLUSTER, arg("others", type=int, nargs="+", metavar="CLUSTER", help="clusters merged into it"))),
+            (CLUSTER, arg("others", type=int, nargs="+", metavar="CLUSTER", help="clusters merged with it (into the largest)"))),
     Command("cluster split", "split a cluster: the given faces become a new cluster, or k automatic parts",
             cmd_cluster_split,
             (CLUSTER,

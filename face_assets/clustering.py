@@ -31,7 +31,7 @@ The method (decision and evidence: ``docs/clustering.md``):
 
 Also here: cluster quality (:func:`cluster_quality`), k-means sub-clusters for an automatic split
 (:func:`split_kmeans`) and the drift policy for full re-clustering (:func:`recluster_decision`).
-Pure computations on arrays; persistence lives in :mod:`face_assets.store`, the API in :mod:`face_assets.library`.
+Pure computations on arrays; persistence lives in :mod:`face_assets.persons`, the API in :mod:`face_assets.library`.
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ class FeedbackSettings(_Section):
     """The feedback store, the search web app and the export of votes to training data."""
 
     backend: Literal["duckdb", "postgresql"] = Field(
-        "duckdb", description="Where votes are stored: the DuckDB catalog, or a PostgreSQL server (`postgresql_dsn`)."
+        "duckdb", description="Where votes are stored: the data folder's own DuckDB feedback store (not the catalog), or a "
+        "PostgreSQL server (`postgresql_dsn`)."
     )
     postgresql_dsn: str = Field(
         "",
@@ -585,6 +586,118 @@ class Settings(_Section):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict of every setting."""
         return self.model_dump(mode="json")
+
+    @property
+    def layout(self) -> DataLayout:
+        """Where everything lives inside the data folder (``storage.data_dir``)."""
+        return DataLayout(self)
+
+
+class DataLayout:
+    """Every file and folder face_assets keeps inside the data folder, named once.
+
+    Paths are under :attr:`root` (``storage.data_dir`` as configured, relative or absolute); the
+    settings that name a file (``storage.duckdb_file``, ``web.tokens_file``...) are read here and
+    nowhere else. The owner of each is in docs/architecture.md.
+    """
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self.root = Path(settings.storage.data_dir)
+
+    # -- stores: master files (short sessions) and what they publish for readers
+    @property
+    def catalog(self) -> Path:
+        """The published catalog (views over Parquet segments) that readers open."""
+        return self._settings.storage.duckdb_path
+
+    @property
+    def catalog_master(self) -> Path:
+        """The catalog's master file: images, faces, persons, model registry, audit log."""
+        return self._settings.storage.master_path
+
+    @property
+    def feedback(self) -> Path:
+        """The published feedback store (votes and queries) that readers open."""
+        return self._settings.storage.feedback_path
+
+    @property
+    def feedback_master(self) -> Path:
+        """The DuckDB feedback store's master file."""
+        return self._settings.storage.feedback_master_path
+
+    @property
+    def index(self) -> Path:
+        """The faiss index (its journal and sidecar lie beside it)."""
+        return self.root / self._settings.storage.index_file
+
+    # -- models
+    @property
+    def model_versions(self) -> Path:
+        """Fine-tuned recognizer versions, ``<version>.onnx`` (the registry stores paths relative to :attr:`root`)."""
+        return self.root / "models" / "versions"
+
+    @property
+    def training_runs(self) -> Path:
+        """One folder per fine-tuning run, named by a hash of its inputs."""
+        return self.root / "models" / "runs"
+
+    @property
+    def model_cache(self) -> Path:
+        """Embeddings and crops the training reuses, cached by content."""
+        return self.root / "models" / "cache"
+
+    # -- the web service
+    @property
+    def query_images(self) -> Path:
+        """Uploaded query images, kept so training can crop them again (``feedback.query_dir``)."""
+        return self.root / self._settings.feedback.query_dir
+
+    @property
+    def thumbnails(self) -> Path:
+        """The cache of face thumbnails (``web.thumbnail_dir``)."""
+        return self.root / self._settings.web.thumbnail_dir
+
+    @property
+    def tokens(self) -> Path:
+        """Hashed API tokens (``web.tokens_file``)."""
+        return self.root / self._settings.web.tokens_file
+
+    @property
+    def sessions(self) -> Path:
+        """Page login sessions, beside the tokens."""
+        return self.tokens.parent / "sessions.sqlite"
+
+    @property
+    def session_key(self) -> Path:
+        """The secret that signs session cookies, beside the tokens."""
+        return self.tokens.parent / "session.key"
+
+    @property
+    def former_audit_log(self) -> Path:
+        """The former JSON-lines curation log (``web.audit_file``), taken into the catalog once."""
+        return self.root / self._settings.web.audit_file
+
+    # -- the Dagster graph
+    @property
+    def incoming(self) -> Path:
+        """The default watched folder."""
+        return self.root / "incoming"
+
+    @property
+    def pipeline(self) -> Path:
+        """Files of the graph that are not in a store: batch manifests and staged Parquet."""
+        return self.root / "pipeline"
+
+    @property
+    def batches(self) -> Path:
+        """One folder per batch (partition): its manifest and staged Parquet."""
+        return self.pipeline / "batches"
+
+    @property
+    def feedback_export(self) -> Path:
+        """The feedback export the graph trains on (``pipeline.feedback_export_dir``)."""
+        return self.root / self._settings.pipeline.feedback_export_dir
 
 
 def _read_file(path: Path) -> dict[str, Any]:

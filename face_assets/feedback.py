@@ -45,7 +45,7 @@ from PIL import Image
 
 from .config import FeedbackSettings, Settings
 from .errors import ConfigError, FeedbackError, FeedbackStoreUnavailableError
-from .storage import DuckDBFile, Table, log_changes
+from .storage import DuckDBFile, Table, log_changes, utc_now
 from .store import Catalog
 
 VOTES = ("up", "down")
@@ -134,10 +134,6 @@ class Rows(Protocol):
     def __call__(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]: ...
 
     def changed(self, table: str, keys: Sequence[int]) -> None: ...
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class _Backend(Protocol):
@@ -310,7 +306,7 @@ class QueryRecord:
     session_id: str | None = None
     filename: str | None = None
     source: str = "upload"
-    created_at: datetime = field(default_factory=_now)
+    created_at: datetime = field(default_factory=utc_now)
     result_face_ids: list[int] | None = None
 
 
@@ -426,7 +422,7 @@ class FeedbackStore:
         """
         if vote not in VOTES:
             raise FeedbackError(f"vote must be 'up' or 'down', not {vote!r}")
-        now = _now()
+        now = utc_now()
         # Update first: a re-vote then skips binding the embeddings, and in DuckDB an UPDATE or a
         # plain INSERT costs a third of an INSERT ... ON CONFLICT.
         insert = _INSERT + (_ON_CONFLICT if self._backend.concurrent_writers else "") + _RETURNING

@@ -187,7 +187,7 @@ class FaceRecognitionLibrary:
     @property
     def index_path(self) -> Path:
         """File of the persisted faiss index."""
-        return self.index_dir / self.settings.storage.index_file
+        return self.settings.layout.index
 
     def load(self) -> None:
         """(Re)open the catalog and the index, repairing the index from the catalog if they disagree."""
@@ -196,7 +196,7 @@ class FaceRecognitionLibrary:
             self.catalog = Catalog.open(self.settings.storage)
             from .persons import ClusterStore  # clustering imports scipy: only for libraries that open a catalog
 
-            self._clusters = ClusterStore(self.catalog, self.index_dir / self.settings.web.audit_file)
+            self._clusters = ClusterStore(self.catalog, self.settings.layout.former_audit_log)
             self._select_model()
             self._index = None  # read on first use: stats, lists and curation never load it
 
@@ -670,7 +670,7 @@ class FaceRecognitionLibrary:
             embedding, result = self._main_face(bytes(data), face_index)
             main = result["faces"][result["face_index"]]
             digest = content_hash(bytes(data))
-            saved = save_query_image(bytes(data), self.index_dir / self.settings.feedback.query_dir, query_id)
+            saved = save_query_image(bytes(data), self.settings.layout.query_images, query_id)
             record = QueryRecord(query_id=query_id, model_version=self.model_version, embedding=embedding,
                                  image_path=str(saved), content_hash=digest, bbox=main["bbox"],
                                  width=result["image_size"][0], height=result["image_size"][1],
@@ -821,8 +821,8 @@ class FaceRecognitionLibrary:
     def _select_model(self) -> None:
         """Choose the recognizer version of config or the registry (at open, before the index); loads no model."""
         registry.ensure_base(self.catalog, self._pack)
-        version = registry.active_version(self.catalog, self.settings)
-        self._use_file(registry.model_file(self.catalog, self.settings, self._pack, version))
+        version, path = registry.active_model(self.catalog, self.settings, self._pack)
+        self._use_file(path)
         self._set_active(version)
         stale = len(self.catalog.image_sources(self.model_version))
         if stale:
@@ -906,17 +906,17 @@ class FaceRecognitionLibrary:
         analyzer = self.filter.analyzer
         threshold = self.match_threshold
         run_id = training.run_id_for(self.settings, analyzer.pack.recognizer_sha256, pairs, triplets, persons, threshold)
-        result = training.fine_tune(self.settings, analyzer, self.active_model, registry.runs_dir(self.settings) / run_id,
+        result = training.fine_tune(self.settings, analyzer, self.active_model, self.settings.layout.training_runs / run_id,
                                     pairs, triplets, persons, on_epoch_end, threshold=threshold)
         with self._lock:
             known = [r["version"] for r in registry.versions(self.catalog) if r["sha256"] == result.sha256]
             result.version = known[0] if known else registry.new_version_name(result.sha256)
             if not known:
-                target = registry.versions_dir(self.settings) / f"{result.version}.onnx"
+                target = self.settings.layout.model_versions / f"{result.version}.onnx"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(result.model_path, target)
                 registry.add_version(self.catalog, 
-                    result.version, result.parent, str(target.relative_to(self.settings.storage.data_dir)),
+                    result.version, result.parent, str(target.relative_to(self.settings.layout.root)),
                     result.sha256, "candidate" if result.passed_gate else "rejected",
                     {"gate": {"passed": result.passed_gate, "reasons": result.gate_reasons, "failed": result.gate_failed}} | result.metrics
                     | {"run_id": result.run_id, "data": result.data, "seconds": result.seconds})

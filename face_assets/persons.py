@@ -48,7 +48,7 @@ from .cluster_means import MIN_ROWS, ClusterMeans
 from .config import ClusteringSettings
 from .audit import ACTOR, AuditLog
 from .errors import ClusterNotFoundError, CurationError, InvalidNameError
-from .storage import Table, log_all, log_changes
+from .storage import Table, log_all, log_changes, utc_now
 from .store import Catalog
 
 #: Person clusters (``docs/clustering.md``), in the catalog's DuckDB file beside the faces they group.
@@ -109,10 +109,6 @@ CREATE TABLE IF NOT EXISTS cluster_runs (
 #: The person tables readers get (``centroid`` is the assignment's internal state, 2 KiB a person).
 TABLES = [Table("clusters", "cluster_id", exclude=("centroid",)), Table("face_clusters", "face_id"),
           Table("cluster_constraints", None), Table("cluster_runs", "run_id")]
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class ClusterStore:
@@ -276,7 +272,7 @@ class ClusterStore:
         ``assignments``: ``(face ids, cluster ids)``. With ``replace_all`` the previous clustering is
         dropped first (labels of surviving ids are kept), else rows are upserted.
         """
-        now = _now()
+        now = utc_now()
         ids = [int(c["cluster_id"]) for c in clusters]
         # The names and creation times that survive: of every person for a full rewrite, else of these only.
         which = "" if replace_all else " WHERE cluster_id IN (SELECT unnest(?))"
@@ -329,7 +325,7 @@ class ClusterStore:
     def record_cluster_run(self, con: duckdb.DuckDBPyConnection, **fields: Any) -> int:
         """Insert a ``cluster_runs`` row inside the caller's transaction; returns its run id."""
         fields = {k: (json.dumps(v) if k == "settings" else v) for k, v in fields.items()}
-        fields.setdefault("started_at", _now())
+        fields.setdefault("started_at", utc_now())
         cols = list(fields)
         row = con.execute(f"INSERT INTO cluster_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
                           "RETURNING run_id", [fields[c] for c in cols]).fetchone()

@@ -29,7 +29,7 @@ from typing import Any
 from .config import Settings
 from .errors import ModelVersionError
 from .models import ModelPack
-from .storage import Table, log_all
+from .storage import Table, log_all, utc_now
 from .store import Catalog
 
 BASE = "base"
@@ -74,7 +74,7 @@ def add_version(catalog: Catalog, version: str, parent: str | None, path: str | 
             """INSERT INTO model_versions (version, parent, path, sha256, status, metrics, created_at)
                VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
             [version, parent, path, sha256, status, json.dumps(metrics) if metrics else None,
-             datetime.now(timezone.utc)],
+             utc_now()],
         )
         log_all(con, "model_versions")
 
@@ -101,7 +101,7 @@ def promote(catalog: Catalog, version: str, action: str = "promote") -> str | No
         con.execute("UPDATE model_versions SET status = 'retired' WHERE status = 'promoted'")
         con.execute("UPDATE model_versions SET status = 'promoted' WHERE version = ?", [version])
         con.execute("INSERT INTO model_promotions VALUES (?, ?, ?, ?)",
-                    [datetime.now(timezone.utc), version, previous, action])
+                    [utc_now(), version, previous, action])
         log_all(con, "model_versions")
         log_all(con, "model_promotions")
     return previous
@@ -112,16 +112,6 @@ def previous(catalog: Catalog, version: str) -> str | None:
     rows = _ready(catalog).query(
         "SELECT previous FROM model_promotions WHERE version = ? ORDER BY promoted_at DESC LIMIT 1", [version])
     return rows[0][0] if rows else None
-
-
-def versions_dir(settings: Settings) -> Path:
-    """Folder of the fine-tuned recognizer files."""
-    return Path(settings.storage.data_dir) / "models" / "versions"
-
-
-def runs_dir(settings: Settings) -> Path:
-    """Folder of the training runs (checkpoints, curves, exported candidates)."""
-    return Path(settings.storage.data_dir) / "models" / "runs"
 
 
 def new_version_name(sha256: str) -> str:
@@ -170,7 +160,7 @@ def model_file(catalog: Catalog, settings: Settings, pack: ModelPack, version: s
     if version == BASE:
         return pack.recognizer
     row = version_row(catalog, version)
-    path = Path(settings.storage.data_dir) / row["path"]
+    path = settings.layout.root / row["path"]
     if not path.is_file():
         raise ModelVersionError(f"model version '{version}': file {path} is missing")
     return path
@@ -179,3 +169,21 @@ def model_file(catalog: Catalog, settings: Settings, pack: ModelPack, version: s
 def active_version(catalog: Catalog, settings: Settings) -> str:
     """The version the library should run: ``training.active_model`` if set, else the promoted one."""
     return settings.training.active_model or promoted(catalog) or BASE
+
+
+def active_model(catalog: Catalog | None, settings: Settings, pack: ModelPack) -> tuple[str, Path]:
+    """The version the library runs (:func:`active_version`) and its ONNX file, checked to exist.
+
+    ``catalog`` None: there is no catalog yet, so no registry, and only ``base`` can run.
+
+    Raises:
+        ModelVersionError: the version is unknown or its file is missing.
+    """
+    if catalog is None:
+        version = settings.training.active_model or BASE
+        if version != BASE:
+            raise ModelVersionError(f"training.active_model is '{version}' but there is no catalog "
+                                    f"(and so no registry) at {settings.layout.catalog_master}")
+        return version, pack.recognizer
+    version = active_version(catalog, settings)
+    return version, model_file(catalog, settings, pack, version)

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +59,11 @@ T = TypeVar("T")
 
 _LOCK_MESSAGES = ("Could not set lock", "Conflicting lock")
 """DuckDB's words when another process holds the file (an outside reader opened the master)."""
+
+
+def utc_now() -> datetime:
+    """Now, in UTC: the time every store writes in its ``TIMESTAMPTZ`` columns."""
+    return datetime.now(timezone.utc)
 
 
 def is_lock_error(exc: BaseException) -> bool:
@@ -783,7 +789,8 @@ class DuckDBFile:
     def snapshot(self) -> duckdb.DuckDBPyConnection | None:
         """A read-only connection to the published file, reopened when a newer one was published.
 
-        None before anything was published. Share it only under :attr:`snapshot_lock`.
+        None before anything was published. Callers hold ``_snapshot_lock`` while they use it (one
+        connection, many threads).
         """
         key = None if self.published is None else file_stamp(self.published)
         if key is None:
@@ -823,11 +830,6 @@ class DuckDBFile:
                 rows += con.execute(sql.format(keys=", ".join("?" * len(missing))), missing).fetchall()
         return rows
 
-    @property
-    def snapshot_lock(self) -> threading.Lock:
-        """Serializes the threads that use :meth:`snapshot`'s connection."""
-        return self._snapshot_lock
-
     def close(self) -> None:
         """Publish what is pending and close the snapshot connection."""
         if self._timer is not None:
@@ -838,3 +840,10 @@ class DuckDBFile:
             if self._snapshot is not None:
                 self._snapshot[0].close()
                 self._snapshot = None
+
+    def remove_files(self) -> None:
+        """Delete the master, DuckDB's write-ahead log beside it and the lock file, after :meth:`close`: for a
+        scratch store that nothing publishes (a batch's staging catalog, once exported)."""
+        for path in (self.master, self.master.with_name(self.master.name + ".wal"), self._lock.path):
+            if path is not None:
+                path.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The DuckDB catalog: the one module that opens DuckDB.
+"""The DuckDB catalog: the images and faces tables and their SQL.
 
 Tables (query them with DuckDB SQL, see ``docs/filter.md``):
 
@@ -9,8 +9,10 @@ Tables (query them with DuckDB SQL, see ``docs/filter.md``):
             box, ``det_score``, ``embedding_norm``, size, area ratio, cartoon probability,
             ``quality``, own verdict, ``model_version`` and the normalized ``embedding``.
 
-The model registry (:mod:`face_assets.registry`) and the person clusters (:mod:`face_assets.persons`)
-keep their own tables in the same file, each module with its own SQL.
+The model registry (:mod:`face_assets.registry`), the person clusters (:mod:`face_assets.persons`) and
+the curation audit log (:mod:`face_assets.audit`) keep their own tables in the same file, each module
+with its own SQL. The file itself is opened by :mod:`face_assets.storage` (short sessions on the
+master ``<data_dir>/store/catalog.duckdb``, published read-only as ``<data_dir>/face_assets.duckdb``).
 
 Each image is written in one transaction, so a crash never leaves half an image behind.
 """
@@ -21,7 +23,6 @@ import json
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 from .config import StorageSettings
 from .errors import FaceImportError
 from .schemas import FilterResult, ImageAnalysis
-from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where
+from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where, utc_now
 
 TABLES = [Table("images", "image_seq", order="image_id"), Table("faces", "face_id")]
 """The catalog's published tables: an image row gets a new ``image_seq`` each time it is written."""
@@ -134,6 +135,10 @@ class Catalog:
         """Publish what is pending (nothing stays open between calls)."""
         self.db.close()
 
+    def remove_files(self) -> None:
+        """Delete the catalog's files after :meth:`close` (a scratch catalog, such as a batch's staging one)."""
+        self.db.remove_files()
+
     def __enter__(self) -> "Catalog":
         return self
 
@@ -175,7 +180,7 @@ class Catalog:
             con.execute(
                 """INSERT OR REPLACE INTO images (image_id, content_hash, path, status, error, processed_at, image_seq)
                    VALUES (?, ?, ?, 'unreadable', ?, ?, ?)""",
-                [image_id, content_hash, path, error, _now(), seq],
+                [image_id, content_hash, path, error, utc_now(), seq],
             )
 
     def record_image(
@@ -199,7 +204,7 @@ class Catalog:
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [image_id, content_hash, path, analysis.width, analysis.height, status,
                  None if result["is_valid"] else result["rejection_reason"], len(analysis.faces),
-                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, _now(), seq],
+                 analysis.padded, model_version, json.dumps(metadata) if metadata else None, utc_now(), seq],
             )
             face_ids = []
             for i, (face, verdict) in enumerate(zip(analysis.faces, result["faces"])):
@@ -433,7 +438,7 @@ class Catalog:
                                            model_version, metadata, processed_at, image_seq)
                        SELECT image_id, any_value(content_hash), any_value(path), any_value(width),
                               any_value(height), 'valid', count(*), ?, any_value(metadata), ?, nextval('image_seq')
-                       FROM _import GROUP BY image_id ORDER BY min(row_no)""", [model_version, _now()]).fetchone()[0]
+                       FROM _import GROUP BY image_id ORDER BY min(row_no)""", [model_version, utc_now()]).fetchone()[0]
                 faces = read = 0
                 for batch in meta.iter_batches(batch_size=batch_rows, columns=["embedding"]):
                     faces += self._import_batch(con, batch.column(0), read, dim, model_version, file)
@@ -536,10 +541,6 @@ class Catalog:
         """Run a read query and return all rows."""
         with self._read() as con:
             return con.execute(sql, params or []).fetchall()
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _sql_literal(path: Path) -> str:

@@ -818,7 +818,7 @@ def general_set(settings: Settings, analyzer: FaceAnalyzer, exclude: set[str]) -
         return np.zeros((0, 112, 112, 3), np.uint8), np.zeros(0, str)
     digest = hashlib.sha256(json.dumps([[i, d] for i, _, d in images] + [settings.detection.model_dump()],
                                        default=str).encode()).hexdigest()[:16]
-    cache = Path(settings.storage.data_dir) / "models" / "cache" / f"general-{digest}.npz"
+    cache = settings.layout.model_cache / f"general-{digest}.npz"
     if cache.is_file():
         stored = np.load(cache)
         return stored["crops"], stored["labels"]
@@ -991,7 +991,7 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
     data = load_feedback(pairs, triplets, persons)
     refs = {r.key: r for a, b, _, _ in data.pairs for r in (a, b)} | {r.key: r for t in data.triplets for r in t}
     stable = stable_ids(list(refs.values()))
-    found, failed = feedback_crops(list(refs.values()), stable, analyzer, Path(settings.storage.data_dir) / "models" / "cache")
+    found, failed = feedback_crops(list(refs.values()), stable, analyzer, settings.layout.model_cache)
     keys = sorted(found, key=lambda k: (stable[k], k))  # crop order follows the data, not the folder it lies in
     crops = np.asarray([found[k] for k in keys], np.uint8).reshape(-1, 112, 112, 3)
     index = {k: i for i, k in enumerate(keys)}

@@ -25,52 +25,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # -- test tiers ------------------------------------------------------------------------------------
-# Markers (registered in pyproject.toml) are given here, from what a test needs, so that test files
-# carry none: `make test-fast` deselects them all, `make test` runs everything.
-MODULE_MARKERS = {
-    "test_pipeline": ("dagster",),  # Dagster materializations, its webserver, Dask
-    "test_pipeline_clusters": ("dagster",),
-    "test_pipeline_feedback": ("dagster", "training"),
-    "test_training": ("training",),  # torch: conversion, fine-tuning runs, the scenario benchmark
-    "test_web_browser": ("browser",),
-    "test_web_load": ("slow",),  # 10 s of votes against a served app
-    "test_soak": ("slow", "dagster"),
-    "test_pipeline_ops": ("slow", "dagster"),  # a deployment's processes with its defaults; a Dask cluster
-    "test_docs_ops": ("slow", "dagster"),  # the guides' SQL and commands on a deployment made by the pipeline  # ~90 s of the service, the Dagster daemon and the CLI together
-}
-FIXTURE_MARKERS = {"postgres_server": ("postgres",), "postgres_dsn": ("postgres",),
-                   "two_sizes": ("slow",)}  # imports catalogs of 10k and 200k faces
-NAME_MARKERS = {"browser": ("browser",)}  # a test with this in its name drives chromium
-# Single tests over ~15 s on 2 busy cores (measured with --durations), by name.
-SLOW_TESTS = {
-    "test_defaults_match_the_real_embeddings",  # embeds the shared real faces when not cached
-    "test_kill_9_during_indexing_loses_and_duplicates_nothing",  # a subprocess indexing 120 photos
-    "test_clustering_quality_and_baseline",
-    "test_constraints_are_honoured",
-    "test_incremental_and_policy",
-    "test_auto_type_follows_size",  # trains IVF indexes as the size crosses its thresholds
-    "test_removed_ids_are_never_returned",
-    "test_fit_recovers_known_parameters",
-    "test_tight_crops_are_found_by_padding",
-    "test_cli_process_and_filter",  # command-line subprocesses, each loading the models
-    "test_running_library_sees_other_process_faces",  # several processes on one data folder
-    "test_analyst_session_blocks_no_writer",
-}
+# Markers (registered in pyproject.toml) sit on the tests themselves: `pytestmark` for a whole module,
+# a decorator for one test (`slow`: over ~15 s on 2 busy cores, measured with --durations), a
+# `pytest.param(..., marks=...)` for one parameter. `make test-fast` deselects them all, `make test`
+# runs everything. The one marker given here follows from a fixture: a test that asks for the
+# PostgreSQL server cannot run without one.
+FIXTURE_MARKERS = {"postgres_server": "postgres", "postgres_dsn": "postgres"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        names: set[str] = set(MODULE_MARKERS.get(item.path.stem, ()))
-        for fixture in item.fixturenames:
-            names.update(FIXTURE_MARKERS.get(fixture, ()))
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and any(isinstance(v, str) and v == "postgresql" for v in callspec.params.values()):
-            names.add("postgres")  # a backend parameter
-        names.update(m for key, ms in NAME_MARKERS.items() if key in item.name for m in ms)
-        if item.originalname in SLOW_TESTS:
-            names.add("slow")
-        for name in sorted(names):
+        for name in sorted({FIXTURE_MARKERS[f] for f in item.fixturenames if f in FIXTURE_MARKERS}):
             item.add_marker(name)
 
 

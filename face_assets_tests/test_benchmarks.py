@@ -190,6 +190,7 @@ def test_chunked_generation_matches_whole():
     assert np.array_equal(whole, parts)
 
 
+@pytest.mark.slow
 def test_fit_recovers_known_parameters():
     """fit_params on a synthetic 'real' set of known law moves the parameters to it."""
     truth = SyntheticParams(intra_mean=0.65, intra_std=0.1, person_spread=0.05, mean_share=0.1, identity_decay=0.9)
@@ -204,6 +205,7 @@ def test_fit_recovers_known_parameters():
     assert fitted.identity_decay > 0.5  # clearly anisotropic, as the truth
 
 
+@pytest.mark.slow  # embeds the shared real faces when not cached
 def test_defaults_match_the_real_embeddings(datasets):
     """The calibrated defaults against the real labelled faces, embedded as the calibration benchmark does.
 

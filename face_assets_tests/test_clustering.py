@@ -82,6 +82,7 @@ def test_knn_graph_finds_true_neighbours(synthetic):
     assert (src < dst).all() and len(np.unique(src.astype(np.int64) * len(x) + dst)) == len(src)
 
 
+@pytest.mark.slow
 def test_clustering_quality_and_baseline(synthetic):
     x, labels = synthetic
     res = cluster_embeddings(x)
@@ -101,6 +102,7 @@ def test_clustering_quality_and_baseline(synthetic):
     assert np.array_equal(cluster_embeddings(x).labels, res.labels)
 
 
+@pytest.mark.slow
 def test_constraints_are_honoured(synthetic):
     x, labels = synthetic
     g = knn_graph(x, 16)
@@ -597,6 +599,7 @@ def test_names_are_normalised_and_found_by_the_store(curated):
     assert info.face_ids == lib.get_cluster(a.cluster_id).face_ids[1:2]
 
 
+@pytest.mark.slow
 def test_incremental_and_policy(tmp_path, people):
     with FaceRecognitionLibrary(index_dir=tmp_path) as lib:
         lib.index_batch([p for paths in people.values() for p in paths[:4]])

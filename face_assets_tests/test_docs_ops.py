@@ -27,6 +27,8 @@ import duckdb
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.slow, pytest.mark.dagster]  # the guides' SQL and commands on a deployment made by the pipeline
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
 BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from face_assets.errors import (ConfigError, FeedbackError, FeedbackStoreUnavail
 from face_assets.feedback import PAIRS_SCHEMA, TRIPLETS_SCHEMA, mine_negatives
 from face_assets.library import FaceRecognitionLibrary
 
-BACKENDS = ["duckdb", "postgresql"]
+BACKENDS = ["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(params=BACKENDS)

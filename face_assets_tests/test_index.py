@@ -52,6 +52,7 @@ def _brute(emb, q, k):
 # -- type selection -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains IVF indexes as the size crosses its thresholds
 def test_auto_type_follows_size(lib):
     _, emb, ids = lib
     idx = FaceIndex(dim=DIM, exact_threshold=THRESHOLD)
@@ -133,6 +134,7 @@ def test_explicit_factories(lib):
 # -- add / search / remove ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("approximate", [False, True])
 def test_removed_ids_are_never_returned(lib, approximate):
     gen, emb, ids = lib

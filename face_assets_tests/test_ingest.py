@@ -50,6 +50,7 @@ def test_ingest_accounts_for_every_file_and_is_idempotent(tmp_path, folder):
         assert "not a recognised" in err
 
 
+@pytest.mark.slow  # command-line subprocesses, each loading the models
 def test_cli_process_and_filter(tmp_path, folder, datasets):
     env_cmd = [sys.executable, "-m", "face_assets.cli", "--data-dir", str(tmp_path / "data")]
     out = subprocess.run(env_cmd + ["index", str(folder), "--json"], capture_output=True, text=True, check=True)

@@ -139,6 +139,7 @@ CRASH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess indexing 120 photos
 def test_kill_9_during_indexing_loses_and_duplicates_nothing(tmp_path, datasets):
     paths = [str(p) for p in sorted((datasets / "real" / "imfdb").rglob("*.png"))[:120]]
     script = tmp_path / "crash.py"
@@ -156,8 +157,9 @@ def test_kill_9_during_indexing_loses_and_duplicates_nothing(tmp_path, datasets)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     with FaceRecognitionLibrary(index_dir=tmp_path / "idx") as lib:
-        rows = lib.catalog.query("SELECT image_id, count(*) FROM images GROUP BY image_id HAVING count(*) > 1")
-        assert rows == []
+        # No content and no face stored twice (image_id is the primary key; these two are not constrained).
+        assert lib.catalog.query("SELECT content_hash FROM images GROUP BY ALL HAVING count(*) > 1") == []
+        assert lib.catalog.query("SELECT image_id, face_index FROM faces GROUP BY ALL HAVING count(*) > 1") == []
         index_ids = set(lib.index.ids().tolist())
         for path in reported:
             count = lib.catalog.query("SELECT count(*) FROM images WHERE image_id = ?", [content_hash(path)])
@@ -168,3 +170,26 @@ def test_kill_9_during_indexing_loses_and_duplicates_nothing(tmp_path, datasets)
         assert lib.catalog.query("SELECT count(DISTINCT content_hash) = count(*) FROM images")[0][0]
         assert lib.stats()["images"] == len({hashlib.sha256(Path(p).read_bytes()).digest() for p in paths})
         assert set(lib.catalog.valid_face_ids(lib.model_version)) == set(lib.index.ids().tolist())
+
+
+def test_the_active_model_is_one_choice_with_or_without_a_catalog(tmp_path):
+    """``registry.active_model``, which the library and the Dagster graph both ask: the configured version,
+    else the promoted one, else ``base``; without a catalog only ``base``; an unknown version is refused."""
+    from face_assets import registry
+    from face_assets.config import load_settings
+    from face_assets.errors import ModelVersionError
+    from face_assets.models import resolve_pack
+    from face_assets.store import Catalog
+
+    plain = load_settings(overrides={"storage": {"data_dir": str(tmp_path)}}, environ={})
+    pinned = load_settings(overrides={"storage": {"data_dir": str(tmp_path)}, "training": {"active_model": "v9"}},
+                           environ={})
+    pack = resolve_pack(plain.models)
+    assert registry.active_model(None, plain, pack) == ("base", pack.recognizer)
+    with pytest.raises(ModelVersionError, match="no catalog"):
+        registry.active_model(None, pinned, pack)
+    with Catalog.open(plain.storage) as catalog:
+        registry.ensure_base(catalog, pack)
+        assert registry.active_model(catalog, plain, pack) == ("base", pack.recognizer)
+        with pytest.raises(ModelVersionError, match="unknown model version 'v9'"):
+            registry.active_model(catalog, pinned, pack)

@@ -35,12 +35,10 @@ from dagster import (
     build_sensor_context,
     evaluate_automation_conditions,
     execute_job,
-    materialize,
 )
 
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.pipeline.assets import (
-    ASSETS,
     CATALOG_POOL,
     ann_index,
     face_embeddings,
@@ -54,6 +52,10 @@ from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.runner import seed_incoming
 from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
+from face_assets_tests.waiting import wait_for
+from face_assets_tests.workspace import Workspace, catalog_sql, latest_metadata
+
+pytestmark = pytest.mark.dagster  # Dagster materializations, its webserver, Dask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIRST = ["real/lfw10/Ariel_Sharon/Ariel_Sharon_0001.jpg", "real/lfw10/Ariel_Sharon/Ariel_Sharon_0002.jpg",
@@ -65,72 +67,11 @@ FACE_COLUMNS = ("i.content_hash, f.face_index, f.x1, f.y1, f.x2, f.y2, f.det_sco
                 "f.is_valid, f.rejection_reason, f.embedding")
 
 
-class Workspace:
-    """A watched folder, a config file naming it, a data folder and a Dagster instance, all temporary."""
-
-    def __init__(self, root: Path, datasets: Path, files: list[str], **pipeline):
-        self.root, self.datasets = root, datasets
-        self.photos, self.data, self.home = root / "photos", root / "data", root / "home"
-        self.photos.mkdir(parents=True)
-        self.add(files)
-        self.config = root / "face_assets.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.photos)], "batch_size": 100, "settle_seconds": 0} | pipeline,
-        }))
-        self.resource = FaceAssetsResource(config_path=str(self.config))
-        self.home.mkdir()
-        # As the project's dagster.yaml: one step at a time in each pool (the catalog writers).
-        self.instance = DagsterInstance.local_temp(str(self.home), overrides={
-            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
-
-    def add(self, files: list[str]) -> None:
-        """Copy shared images into the watched folder (names prefixed by their dataset folder)."""
-        for rel in files:
-            shutil.copy(self.datasets / rel, self.photos / rel.replace("/", "_"))
-
-    def plan(self) -> list[str]:
-        """New batches for the watched folder, added as partitions as the sensor would."""
-        keys = pending_batches(self.resource, set(self.instance.get_dynamic_partitions(image_batches.name)))
-        self.instance.add_dynamic_partitions(image_batches.name, keys)
-        return keys
-
-    def materialize(self, key: str, selection=None, **kwargs):
-        """The whole graph (or ``selection``) for one partition, in process."""
-        return materialize(ASSETS, selection=selection, partition_key=key, instance=self.instance,
-                           resources={"face_assets": self.resource}, **kwargs)
-
-    def sql(self, query: str, params=None) -> list[tuple]:
-        """Read the main catalog."""
-        return _sql(self.data, query, params)
-
-    def faces(self, hashes=None) -> list[tuple]:
-        """Every face with its verdict and embedding, in a stable order, optionally only some contents."""
-        return _faces(self.data, hashes)
-
-    def run_config(self, **execution) -> dict:
-        """Run config for the reconstructable ingest job: this workspace's resource (and an executor)."""
-        config = {"resources": {"face_assets": {"config": {"config_path": str(self.config)}}}}
-        return config | ({"execution": {"config": execution}} if execution else {})
-
-
-def _sql(data: Path, query: str, params=None) -> list[tuple]:
-    with Catalog(data / "face_assets.duckdb", read_only=True) as catalog:
-        return catalog.query(query, params)
-
-
 def _faces(data: Path, hashes=None) -> list[tuple]:
+    """Every face with its verdict and embedding, in a stable order, optionally only some contents."""
     where = "WHERE i.content_hash IN (SELECT unnest(?))" if hashes is not None else ""
-    return _sql(data, f"SELECT {FACE_COLUMNS} FROM faces f JOIN images i USING (image_id) {where} "
-                "ORDER BY i.content_hash, f.face_index", [list(hashes)] if hashes is not None else None)
-
-
-def _latest_metadata(instance: DagsterInstance, asset: str, partition: str | None = None) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(asset))
-    if partition is not None:
-        records = instance.fetch_materializations(AssetKey(asset), limit=50).records
-        event = next(r.event_log_entry for r in records if r.partition_key == partition)
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return catalog_sql(data, f"SELECT {FACE_COLUMNS} FROM faces f JOIN images i USING (image_id) {where} "
+                       "ORDER BY i.content_hash, f.face_index", [list(hashes)] if hashes is not None else None)
 
 
 def _same_faces(a: list[tuple], b: list[tuple]) -> None:
@@ -158,12 +99,13 @@ def test_graph_materializes_what_the_library_would_store(ws, tmp_path):
     with FaceRecognitionLibrary(index_dir=tmp_path / "lib") as lib:
         summary = lib.index_batch(sorted(ws.photos.iterdir()))
         assert summary.total == 5 and summary.valid == 2
-    _same_faces(ws.faces(), _faces(tmp_path / "lib"))
+    _same_faces(_faces(ws.data), _faces(tmp_path / "lib"))
 
-    meta = _latest_metadata(ws.instance, "filtered_images", ws.key)
+    meta = latest_metadata(ws.instance, "filtered_images", ws.key)
     assert meta["dagster/row_count"] == 5 and meta["valid_images"] == 2 and meta["unreadable_images"] == 1
     assert sum(meta["rejected_by_reason"].values()) == 2 and "det_score" in meta["charts"]
-    index_meta = _latest_metadata(ws.instance, "ann_index")
+    assert not list(ws.resource.batches().folder(ws.key).glob("stage.duckdb*"))  # the staging catalog is gone
+    index_meta = latest_metadata(ws.instance, "ann_index")
     valid_faces = ws.sql("SELECT count(*) FROM faces WHERE is_valid")[0][0]
     assert index_meta["dagster/row_count"] == valid_faces > 0
     checks = {e.check_name: e.passed for e in ws.first_run.get_asset_check_evaluations()}
@@ -176,7 +118,7 @@ def test_same_images_again_add_nothing(ws):
     assert ws.materialize(ws.key).success  # re-materializing the same partition is idempotent
     assert ws.sql("SELECT face_id, image_id FROM faces ORDER BY face_id") == before
     assert ws.sql("SELECT count(*) FROM images")[0][0] == 5
-    assert _latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
+    assert latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
 
 
 def test_sensor_requests_runs_for_just_the_new_files(ws):
@@ -208,7 +150,7 @@ def test_new_images_add_only_themselves(ws):
                        [sorted({i for _, i in after[len(before):]})])
     assert sorted(Path(p).name for (p,) in new_paths) == sorted(r.replace("/", "_") for r in LATER)
     assert ws.sql("SELECT count(*) FROM images")[0][0] == 7
-    meta = _latest_metadata(ws.instance, "face_embeddings", ws.later_key)
+    meta = latest_metadata(ws.instance, "face_embeddings", ws.later_key)
     assert meta["images_added"] == 2 and meta["images_already_in_catalog"] == 0
 
 
@@ -229,7 +171,7 @@ def test_automation_requests_index_and_clusters_after_new_merges_only(ws):
     assert first.total_requested == 0  # the first evaluation redoes nothing (a daemon started after a run)
     # A merged batch re-executed: it adds nothing, keeps its data version, and requests nothing.
     assert ws.materialize(ws.key, selection=INGEST).success
-    assert _latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
+    assert latest_metadata(ws.instance, "face_embeddings", ws.key)["images_added"] == 0
     again = evaluate_automation_conditions(defs, ws.instance, cursor=first.cursor)
     assert again.total_requested == 0
     # A batch that adds faces: the index, and the clusters after it in the same run.
@@ -322,7 +264,7 @@ def test_touched_renamed_or_copied_again_files_plan_nothing(datasets, tmp_path):
 
 
 def test_a_file_still_being_written_is_not_planned_until_settled(datasets, tmp_path):
-    w = Workspace(tmp_path, datasets, [], settle_seconds=2)
+    w = Workspace(tmp_path, datasets, [], pipeline={"settle_seconds": 2})
     data = (datasets / FIRST[0]).read_bytes()
     target = w.photos / "arriving.jpg"
     target.write_bytes(data[: len(data) // 2])
@@ -333,8 +275,7 @@ def test_a_file_still_being_written_is_not_planned_until_settled(datasets, tmp_p
     sensor = defs.resolve_sensor_def("new_images_sensor")
     waiting = sensor(build_sensor_context(instance=w.instance, resources={"face_assets": w.resource}))
     assert waiting.skip_message == f"no new images; 1 file(s) waiting to settle: {target}"  # the tick names it
-    time.sleep(2.2)
-    (key,) = w.plan()
+    (key,) = wait_for(w.plan, 60, "the file planned once settled")
     (planned,) = w.resource.batches().files(key)
     assert planned.size == len(data) and planned.sha256 == hashlib.sha256(data).hexdigest()
 
@@ -346,25 +287,30 @@ def test_merge_goes_on_while_readers_hold_the_catalog(datasets, tmp_path):
     assert w.materialize(key, selection=[source_images, filtered_images]).success
     settings = w.resource.settings.storage
     Catalog.open(settings).close()  # an empty catalog (master and published copy) for the readers to open
+    # A reader prints the count it sees; holds its session for SECONDS, or until its input closes ("-"); prints
+    # the count again with the time, just before its session ends (at exit).
     code = ("import duckdb, sys, time; con = duckdb.connect(sys.argv[1], read_only=True); "
-            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True); time.sleep(float(sys.argv[2])); "
-            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True)")
-    analyst = subprocess.Popen([sys.executable, "-c", code, str(settings.duckdb_path), "20"], stdout=subprocess.PIPE,
-                               text=True)
+            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], flush=True); "
+            "sys.stdin.read() if sys.argv[2] == '-' else time.sleep(float(sys.argv[2])); "
+            "print(con.execute('SELECT count(*) FROM images').fetchone()[0], time.time(), flush=True)")
+    analyst = subprocess.Popen([sys.executable, "-c", code, str(settings.duckdb_path), "-"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
     # A tool that opens the master itself (it should not) holds DuckDB's own lock for 3 s.
-    intruder = subprocess.Popen([sys.executable, "-c", code, str(settings.master_path), "3"], stdout=subprocess.PIPE,
-                                text=True)
+    intruder = subprocess.Popen([sys.executable, "-c", code, str(settings.master_path), "3"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, text=True)
     try:
         assert analyst.stdout.readline().strip() == "0" and intruder.stdout.readline().strip() == "0"
-        start = time.monotonic()
         result = w.materialize(key, selection=[face_embeddings])
-        assert result.success and time.monotonic() - start >= 2  # it waited for the intruder, then merged
+        merged_at = time.time()
+        assert result.success
         assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
         assert analyst.poll() is None  # the analyst's session was open throughout
     finally:
         out = analyst.communicate(timeout=60)[0]
-        intruder.wait(timeout=30)
-    assert out.strip() == "0"  # the open session kept the state it opened
+        intruded = intruder.communicate(timeout=30)[0]
+    assert out.split()[0] == "0"  # the open session kept the state it opened
+    count, ended_at = intruded.split()
+    assert count == "0" and float(ended_at) < merged_at  # the merge waited for the intruder's session to end
     assert w.sql("SELECT count(*) FROM images")[0][0] == 1  # a new one sees the merge
 
 
@@ -398,7 +344,7 @@ def test_failure_then_reexecution_from_failure_without_duplicates(datasets, tmp_
                      tags={"dagster/partition": key}) as again:
         assert again.success
     assert w.sql("SELECT face_id, image_id FROM faces ORDER BY face_id") == stored
-    assert _latest_metadata(w.instance, "face_embeddings", key)["images_added"] == 0
+    assert latest_metadata(w.instance, "face_embeddings", key)["images_added"] == 0
 
 
 def _defs_job(resource: FaceAssetsResource):
@@ -412,13 +358,13 @@ def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_pat
 
     hashes = [h for (h,) in ws.sql("SELECT content_hash FROM images WHERE path IN (SELECT unnest(?))",
                                    [[str(ws.photos / r.replace("/", "_")) for r in FIRST]])]
-    expected = ws.faces(hashes)
+    expected = _faces(ws.data, hashes)
 
     def check(w: Workspace, result) -> None:
         assert result.success
         assert {e.step_key for e in result.get_step_success_events()} == {
             "source_images", "filtered_images", "filtered_images_embeddings_finite_and_normalized", "face_embeddings"}
-        _same_faces(w.faces(), expected)
+        _same_faces(_faces(w.data), expected)
         # The catalog writers went through the pool of one slot, and gave their slot back.
         pool = w.instance.event_log_storage.get_concurrency_info(CATALOG_POOL)
         assert pool.slot_count == 1 and pool.active_slot_count == 0
@@ -430,7 +376,7 @@ def test_multiprocess_and_dask_executors_give_the_in_process_results(ws, tmp_pat
         check(w, result)
 
     # As docs/scaling.md says: `executor: dask` and no scheduler, a local cluster for the run.
-    w = Workspace(tmp_path / "dask_local", ws.datasets, FIRST, executor="dask")
+    w = Workspace(tmp_path / "dask_local", ws.datasets, FIRST, pipeline={"executor": "dask"})
     (key,) = w.plan()
     with execute_job(_defs_job(w.resource), instance=w.instance, run_config=w.run_config(),
                      tags={"dagster/partition": key}) as result:
@@ -540,6 +486,18 @@ def test_merge_replaces_faces_of_another_model_version(ws, tmp_path):
         assert catalog.query("SELECT count(*), count(DISTINCT model_version) FROM images WHERE status <> 'unreadable'") == [(4, 1)]
         (new_face,) = catalog.query("SELECT face_id FROM faces WHERE image_id = 'user-1'")
         assert new_face[0] > max(i for (i,) in old) and len(catalog.query("SELECT * FROM faces")) == len(old)
+
+
+def test_the_resource_reads_its_configuration_once(tmp_path):
+    """A resource instance keeps the settings it read first; a new instance (Dagster makes one per run, tick
+    or step process) reads the file again."""
+    config = tmp_path / "face_assets.yaml"
+    config.write_text(yaml.safe_dump({"pipeline": {"batch_size": 7}}))
+    resource = FaceAssetsResource(config_path=str(config))
+    assert resource.settings.pipeline.batch_size == 7
+    config.write_text(yaml.safe_dump({"pipeline": {"batch_size": 9}}))
+    assert resource.settings.pipeline.batch_size == 7
+    assert FaceAssetsResource(config_path=str(config)).settings.pipeline.batch_size == 9
 
 
 def test_first_run_seeds_the_default_watched_folder_with_the_samples(datasets, tmp_path):

@@ -6,54 +6,30 @@ the library's clustering, a real DuckDB catalog and a real Dagster instance; tes
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import yaml
-from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize
+from dagster import AssetKey, evaluate_automation_conditions, materialize
 
-from face_assets.pipeline.assets import ASSETS, ann_index, image_batches
+from face_assets.pipeline.assets import ASSETS, ann_index
 from face_assets.pipeline.clusters import QUALITY_CHECK, person_clusters, size_distribution
 from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, NIGHTLY_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
-from face_assets.pipeline.sensors import pending_batches
-from face_assets.store import Catalog
 from face_assets_tests.test_pipeline import run_as_the_automation
+from face_assets_tests.workspace import Workspace
+
+pytestmark = pytest.mark.dagster
 
 
-def _metadata(instance: DagsterInstance, asset: str) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(asset))
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+class ClusterWorkspace(Workspace):
+    """The Dagster tests' workspace on a copy of the indexed faces, with the automation's cursor."""
 
-
-class Workspace:
-    """A copy of the indexed faces, a watched folder, a config file and a Dagster instance."""
-
-    def __init__(self, root: Path, indexed: Path, datasets: Path):
-        self.datasets = datasets
-        self.data, self.photos, self.home = root / "data", root / "photos", root / "home"
-        shutil.copytree(indexed, self.data)
-        self.photos.mkdir()
-        self.home.mkdir()
-        self.config = root / "face_assets.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.photos)], "settle_seconds": 0}}))
-        self.resources = {"face_assets": FaceAssetsResource(config_path=str(self.config))}
-        self.instance = DagsterInstance.local_temp(str(self.home), overrides={
-            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
-        self.cursor = None
+    cursor = None
 
     def ingest(self, rel: str) -> None:
         """One shared photo dropped into the watched folder and merged through the ingest graph."""
-        shutil.copy(self.datasets / rel, self.photos / Path(rel).name)
-        registered = set(self.instance.get_dynamic_partitions(image_batches.name))
-        keys = pending_batches(self.resources["face_assets"], registered)
-        self.instance.add_dynamic_partitions(image_batches.name, keys)
-        for key in keys:
-            assert materialize(ASSETS, selection=[a for a in ASSETS if a is not ann_index], partition_key=key,
-                               instance=self.instance, resources=self.resources).success
+        self.add([rel])
+        for key in self.plan():
+            assert self.materialize(key, selection=[a for a in ASSETS if a is not ann_index]).success
 
     def tick(self) -> set[AssetKey]:
         """One evaluation of the automation conditions, continuing from the last one; the assets it requests."""
@@ -70,16 +46,11 @@ class Workspace:
         return materialize(ALL_ASSETS, selection=[person_clusters], instance=self.instance, resources=resources,
                            run_config=run_config)
 
-    def sql(self, query: str, params=None) -> list[tuple]:
-        """Read the main catalog."""
-        with Catalog(self.data / "face_assets.duckdb", read_only=True) as catalog:
-            return catalog.query(query, params)
-
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, indexed_dir, datasets) -> Workspace:
+def ws(tmp_path_factory, indexed_dir, datasets) -> ClusterWorkspace:
     """Twelve indexed faces, never clustered."""
-    return Workspace(tmp_path_factory.mktemp("clusters"), indexed_dir, datasets)
+    return ClusterWorkspace(tmp_path_factory.mktemp("clusters"), datasets, indexed=indexed_dir)
 
 
 def test_automation_waits_for_embeddings_then_clusters_fully(ws):
@@ -92,7 +63,7 @@ def test_automation_waits_for_embeddings_then_clusters_fully(ws):
     result = ws.index_and_cluster()
     assert result.success
     assert ws.tick() == set()  # the index updated by the run that also clustered: nothing more to do
-    meta = _metadata(ws.instance, "person_clusters")
+    meta = ws.metadata("person_clusters")
     clusters = ws.sql("SELECT cluster_id, size FROM clusters ORDER BY size DESC")
     assert meta["kind"] == "full" and any("never clustered" in r for r in meta["full_run_reasons"])
     assert 0.1 < meta["peak_memory_gib"] < 64
@@ -111,7 +82,7 @@ def test_new_faces_are_assigned_incrementally(ws):
     ws.ingest("real/lfw10/George_W_Bush/George_W_Bush_0002.jpg")
     assert ws.tick() == {ann_index.key, person_clusters.key}
     assert ws.index_and_cluster().success
-    meta = _metadata(ws.instance, "person_clusters")
+    meta = ws.metadata("person_clusters")
     assert meta["kind"] == "incremental" and meta["new_faces"] == 1
     bush = ws.sql("""SELECT DISTINCT fc.cluster_id FROM face_clusters fc JOIN faces f USING (face_id)
                      JOIN images i USING (image_id) WHERE i.path LIKE '%George_W_Bush%' AND f.is_valid""")
@@ -129,7 +100,7 @@ def test_quality_below_the_floor_fails_the_check(ws):
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed and check.metadata["floor"].value == 0.99
     assert result.success  # not blocking: the clusters are stored, the UI shows the failed check
-    assert _metadata(ws.instance, "person_clusters")["kind"] == "full"
+    assert ws.metadata("person_clusters")["kind"] == "full"
 
 
 def test_jobs_and_size_chart():

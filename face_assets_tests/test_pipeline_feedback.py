@@ -13,10 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 from dagster import (
-    AssetKey,
-    DagsterInstance,
     RunRequest,
     SkipReason,
     build_sensor_context,
@@ -28,9 +25,11 @@ from face_assets.library import FaceRecognitionLibrary
 from face_assets.pipeline.assets import ASSETS, ann_index, face_embeddings, image_batches
 from face_assets.pipeline.definitions import ALL_ASSETS, REEMBED_JOB, RETRAIN_JOB, build_retrain_job, defs
 from face_assets.pipeline.learning import GATE_CHECK, fine_tuned_model, promoted_model, reembedded_catalog
-from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.sensors import build_reembed_sensor, build_retraining_sensor, pending_batches
 from face_assets.store import Catalog
+from face_assets_tests.workspace import Workspace
+
+pytestmark = [pytest.mark.dagster, pytest.mark.training]
 
 # Small enough to train in seconds on 2 cores; lr ~0 makes every epoch equal to the current model,
 # so the best-epoch choice keeps the current model and the gate rejects the candidate: "no improvement".
@@ -39,40 +38,14 @@ TRAINING = {"epochs": 1, "batch_size": 8, "steps_per_epoch": 1, "triplets_per_ba
 MIN_VOTES = 5
 
 
-def _metadata(instance: DagsterInstance, asset: str) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(asset))
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
-def _sql(data: Path, query: str, params=None) -> list[tuple]:
-    with Catalog(data / "face_assets.duckdb", read_only=True) as catalog:
-        return catalog.query(query, params)
-
-
-class Workspace:
-    """A copy of the indexed faces with votes, a config file, a watched folder and a Dagster instance."""
+class FeedbackWorkspace(Workspace):
+    """The Dagster tests' workspace on a copy of the indexed faces, set up to retrain from a few votes."""
 
     def __init__(self, root: Path, indexed: Path, datasets: Path, people: dict[str, list[Path]]):
-        self.data, self.photos, self.home = root / "data", root / "photos", root / "home"
-        shutil.copytree(indexed, self.data)
-        self.photos.mkdir()
-        self.home.mkdir()
-        self.config = root / "face_assets.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "storage": {"data_dir": str(self.data)},
-            "pipeline": {"watched_folders": [str(self.photos)], "settle_seconds": 0, "retrain_min_new_votes": MIN_VOTES,
-                         "auto_promote": True},
-            "training": TRAINING | {"general_eval_dirs": [str(datasets / "real" / "dlib_johns")]},
-        }))
-        self.resource = FaceAssetsResource(config_path=str(self.config))
-        self.resources = {"face_assets": self.resource}
-        self.instance = DagsterInstance.local_temp(str(self.home), overrides={
-            "telemetry": {"enabled": False}, "concurrency": {"pools": {"default_limit": 1}}})
+        super().__init__(root, datasets, indexed=indexed,
+                         pipeline={"retrain_min_new_votes": MIN_VOTES, "auto_promote": True},
+                         training=TRAINING | {"general_eval_dirs": [str(datasets / "real" / "dlib_johns")]})
         self.people = people
-
-    def library(self) -> FaceRecognitionLibrary:
-        """The user's library on the workspace's data folder."""
-        return FaceRecognitionLibrary(settings=self.resource.settings)
 
     def vote(self) -> int:
         """One search per person; thumbs up on the person's own faces, down on the others. Returns the votes."""
@@ -96,9 +69,9 @@ def _sql_lib(lib: FaceRecognitionLibrary, query: str, params) -> int:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, indexed_dir, datasets, feedback_people) -> Workspace:
+def ws(tmp_path_factory, indexed_dir, datasets, feedback_people) -> FeedbackWorkspace:
     """The workspace with votes recorded (no training yet)."""
-    w = Workspace(tmp_path_factory.mktemp("learning"), indexed_dir, datasets, feedback_people)
+    w = FeedbackWorkspace(tmp_path_factory.mktemp("learning"), indexed_dir, datasets, feedback_people)
     w.votes = w.vote()
     assert w.votes > MIN_VOTES
     return w
@@ -131,7 +104,7 @@ def test_retrain_job_exports_trains_and_blocks_a_degrading_candidate(ws):
     (failed,) = [e for e in result.all_events if e.is_step_failure]
     assert failed.step_key == "fine_tuned_model"
     assert failed.step_failure_data.error.cls_name == "DagsterAssetCheckFailedError"
-    export = _metadata(ws.instance, "feedback_pairs")
+    export = ws.metadata("feedback_pairs")
     report = json.loads((ws.data / "feedback" / "export" / "report.json").read_text())
     pairs = pl.read_parquet(ws.data / "feedback" / "export" / "pairs.parquet")
     assert export["pairs"] == report["pairs"] == pairs.height > 0
@@ -140,7 +113,7 @@ def test_retrain_job_exports_trains_and_blocks_a_degrading_candidate(ws):
     assert export["dropped_by_reason"] == report["dropped"] and export["triplets"] == report["triplets"]
     assert export["votes_read"] == ws.votes + 1
 
-    model = _metadata(ws.instance, "fine_tuned_model")
+    model = ws.metadata("fine_tuned_model")
     assert model["gate"] == "failed" and "feedback pairs: no improvement" in model["gate_reasons"]
     assert Path(model["curves"]).is_file() and model["training_minutes"] > 0
     assert "| feedback | auc |" in model["summary"]
@@ -148,7 +121,7 @@ def test_retrain_job_exports_trains_and_blocks_a_degrading_candidate(ws):
     assert evaluation.check_name == GATE_CHECK and not evaluation.passed
     assert evaluation.asset_key == fine_tuned_model.key
     assert ws.instance.get_latest_materialization_event(promoted_model.key) is None
-    versions = {r[0]: r[1] for r in _sql(ws.data, "SELECT version, status FROM model_versions")}
+    versions = {r[0]: r[1] for r in ws.sql("SELECT version, status FROM model_versions")}
     assert versions == {"base": "promoted", model["version"]: "rejected"}
     ws.candidate = model["version"]
 
@@ -158,7 +131,7 @@ def test_retrain_job_exports_trains_and_blocks_a_degrading_candidate(ws):
     assert not direct.success
     failure = next(e for e in direct.all_events if e.is_step_failure)
     assert "failed the evaluation gate" in failure.step_failure_data.error.cause.message
-    assert _sql(ws.data, "SELECT version FROM model_versions WHERE status = 'promoted'") == [("base",)]
+    assert ws.sql("SELECT version FROM model_versions WHERE status = 'promoted'") == [("base",)]
 
 
 def test_promotion_requests_reembedding_and_ingest_follows_the_active_model(ws, datasets):
@@ -189,19 +162,19 @@ def test_promotion_requests_reembedding_and_ingest_follows_the_active_model(ws, 
     assert not [e for e in merge.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # retrying cannot help
     assert materialize(ASSETS, selection=[a for a in ASSETS if a is not ann_index], partition_key=key,
                        instance=ws.instance, resources=ws.resources).success
-    assert _sql(ws.data, "SELECT DISTINCT f.model_version FROM faces f JOIN images i USING (image_id) "
-                "WHERE i.path LIKE '%bush.jpg'") == [(tag,)]
+    assert ws.sql("SELECT DISTINCT f.model_version FROM faces f JOIN images i USING (image_id) "
+                  "WHERE i.path LIKE '%bush.jpg'") == [(tag,)]
 
-    stale = _sql(ws.data, "SELECT count(*) FROM images WHERE status <> 'unreadable' AND model_version <> ?", [tag])
+    stale = ws.sql("SELECT count(*) FROM images WHERE status <> 'unreadable' AND model_version <> ?", [tag])
     assert stale[0][0] == 12
     job = defs.resolve_job_def(REEMBED_JOB)
     assert set(job.asset_layer.selected_asset_keys) == {reembedded_catalog.key, ann_index.key}
     assert materialize(ALL_ASSETS, selection=[reembedded_catalog, ann_index], instance=ws.instance,
                        resources=ws.resources).success
-    reembedded = _metadata(ws.instance, "reembedded_catalog")
+    reembedded = ws.metadata("reembedded_catalog")
     assert reembedded["version"] == ws.candidate and reembedded["images_reembedded"] == 12
-    assert {r[0] for r in _sql(ws.data, "SELECT DISTINCT model_version FROM faces")} == {tag}
-    index = _metadata(ws.instance, "ann_index")
-    assert index["model_version"] == tag and index["dagster/row_count"] == _sql(
-        ws.data, "SELECT count(*) FROM faces WHERE is_valid")[0][0]
+    assert {r[0] for r in ws.sql("SELECT DISTINCT model_version FROM faces")} == {tag}
+    index = ws.metadata("ann_index")
+    assert index["model_version"] == tag and index["dagster/row_count"] == ws.sql(
+        "SELECT count(*) FROM faces WHERE is_valid")[0][0]
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import soak
+
+pytestmark = [pytest.mark.slow, pytest.mark.dagster]  # ~90 s of the service, the Dagster daemon and the CLI together
 
 
 def test_short_soak(datasets, tmp_path):

@@ -231,6 +231,7 @@ def two_sizes(tmp_path_factory) -> dict[int, Path]:
     return folders
 
 
+@pytest.mark.slow  # imports catalogs of 10k and 200k faces
 def test_a_write_costs_the_change_not_the_catalog(two_sizes):
     """A one-row write (committed and published) on a 200k-face catalog writes as many bytes as on
     a 10k one, and takes about as long: the ratio, not a time, is asserted."""
@@ -245,6 +246,7 @@ def test_a_write_costs_the_change_not_the_catalog(two_sizes):
     assert t_large <= 3 * t_small + 0.05, results
 
 
+@pytest.mark.slow  # imports catalogs of 10k and 200k faces
 def test_pages_are_cut_by_the_store_at_both_sizes(two_sizes):
     """People (largest first, by name), a person's faces, catalog faces and audit entries: each page
     holds what the published tables say it should, at 10k and 200k faces, and costs about the same."""

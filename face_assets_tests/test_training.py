@@ -22,6 +22,8 @@ from face_assets.library import FaceRecognitionLibrary
 from face_assets.models import _graph_role, builtin_pack
 from face_assets import training as T
 
+pytestmark = pytest.mark.training  # torch: conversion, fine-tuning runs, the scenario benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"epochs": 2, "batch_size": 8, "steps_per_epoch": 2, "triplets_per_batch": 2, "freeze": "last_blocks",
         "trainable_blocks": 2, "lr": 1e-4, "val_fraction": 0.5, "threads": 2}

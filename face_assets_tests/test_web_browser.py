@@ -21,6 +21,8 @@ from face_assets.web import create_app
 
 from test_web import open_library, two_face_photo, uvicorn_server
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from benchmarks import feedback_load
+
+pytestmark = pytest.mark.slow  # 10 s of votes against a served app
 
 
 def test_load_every_acknowledged_vote_stored_once(indexed_dir, tmp_path):

@@ -193,8 +193,7 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     with Catalog(stage_path) as stage:
         summary = ingest_paths(sources["path"].to_list(), face_filter, stage)
         files = stage.export_parquet(folder)
-    for leftover in (stage_path, *(stage_path.with_name(stage_path.name + s) for s in (".wal", ".lock"))):
-        leftover.unlink(missing_ok=True)
+    stage.remove_files()
 
     images = pl.read_parquet(files["images"], columns=["status", "rejection_reason"])
     faces = pl.read_parquet(files["faces"], columns=["det_score", "embedding_norm", "quality",

@@ -43,8 +43,7 @@ GATE_CHECK = "candidate_passes_gate"
 
 def export_dir(face_assets: FaceAssetsResource) -> Path:
     """Folder of the feedback export the graph trains on: ``<data_dir>/<pipeline.feedback_export_dir>``."""
-    settings = face_assets.settings
-    return Path(settings.storage.data_dir).absolute() / settings.pipeline.feedback_export_dir
+    return face_assets.settings.layout.feedback_export.absolute()
 
 
 def metrics_markdown(metrics: dict[str, Any]) -> str:

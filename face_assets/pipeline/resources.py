@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
+from pydantic import PrivateAttr
 
 from .. import registry
 from ..config import Settings, load_settings
-from ..errors import ModelVersionError
 from ..filtering import FaceFilter
 from ..library import FaceRecognitionLibrary
 from ..models import resolve_pack
@@ -45,11 +45,15 @@ class FaceAssetsResource(ConfigurableResource):
     config_path: str | None = None
     data_dir: str | None = None
     settings_json: str | None = None
+    _settings: Settings | None = PrivateAttr(default=None)
 
     @property
     def settings(self) -> Settings:
-        """The validated settings."""
-        return _load(self.config_path, self.data_dir, self.settings_json)
+        """The validated settings, read once per resource instance (Dagster makes one per run, sensor
+        tick or step process, so a changed config file counts from the next one)."""
+        if self._settings is None:
+            self._settings = _load(self.config_path, self.data_dir, self.settings_json)
+        return self._settings
 
     def portable(self) -> dict[str, str]:
         """Config of an equivalent resource that needs no file or environment: the settings inline,
@@ -58,14 +62,9 @@ class FaceAssetsResource(ConfigurableResource):
         storage = settings.storage.model_copy(update={"data_dir": Path(settings.storage.data_dir).absolute()})
         return {"settings_json": settings.model_copy(update={"storage": storage}).model_dump_json()}
 
-    @property
-    def pipeline_dir(self) -> Path:
-        """Files of the graph that are not in the catalog: batch manifests and staged Parquet."""
-        return Path(self.settings.storage.data_dir).absolute() / "pipeline"
-
     def batches(self) -> BatchStore:
         """The batch manifests (the dynamic partitions' contents)."""
-        return BatchStore(self.pipeline_dir / "batches")
+        return BatchStore(self.settings.layout.batches.absolute())
 
     def watched_folders(self) -> list[Path]:
         """Folders to scan: ``pipeline.watched_folders``, else ``incoming/`` in the data folder (created if missing)."""
@@ -79,7 +78,7 @@ class FaceAssetsResource(ConfigurableResource):
     @property
     def incoming_dir(self) -> Path:
         """The default watched folder: ``incoming/`` inside ``storage.data_dir``."""
-        return Path(self.settings.storage.data_dir).absolute() / "incoming"
+        return self.settings.layout.incoming.absolute()
 
     def face_filter(self, recognizer: Path | None = None) -> FaceFilter:
         """Detector, recognizer and cartoon classifier, loaded once per process.
@@ -95,26 +94,19 @@ class FaceAssetsResource(ConfigurableResource):
     def active_recognizer(self) -> tuple[str, Path, str]:
         """The registry version the library runs now, its ONNX file and its embedding tag.
 
-        The same choice as the library's (``registry.active_version``: ``training.active_model``, else
-        the promoted version, else ``base``), read from the catalog without writing to it. Before a
-        catalog exists only ``base`` can run.
+        The library's own choice (:func:`face_assets.registry.active_model`), read from the catalog's
+        master (a promotion counts at once) without loading the index or a model.
 
         Raises:
             ModelVersionError: the version is unknown or its file is missing.
         """
         settings = self.settings
         pack = resolve_pack(settings.models)
-        path = settings.storage.master_path
-        if path.is_file():
-            with Catalog.open(settings.storage) as catalog:  # the master: a promotion counts at once
-                version = registry.active_version(catalog, settings)
-                model = registry.model_file(catalog, settings, pack, version)
+        if settings.layout.catalog_master.is_file():
+            with Catalog.open(settings.storage) as catalog:
+                version, model = registry.active_model(catalog, settings, pack)
         else:
-            version = settings.training.active_model or registry.BASE
-            if version != registry.BASE:
-                raise ModelVersionError(f"training.active_model is '{version}' but there is no catalog "
-                                        f"(and so no registry) at {path}")
-            model = pack.recognizer
+            version, model = registry.active_model(None, settings, pack)
         return version, model, dataclasses.replace(pack, recognizer=model).model_version
 
     def catalog(self) -> Catalog:

@@ -152,8 +152,9 @@ def build_retraining_sensor(job_name: str, cfg: PipelineSettings) -> SensorDefin
     """Sensor requesting ``job_name`` (export and fine-tune) once ``pipeline.retrain_min_new_votes`` new votes arrived.
 
     Its cursor holds the time of the newest vote handed to a training run (and how many votes that
-    run got): votes cast or changed after it are new. A tick while a run holds the DuckDB catalog is
-    skipped and the next one counts again.
+    run got): votes cast or changed after it are new. A tick that cannot read the store (the
+    published file unreadable at that moment, or no PostgreSQL server) is skipped and the next one
+    counts again.
     """
 
     @sensor(name="retraining_sensor", job_name=job_name, minimum_interval_seconds=cfg.retrain_check_seconds,

@@ -226,11 +226,11 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     """The ASGI app over ``library`` (which the caller opens and closes), configured by ``settings.web``."""
     settings = library.settings
     cfg, fcfg = settings.web, settings.feedback
-    data_dir = Path(settings.storage.data_dir)
-    tokens = TokenStore(data_dir / cfg.tokens_file)
-    sessions = SessionStore(data_dir / Path(cfg.tokens_file).parent / "sessions.sqlite")
+    layout = settings.layout
+    tokens = TokenStore(layout.tokens)
+    sessions = SessionStore(layout.sessions)
     guard = Guard(cfg, tokens, sessions)
-    thumbnails = ThumbnailCache(library, data_dir / cfg.thumbnail_dir, fcfg.thumbnail_size)
+    thumbnails = ThumbnailCache(library, layout.thumbnails, fcfg.thumbnail_size)
     searches = threading.BoundedSemaphore(cfg.max_concurrent_searches)
     # Decoding and detection run on these threads only: the memory each thread's allocator keeps
     # after a large image is then bounded by the number of searches at once, not of requests.
@@ -258,7 +258,7 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
                   max_body_size=cfg.max_json_bytes, lifespan=lifespan,
                   description="Search faces, vote on the results (votes become training data), curate persons.")
     _install_error_handlers(app)
-    secret = session_secret(data_dir / Path(cfg.tokens_file).parent / "session.key")
+    secret = session_secret(layout.session_key)
     # Outermost last: headers on every answer, then the Host check, then CSRF before the session is read.
     app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie=SESSION_COOKIE,
                        max_age=int(cfg.session_hours * 3600), same_site="strict", https_only=cfg.cookie_secure)
@@ -558,7 +558,7 @@ def check_bind(library: FaceRecognitionLibrary, host: str) -> None:
                               "create tokens (face-assets token create) and set web.auth: tokens")
         logger.warning("AUTHENTICATION IS OFF (web.auth: none): anyone on this machine can search, vote and "
                        "curate as 'local'. Loopback only.")
-    elif not TokenStore(Path(library.settings.storage.data_dir) / cfg.tokens_file).list():
+    elif not TokenStore(library.settings.layout.tokens).list():
         logger.warning("no API tokens yet: create one with 'face-assets token create NAME --role reviewer'")
     if not is_loopback(host) and set(cfg.allowed_hosts) <= {"127.0.0.1", "localhost"}:
         logger.warning("serving %s but web.allowed_hosts names loopback only: add the name clients use", host)
