@@ -27,7 +27,6 @@ from dagster import (
     AssetKey,
     AssetSelection,
     DagsterInstance,
-    Definitions,
     ReexecutionOptions,
     SensorResult,
     SkipReason,
@@ -47,13 +46,13 @@ from face_assets.pipeline.assets import (
     source_images,
 )
 from face_assets.pipeline.clusters import person_clusters
-from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, INGEST_JOB, REFRESH_JOB, defs
+from face_assets.pipeline.definitions import CLUSTER_JOB, INGEST_JOB, REFRESH_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.runner import seed_incoming
 from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
 from face_assets_tests.waiting import wait_for
-from face_assets_tests.workspace import Workspace, catalog_sql, latest_metadata
+from face_assets_tests.workspace import Workspace, catalog_sql, latest_metadata, run_as_the_automation
 
 pytestmark = pytest.mark.dagster  # Dagster materializations, its webserver, Dask
 
@@ -152,14 +151,6 @@ def test_new_images_add_only_themselves(ws):
     assert ws.sql("SELECT count(*) FROM images")[0][0] == 7
     meta = latest_metadata(ws.instance, "face_embeddings", ws.later_key)
     assert meta["images_added"] == 2 and meta["images_already_in_catalog"] == 0
-
-
-def run_as_the_automation(instance: DagsterInstance, resources: dict, *assets):
-    """Materialize ``assets`` as the automation sensor's run would: one run of the asset job that records
-    its asset selection, which the automation conditions read (an in-process ``materialize()`` run
-    records none, so it would look like a run outside the automation)."""
-    job = Definitions(assets=ALL_ASSETS, resources=resources).resolve_implicit_global_asset_job_def()
-    return job.execute_in_process(instance=instance, asset_selection=[a.key for a in assets])
 
 
 INGEST = AssetSelection.assets(source_images, filtered_images, face_embeddings)

@@ -14,8 +14,7 @@ from face_assets.pipeline.assets import ASSETS, ann_index
 from face_assets.pipeline.clusters import QUALITY_CHECK, person_clusters, size_distribution
 from face_assets.pipeline.definitions import ALL_ASSETS, CLUSTER_JOB, NIGHTLY_JOB, defs
 from face_assets.pipeline.resources import FaceAssetsResource
-from face_assets_tests.test_pipeline import run_as_the_automation
-from face_assets_tests.workspace import Workspace
+from face_assets_tests.workspace import Workspace, run_as_the_automation
 
 pytestmark = pytest.mark.dagster
 

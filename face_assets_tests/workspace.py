@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
 from face_assets.library import FaceRecognitionLibrary
 from face_assets.pipeline.assets import ASSETS, image_batches
+from face_assets.pipeline.definitions import ALL_ASSETS
 from face_assets.pipeline.resources import FaceAssetsResource
 from face_assets.pipeline.sensors import pending_batches
 from face_assets.store import Catalog
@@ -33,6 +34,14 @@ def latest_metadata(instance: DagsterInstance, asset: str, partition: str | None
         records = instance.fetch_materializations(AssetKey(asset), limit=50).records
         event = next(r.event_log_entry for r in records if r.partition_key == partition)
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def run_as_the_automation(instance: DagsterInstance, resources: dict, *assets):
+    """Materialize ``assets`` as the automation sensor's run would: one run of the asset job that records
+    its asset selection, which the automation conditions read (an in-process ``materialize()`` run
+    records none, so it would look like a run outside the automation)."""
+    job = Definitions(assets=ALL_ASSETS, resources=resources).resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(instance=instance, asset_selection=[a.key for a in assets])
 
 
 class Workspace:
