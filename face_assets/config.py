@@ -631,6 +631,12 @@ class DataLayout:
         """The faiss index (its journal and sidecar lie beside it)."""
         return self.root / self._settings.storage.index_file
 
+    @property
+    def cluster_means(self) -> Path:
+        """The person clusters' means kept for incremental assignment (``cluster_means.ClusterMeans``),
+        beside the catalog master whose clusters they reflect."""
+        return self.catalog_master.parent / "cluster_means"
+
     # -- models
     @property
     def model_versions(self) -> Path:

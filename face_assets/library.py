@@ -196,7 +196,8 @@ class FaceRecognitionLibrary:
             self.catalog = Catalog.open(self.settings.storage)
             from .persons import ClusterStore  # clustering imports scipy: only for libraries that open a catalog
 
-            self._clusters = ClusterStore(self.catalog, self.settings.layout.former_audit_log)
+            self._clusters = ClusterStore(self.catalog, self.settings.layout.former_audit_log,
+                                          self.settings.layout.cluster_means)
             self._select_model()
             self._index = None  # read on first use: stats, lists and curation never load it
 

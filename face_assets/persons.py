@@ -117,8 +117,10 @@ class ClusterStore:
     Creates its tables on first use; on a read-only (published) catalog it only reads.
     """
 
-    def __init__(self, catalog: Catalog, audit_file: str | os.PathLike | None = None):
+    def __init__(self, catalog: Catalog, audit_file: str | os.PathLike | None = None,
+                 means_folder: Path | None = None):
         self.catalog = catalog
+        self._means_folder = means_folder
         catalog.db.ensure(CLUSTER_SCHEMA, "cluster_runs")
         catalog.db.declare(TABLES)
         self.audit = AuditLog(catalog.db, audit_file)
@@ -231,8 +233,9 @@ class ClusterStore:
                 table.column("stamp").to_numpy().astype(np.int64), means.reshape(len(table), dim))
 
     def means_folder(self) -> Path:
-        """Where the kept copy of the cluster means lives: beside the catalog file it reflects."""
-        return self.catalog.path.parent / "cluster_means"
+        """Where the kept copy of the cluster means lives (the data folder's layout names it; a store
+        of its own keeps it beside its catalog file)."""
+        return self._means_folder or self.catalog.path.parent / "cluster_means"
 
     def barred(self, face_ids: Sequence[int]) -> set[tuple[int, int]]:
         """``(face, cluster)`` pairs these faces may not join: the clusters of the other faces of their

@@ -240,6 +240,10 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # The index is read before the first request is taken: at millions of faces reading and checking
+        # it takes seconds under the library's lock, and every call (curation, people pages) would wait
+        # behind the first search. The port opens (and /api/health answers) once it is in memory.
+        await asyncio.get_running_loop().run_in_executor(None, lambda: library.index)
         warmer = threading.Thread(target=thumbnails.prewarm, args=(stop,), name="thumbnails", daemon=True)
         if cfg.prewarm_thumbnails:
             warmer.start()  # cards then find their thumbnail made, not made on demand
