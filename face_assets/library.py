@@ -558,14 +558,14 @@ class FaceRecognitionLibrary:
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         self.refresh()
-        with self._lock:
+        with self._lock:  # the index only: curation and pages wait for the lock, not for a search's reads
             if len(self.index) == 0:
                 return []
             scores, ids = self.index.search(query[None, :], top_k)
-            hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and (threshold is None or s >= threshold)]
-            rows = self.catalog.faces_by_id([i for i, _ in hits])
-            clusters = self.persons.store.cluster_ids([i for i, _ in hits])
-            match = self.match_threshold
+            catalog, store, match = self.catalog, self._clusters, self.match_threshold
+        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and (threshold is None or s >= threshold)]
+        rows = catalog.faces_by_id([i for i, _ in hits])
+        clusters = store.cluster_ids([i for i, _ in hits])
         results = []
         for face_id, score in hits:
             row = rows.get(face_id)
