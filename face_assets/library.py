@@ -955,10 +955,18 @@ class FaceRecognitionLibrary:
     # -- person clusters (docs/clustering.md) -----------------------------------------------------
     @property
     def persons(self) -> "PersonClusters":
-        """The person clusters of this library's catalog (see :mod:`face_assets.persons`)."""
+        """The person clusters of this library's catalog (see :mod:`face_assets.persons`).
+
+        The calls below go through it without holding the library's lock, which guards the index
+        and the running model: a curation action waiting for the catalog's file lock (a merge of
+        the pipeline's) must not hold up searches, nor a full re-clustering the process's searches.
+        The person store takes turns between threads and processes itself.
+        """
         from .persons import PersonClusters
 
-        return PersonClusters(self.catalog, self.settings.clustering, self.model_version, store=self._clusters)
+        with self._lock:
+            catalog, store, version = self.catalog, self._clusters, self.model_version
+        return PersonClusters(catalog, self.settings.clustering, version, store=store)
 
     def cluster(self, log: Callable[[str], None] | None = None) -> "ClusterRun":
         """Cluster every valid face into persons (full run); cluster ids stay stable across runs.
@@ -967,38 +975,32 @@ class FaceRecognitionLibrary:
         user merged or moved them so. Returns what the run did, with its quality metrics.
         ``log`` receives progress messages (at 2M faces a run takes tens of minutes).
         """
-        with self._lock:
-            return self.persons.run(log)
+        return self.persons.run(log)
 
     def assign_new(self) -> "ClusterRun":
         """Incremental: faces without a cluster join the nearest cluster if close enough, else new ones."""
-        with self._lock:
-            return self.persons.assign_new()
+        return self.persons.assign_new()
 
     def update_clusters(self) -> "ClusterRun":
         """What a pipeline calls after indexing: a full run when :meth:`recluster_policy` says so, else :meth:`assign_new`."""
-        with self._lock:
-            return self.cluster() if self.recluster_policy().recluster else self.assign_new()
+        return self.cluster() if self.recluster_policy().recluster else self.assign_new()
 
     def recluster_policy(self) -> "ReclusterDecision":
         """Whether a full re-clustering is due (drift policy), and why."""
-        with self._lock:
-            return self.persons.decision()
+        return self.persons.decision()
 
     def merge(self, cluster_ids: Sequence[int], actor: str = ACTOR) -> "ClusterInfo":
         """Merge person clusters into the largest one; the decision survives re-clustering.
 
         Every curation call is one write, recorded in the audit log as ``actor`` (:meth:`curation_log`).
         """
-        with self._lock:
-            return self.persons.merge(list(cluster_ids), actor=actor)
+        return self.persons.merge(list(cluster_ids), actor=actor)
 
     def split(self, cluster_id: int, face_ids: Sequence[int] | None = None, k: int | None = None,
               actor: str = ACTOR) -> list["ClusterInfo"]:
         """Split a cluster: ``face_ids`` become a new person (the rest keep the id and name), or (none
         given) k-means into ``k`` parts (the largest keeps them). Returns the parts, the kept id first."""
-        with self._lock:
-            return self.persons.split(cluster_id, list(face_ids) if face_ids else None, k, actor=actor)
+        return self.persons.split(cluster_id, list(face_ids) if face_ids else None, k, actor=actor)
 
     def move(self, face_id: int, cluster_id: int, actor: str = ACTOR) -> "ClusterInfo":
         """Move a face to another person cluster; it stays there through re-clustering."""
@@ -1007,46 +1009,38 @@ class FaceRecognitionLibrary:
     def move_faces(self, face_ids: Sequence[int], cluster_id: int, from_cluster: int | None = None,
                    actor: str = ACTOR) -> "ClusterInfo":
         """Move faces to another person cluster in one write; with ``from_cluster``, only if they all are its faces."""
-        with self._lock:
-            return self.persons.move_faces(face_ids, cluster_id, from_cluster, actor=actor)
+        return self.persons.move_faces(face_ids, cluster_id, from_cluster, actor=actor)
 
     def rename(self, cluster_id: int, label: str | None, actor: str = ACTOR) -> "ClusterInfo":
         """Name (label) a person cluster; ``None`` or blank clears the name (normalised: see
         :func:`~face_assets.persons.normalize_label`)."""
-        with self._lock:
-            return self.persons.rename(cluster_id, label, actor=actor)
+        return self.persons.rename(cluster_id, label, actor=actor)
 
     def undo(self, change_id: int, actor: str = ACTOR) -> dict:
         """Undo a curation change of the audit log, as far as later changes left it; returns the undo's entry."""
-        with self._lock:
-            return self.persons.undo(change_id, actor=actor)
+        return self.persons.undo(change_id, actor=actor)
 
     def curation_log(self, limit: int = 50, before: int | None = None, cluster_id: int | None = None) -> list[dict]:
         """Curation changes, newest first: ``limit`` of them with ids below ``before``, of one person if given."""
-        with self._lock:
-            return self.persons.store.audit.page(limit, before, cluster_id)
+        return self.persons.store.audit.page(limit, before, cluster_id)
 
     def get_cluster(self, cluster_id: int, limit: int | None = None, offset: int = 0) -> "ClusterInfo":
         """One person cluster with its face ids by id (``limit`` of them from ``offset`` when given)."""
-        with self._lock:
-            return self.persons.get(cluster_id, limit=limit, offset=offset)
+        return self.persons.get(cluster_id, limit=limit, offset=offset)
 
     def list_clusters(self, min_size: int = 1, limit: int | None = None, offset: int = 0) -> list["ClusterInfo"]:
         """Person clusters of at least ``min_size`` faces, largest first."""
-        with self._lock:
-            return self.persons.list(min_size, limit, offset)
+        return self.persons.list(min_size, limit, offset)
 
     def cluster_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """``(sizes, cohesions)`` of every person cluster, largest first (NaN where no cohesion is
         known): the shape of the clustering without reading every person's row."""
-        with self._lock:
-            return self.persons.store.sizes()
+        return self.persons.store.sizes()
 
     def find_persons(self, text: str = "", limit: int = 48, offset: int = 0) -> tuple[int, list["ClusterInfo"]]:
         """``(how many match, one page)`` of the persons whose name contains ``text`` (any case) or
         whose id it is (``12`` / ``#12``), largest first; every person when ``text`` is blank."""
-        with self._lock:
-            return self.persons.find(text, limit, offset)
+        return self.persons.find(text, limit, offset)
 
 
 def _index_sidecar(path: Path) -> dict:
