@@ -3,10 +3,16 @@
     python benchmarks/cluster_scale.py --n 100000            # development size, all baselines
     python benchmarks/cluster_scale.py --n 2000000           # the target size
     python benchmarks/cluster_scale.py --n 0 --real          # only the shared real labelled faces
+    python benchmarks/cluster_scale.py --n 200000 --sets plain,hard --skip-nndescent \
+        --kmeans-max 10000 --hdbscan-max 2000                # both sets, under 10 min on 2 cores
 
 Data: :class:`benchmarks.synthetic.SyntheticFaces` (seeded, calibrated on real embeddings, long-tail
 identity sizes, 5 % look-alikes). ``--n`` faces are the library; 1 % more (``--new-frac``) arrive
 later, half fresh photos of people already in the library, half the photos of new people.
+``--sets`` picks the synthetic sets, each getting the whole table: ``plain`` (the calibrated law,
+the default and the set of every earlier figure) and ``hard`` (the same law refitted with shared
+conditions, B/W, low quality and pose, measured on real photos, and 5 % near-duplicate photos:
+:data:`benchmarks.synthetic.HARD_PARAMS`, ``benchmarks/synthetic_nuisance.py``).
 
 Printed, in one table (time, peak resident memory of this process during the step, pairwise and
 BCubed precision / recall / F, clusters found vs true):
@@ -51,7 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import shared_datasets  # noqa: E402
 from benchmarks.metrics import clustering_metrics  # noqa: E402
-from benchmarks.synthetic import SyntheticFaces  # noqa: E402
+from benchmarks.synthetic import HARD_PARAMS, SyntheticFaces, SyntheticParams  # noqa: E402
 from face_assets.clustering import (  # noqa: E402
     KnnGraph,
     MeansIndex,
@@ -195,17 +201,19 @@ def hdbscan_labels(x: np.ndarray) -> np.ndarray:
 # -- table -----------------------------------------------------------------------------------------
 
 ROWS: list[dict] = []
+#: The synthetic sets of ``--sets``.
+SETS = {"plain": SyntheticParams(), "hard": HARD_PARAMS}
 
 
 def record(method: str, n: int, seconds: float, peak_gb: float | None, pred: np.ndarray, true: np.ndarray,
            note: str = "") -> dict:
     """Score a clustering against the truth and add it to the table (``peak_gb`` None: not measured)."""
     m = clustering_metrics(pred, true)
-    row = {"method": method, "n": n, "seconds": round(seconds, 1),
+    row = {"set": OUT.get("set", "plain"), "method": method, "n": n, "seconds": round(seconds, 1),
            "peak_gb": None if peak_gb is None else round(peak_gb, 2), "note": note,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
     ROWS.append(row)
-    log(f"{method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise P/R/F {m['pairwise_precision']:.4f} "
+    log(f"[{row['set']}] {method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise P/R/F {m['pairwise_precision']:.4f} "
         f"{m['pairwise_recall']:.4f} {m['pairwise_f']:.4f} BCubed P/R/F {m['bcubed_precision']:.4f} "
         f"{m['bcubed_recall']:.4f} {m['bcubed_f']:.4f} clusters {m['clusters']} / {m['true_clusters']}")
     if OUT.get("json"):  # written as it goes: a long run stopped early keeps its rows
@@ -232,10 +240,10 @@ def table(rows: list[dict]) -> str:
 # -- experiments -----------------------------------------------------------------------------------
 
 
-def make_data(n: int, n_new: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_data(n: int, n_new: int, seed: int, params: SyntheticParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` library faces then ``n_new`` new ones (half new people, half known people), one array."""
     n_people_new = n_new // 2
-    gen = SyntheticFaces(n + n_people_new, seed=seed)
+    gen = SyntheticFaces(n + n_people_new, seed=seed, params=params)
     x = np.empty((n + n_new, gen.dim), np.float32)
     gen.embeddings(out=x[: n + n_people_new])
     labels = np.empty(n + n_new, np.int64)
@@ -256,12 +264,12 @@ def restrict(graph: KnnGraph, n: int) -> tuple[np.ndarray, np.ndarray]:
     return sub.edges()
 
 
-def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
+def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings, params: SyntheticParams) -> dict:
     n = args.n
     n_new = max(2, int(round(n * args.new_frac)))
-    log(f"generating {n:,} + {n_new:,} synthetic faces (seed {args.seed})")
+    log(f"generating {n:,} + {n_new:,} synthetic faces (set {OUT.get('set', 'plain')}, seed {args.seed})")
     t = time.perf_counter()
-    x, labels = make_data(n, n_new, args.seed)
+    x, labels = make_data(n, n_new, args.seed, params)
     log(f"generated in {time.perf_counter() - t:.0f}s")
     old_x, old_true = x[:n], labels[:n]
     link = cfg.linkage_kwargs()
@@ -288,7 +296,7 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
                "linkage only, same graph")
         del src, dst, lab
 
-    if not args.skip_baselines:
+    if not (args.skip_baselines or args.skip_nndescent):
         results["graphs"] = compare_graphs(args, cfg, x, graph, old_x, old_true, t_graph)
 
     if not args.skip_baselines:
@@ -554,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hdbscan-max", type=int, default=5_000)
     p.add_argument("--graph-queries", type=int, default=2000, help="faces the graphs' recall is measured on")
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--skip-nndescent", action="store_true",
+                   help="no pynndescent graph row (its numba compilation alone takes minutes)")
+    p.add_argument("--sets", default="plain", type=lambda v: v.split(","),
+                   help="synthetic sets, comma-separated, each with the whole table: plain, hard")
     p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a clustering setting, e.g. --set tau_1=0.5")
@@ -567,14 +579,22 @@ def main(argv: list[str] | None = None) -> int:
     OUT.update(results=results, json=args.json)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-    if args.n:
-        results.update(run_synthetic(args, cfg))
+    unknown = set(args.sets) - set(SETS)
+    if unknown:
+        p.error(f"unknown --sets {sorted(unknown)}: choose among {sorted(SETS)}")
+    results["sets"] = {}
+    for name in args.sets if args.n else ():
+        OUT["set"] = name
+        results["sets"][name] = run_synthetic(args, cfg, SETS[name])
+    OUT["set"] = "real"
     if args.real:
         run_real(cfg)
-    print(table(ROWS))
-    for key in ("graphs", "stable_ids", "incremental"):
-        if key in results:
-            print(f"{key}: {json.dumps(results[key])}")
+    for name in [*results["sets"], *(["real"] if args.real else [])]:
+        print(f"\n{name} set" if name != "real" else "\nshared real labelled faces")
+        print(table([r for r in ROWS if r["set"] == name]))
+        for key in ("graphs", "stable_ids", "incremental"):
+            if key in results["sets"].get(name, {}):
+                print(f"{key}: {json.dumps(results['sets'][name][key])}")
     if args.json:
         args.json.write_text(json.dumps(results | {"rows": ROWS}, indent=2, default=float))
     return 0
