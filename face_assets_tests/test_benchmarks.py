@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from benchmarks.metrics import bcubed_prf, clustering_metrics, pairwise_prf
+from benchmarks.metrics import bcubed_per_face, bcubed_prf, clustering_metrics, pairwise_prf
 from benchmarks.synthetic import (
     HARD_PARAMS,
     IDS_PER_BLOCK,
@@ -32,6 +32,8 @@ def test_pairwise_and_bcubed_by_hand():
     # BCubed per face: precision 1, 1, 1/2, 1/2; recall 2/3, 2/3, 1/3, 1.
     p, r, f = bcubed_prf(pred, true)
     assert (p, r) == pytest.approx((0.75, 2 / 3))
+    per_p, per_r = bcubed_per_face(pred, true)
+    assert per_p == pytest.approx([1, 1, 0.5, 0.5]) and per_r == pytest.approx([2 / 3, 2 / 3, 1 / 3, 1])
     assert f == pytest.approx(2 * 0.75 * (2 / 3) / (0.75 + 2 / 3))
     assert pairwise_prf([0, 1, 2], [0, 0, 1])[0] == 1.0  # no predicted pair: nothing wrong
     m = clustering_metrics(["a", "a", "b"], [7, 7, 7])
