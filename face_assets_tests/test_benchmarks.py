@@ -303,3 +303,17 @@ def test_harder_set_is_deterministic_by_seed():
         SyntheticFaces(100).conditions()
     with pytest.raises(ValueError):
         NuisanceParams(dup_cos=(0.9, 1.0))
+
+
+def test_plain_set_is_unchanged_by_the_harder_one():
+    """The default set is the same draws as before the harder set existed (values recorded from the
+    generator without conditions), so every earlier benchmark figure stands for it."""
+    gen = SyntheticFaces(20_000, seed=0)
+    x = gen.embeddings()
+    assert gen.n_identities == 4402 and gen.sizes[:8].tolist() == [11, 1, 2, 1, 1, 2, 1, 3]
+    np.testing.assert_allclose(x[[0, 777, 19_999], :4], [[-0.0356, -0.1244, -0.0046, 0.0452],
+                                                        [0.0867, -0.0777, -0.0302, -0.0011],
+                                                        [0.0394, -0.0013, 0.0039, -0.0697]], atol=1e-4)
+    np.testing.assert_allclose(gen.sample_faces([3, 400], seed=1)[:, :4], [[-0.0199, 0.0451, 0.0398, -0.0201],
+                                                                         [-0.0396, 0.0389, -0.0215, 0.0430]],
+                               atol=1e-4)
