@@ -14,8 +14,8 @@ the default and the set of every earlier figure) and ``hard`` (the same law refi
 conditions, B/W, low quality and pose, measured on real photos, and 5 % near-duplicate photos:
 :data:`benchmarks.synthetic.HARD_PARAMS`, ``benchmarks/synthetic_nuisance.py``).
 
-Printed, in one table (time, peak resident memory of this process during the step, pairwise and
-BCubed precision / recall / F, clusters found vs true):
+Printed, in one table per set (time, peak resident memory of this process during the step,
+pairwise and BCubed precision / recall / F, clusters found vs true):
 
 * ours: :func:`face_assets.clustering.cluster_embeddings` (kNN graph + average linkage);
 * the same average linkage on pynndescent's k-NN graph (NN-descent, the graph library the design
