@@ -3,13 +3,19 @@
     python benchmarks/cluster_scale.py --n 100000            # development size, all baselines
     python benchmarks/cluster_scale.py --n 2000000           # the target size
     python benchmarks/cluster_scale.py --n 0 --real          # only the shared real labelled faces
+    python benchmarks/cluster_scale.py --n 200000 --sets plain,hard --skip-nndescent \
+        --kmeans-max 10000 --hdbscan-max 2000                # both sets, under 10 min on 2 cores
 
 Data: :class:`benchmarks.synthetic.SyntheticFaces` (seeded, calibrated on real embeddings, long-tail
 identity sizes, 5 % look-alikes). ``--n`` faces are the library; 1 % more (``--new-frac``) arrive
 later, half fresh photos of people already in the library, half the photos of new people.
+``--sets`` picks the synthetic sets, each getting the whole table: ``plain`` (the calibrated law,
+the default and the set of every earlier figure) and ``hard`` (the same law refitted with shared
+conditions, B/W, low quality and pose, measured on real photos, and 5 % near-duplicate photos:
+:data:`benchmarks.synthetic.HARD_PARAMS`, ``benchmarks/synthetic_nuisance.py``).
 
-Printed, in one table (time, peak resident memory of this process during the step, pairwise and
-BCubed precision / recall / F, clusters found vs true):
+Printed, in one table per set (time, peak resident memory of this process during the step,
+pairwise and BCubed precision / recall / F, clusters found vs true):
 
 * ours: :func:`face_assets.clustering.cluster_embeddings` (kNN graph + average linkage);
 * the same average linkage on pynndescent's k-NN graph (NN-descent, the graph library the design
@@ -50,8 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import shared_datasets  # noqa: E402
-from benchmarks.metrics import clustering_metrics  # noqa: E402
-from benchmarks.synthetic import SyntheticFaces  # noqa: E402
+from benchmarks.metrics import bcubed_per_face, clustering_metrics  # noqa: E402
+from benchmarks.synthetic import HARD_PARAMS, SyntheticFaces, SyntheticParams  # noqa: E402
 from face_assets.clustering import (  # noqa: E402
     KnnGraph,
     MeansIndex,
@@ -195,17 +201,19 @@ def hdbscan_labels(x: np.ndarray) -> np.ndarray:
 # -- table -----------------------------------------------------------------------------------------
 
 ROWS: list[dict] = []
+#: The synthetic sets of ``--sets``.
+SETS = {"plain": SyntheticParams(), "hard": HARD_PARAMS}
 
 
 def record(method: str, n: int, seconds: float, peak_gb: float | None, pred: np.ndarray, true: np.ndarray,
            note: str = "") -> dict:
     """Score a clustering against the truth and add it to the table (``peak_gb`` None: not measured)."""
     m = clustering_metrics(pred, true)
-    row = {"method": method, "n": n, "seconds": round(seconds, 1),
+    row = {"set": OUT.get("set", "plain"), "method": method, "n": n, "seconds": round(seconds, 1),
            "peak_gb": None if peak_gb is None else round(peak_gb, 2), "note": note,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
     ROWS.append(row)
-    log(f"{method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise P/R/F {m['pairwise_precision']:.4f} "
+    log(f"[{row['set']}] {method} n={n}: {seconds:.1f}s peak {row['peak_gb']} GB pairwise P/R/F {m['pairwise_precision']:.4f} "
         f"{m['pairwise_recall']:.4f} {m['pairwise_f']:.4f} BCubed P/R/F {m['bcubed_precision']:.4f} "
         f"{m['bcubed_recall']:.4f} {m['bcubed_f']:.4f} clusters {m['clusters']} / {m['true_clusters']}")
     if OUT.get("json"):  # written as it goes: a long run stopped early keeps its rows
@@ -232,10 +240,10 @@ def table(rows: list[dict]) -> str:
 # -- experiments -----------------------------------------------------------------------------------
 
 
-def make_data(n: int, n_new: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_data(n: int, n_new: int, seed: int, params: SyntheticParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` library faces then ``n_new`` new ones (half new people, half known people), one array."""
     n_people_new = n_new // 2
-    gen = SyntheticFaces(n + n_people_new, seed=seed)
+    gen = SyntheticFaces(n + n_people_new, seed=seed, params=params)
     x = np.empty((n + n_new, gen.dim), np.float32)
     gen.embeddings(out=x[: n + n_people_new])
     labels = np.empty(n + n_new, np.int64)
@@ -250,18 +258,47 @@ def make_data(n: int, n_new: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, labels
 
 
+def by_condition(params: SyntheticParams, n: int, n_new: int, seed: int, true: np.ndarray,
+                 runs: dict[str, np.ndarray]) -> dict:
+    """BCubed precision and recall of each run over the library faces of each condition of the
+    harder set (as :func:`make_data` draws them): where its loss is."""
+    cond = SyntheticFaces(n + n_new // 2, seed=seed, params=params).conditions()
+    cond = {k: v[:n] for k, v in cond.items()}
+    groups = {"sharp": (cond["quality"] < 0.05) & ~cond["bw"] & (cond["yaw"] < 0.1) & ~cond["duplicate"],
+              "poor (quality > 0.6)": cond["quality"] > 0.6, "B/W": cond["bw"],
+              "turned (yaw > 0.3)": cond["yaw"] > 0.3, "near-duplicate": cond["duplicate"],
+              "all": np.ones(n, bool)}
+    out = {}
+    for run, pred in runs.items():
+        prec, rec = bcubed_per_face(pred, true)
+        out[run] = {g: {"faces": int(m.sum()), "bcubed_precision": round(float(prec[m].mean()), 4),
+                        "bcubed_recall": round(float(rec[m].mean()), 4)} for g, m in groups.items()}
+    return out
+
+
+def condition_table(rows: dict) -> str:
+    """The :func:`by_condition` figures as a table: a row per condition, BCubed P / R per run."""
+    runs = list(rows)
+    lines = [f"| {'condition':<22} | {'faces':>7} | " + " | ".join(f"{r + ' B3 P / R':>30}" for r in runs) + " |",
+             "|" + "-" * 24 + "|" + "-" * 9 + "|" + "|".join("-" * 32 for _ in runs) + "|"]
+    for g, first in rows[runs[0]].items():
+        cells = [f"{rows[r][g]['bcubed_precision']:.4f} / {rows[r][g]['bcubed_recall']:.4f}" for r in runs]
+        lines.append(f"| {g:<22} | {first['faces']:>7,} | " + " | ".join(f"{c:>30}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def restrict(graph: KnnGraph, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Edges of the graph among rows ``< n`` only."""
     sub = KnnGraph(np.where(graph.neighbors[:n] < n, graph.neighbors[:n], -1), graph.scores[:n])
     return sub.edges()
 
 
-def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
+def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings, params: SyntheticParams) -> dict:
     n = args.n
     n_new = max(2, int(round(n * args.new_frac)))
-    log(f"generating {n:,} + {n_new:,} synthetic faces (seed {args.seed})")
+    log(f"generating {n:,} + {n_new:,} synthetic faces (set {OUT.get('set', 'plain')}, seed {args.seed})")
     t = time.perf_counter()
-    x, labels = make_data(n, n_new, args.seed)
+    x, labels = make_data(n, n_new, args.seed, params)
     log(f"generated in {time.perf_counter() - t:.0f}s")
     old_x, old_true = x[:n], labels[:n]
     link = cfg.linkage_kwargs()
@@ -288,7 +325,7 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
                "linkage only, same graph")
         del src, dst, lab
 
-    if not args.skip_baselines:
+    if not (args.skip_baselines or args.skip_nndescent):
         results["graphs"] = compare_graphs(args, cfg, x, graph, old_x, old_true, t_graph)
 
     if not args.skip_baselines:
@@ -300,6 +337,9 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings) -> dict:
         del sub
         record("Immich-style DBSCAN (0.5, 3)", n, t_graph + t_imm, mem.gb, lab, old_true,
                f"same kNN graph {t_graph:.0f}s + {t_imm:.0f}s")
+        if params.nuisance is not None:
+            results["by_condition"] = by_condition(params, n, n_new, args.seed, old_true,
+                                                   {"ours": lab1, "Immich-style": lab})
 
     t = time.perf_counter()
     results.update(stable_and_incremental(cfg, x, labels, n, lab1, graph, args.n_assign))
@@ -554,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hdbscan-max", type=int, default=5_000)
     p.add_argument("--graph-queries", type=int, default=2000, help="faces the graphs' recall is measured on")
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--skip-nndescent", action="store_true",
+                   help="no pynndescent graph row (its numba compilation alone takes minutes)")
+    p.add_argument("--sets", default="plain", type=lambda v: v.split(","),
+                   help="synthetic sets, comma-separated, each with the whole table: plain, hard")
     p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a clustering setting, e.g. --set tau_1=0.5")
@@ -567,14 +611,25 @@ def main(argv: list[str] | None = None) -> int:
     OUT.update(results=results, json=args.json)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-    if args.n:
-        results.update(run_synthetic(args, cfg))
+    unknown = set(args.sets) - set(SETS)
+    if unknown:
+        p.error(f"unknown --sets {sorted(unknown)}: choose among {sorted(SETS)}")
+    results["sets"] = {}
+    for name in args.sets if args.n else ():
+        OUT["set"] = name
+        results["sets"][name] = run_synthetic(args, cfg, SETS[name])
+    OUT["set"] = "real"
     if args.real:
         run_real(cfg)
-    print(table(ROWS))
-    for key in ("graphs", "stable_ids", "incremental"):
-        if key in results:
-            print(f"{key}: {json.dumps(results[key])}")
+    for name in [*results["sets"], *(["real"] if args.real else [])]:
+        print(f"\n{name} set" if name != "real" else "\nshared real labelled faces")
+        print(table([r for r in ROWS if r["set"] == name]))
+        for key in ("graphs", "stable_ids", "incremental"):
+            if key in results["sets"].get(name, {}):
+                print(f"{key}: {json.dumps(results['sets'][name][key])}")
+        if "by_condition" in results["sets"].get(name, {}):
+            print("\nBCubed by condition of the library's faces:")
+            print(condition_table(results["sets"][name]["by_condition"]))
     if args.json:
         args.json.write_text(json.dumps(results | {"rows": ROWS}, indent=2, default=float))
     return 0

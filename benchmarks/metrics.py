@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["clustering_metrics", "pairwise_prf", "bcubed_prf"]
+__all__ = ["clustering_metrics", "pairwise_prf", "bcubed_prf", "bcubed_per_face"]
 
 
 def _contingency(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,16 +38,21 @@ def pairwise_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, floa
     return float(p), float(r), _f(p, r)
 
 
-def bcubed_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
-    """BCubed precision, recall and F1 (per face, averaged over faces; Amigo et al. 2009)."""
+def bcubed_per_face(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each face's BCubed precision and recall: the share of its cluster that is its person, and
+    the share of its person that is in its cluster."""
     pred, true = np.asarray(pred), np.asarray(true)
     _, p = np.unique(pred, return_inverse=True)
     _, t = np.unique(true, return_inverse=True)
     key = p.astype(np.int64) * (t.max() + 1) + t
     _, cell_of, cell = np.unique(key, return_inverse=True, return_counts=True)
     c = cell[cell_of].astype(np.float64)
-    prec = float(np.mean(c / np.bincount(p)[p]))
-    rec = float(np.mean(c / np.bincount(t)[t]))
+    return c / np.bincount(p)[p], c / np.bincount(t)[t]
+
+
+def bcubed_prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
+    """BCubed precision, recall and F1 (per face, averaged over faces; Amigo et al. 2009)."""
+    prec, rec = (float(np.mean(v)) for v in bcubed_per_face(pred, true))
     return prec, rec, _f(prec, rec)
 
 

@@ -28,6 +28,14 @@ drawn per face around a per-person offset (some people are photographed worse th
 ``m`` and the spreads are solved from ``intra_mean``, ``intra_std`` and ``person_spread`` so
 that same-person cosines have those statistics.
 
+The harder set (:data:`HARD_PARAMS`) adds what makes real strangers look alike besides their
+identities: conditions shared across people (B/W photos, small compressed faces, turned heads),
+each a shift along one direction common to everyone plus a private part, with strengths measured
+on real photos by ``benchmarks/synthetic_nuisance.py``, and a tail of near-duplicate photos
+(:class:`NuisanceParams`). Its identity law is refitted with the conditions on, so that its
+same- and different-person cosines still match the real ones. The conditions come from random
+streams of their own: the default set is the same draws as before they existed.
+
 Generation is seeded and deterministic, and memory-efficient: faces are written block by block
 into one preallocated float32 array (2,000,000 x 512 is 4.1 GB; no float64 copy of the whole set
 is ever made). Identity vectors are never stored for all people (at 2M faces that would be ~1.6 GB
@@ -55,7 +63,9 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas") if threadpool_limits else nullcontext()
 
 __all__ = [
+    "NuisanceParams",
     "SyntheticParams",
+    "HARD_PARAMS",
     "SyntheticFaces",
     "make_identities",
     "similarity_stats",
@@ -78,6 +88,76 @@ _STREAM_SIZES = 0
 _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
 _STREAM_GLOBAL = 3
+# The harder set's conditions (per block / per sampled batch) and their private vectors: streams of
+# their own, so that the plain faces underneath are the same draws with or without them.
+_STREAM_CONDITIONS = 4
+_STREAM_CONDITION_NOISE = 5
+_STREAM_SAMPLE_CONDITIONS = 6
+_STREAM_PAIRS = 7  # nuisance_pairs' private vectors
+
+
+@dataclass(frozen=True)
+class NuisanceParams:
+    """Conditions shared across people, and near-duplicate photos: what makes the harder set harder.
+
+    A condition moves a face by a *shared* shift (the same unit direction for every person, of norm
+    ``*_shift`` at full strength) plus a private one (a fresh variation-like direction, norm
+    ``*_private``), then the face is normalised again. The shifts, the private parts and the
+    directions' cosines with the library's mean direction are measured with the project's
+    recognizer on the shared real labelled faces (``benchmarks/synthetic_nuisance.py``: each photo
+    turned grey, degraded to a 40 px JPEG face, and the within-person regression on a landmark yaw
+    proxy); the rates are a personal library's, chosen, not measured.
+
+    Attributes:
+        bw_shift, bw_private: a black-and-white photo against the same photo in colour.
+        bw_person, low_person: share of the private part that is the person's own (the same for
+            all their photos: turning two photos of one person grey moves them alike), fitted to
+            the real change of same-person cosines when both photos are altered.
+        bw_old_people: share of people photographed in an older era (scanned prints).
+        bw_rate_old, bw_rate: share of B/W photos of those people, and of everyone else.
+        low_shift, low_private: a small compressed face (quality level 1) against the sharp one.
+        low_power: a face's quality level is ``u ** low_power`` (u uniform): most faces near 0, a
+            tail of poor ones (mean ``1 / (1 + low_power)``).
+        pose_shift: the shared shift per unit of the yaw proxy (0 frontal, ~0.6 for the most
+            turned 1 % of the real faces).
+        yaw_median, yaw_log_sd: the yaw proxy of a face is log-normal (fitted on the real faces'
+            median and 90th percentile; their quartiles and 99th percentile are then within
+            0.03), clipped at 1.5.
+        dup_fraction: share of faces that are near-duplicates of the person's previous photo
+            (bursts, edits, re-uploads), with cosine uniform in ``dup_cos``.
+        mean_alignment: cosine of each shared direction with the library's mean direction.
+    """
+
+    bw_shift: float = 0.105
+    bw_private: float = 0.336
+    bw_person: float = 0.25
+    bw_old_people: float = 0.1
+    bw_rate_old: float = 0.7
+    bw_rate: float = 0.03
+    low_shift: float = 0.495
+    low_private: float = 1.717
+    low_person: float = 0.15
+    low_power: float = 3.0
+    pose_shift: float = 0.213
+    yaw_median: float = 0.074
+    yaw_log_sd: float = 0.871
+    dup_fraction: float = 0.05
+    dup_cos: tuple[float, float] = (0.85, 0.97)
+    mean_alignment: tuple[float, float, float] = (-0.077, 0.124, -0.304)
+
+    def __post_init__(self) -> None:
+        for name in ("bw_person", "bw_old_people", "bw_rate_old", "bw_rate", "low_person", "dup_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("bw_shift", "bw_private", "low_shift", "low_private", "low_power", "pose_shift", "yaw_median",
+                     "yaw_log_sd"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        lo, hi = self.dup_cos
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(f"dup_cos must be (low, high) within (0, 1), got {self.dup_cos}")
+        if any(abs(c) >= 1.0 for c in self.mean_alignment):
+            raise ValueError(f"mean_alignment must be within (-1, 1), got {self.mean_alignment}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +187,8 @@ class SyntheticParams:
         lookalike_fraction: fraction of identities whose centroid is mixed from another identity's.
         lookalike_cos: (low, high) range of the cosine between a look-alike's centroid and its
             partner's centroid, drawn uniformly.
+        nuisance: shared conditions and near-duplicates (:class:`NuisanceParams`); None (the
+            default set) has none, and its faces are the harder set's faces before them.
     """
 
     intra_mean: float = 0.463
@@ -122,6 +204,7 @@ class SyntheticParams:
     max_faces_per_identity: int = 1000
     lookalike_fraction: float = 0.05
     lookalike_cos: tuple[float, float] = (0.35, 0.5)
+    nuisance: NuisanceParams | None = None
 
     def __post_init__(self) -> None:
         for name in ("intra_mean", "mean_share", "noise_alignment", "cluster_share", "lookalike_fraction"):
@@ -174,6 +257,16 @@ class SyntheticParams:
         return m, p, s
 
 
+#: The harder set: shared conditions and near-duplicates, and the identity law refitted with them on
+#: (``fit_params(..., start=SyntheticParams(nuisance=NuisanceParams()))`` on the real faces of
+#: ``benchmarks/synthetic_nuisance.py``; 2 rounds): photos of one person must be closer before the
+#: conditions for their cosines to match the real ones after.
+HARD_PARAMS = SyntheticParams(
+    intra_mean=0.565, intra_std=0.1789, person_spread=0.1342, mean_share=0.01, identity_decay=0.5127,
+    noise_decay=0.6064, noise_alignment=0.998, cluster_share=0.2262, nuisance=NuisanceParams(),
+)
+
+
 def _spectrum(dim: int, decay: float) -> np.ndarray:
     lam = np.arange(1, dim + 1, dtype=np.float64) ** -decay
     return lam / lam.sum()
@@ -203,6 +296,20 @@ class _Model:
         self.mean_dir = (u / np.linalg.norm(u)).astype(np.float32)
         self.clusters = rng.standard_normal((p.n_clusters, dim), dtype=np.float32) @ self.identity_root
         self.weight_law = p.face_weight_law(self.noise_dim)
+        #: Unit shared directions of the conditions (B/W, low quality, pose), or None. Drawn after
+        #: everything else from this stream, so the plain set's draws are the same with or without.
+        self.nuisance_dirs = None
+        if p.nuisance is not None:
+            # Like identity directions (drawn from their spectrum), made orthogonal to the mean
+            # direction, then given their measured cosine with it.
+            g = rng.standard_normal((3, dim)) @ self.identity_root.astype(np.float64)
+            g -= (g @ self.mean_dir)[:, None] * self.mean_dir
+            g /= np.linalg.norm(g, axis=1, keepdims=True)
+            c = np.asarray(p.nuisance.mean_alignment, dtype=np.float64)[:, None]
+            self.nuisance_dirs = (c * self.mean_dir + np.sqrt(1.0 - c * c) * g).astype(np.float32)
+            #: Maps from a person's centroid to the person's own part of a condition's private
+            #: shift (B/W, low quality): a fixed function of the centroid, so nothing per person is stored.
+            self.person_maps = [rng.standard_normal((dim, dim), dtype=np.float32) @ self.noise_root for _ in range(2)]
 
 
 class SyntheticFaces:
@@ -360,10 +467,19 @@ class SyntheticFaces:
             row1 = int(self.offsets[first_id + len(c)])
             local = self.labels[row0:row1] - first_id
             a = self._draw_weights(rng, off[local])
+            if self.params.nuisance is not None:
+                cond = self._block_conditions(b, len(c), local)
+                noise = self._rng(_STREAM_CONDITION_NOISE, b)
+                previous = None  # the last face of the previous chunk (a near-duplicate's original)
             for s in range(0, row1 - row0, _FACE_CHUNK):
                 e = min(s + _FACE_CHUNK, row1 - row0)
                 g = rng.standard_normal((e - s, self.dim), dtype=np.float32)
-                yield row0 + s, self._faces(c[local[s:e]], a[s:e], g)
+                faces = self._faces(c[local[s:e]], a[s:e], g)
+                if self.params.nuisance is not None:
+                    part = {k: v[s:e] for k, v in cond.items()}
+                    faces = self._with_conditions(faces, c[local[s:e]], part, noise, previous)
+                    previous = faces[-1].copy()
+                yield row0 + s, faces
 
     def embeddings(self, out: np.ndarray | None = None) -> np.ndarray:
         """All faces, float32 [n_faces, dim], unit-norm, rows in label order.
@@ -389,11 +505,116 @@ class SyntheticFaces:
             identities: identity labels; repeat a label to get several faces of that person.
             seed: seed of the fresh noise (independent of the library's own faces).
         """
-        c, off = self._identities(identities)
+        ids = np.asarray(identities, dtype=np.int64).reshape(-1)
+        c, off = self._identities(ids)
         rng = self._rng(_STREAM_SAMPLE, int(seed))
         a = self._draw_weights(rng, off)
         g = rng.standard_normal((len(c), self.dim), dtype=np.float32)
-        return self._faces(c, a, g)
+        faces = self._faces(c, a, g)
+        if self.params.nuisance is None:
+            return faces
+        crng = self._rng(_STREAM_SAMPLE_CONDITIONS, int(seed))
+        cond = self._draw_conditions(crng, self._old_era(ids)) | {"duplicate": np.zeros(len(ids), bool)}
+        return self._with_conditions(faces, c, cond, crng, None)
+
+    # -- the harder set's conditions ---------------------------------------------------------------
+
+    def _old_era(self, identities: np.ndarray) -> np.ndarray:
+        """Whether each identity is photographed in an older era (mostly B/W), regenerated."""
+        out = np.zeros(len(identities), bool)
+        blocks = identities // IDS_PER_BLOCK
+        for b in np.unique(blocks):
+            rows = np.flatnonzero(blocks == b)
+            n = min(IDS_PER_BLOCK, self.n_identities - int(b) * IDS_PER_BLOCK)
+            old = self._rng(_STREAM_CONDITIONS, int(b)).random(n) < self.params.nuisance.bw_old_people
+            out[rows] = old[identities[rows] - int(b) * IDS_PER_BLOCK]
+        return out
+
+    def _draw_conditions(self, rng: np.random.Generator, old: np.ndarray) -> dict[str, np.ndarray]:
+        """Per face: ``bw`` (bool), ``quality`` (0 sharp .. 1 the smallest kept face), ``yaw``."""
+        nz, n = self.params.nuisance, len(old)
+        bw = rng.random(n) < np.where(old, nz.bw_rate_old, nz.bw_rate)
+        quality = (rng.random(n) ** nz.low_power).astype(np.float32)
+        yaw = np.minimum(nz.yaw_median * np.exp(nz.yaw_log_sd * rng.standard_normal(n)), 1.5).astype(np.float32)
+        return {"bw": bw, "quality": quality, "yaw": yaw}
+
+    def _block_conditions(self, block: int, n_ids: int, local: np.ndarray) -> dict[str, np.ndarray]:
+        """Conditions of a block's faces (``local``: each face's identity within the block), and
+        ``duplicate``: the face is a near-duplicate of the row before it, a photo of the same person
+        (never of another near-duplicate), whose conditions it shares."""
+        rng = self._rng(_STREAM_CONDITIONS, block)
+        old = rng.random(n_ids) < self.params.nuisance.bw_old_people  # first draws: see _old_era
+        cond = self._draw_conditions(rng, old[local])
+        raw = rng.random(len(local)) < self.params.nuisance.dup_fraction
+        dup = np.zeros(len(local), bool)
+        dup[1:] = raw[1:] & (local[1:] == local[:-1]) & ~raw[:-1]
+        for v in cond.values():
+            v[1:][dup[1:]] = v[:-1][dup[1:]]
+        return cond | {"duplicate": dup}
+
+    def _private(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        v = rng.standard_normal((n, self.dim), dtype=np.float32) @ self.model.noise_root
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return v
+
+    def _private_shift(self, rng: np.random.Generator, centroids: np.ndarray, which: int, share: float) -> np.ndarray:
+        """Unit private directions of a condition: the person's own (from the centroid) and the photo's."""
+        u = self.model.mean_dir  # without it every person's own part would share a component
+        own = (centroids - np.outer(centroids @ u, u)) @ self.model.person_maps[which]
+        own *= math.sqrt(share) / np.linalg.norm(own, axis=1, keepdims=True)
+        own += math.sqrt(1.0 - share) * self._private(rng, len(centroids))
+        own /= np.linalg.norm(own, axis=1, keepdims=True)
+        return own
+
+    def _with_conditions(self, faces: np.ndarray, centroids: np.ndarray, cond: dict[str, np.ndarray],
+                         rng: np.random.Generator, previous: np.ndarray | None) -> np.ndarray:
+        """Faces moved by their conditions (shared shift + private part, renormalised), then the
+        near-duplicates replaced by their original turned by the drawn cosine. ``centroids``: each
+        face's person; ``previous``: the row before the first (the last of the previous chunk), None
+        when there is none."""
+        nz, dirs = self.params.nuisance, self.model.nuisance_dirs
+        bw, q, yaw = cond["bw"].astype(np.float32), cond["quality"], cond["yaw"]
+        p_bw = self._private_shift(rng, centroids, 0, nz.bw_person)
+        p_low = self._private_shift(rng, centroids, 1, nz.low_person)
+        turn = self._private(rng, len(faces))
+        cos = rng.uniform(nz.dup_cos[0], nz.dup_cos[1], len(faces)).astype(np.float32)
+        faces = faces + np.outer(bw * nz.bw_shift, dirs[0]) + (bw * nz.bw_private)[:, None] * p_bw
+        faces += np.outer(q * nz.low_shift, dirs[1]) + (q * nz.low_private)[:, None] * p_low
+        faces += np.outer(yaw * nz.pose_shift, dirs[2])
+        faces /= np.linalg.norm(faces, axis=1, keepdims=True)
+        rows = np.flatnonzero(cond["duplicate"])
+        if len(rows):
+            before = np.concatenate([previous[None] if previous is not None else faces[:1], faces])[rows]
+            t = turn[rows] - np.einsum("ij,ij->i", turn[rows], before)[:, None] * before
+            t /= np.linalg.norm(t, axis=1, keepdims=True)
+            faces[rows] = cos[rows, None] * before + np.sqrt(1.0 - cos[rows] ** 2)[:, None] * t
+        return faces
+
+    def nuisance_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(plain, bw, low, yaw)`` of the harder set's faces before any condition: the faces
+        themselves, the same faces all turned B/W, all at quality 1, and each face's yaw proxy.
+        What ``benchmarks/synthetic_nuisance.py`` compares with real photos and their altered copies."""
+        cond = self.conditions()
+        plain = SyntheticFaces(self.n_faces, self.dim, self.seed, replace(self.params, nuisance=None)).embeddings()
+        n, zero = self.n_faces, np.zeros(self.n_faces, np.float32)
+        none = {"bw": np.zeros(n, bool), "quality": zero, "yaw": zero, "duplicate": np.zeros(n, bool)}
+        rng, c = self._rng(_STREAM_PAIRS), self.centroids(self.labels)
+        bw = self._with_conditions(plain, c, none | {"bw": np.ones(n, bool)}, rng, None)
+        low = self._with_conditions(plain, c, none | {"quality": np.ones(n, np.float32)}, rng, None)
+        return plain, bw, low, cond["yaw"]
+
+    def conditions(self) -> dict[str, np.ndarray]:
+        """Every face's conditions in the harder set (``bw``, ``quality``, ``yaw``, ``duplicate``), in
+        row order, without generating the faces."""
+        if self.params.nuisance is None:
+            raise ValueError("this set has no conditions (params.nuisance is None)")
+        parts = []
+        for b in range(-(-self.n_identities // IDS_PER_BLOCK)):
+            first = b * IDS_PER_BLOCK
+            n_ids = min(IDS_PER_BLOCK, self.n_identities - first)
+            local = self.labels[self.offsets[first] : self.offsets[first + n_ids]] - first
+            parts.append(self._block_conditions(b, n_ids, local))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def make_identities(

@@ -62,6 +62,22 @@ def _real_files(root: Path) -> list[tuple[str, str]]:
     return out
 
 
+def cached_for_files(root: Path, cache: Path, refresh: bool, log: Callable[[str], None]
+                     ) -> tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray] | None]:
+    """The labelled real files ``(relative path, identity)``, their paths as an array (what a cache
+    records as ``listed``), and the arrays of ``cache`` when it holds exactly that list (else None)."""
+    files = _real_files(root)
+    if not files:
+        raise SystemExit(f"no labelled real images under {root / 'real'} (set FACE_ASSETS_DATASETS)")
+    listed = np.array([f for f, _ in files])
+    if cache.is_file() and not refresh:
+        with np.load(cache) as z:
+            if np.array_equal(z["listed"], listed):
+                return files, listed, {k: z[k] for k in z.files}
+        log(f"{cache.name}: file list changed, recomputing")
+    return files, listed, None
+
+
 def real_embeddings(
     root: Path, cache: Path, refresh: bool = False, log: Callable[[str], None] = print
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,16 +86,9 @@ def real_embeddings(
     Read from ``cache`` when it holds exactly the current file list, else computed with the
     library (files raising :class:`FaceRecognitionError` are skipped) and cached.
     """
-    files = _real_files(root)
-    if not files:
-        raise SystemExit(f"no labelled real images under {root / 'real'} (set FACE_ASSETS_DATASETS)")
-    listed = np.array([f for f, _ in files])
-    if cache.is_file() and not refresh:
-        with np.load(cache) as z:
-            if np.array_equal(z["listed"], listed):
-                return z["embeddings"], z["labels"], z["paths"]
-        log(f"{cache.name}: file list changed, recomputing")
-
+    files, listed, cached = cached_for_files(root, cache, refresh, log)
+    if cached is not None:
+        return cached["embeddings"], cached["labels"], cached["paths"]
     from face_assets import FaceRecognitionError
     from face_assets.cartoon import DEFAULT_ARTIFACT
     from face_assets.library import FaceRecognitionLibrary

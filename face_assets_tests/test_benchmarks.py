@@ -3,12 +3,16 @@ shapes, unit norm, calibrated similarity law, long tail)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from benchmarks.metrics import bcubed_prf, clustering_metrics, pairwise_prf
+from benchmarks.metrics import bcubed_per_face, bcubed_prf, clustering_metrics, pairwise_prf
 from benchmarks.synthetic import (
+    HARD_PARAMS,
     IDS_PER_BLOCK,
+    NuisanceParams,
     SyntheticFaces,
     SyntheticParams,
     fit_params,
@@ -28,6 +32,8 @@ def test_pairwise_and_bcubed_by_hand():
     # BCubed per face: precision 1, 1, 1/2, 1/2; recall 2/3, 2/3, 1/3, 1.
     p, r, f = bcubed_prf(pred, true)
     assert (p, r) == pytest.approx((0.75, 2 / 3))
+    per_p, per_r = bcubed_per_face(pred, true)
+    assert per_p == pytest.approx([1, 1, 0.5, 0.5]) and per_r == pytest.approx([2 / 3, 2 / 3, 1 / 3, 1])
     assert f == pytest.approx(2 * 0.75 * (2 / 3) / (0.75 + 2 / 3))
     assert pairwise_prf([0, 1, 2], [0, 0, 1])[0] == 1.0  # no predicted pair: nothing wrong
     m = clustering_metrics(["a", "a", "b"], [7, 7, 7])
@@ -220,3 +226,96 @@ def test_defaults_match_the_real_embeddings(datasets):
     tolerance = {"same_mean": 0.03, "same_std": 0.02, "diff_mean": 0.01, "diff_std": 0.008, "diff_p99.9": 0.04}
     for stat, tol in tolerance.items():
         assert abs(syn[stat] - real[stat]) < tol, (stat, syn[stat], real[stat])
+
+
+# -- the harder set: shared conditions and near-duplicates ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_and_hard():
+    """The plain set, the harder set, and the harder set's own faces before their conditions."""
+    plain = SyntheticFaces(12_000, seed=11)
+    hard = SyntheticFaces(12_000, seed=11, params=HARD_PARAMS)
+    before = SyntheticFaces(12_000, seed=11, params=replace(HARD_PARAMS, nuisance=None))
+    return plain.embeddings(), before.embeddings(), hard, hard.embeddings(), hard.conditions()
+
+
+def _stranger_pairs(labels: np.ndarray, mask: np.ndarray, n: int, rng: np.random.Generator):
+    rows = np.flatnonzero(mask)
+    a, b = rng.choice(rows, n), rng.choice(rows, n)
+    keep = labels[a] != labels[b]
+    return a[keep], b[keep]
+
+
+def test_strangers_sharing_a_condition_are_closer_than_in_the_plain_set(plain_and_hard):
+    """Two different people photographed in the same poor condition (small compressed faces, B/W)
+    are closer in the harder set than the same two faces before their conditions, and than
+    strangers of the plain set; strangers photographed well are not."""
+    xp, xb, hard, xh, cond = plain_and_hard
+    rng = np.random.default_rng(0)
+
+    def cosines(x, a, b):
+        return np.einsum("ij,ij->i", x[a], x[b])
+
+    def gain(mask):
+        a, b = _stranger_pairs(hard.labels, mask, 20_000, rng)
+        return float(np.mean(cosines(xh, a, b) - cosines(xb, a, b)))
+
+    sharp = (cond["quality"] < 0.05) & ~cond["bw"] & (cond["yaw"] < 0.1)
+    poor, grey = cond["quality"] > 0.6, cond["bw"] & (cond["quality"] < 0.05)
+    assert 0.05 < poor.mean() < 0.4 and 0.02 < grey.mean() < 0.2 and sharp.mean() > 0.1
+    assert gain(poor) > gain(sharp) + 0.01
+    assert gain(grey) > gain(sharp) + 0.003
+    assert abs(gain(sharp)) < 0.01
+    a, b = _stranger_pairs(hard.labels, poor, 20_000, rng)
+    pa, pb = _stranger_pairs(hard.labels, np.ones(len(xp), bool), 20_000, rng)
+    assert cosines(xh, a, b).mean() > cosines(xp, pa, pb).mean() + 0.01
+
+
+def test_near_duplicates_and_conditions(plain_and_hard):
+    """Near-duplicates follow a photo of the same person at the drawn cosine, and share its
+    conditions; a person of the older era has most of their photos in B/W."""
+    _, _, hard, xh, cond = plain_and_hard
+    dup = np.flatnonzero(cond["duplicate"])
+    assert 0.02 < len(dup) / len(xh) < 0.05  # 5 % drawn, only after a photo of the same person
+    assert np.all(hard.labels[dup] == hard.labels[dup - 1]) and not cond["duplicate"][dup - 1].any()
+    cos = np.einsum("ij,ij->i", xh[dup], xh[dup - 1])
+    lo, hi = HARD_PARAMS.nuisance.dup_cos
+    assert np.all((cos > lo - 1e-4) & (cos < hi + 1e-4))
+    for key in ("bw", "quality", "yaw"):
+        assert np.array_equal(cond[key][dup], cond[key][dup - 1])
+    per_person = np.bincount(hard.labels, cond["bw"]) / np.bincount(hard.labels)
+    big = np.bincount(hard.labels) >= 10
+    assert np.mean(per_person[big] > 0.5) > 0.05  # the older era's people
+    assert np.mean(per_person[big] == 0) > 0.3
+    np.testing.assert_allclose(np.linalg.norm(xh, axis=1), 1.0, atol=1e-5)
+
+
+def test_harder_set_is_deterministic_by_seed():
+    a = SyntheticFaces(12_000, dim=64, seed=4, params=HARD_PARAMS)
+    b = SyntheticFaces(12_000, dim=64, seed=4, params=HARD_PARAMS)
+    c = SyntheticFaces(12_000, dim=64, seed=5, params=HARD_PARAMS)
+    ea, eb = a.embeddings(), b.embeddings()
+    assert np.array_equal(ea, eb) and not np.array_equal(ea[:100], c.embeddings()[:100])
+    assert np.array_equal(np.concatenate([f for _, f in a.iter_blocks()]), ea)  # chunked as whole
+    ids = a.labels[::50]
+    assert np.array_equal(a.sample_faces(ids, seed=2), b.sample_faces(ids, seed=2))
+    assert not np.array_equal(a.sample_faces(ids, seed=2), a.sample_faces(ids, seed=3))
+    with pytest.raises(ValueError):
+        SyntheticFaces(100).conditions()
+    with pytest.raises(ValueError):
+        NuisanceParams(dup_cos=(0.9, 1.0))
+
+
+def test_plain_set_is_unchanged_by_the_harder_one():
+    """The default set is the same draws as before the harder set existed (values recorded from the
+    generator without conditions), so every earlier benchmark figure stands for it."""
+    gen = SyntheticFaces(20_000, seed=0)
+    x = gen.embeddings()
+    assert gen.n_identities == 4402 and gen.sizes[:8].tolist() == [11, 1, 2, 1, 1, 2, 1, 3]
+    np.testing.assert_allclose(x[[0, 777, 19_999], :4], [[-0.0356, -0.1244, -0.0046, 0.0452],
+                                                        [0.0867, -0.0777, -0.0302, -0.0011],
+                                                        [0.0394, -0.0013, 0.0039, -0.0697]], atol=1e-4)
+    np.testing.assert_allclose(gen.sample_faces([3, 400], seed=1)[:, :4], [[-0.0199, 0.0451, 0.0398, -0.0201],
+                                                                         [-0.0396, 0.0389, -0.0215, 0.0430]],
+                               atol=1e-4)
