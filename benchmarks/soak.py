@@ -577,6 +577,54 @@ def _run_counts(dep: Deployment) -> dict:
             "by_job": {j: sum(r.job_name == j for r in runs) for j in sorted({r.job_name for r in runs})}}
 
 
+def _timeline(dep: Deployment, drops: list[dict]) -> list[dict]:
+    """Where each drop's time to searchable went, from the Dagster event log (seconds after the drop).
+
+    ``ingest_created`` (the sensor saw the settled folder and asked for a run), ``ingest_started``,
+    ``ingest_ended`` and the seconds of each of its steps; then the index run that followed
+    (``index_created``, ``index_started``, ``index_ended`` and its steps); ``searchable`` (when the
+    service's search first found the drop, probed about once a second).
+    """
+    from dagster import DagsterEventType, DagsterInstance
+
+    from face_assets.pipeline.batches import BatchStore
+
+    instance = DagsterInstance.from_config(str(dep.home))
+    batches = BatchStore(load_settings(dep.config).layout.batches)
+    records = sorted(instance.get_run_records(), key=lambda r: r.create_timestamp.timestamp())
+
+    def times(record, at: float) -> dict:
+        run = record.dagster_run
+        starts: dict[str, float] = {}
+        steps: dict[str, float] = {}
+        for event in instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}):
+            if event.dagster_event.event_type == DagsterEventType.STEP_START:
+                starts[event.step_key] = event.timestamp
+            elif event.step_key in starts:
+                steps[event.step_key] = round(event.timestamp - starts[event.step_key], 1)
+        return {"run_id": run.run_id, "status": run.status.value,
+                "created": round(record.create_timestamp.timestamp() - at, 1),
+                "started": record.start_time and round(record.start_time - at, 1),
+                "ended": record.end_time and round(record.end_time - at, 1), "steps": steps}
+
+    out = []
+    for drop in drops:
+        paths = set(drop["paths"])
+        keys = {k for k in batches.keys() if paths & {f.path for f in batches.files(k)}}
+        ingest = [r for r in records if r.dagster_run.tags.get("dagster/partition") in keys]
+        row: dict = {"drop": drop["n"], "searchable": drop.get("searchable_after") and round(drop["searchable_after"], 1)}
+        if ingest:
+            last = ingest[-1]  # a retried run's last attempt
+            row["ingest"] = times(last, drop["wall"])
+            row["ingest_attempts"] = len(ingest)
+            after = [r for r in records if r.dagster_run.job_name == "__ASSET_JOB" and last.end_time
+                     and r.create_timestamp.timestamp() >= last.end_time - 1]
+            if after:
+                row["index"] = times(after[0], drop["wall"])
+        out.append(row)
+    return out
+
+
 def _pct(values: list[float], q: float) -> float | None:
     """Percentile ``q`` of durations in seconds, in milliseconds."""
     return round(float(np.percentile(np.array(values) * 1000, q)), 1) if values else None
@@ -647,7 +695,8 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
             for src in chosen:
                 shutil.copyfile(src, folder / src.name)
                 paths.append(str((folder / src.name).absolute()))
-            drops.append({"n": n, "paths": paths, "at": time.monotonic(), "probe": folder / chosen[0].name})
+            drops.append({"n": n, "paths": paths, "at": time.monotonic(), "wall": time.time(),
+                          "probe": folder / chosen[0].name})
             n += 1
             next_drop = time.monotonic() + drop_every
             while time.monotonic() < min(next_drop, end):
@@ -669,6 +718,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
     check = verify(dep.data, rec.acked, rec.uncertain, prefix)  # type: ignore[attr-defined]
     latencies = [d["searchable_after"] for d in drops if "searchable_after" in d]
     runs = _run_counts(dep)
+    timeline = _timeline(dep, drops)
     idle, ingest = rec.data["search_idle"], rec.data["search_ingest"]
     out = {
         "work": str(work), "minutes": minutes, "drops": len(drops), "photos_per_drop": batch,
@@ -685,6 +735,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
         "drop_to_searchable_s": {"p50": _pct(latencies, 50) and _pct(latencies, 50) / 1000,
                                  "p95": _pct(latencies, 95) and _pct(latencies, 95) / 1000,
                                  "searchable": len(latencies), "of": len(drops)},
+        "drop_timeline": timeline,
         "search_ms": {"idle_p50": _pct(idle, 50), "idle_p99": _pct(idle, 99), "ingest_p50": _pct(ingest, 50),
                       "ingest_p99": _pct(ingest, 99), "idle_n": len(idle), "ingest_n": len(ingest),
                       "errors": len(rec.data["search_errors"]), "error_samples": rec.data["search_errors"][:3]},
@@ -805,6 +856,11 @@ def main() -> int:
     width = max(len(k) for k, _ in rows)
     for k, val in rows:
         print(f"{k:<{width}}  {val}")
+    print("drop timeline (s after the drop: run created / started / ended, steps; then searchable):")
+    for row in out["drop_timeline"]:
+        parts = [f"{name} {r['created']} / {r['started']} / {r['ended']} {r['steps']}"
+                 for name, r in ((n, row.get(n)) for n in ("ingest", "index")) if r]
+        print(f"  drop {row['drop']}: " + "; ".join(parts) + f"; searchable {row['searchable']}")
     for k, ok in out["acceptance"].items():
         print(f"{'PASS' if ok else 'FAIL'}  {k}")
     return 0 if all(out["acceptance"].values()) else 1
