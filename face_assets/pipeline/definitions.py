@@ -18,7 +18,9 @@ and the person clusters declaratively (their ``AutomationCondition``, evaluated 
 sensor, so that both come in one run after a merge).
 
 Every job's runs carry the tag ``face_assets/executor`` (:data:`EXECUTOR_TAG`): the UI shows where
-their steps ran.
+their steps ran; and the tag ``face_assets/lane`` (:data:`LANE_TAG`): ``ingest``, ``index`` or
+``background``. ``dagster.yaml`` gives each lane its own run slots, so that a long re-clustering or
+fine-tuning never holds the slots a new batch and its index run need to become searchable.
 
 ``pipeline.executor`` (and ``pipeline.dask_scheduler``) choose where the ingest steps run;
 :func:`build_ingest_job` binds the job to another executor per call. See ``docs/scaling.md``.
@@ -70,11 +72,19 @@ EXECUTOR_TAG = "face_assets/executor"
 IN_PROCESS = {EXECUTOR_TAG: "in_process"}
 """The tag of every run but the ingest runs: ``defs`` runs their steps in the run's process."""
 
+LANE_TAG = "face_assets/lane"
+"""Run tag of the run queue's lanes, each with its own limit in ``dagster.yaml``
+(``concurrency.runs.tag_concurrency_limits``): a new batch (``ingest``), the index and clusters
+that make it searchable (``index``), and the long runs that can wait (``background``: full
+re-clustering, fine-tuning, re-embedding, the nightly refresh)."""
+
+INGEST_LANE, INDEX_LANE, BACKGROUND_LANE = ({LANE_TAG: lane} for lane in ("ingest", "index", "background"))
+
 
 def _ingest_job(executor: str, executor_def: ExecutorDefinition, max_retries: int = 0):
     partitioned = [a for a in ASSETS if isinstance(a, AssetsDefinition) and a.partitions_def == image_batches]
     return define_asset_job(INGEST_JOB, selection=AssetSelection.assets(*partitioned), executor_def=executor_def,
-                            tags=retry_tags(max_retries) | {EXECUTOR_TAG: executor},
+                            tags=retry_tags(max_retries) | {EXECUTOR_TAG: executor} | INGEST_LANE,
                             description="One batch of new images filtered, checked, embedded and merged into the "
                             "catalog.")
 
@@ -117,7 +127,8 @@ def build_retrain_job(auto_promote: bool):
     """
     selected = [feedback_pairs, fine_tuned_model] + ([promoted_model] if auto_promote else [])
     return define_asset_job(RETRAIN_JOB, selection=AssetSelection.assets(*selected),
-                            tags=IN_PROCESS, description="Export the feedback, fine-tune a candidate and gate it"
+                            tags=IN_PROCESS | BACKGROUND_LANE,
+                            description="Export the feedback, fine-tune a candidate and gate it"
                             + (", promote it when it passed." if auto_promote else "."))
 
 
@@ -125,15 +136,16 @@ def _jobs(cfg: PipelineSettings) -> list:
     ingest = _ingest_job(cfg.executor, _settings_executor(cfg), cfg.max_partition_retries)
     # The other jobs run in the run's own process (the default of ``defs``): their steps are a chain,
     # and a step process would only add its start-up (imports, models).
-    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index), tags=IN_PROCESS,
+    refresh = define_asset_job(REFRESH_JOB, selection=AssetSelection.assets(ann_index), tags=IN_PROCESS | INDEX_LANE,
                                description="Bring the ANN index up to date with the catalog, check it, publish it.")
     reembed = define_asset_job(REEMBED_JOB, selection=AssetSelection.assets(reembedded_catalog, ann_index),
-                               tags=IN_PROCESS,
+                               tags=IN_PROCESS | BACKGROUND_LANE,
                                description="Re-embed the catalog with the active model version, then the index.")
-    clusters = define_asset_job(CLUSTER_JOB, selection=AssetSelection.assets(person_clusters), tags=IN_PROCESS,
+    clusters = define_asset_job(CLUSTER_JOB, selection=AssetSelection.assets(person_clusters),
+                                tags=IN_PROCESS | BACKGROUND_LANE,
                                 description="Assign new faces to person clusters, or re-cluster fully when due.")
     nightly = define_asset_job(NIGHTLY_JOB, selection=AssetSelection.assets(ann_index, person_clusters),
-                               tags=IN_PROCESS,
+                               tags=IN_PROCESS | BACKGROUND_LANE,
                                description="The ANN index and the person clusters over the whole catalog, with checks.")
     return [ingest, refresh, build_retrain_job(cfg.auto_promote), reembed, clusters, nightly]
 
@@ -147,7 +159,8 @@ def build_definitions() -> Definitions:
         jobs=_jobs(cfg),
         sensors=[build_new_images_sensor(INGEST_JOB, cfg),
                  build_automation_sensor("index_and_clusters_automation", [ann_index, person_clusters],
-                                         cfg.index_refresh_seconds, retry_tags(cfg.max_partition_retries) | IN_PROCESS),
+                                         cfg.index_refresh_seconds,
+                                         retry_tags(cfg.max_partition_retries) | IN_PROCESS | INDEX_LANE),
                  build_retraining_sensor(RETRAIN_JOB, cfg), build_reembed_sensor(REEMBED_JOB, cfg)],
         schedules=[schedule] if schedule else [],
         resources=RESOURCES,
