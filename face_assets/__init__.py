@@ -33,12 +33,17 @@ from .errors import (
     UnknownFaceError,
     UnknownQueryError,
 )
-from .library import FaceRecognitionLibrary
 
 
 def __getattr__(name: str):
-    """``FaceFilter`` and ``filter_image`` on first use: they import the models' runtime (onnxruntime,
-    insightface), which a process that only reads tables does without."""
+    """``FaceRecognitionLibrary``, ``FaceFilter`` and ``filter_image`` on first use: importing the
+    package (what every submodule and the CLI do) then costs the configuration and the errors only,
+    not the stores, the index and the models' runtime, which a short command such as ``stats`` may
+    not need."""
+    if name == "FaceRecognitionLibrary":
+        from .library import FaceRecognitionLibrary
+
+        return FaceRecognitionLibrary
     if name in ("FaceFilter", "filter_image"):
         from . import filtering
 

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from .config import FeedbackSettings, Settings
@@ -535,17 +536,20 @@ def save_query_image(data: bytes, folder: Path, query_id: str) -> Path:
 # Export to training data
 # ------------------------------------------------------------------------------------------------
 
-PAIRS_SCHEMA = {
-    "query_id": pl.Utf8, "query_path": pl.Utf8, "query_bbox": pl.List(pl.Float32), "query_face_id": pl.Int64,
-    "result_face_id": pl.Int64, "result_path": pl.Utf8, "result_bbox": pl.List(pl.Float32), "label": pl.Int8,
-    "similarity": pl.Float32, "source": pl.Utf8, "model_version": pl.Utf8,
-}
-TRIPLETS_SCHEMA = {
-    "anchor_path": pl.Utf8, "anchor_bbox": pl.List(pl.Float32), "anchor_face_id": pl.Int64,
-    "positive_path": pl.Utf8, "positive_bbox": pl.List(pl.Float32), "positive_face_id": pl.Int64,
-    "negative_path": pl.Utf8, "negative_bbox": pl.List(pl.Float32), "negative_face_id": pl.Int64,
-    "negative_similarity": pl.Float32, "source": pl.Utf8,
-}
+# pyarrow, not polars: the stores already import it, and a process that never exports (the CLI's
+# short commands, the service) does not pay polars' import.
+_BBOX = pa.list_(pa.float32())
+PAIRS_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("query_path", pa.string()), ("query_bbox", _BBOX), ("query_face_id", pa.int64()),
+    ("result_face_id", pa.int64()), ("result_path", pa.string()), ("result_bbox", _BBOX), ("label", pa.int8()),
+    ("similarity", pa.float32()), ("source", pa.string()), ("model_version", pa.string()),
+])
+TRIPLETS_SCHEMA = pa.schema([
+    ("anchor_path", pa.string()), ("anchor_bbox", _BBOX), ("anchor_face_id", pa.int64()),
+    ("positive_path", pa.string()), ("positive_bbox", _BBOX), ("positive_face_id", pa.int64()),
+    ("negative_path", pa.string()), ("negative_bbox", _BBOX), ("negative_face_id", pa.int64()),
+    ("negative_similarity", pa.float32()), ("source", pa.string()),
+])
 
 # Neighbours of an embedding: objects with face_id, similarity, path, bbox, cluster_id (SearchResult).
 NeighbourSearch = Callable[[np.ndarray, int], Sequence[Any]]
@@ -790,8 +794,8 @@ def _triplets(positives: list[dict], negatives: list[dict], per_positive: int) -
     return triplets
 
 
-def _write(rows: list[dict], schema: dict, path: Path) -> str:
+def _write(rows: list[dict], schema: pa.Schema, path: Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
-    pl.DataFrame(rows, schema=schema).write_parquet(tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     os.replace(tmp, path)
     return str(path)

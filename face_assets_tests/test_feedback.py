@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from face_assets import load_settings
@@ -142,7 +143,8 @@ def test_export_pairs_triplets_and_quality_report(lib, feedback_people, tmp_path
     report = lib.export_feedback(tmp_path / "export")
     pairs = pl.read_parquet(tmp_path / "export" / "pairs.parquet")
     triplets = pl.read_parquet(tmp_path / "export" / "triplets.parquet")
-    assert dict(pairs.schema) == PAIRS_SCHEMA and dict(triplets.schema) == TRIPLETS_SCHEMA
+    assert pq.read_schema(tmp_path / "export" / "pairs.parquet").remove_metadata() == PAIRS_SCHEMA
+    assert pq.read_schema(tmp_path / "export" / "triplets.parquet").remove_metadata() == TRIPLETS_SCHEMA
 
     assert report.votes_read == 18 + 2 + 4
     assert report.dropped["deleted_face"] == votes_on_removed
