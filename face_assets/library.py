@@ -153,6 +153,7 @@ class FaceRecognitionLibrary:
         self._full_save = False  # ours replaced the index as a whole: save it whole
         self._index_stamp: tuple[int, int] | None = None
         self._index_checked = 0.0
+        self._index_loading = threading.Lock()  # held while a newer published index is read, off self._lock
         self._unsaved = 0
         self._feedback: FeedbackStore | None = None
         self._queries: OrderedDict[str, dict] = OrderedDict()
@@ -259,15 +260,21 @@ class FaceRecognitionLibrary:
     def _stamp(self) -> tuple[int, int] | None:
         return file_stamp(self.index_path)
 
-    def refresh(self) -> bool:
+    def refresh(self, wait: bool = True) -> bool:
         """Load the index again if another process (the pipeline, a CLI command) published a newer one.
 
         A running service calls it before each search, at most every ``storage.index_refresh_seconds``,
-        so newly indexed faces become searchable without a restart. An index of another model
-        version (a promotion made elsewhere) switches this library to the registry's active version
-        first. Returns whether it reloaded.
+        so newly indexed faces become searchable without a restart. Faces another process appended
+        to the published index's journal are applied at once (a cost that follows them). A new index
+        saved whole is read by one thread at a time, outside the library's lock: with ``wait=False``
+        (what searches do) on a thread of its own, while searches go on with the index in memory, so
+        no search waits for the read; the process then holds two indexes until the swap. An index of
+        another model version (a promotion made elsewhere) switches this library to the registry's
+        active version first. Returns whether this call changed the index.
         """
         with self._lock:
+            if not wait and self._index_loading.locked():
+                return False  # a newer index is being read: go on with this one
             if time.monotonic() - self._index_checked < self.settings.storage.index_refresh_seconds:
                 return False
             self._index_checked = time.monotonic()
@@ -282,26 +289,38 @@ class FaceRecognitionLibrary:
                 self._journal_end = end
                 logger.info("applied %d index changes published by another process", len(records))
                 return True
-        index = None
-        try:  # loading a large index takes a while: searches go on with the old one meanwhile
-            index = FaceIndex.load(self.index_path)
-        except (IndexNotFoundError, IndexCorruptError) as exc:
-            logger.warning("published index %s not loaded: %s", self.index_path, exc)
-        with self._lock:
-            if index is None or self._unsaved:
+            if not wait:
+                threading.Thread(target=self._load_published, name="index-loader", daemon=True).start()
                 return False
-            if index.model_version != self.model_version:
-                self._select_model()
+        return self._load_published()
+
+    def _load_published(self) -> bool:
+        """Read the published index outside the library's lock, one reader at a time, and swap it in;
+        True when swapped."""
+        with self._index_loading:
+            with self._lock:
+                if self._stamp() == self._index_stamp:
+                    return False  # read by the thread before this one
+            index = None
+            try:
+                index = FaceIndex.load(self.index_path)
+            except (IndexNotFoundError, IndexCorruptError) as exc:
+                logger.warning("published index %s not loaded: %s", self.index_path, exc)
+            with self._lock:
+                if index is None or self._unsaved:
+                    return False
                 if index.model_version != self.model_version:
-                    return False  # a half-finished switch elsewhere: keep searching the index we have
-                logger.info("now running model %s (%s), promoted by another process", self.active_model,
-                            self.model_version)
-            journal = IndexJournal(self.index_path)
-            checksum = journal.index_checksum()
-            records, end = journal.read(checksum)
-            index.apply(records)
-            self._index, self._index_stamp, self._index_sum, self._journal_end = index, self._stamp(), checksum, end
-            self._pending, self._full_save = [], False
+                    self._select_model()
+                    if index.model_version != self.model_version:
+                        return False  # a half-finished switch elsewhere: keep searching the index we have
+                    logger.info("now running model %s (%s), promoted by another process", self.active_model,
+                                self.model_version)
+                journal = IndexJournal(self.index_path)
+                checksum = journal.index_checksum()
+                records, end = journal.read(checksum)
+                index.apply(records)
+                self._index, self._index_stamp, self._index_sum, self._journal_end = index, self._stamp(), checksum, end
+                self._pending, self._full_save = [], False
         logger.info("loaded the index published at %s: %d faces", self.index_path, len(index))
         return True
 
@@ -350,10 +369,14 @@ class FaceRecognitionLibrary:
             return None
         journal = IndexJournal(self.index_path)
         records, _ = journal.read(journal.index_checksum())
-        ids = set(base.tolist())
-        for op, rec_ids, _ in records:
-            (ids.update if op == IndexJournal.ADD else ids.difference_update)(rec_ids.tolist())
-        return np.array(sorted(ids), np.int64)
+        if not records:
+            return base
+        # The journal's last word on each id decides (in arrays: Python sets of 2M ids cost seconds).
+        ids = np.concatenate([r[1] for r in records])
+        added = np.concatenate([np.full(len(r[1]), r[0] == IndexJournal.ADD) for r in records])
+        last_ids, first_from_end = np.unique(ids[::-1], return_index=True)
+        last_added = added[::-1][first_from_end]
+        return np.union1d(np.setdiff1d(base, last_ids[~last_added], assume_unique=True), last_ids[last_added])
 
     def publish_index(self) -> dict:
         """Bring the published index up to date with the catalog, as the pipeline does after a merge.
@@ -365,7 +388,7 @@ class FaceRecognitionLibrary:
         ``whole``), faces added and removed, and the index size.
         """
         with self._lock, self.catalog.db.locked():
-            expected = np.array(self.catalog.valid_face_ids(self.model_version), np.int64)
+            expected = self.catalog.valid_face_ids(self.model_version)
             held = self.published_ids()
             journal = IndexJournal(self.index_path)
             limit = max(self.settings.storage.index_journal_min_bytes,
@@ -422,18 +445,18 @@ class FaceRecognitionLibrary:
 
     def _reconcile(self) -> bool:
         """Add the catalog's searchable faces the index misses and drop ids it no longer has; True if changed."""
-        catalog_ids = set(self.catalog.valid_face_ids(self.model_version))
-        index_ids = set(int(i) for i in self.index.ids())
-        extra = index_ids - catalog_ids
-        missing = catalog_ids - index_ids
-        if extra:
-            self._remove(np.fromiter(extra, np.int64))
-        if missing:
-            ids, vectors = self.catalog.embeddings(sorted(missing))
+        catalog_ids = self.catalog.valid_face_ids(self.model_version)
+        index_ids = np.unique(np.asarray(self.index.ids(), np.int64))
+        extra = np.setdiff1d(index_ids, catalog_ids, assume_unique=True)
+        missing = np.setdiff1d(catalog_ids, index_ids, assume_unique=True)
+        if len(extra):
+            self._remove(extra)
+        if len(missing):
+            ids, vectors = self.catalog.embeddings(missing.tolist())
             self._add(ids, vectors)
-        if extra or missing:
+        if len(extra) or len(missing):
             logger.info("index repaired from catalog: %d added, %d removed", len(missing), len(extra))
-        return bool(extra or missing)
+        return bool(len(extra) or len(missing))
 
     # -- indexing ------------------------------------------------------------------------------
     def index_image(self, path: str | os.PathLike, image_id: str | None = None, metadata: Any = None) -> IndexedImage:
@@ -557,7 +580,7 @@ class FaceRecognitionLibrary:
         query = self._check_vector(vector)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
-        self.refresh()
+        self.refresh(wait=False)  # a newer index saved whole is read beside the searches, not by this one
         with self._lock:  # the index only: curation and pages wait for the lock, not for a search's reads
             if len(self.index) == 0:
                 return []

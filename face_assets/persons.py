@@ -142,9 +142,10 @@ class ClusterStore:
         return {int(f): int(c) for f, c in rows}
 
     def labels(self, cluster_ids: Sequence[int]) -> dict[int, str | None]:
-        """Cluster id -> name of the given clusters that exist, in one query."""
-        return dict(self.query("SELECT cluster_id, label FROM clusters WHERE cluster_id IN (SELECT unnest(?))",
-                               [[int(c) for c in cluster_ids]]))
+        """Cluster id -> name of the given clusters that exist (published file first, like search
+        results: a search never waits for a writer)."""
+        return dict(self.catalog.db.read_ids("SELECT cluster_id, label FROM clusters WHERE cluster_id IN ({keys})",
+                                             [int(c) for c in cluster_ids]))
 
     def members(self, cluster_id: int, limit: int | None = None, offset: int = 0) -> list[int]:
         """Face ids of a cluster by id, ``limit`` of them from ``offset`` (the cluster index finds them)."""
@@ -499,6 +500,8 @@ class PersonClusters:
     def _faces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, images = self.catalog.face_images(self.model_version)
         fids, x = self.catalog.embeddings(ids.tolist())
+        if len(fids) != len(ids):  # faces removed between the reads (they are read in short sessions)
+            images = images[np.isin(ids, fids)]
         return fids, x, images
 
     def _constraint_rows(self, ids: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -691,7 +694,7 @@ class PersonClusters:
         """The drift policy (:func:`~face_assets.clustering.recluster_decision`) on this catalog's history."""
         last = self.store.query("SELECT run_id, faces, started_at, model_version FROM cluster_runs "
                                   "WHERE kind = 'full' ORDER BY run_id DESC LIMIT 1")
-        faces_now = len(self.catalog.valid_face_ids(self.model_version))
+        faces_now = self.catalog.valid_face_count(self.model_version)
         cfg = self.settings
         if not last:
             return recluster_decision(faces_now=faces_now, faces_at_last_run=0, unassigned_since=0, days_since=None,

@@ -330,6 +330,70 @@ def test_index_journal_carries_a_batch_to_a_running_service(tmp_path):
     service.close()
 
 
+def test_a_session_holds_the_lock_at_normal_priority(tmp_path):
+    """A thread of a process at a lower CPU priority (the pipeline's runs, nice 10) runs its store
+    sessions at normal priority, so that other processes never wait for a starved lock holder;
+    outside the session it is back at its own priority."""
+    import os
+    import threading
+
+    catalog = open_catalog(tmp_path)
+    seen: dict[str, int] = {}
+
+    def niced() -> None:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 10)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
+            os.setpriority(os.PRIO_PROCESS, tid, 10)
+        except PermissionError:
+            seen["unprivileged"] = 1
+            return
+        with catalog.db.write():
+            seen["write"] = os.getpriority(os.PRIO_PROCESS, tid)
+            with catalog.db.write():  # nested: the same session
+                seen["nested"] = os.getpriority(os.PRIO_PROCESS, tid)
+            seen["still"] = os.getpriority(os.PRIO_PROCESS, tid)
+        with catalog.db.read():
+            seen["read"] = os.getpriority(os.PRIO_PROCESS, tid)
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    worker = threading.Thread(target=niced)
+    worker.start()
+    worker.join()
+    catalog.close()
+    if "unprivileged" in seen:
+        pytest.skip("this user may not raise a thread's priority (RLIMIT_NICE)")
+    assert seen == {"write": 0, "nested": 0, "still": 0, "read": 0, "after": 10}
+
+
+def test_a_whole_new_index_is_read_beside_the_searches(tmp_path, caplog):
+    """An index saved whole by another process is read once, on a thread of its own: searches go on
+    with the index in memory meanwhile (none waits for the read, none starts another), then find the
+    new faces."""
+    import logging
+
+    from face_assets_tests.waiting import wait_for
+
+    data = tmp_path / "data"
+    with library(data) as first:
+        first.import_faces(faces_file(tmp_path / "a.parquet", 300))
+    service = library(data)
+    assert len(service.index) == 300
+    with library(data, index_journal_min_bytes=0, index_journal_share=0.0) as folding:
+        folding.import_faces(faces_file(tmp_path / "b.parquet", 5, start=300))
+    query = pq.read_table(tmp_path / "b.parquet")["embedding"][0].as_py()
+    caplog.set_level(logging.INFO, logger="face_assets")
+    with service._index_loading:  # as while another thread reads the new index
+        assert service.search_embedding(query, top_k=1)[0].similarity < 0.9
+        assert len(service.index) == 300
+    assert not service.refresh(wait=False)  # starts the read and returns at once
+    wait_for(lambda: len(service.index) == 305, 60, "the new index swapped in")
+    assert service.search_embedding(query, top_k=1)[0].similarity > 0.99
+    assert sum("loaded the index published" in r.getMessage() for r in caplog.records) == 1
+    service.close()
+
+
 def test_a_vote_publishes_the_vote_not_the_feedback_store(tmp_path):
     """The feedback store publishes like the catalog: a vote, a re-vote and a retraction each add a
     segment of their own row, and the published views hold what the master holds."""

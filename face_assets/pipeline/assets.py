@@ -370,19 +370,20 @@ def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -
     start = time.perf_counter()
     with face_assets.library() as lib:
         done = lib.publish_index()
-        expected = set(lib.catalog.valid_face_ids(lib.model_version))
+        expected = lib.catalog.valid_face_ids(lib.model_version)
         held = lib.published_ids()
-        stored = set() if held is None else set(held.tolist())
+        stored = np.zeros(0, np.int64) if held is None else held
         stats = lib.stats()
         published = lib.index_path
-    missing, extra = expected - stored, stored - expected
+    missing = np.setdiff1d(expected, stored, assume_unique=True)
+    extra = np.setdiff1d(stored, expected, assume_unique=True)
     check = AssetCheckResult(
         check_name=INDEX_CHECK,
-        passed=not missing and not extra,
+        passed=not len(missing) and not len(extra),
         metadata={"catalog_faces": len(expected), "index_faces": len(stored),
                   "missing_from_index": len(missing), "not_in_catalog": len(extra)},
     )
-    if missing or extra:
+    if len(missing) or len(extra):
         yield check  # recorded for the UI; no materialization, so nothing downstream sees this index
         raise Failure(f"the index holds {len(stored)} faces, {len(missing)} of the catalog's {len(expected)} "
                       f"missing and {len(extra)} not in the catalog", allow_retries=False)
