@@ -565,6 +565,13 @@ class ProcessSettings(_Section):
         "turns small parallel steps into a crawl on a few shared cores (k-means on 6,000 vectors: 22 s vs 0.2 s). "
         "An `OMP_WAIT_POLICY` environment variable wins.",
     )
+    background_nice: int = Field(
+        10, ge=0, le=19,
+        description="CPU priority (nice) of the pipeline's heavy work: embedding a batch, a full re-clustering, "
+        "fine-tuning, re-embedding the catalog. It runs on a thread of its own at this priority, so searches go "
+        "first; the rest of a run (its start, the merge, the index) runs at the process's priority, so a new "
+        "batch becomes searchable without waiting for the CPU. 0: no change.",
+    )
 
 
 class Settings(_Section):

@@ -13,12 +13,15 @@ import importlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import ProcessSettings, Settings
 
-__all__ = ["apply_process_settings", "faiss"]
+__all__ = ["apply_process_settings", "at_background_priority", "faiss"]
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _applied: ProcessSettings | None = None
@@ -42,6 +45,40 @@ def apply_process_settings(settings: Settings | ProcessSettings | None = None) -
             if "faiss" in sys.modules:  # loaded before start-up (a script importing it first): threads still apply
                 _set_threads(sys.modules["faiss"], cfg)
         return _applied
+
+
+def at_background_priority(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own at the background CPU priority (``process.background_nice``);
+    returns its result or raises its exception.
+
+    For the pipeline's heavy work (embedding a batch, a full re-clustering, fine-tuning): searches
+    go first, while the rest of a run (its start-up, the merge, the index) keeps the process's
+    priority. A thread's priority is its own on Linux, and the threads it starts (onnxruntime's and
+    OpenMP's pools, created on first use) inherit it; a thread of its own needs no right to go
+    back up afterwards. Where the priority cannot be set, ``fn`` runs as it would.
+    """
+    nice = apply_process_settings().background_nice
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            if nice:
+                tid = threading.get_native_id()
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+                except OSError:
+                    pass  # not Linux, or not allowed: the work runs at the caller's priority
+            outcome.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=work, name="background-work", daemon=True)  # never keeps the process up
+    worker.start()
+    worker.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _set_threads(module: ModuleType, cfg: ProcessSettings) -> None:

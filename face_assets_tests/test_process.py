@@ -27,3 +27,38 @@ def test_settings_apply_once_at_start_up_before_faiss_loads():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", START_UP], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["faiss loaded by imports: False", "ACTIVE 1 True"], out.stderr
+
+
+BACKGROUND = textwrap.dedent(
+    """
+    import os, threading
+    from face_assets.config import load_settings
+    from face_assets.process import apply_process_settings, at_background_priority
+    apply_process_settings(load_settings(overrides={"process": {"background_nice": 7}}))
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def heavy():
+        inner = []
+        started = threading.Thread(target=lambda: inner.append(nice()))  # a pool the work starts
+        started.start()
+        started.join()
+        return nice(), inner[0]
+
+    before = nice()
+    print(at_background_priority(heavy) == (max(before, 7),) * 2, nice() == before)
+    try:
+        at_background_priority(lambda: 1 / 0)
+    except ZeroDivisionError:
+        print("raised in the caller")
+    """
+)
+
+
+def test_heavy_work_runs_behind_searches_on_its_own_thread():
+    """The pipeline's heavy work runs at ``process.background_nice``, with the threads it starts;
+    the caller keeps its priority and gets the work's result, or its exception."""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", BACKGROUND], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["True True", "raised in the caller"], out.stderr

@@ -61,6 +61,7 @@ from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from ..errors import ModelVersionError
 from ..ingest import ingest_paths
+from ..process import at_background_priority
 from ..store import Catalog
 from .charts import counts_markdown, histogram_markdown
 from .resources import FaceAssetsResource
@@ -190,10 +191,15 @@ def filtered_images(context: AssetExecutionContext, face_assets: FaceAssetsResou
     model = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
     face_filter = face_assets.face_filter(Path(model["recognizer"]))
     stage_path = folder / "stage.duckdb"
-    with Catalog(stage_path) as stage:
-        summary = ingest_paths(sources["path"].to_list(), face_filter, stage)
-        files = stage.export_parquet(folder)
-    stage.remove_files()
+
+    def embed() -> tuple[Any, dict[str, Path]]:
+        with Catalog(stage_path) as stage:
+            summary = ingest_paths(sources["path"].to_list(), face_filter, stage)
+            files = stage.export_parquet(folder)
+        stage.remove_files()
+        return summary, files
+
+    summary, files = at_background_priority(embed)  # searches go first; the run's other steps do not wait
 
     images = pl.read_parquet(files["images"], columns=["status", "rejection_reason"])
     faces = pl.read_parquet(files["faces"], columns=["det_score", "embedding_norm", "quality",

@@ -28,6 +28,7 @@ from dagster import (
     asset,
 )
 
+from ..process import at_background_priority
 from .assets import AFTER_UPSTREAM_UPDATES, SHARED_FILE_RETRY, ann_index
 from .charts import counts_markdown
 from .resources import FaceAssetsResource
@@ -84,7 +85,9 @@ def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
     with face_assets.library() as lib:
         policy = lib.recluster_policy()
         full = config.full or policy.recluster
-        run = lib.cluster(log=context.log.info) if full else lib.assign_new()
+        # A full run computes for minutes at millions of faces: behind the searches. An assignment
+        # follows the batch that a user waits to see, at the run's priority.
+        run = at_background_priority(lambda: lib.cluster(log=context.log.info)) if full else lib.assign_new()
         sizes, cohesions = lib.cluster_sizes()
         clusters = lib.list_clusters(limit=10)
     cohesion = weighted_cohesion(sizes, cohesions)

@@ -33,6 +33,7 @@ from dagster import (
 )
 
 from ..errors import ModelVersionError
+from ..process import at_background_priority
 from .assets import CATALOG_POOL, SHARED_FILE_RETRY, ann_index
 from .clusters import person_clusters
 from .resources import FaceAssetsResource
@@ -121,7 +122,7 @@ def fine_tuned_model(context: AssetExecutionContext, face_assets: FaceAssetsReso
     pairs, triplets = folder / "pairs.parquet", folder / "triplets.parquet"
     with face_assets.library() as lib:
         parent = lib.active_model
-        result = lib.train(pairs, triplets if triplets.is_file() else None)
+        result = at_background_priority(lambda: lib.train(pairs, triplets if triplets.is_file() else None))
     curves = Path(result.run_dir) / "curves.png"
     verdict = "passed" if result.passed_gate else "failed"
     context.log.info("candidate %s (from %s): gate %s: %s", result.version, parent, verdict,
@@ -205,7 +206,7 @@ def reembedded_catalog(context: AssetExecutionContext, face_assets: FaceAssetsRe
     """Open the library (which loads the active version and rebuilds the index for it) and re-embed stale images."""
     start = time.perf_counter()
     with face_assets.library() as lib:
-        summary = lib.reembed()
+        summary = at_background_priority(lib.reembed)
         stats = lib.stats()
         version = lib.active_model
     context.log.info("model %s: %d images re-embedded", version, summary.total)
