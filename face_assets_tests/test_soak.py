@@ -30,3 +30,6 @@ def test_short_soak(datasets, tmp_path):
     assert out["disk_written_per_batch_mib"] > 0  # the processes' own writes are attributed
     assert checks["every_drop_searchable"], out["drop_to_searchable_s"]
     assert out["runs"]["succeeded"] >= out["drops"]
+    # Where each drop's time went: its ingest run (the last attempt) and its steps, from the event log.
+    assert all(row["ingest"]["status"] == "SUCCESS" and "face_embeddings" in row["ingest"]["steps"]
+               for row in out["drop_timeline"]), out["drop_timeline"]
