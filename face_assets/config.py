@@ -295,6 +295,12 @@ class WebSettings(_Section):
     max_concurrent_searches: int = Field(
         2, ge=1, description="Searches run at once; more get 503 with `Retry-After` (bounds memory and CPU)."
     )
+    search_nice: int = Field(
+        5, ge=0, le=19,
+        description="CPU priority (nice) of the threads that decode, detect and embed query images: the service's "
+        "short requests (people pages, curation, votes) go before a search's half second of inference, and "
+        "searches before the pipeline's heavy work (`process.background_nice`). 0: no change.",
+    )
     rate_limit: str = Field(
         "600/minute", description="Requests per token (or per client address without auth), `limits` syntax."
     )

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .config import ProcessSettings, Settings
 
-__all__ = ["apply_process_settings", "at_background_priority", "faiss"]
+__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_thread_priority"]
 
 T = TypeVar("T")
 
@@ -47,6 +47,21 @@ def apply_process_settings(settings: Settings | ProcessSettings | None = None) -
         return _applied
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority to ``nice`` (never raise it; 0: no change).
+
+    Linux gives each thread its own priority, and threads started by it (onnxruntime's, OpenMP's
+    pools) inherit it. Where it cannot be set (another system), nothing changes.
+    """
+    if not nice:
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except OSError:
+        pass
+
+
 def at_background_priority(fn: Callable[[], T]) -> T:
     """``fn()`` on a thread of its own at the background CPU priority (``process.background_nice``);
     returns its result or raises its exception.
@@ -62,12 +77,7 @@ def at_background_priority(fn: Callable[[], T]) -> T:
 
     def work() -> None:
         try:
-            if nice:
-                tid = threading.get_native_id()
-                try:
-                    os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
-                except OSError:
-                    pass  # not Linux, or not allowed: the work runs at the caller's priority
+            lower_thread_priority(nice)
             outcome.append((True, fn()))
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             outcome.append((False, exc))

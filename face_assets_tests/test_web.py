@@ -91,6 +91,24 @@ def two_face_photo(feedback_people, tmp_path) -> Path:
 
 # -- search, votes, undo --------------------------------------------------------------------------
 
+def test_searches_run_behind_the_services_short_requests(data_dir, tokens, feedback_people):
+    """The threads that decode, detect and embed query images run at ``web.search_nice``; the
+    service's other requests keep its priority."""
+    import os
+    import threading
+
+    def nice(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    before = nice(threading.get_native_id())
+    with open_library(data_dir, search_nice=7) as library, TestClient(create_app(library)) as client:
+        search(client, tokens["reviewer"], next(iter(feedback_people.values()))[1])
+        pool = [t for t in threading.enumerate() if t.name.startswith("search_")]
+        assert pool and {nice(t.native_id) for t in pool} == {max(before, 7)}
+        assert client.get("/api/people", headers=bearer(tokens["viewer"])).status_code == 200
+    assert nice(threading.get_native_id()) == before
+
+
 def test_search_vote_undo_and_my_votes(client, lib, tokens, feedback_people, data_dir):
     photos = next(iter(feedback_people.values()))
     body = search(client, tokens["reviewer"], photos[1])

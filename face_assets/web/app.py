@@ -39,6 +39,7 @@ from ..errors import (ClusterNotFoundError, ConfigError, CurationError, Feedback
 from ..feedback import Vote
 from ..imaging import load_image
 from ..library import FaceRecognitionLibrary, SearchResult
+from ..process import lower_thread_priority
 from .images import ThumbnailCache, encode_jpeg, prepare_query_image
 from .security import SESSION_ID, SESSION_KEY, Guard, SecurityHeaders, is_loopback, session_secret
 
@@ -234,7 +235,10 @@ def create_app(library: FaceRecognitionLibrary) -> FastAPI:
     searches = threading.BoundedSemaphore(cfg.max_concurrent_searches)
     # Decoding and detection run on these threads only: the memory each thread's allocator keeps
     # after a large image is then bounded by the number of searches at once, not of requests.
-    search_pool = ThreadPoolExecutor(cfg.max_concurrent_searches, thread_name_prefix="search")
+    # ...and at web.search_nice, with the onnxruntime threads the first search starts (models load
+    # lazily, on these threads): a people page or a curation action does not queue behind inference.
+    search_pool = ThreadPoolExecutor(cfg.max_concurrent_searches, thread_name_prefix="search",
+                                     initializer=lower_thread_priority, initargs=(cfg.search_nice,))
 
     stop = threading.Event()
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import ImageLoadError, ImageTooLargeError, UnknownFaceError
 from ..imaging import _open_formats, load_image
 from ..library import FaceRecognitionLibrary
+from ..process import lower_thread_priority
 
 _UPLOAD = "<upload>"
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class ThumbnailCache:
 
         Runs on a background thread at the lowest CPU priority and returns early when ``stop`` is set.
         """
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
+        lower_thread_priority(19)
         covers = [c.representative_face_id for c in self.library.list_clusters() if c.representative_face_id]
         faces = self.library.catalog.valid_face_ids(self.library.model_version)
         made = 0
