@@ -99,3 +99,58 @@ class FilterResult(TypedDict):
     num_faces: int
     image_size: list[int]
     padded: bool
+
+
+@dataclass
+class SearchResult:
+    """One match: which face, in which image, how similar (cosine, -1..1), and whether that is the same person.
+
+    ``is_match``: the similarity reaches the running model version's match threshold.
+    """
+
+    face_id: int
+    image_id: str
+    path: str
+    bbox: list[float]
+    similarity: float
+    metadata: dict | None = None
+    cluster_id: int | None = None
+    is_match: bool = False
+
+
+@dataclass
+class IndexedImage:
+    """What ``index_image`` did: the image id, its status, the faces stored and those rejected."""
+
+    image_id: str
+    path: str
+    status: str
+    rejection_reason: str | None
+    indexed: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class FeedbackQuery:
+    """A search people can vote on: its ``query_id``, the face searched, and the results.
+
+    ``faces`` holds the boxes of every face found in an uploaded query image (the catalog face alone
+    for a catalog query) and ``face_index`` the one searched, so that a page can offer the others.
+    """
+
+    query_id: str
+    bbox: list[float]
+    query_face_id: int | None
+    results: list[SearchResult]
+    faces: list[list[float]] = field(default_factory=list)
+    face_index: int = 0
+
+
+@dataclass
+class Comparison:
+    """1:1 verification: cosine similarity of the two main faces, the decision and its threshold."""
+
+    similarity: float
+    is_match: bool
+    threshold: float
