@@ -248,7 +248,7 @@ class FaceRecognitionLibrary:
                          zip(outcome.face_ids, outcome.analysis.faces, outcome.result["faces"]) if verdict["is_valid"]]
                 if valid:
                     self._search_index.add(np.array([fid for fid, _ in valid], np.int64),
-                              np.stack([f.normed_embedding for _, f in valid]))
+                                           np.stack([f.normed_embedding for _, f in valid]))
                 self._search_index.unsaved += 1
                 if self._search_index.unsaved >= every:
                     self.save()
@@ -568,9 +568,18 @@ class FaceRecognitionLibrary:
         """Incremental: faces without a cluster join the nearest cluster if close enough, else new ones."""
         return self.persons.assign_new()
 
-    def update_clusters(self) -> "ClusterRun":
-        """What a pipeline calls after indexing: a full run when :meth:`recluster_policy` says so, else :meth:`assign_new`."""
-        return self.cluster() if self.recluster_policy().recluster else self.assign_new()
+    def update_clusters(self, full: bool = False, log: Callable[[str], None] | None = None) -> "ClusterRun":
+        """What a pipeline calls after indexing: a full run (:meth:`cluster`, with ``log``) when
+        :meth:`recluster_policy` says so or ``full`` asks for one, else :meth:`assign_new`.
+
+        A full run's ``reasons`` say why it ran.
+        """
+        policy = self.recluster_policy()
+        if not (full or policy.recluster):
+            return self.assign_new()
+        run = self.cluster(log)
+        run.reasons = policy.reasons if policy.recluster else ["asked for by the run"]
+        return run
 
     def recluster_policy(self) -> "ReclusterDecision":
         """Whether a full re-clustering is due (drift policy), and why."""

@@ -402,6 +402,7 @@ class ClusterRun:
         id_changed: full: fraction of previously clustered faces whose cluster id changed.
         seconds: wall time.
         quality: full: size-weighted cohesion, separation and sampled silhouette.
+        reasons: full, from ``update_clusters``: why it ran (the drift policy's reasons, or asked for).
     """
 
     run_id: int
@@ -414,6 +415,7 @@ class ClusterRun:
     id_changed: float | None = None
     seconds: float = 0.0
     quality: dict[str, float | None] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
 
 
 MAX_LABEL = 200
