@@ -25,10 +25,10 @@ import numpy as np
 
 from .config import Settings
 from .errors import FeedbackError, ImageLoadError, NotAResultError, UnknownFaceError, UnknownQueryError
-from .feedback import VOTES, ExportReport, FeedbackStore, QueryRecord, Vote, export_feedback, save_query_image
+from .feedback import VOTES, FeedbackStore, QueryRecord, export_feedback, save_query_image
 from .imaging import content_hash
 from .running_model import RunningModel
-from .schemas import FeedbackQuery, SearchResult
+from .schemas import ExportReport, FeedbackQuery, SearchResult, Vote
 from .store import Catalog
 
 if TYPE_CHECKING:

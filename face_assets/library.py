@@ -39,20 +39,20 @@ import numpy as np
 from .audit import ACTOR
 from .config import Settings, load_settings
 from .errors import EmbeddingError, TrainingError
-from .feedback import ExportReport, FeedbackStore, Vote
+from .feedback import FeedbackStore
 from .feedback_session import FeedbackSession
 from .index import FaceIndex
 from .ingest import ImageOutcome, IngestSummary, ProgressCallback, ingest_paths, iter_image_files
 from .process import apply_process_settings
 from .running_model import RunningModel
-from .schemas import Comparison, FeedbackQuery, IndexedImage, SearchResult
+from .schemas import ClusterInfo, ClusterRun, Comparison, ExportReport, FeedbackQuery, IndexedImage, SearchResult, Vote
 from .search_index import SearchIndex
 from .store import Catalog
 
 if TYPE_CHECKING:
     from .clustering import ReclusterDecision
     from .filtering import FaceFilter
-    from .persons import ClusterInfo, ClusterRun, PersonClusters
+    from .persons import PersonClusters
 
 __all__ = ["Comparison", "FaceRecognitionLibrary", "FeedbackQuery", "IndexedImage", "SearchResult"]
 
