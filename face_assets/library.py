@@ -249,8 +249,7 @@ class FaceRecognitionLibrary:
                 if valid:
                     self._search_index.add(np.array([fid for fid, _ in valid], np.int64),
                                            np.stack([f.normed_embedding for _, f in valid]))
-                self._search_index.unsaved += 1
-                if self._search_index.unsaved >= every:
+                if self._search_index.count_image() >= every:
                     self.save()
             if on_image is not None:
                 on_image(outcome)

@@ -93,6 +93,11 @@ class SearchIndex:
         if self.index.remove(ids):
             self._pending.append((IndexJournal.REMOVE, ids, None))
 
+    def count_image(self) -> int:
+        """Count one more image whose faces changed the index; returns how many since the last save."""
+        self.unsaved += 1
+        return self.unsaved
+
     def _read_index(self) -> FaceIndex:
         """The saved index of the active model version, or a new empty one (missing, corrupt, other version)."""
         try:
