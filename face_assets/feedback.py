@@ -34,7 +34,7 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +46,7 @@ from PIL import Image
 
 from .config import FeedbackSettings, Settings
 from .errors import ConfigError, FeedbackError, FeedbackStoreUnavailableError
+from .schemas import ExportReport, Vote
 from .storage import DuckDBFile, Table, log_changes, utc_now
 from .store import Catalog
 
@@ -311,21 +312,6 @@ class QueryRecord:
     result_face_ids: list[int] | None = None
 
 
-@dataclass
-class Vote:
-    """A stored vote; ``revisions`` counts how often the same voter voted again on the same pair."""
-
-    feedback_id: int
-    query_id: str
-    result_id: int
-    vote: str
-    voter: str
-    similarity: float
-    created_at: datetime
-    updated_at: datetime
-    revisions: int
-
-
 class FeedbackStore:
     """Votes and the queries they belong to, on DuckDB or PostgreSQL (see the module docstring).
 
@@ -553,47 +539,6 @@ TRIPLETS_SCHEMA = pa.schema([
 
 # Neighbours of an embedding: objects with face_id, similarity, path, bbox, cluster_id (SearchResult).
 NeighbourSearch = Callable[[np.ndarray, int], Sequence[Any]]
-
-
-@dataclass
-class ExportReport:
-    """What :func:`export_feedback` wrote, and what it dropped and why.
-
-    ``dropped`` counts votes (or mined negatives for ``class_balance``) by reason: ``deleted_face``
-    (the result face left the catalog), ``missing_query_image``, ``self_pair`` (query and result are
-    the same face or the same photo), ``conflicting_votes`` (voters disagree on a pair beyond
-    ``feedback.min_vote_agreement``), ``outvoted`` (the minority votes of a pair that kept its
-    majority label), ``class_balance`` (mined negatives beyond ``feedback.max_negatives_per_positive``).
-    ``mining`` counts mined negatives by method: ``cluster`` (another person cluster) or
-    ``threshold`` (no cluster known: below the match threshold and not up-voted).
-    """
-
-    out_dir: str
-    votes_read: int
-    pairs: int
-    triplets: int
-    positives: int
-    negatives: dict[str, int]
-    negatives_per_positive: float | None
-    dropped: dict[str, int]
-    mining: dict[str, int]
-    warnings: list[str]
-    dropped_examples: list[dict[str, Any]]
-    files: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-friendly dict."""
-        return asdict(self)
-
-    def summary(self) -> str:
-        """A few human-readable lines."""
-        neg = ", ".join(f"{k} {v}" for k, v in self.negatives.items()) or "none"
-        lines = [f"{self.votes_read} votes read -> {self.pairs} pairs ({self.positives} positive; negatives: {neg}), "
-                 f"{self.triplets} triplets in {self.out_dir}",
-                 "dropped: " + (", ".join(f"{k} {v}" for k, v in self.dropped.items()) or "nothing"),
-                 "mined by: " + (", ".join(f"{k} {v}" for k, v in self.mining.items()) or "nothing")]
-        lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
 
 
 def mine_negatives(candidates: Sequence[tuple[int, float, Any, float]], person_clusters: set, match_threshold: float,

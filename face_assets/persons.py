@@ -26,7 +26,6 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from .cluster_means import MIN_ROWS, ClusterMeans
 from .config import ClusteringSettings
 from .audit import ACTOR, AuditLog
 from .errors import ClusterNotFoundError, CurationError, InvalidNameError
+from .schemas import ClusterInfo, ClusterRun
 from .storage import Table, log_all, log_changes, utc_now
 from .store import Catalog
 
@@ -357,64 +357,6 @@ class ClusterStore:
                            WHERE f.cluster_id = clusters.cluster_id) WHERE cluster_id IN (SELECT unnest(?))""", [touched])
             log_changes(con, "clusters", touched)
             con.execute("DELETE FROM clusters WHERE size = 0")
-
-
-@dataclass
-class ClusterInfo:
-    """One person cluster.
-
-    Attributes:
-        cluster_id: stable id (kept across re-clusterings by maximum overlap).
-        size: number of faces.
-        label: the user's name for the person, if any.
-        representative_face_id: the face closest to the cluster's mean.
-        cohesion: mean cosine between the cluster's faces (None for one face).
-        separation: 1 - best average cosine with another cluster (None for one face).
-        confidence: cohesion minus that best average cosine with another cluster.
-        face_ids: the faces, when asked for (``get_cluster``).
-        change_id: the audit entry of the curation call that returned it, if any.
-    """
-
-    cluster_id: int
-    size: int
-    label: str | None = None
-    representative_face_id: int | None = None
-    cohesion: float | None = None
-    separation: float | None = None
-    confidence: float | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    face_ids: list[int] | None = None
-    change_id: int | None = None
-
-
-@dataclass
-class ClusterRun:
-    """What a clustering run did.
-
-    Attributes:
-        run_id: row of ``cluster_runs``.
-        kind: ``full`` or ``incremental``.
-        faces: faces clustered (full) or examined (incremental).
-        clusters: clusters after the run.
-        singletons: single-face clusters after the run.
-        new_faces: faces that had no cluster before the run.
-        unassigned: incremental: new faces that joined no existing cluster.
-        id_changed: full: fraction of previously clustered faces whose cluster id changed.
-        seconds: wall time.
-        quality: full: size-weighted cohesion, separation and sampled silhouette.
-    """
-
-    run_id: int
-    kind: str
-    faces: int
-    clusters: int
-    singletons: int
-    new_faces: int = 0
-    unassigned: int = 0
-    id_changed: float | None = None
-    seconds: float = 0.0
-    quality: dict[str, float | None] = field(default_factory=dict)
 
 
 MAX_LABEL = 200

@@ -82,7 +82,7 @@ def test_new_faces_are_assigned_incrementally(ws):
     assert ws.tick() == {ann_index.key, person_clusters.key}
     assert ws.index_and_cluster().success
     meta = ws.metadata("person_clusters")
-    assert meta["kind"] == "incremental" and meta["new_faces"] == 1
+    assert meta["kind"] == "incremental" and meta["new_faces"] == 1 and meta["full_run_reasons"] == []
     bush = ws.sql("""SELECT DISTINCT fc.cluster_id FROM face_clusters fc JOIN faces f USING (face_id)
                      JOIN images i USING (image_id) WHERE i.path LIKE '%George_W_Bush%' AND f.is_valid""")
     assert len(bush) == 1  # the second photo joined the first one's person
@@ -99,7 +99,8 @@ def test_quality_below_the_floor_fails_the_check(ws):
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed and check.metadata["floor"].value == 0.99
     assert result.success  # not blocking: the clusters are stored, the UI shows the failed check
-    assert ws.metadata("person_clusters")["kind"] == "full"
+    meta = ws.metadata("person_clusters")
+    assert meta["kind"] == "full" and meta["full_run_reasons"]  # the policy's, or "asked for by the run"
 
 
 def test_jobs_and_size_chart():

@@ -384,7 +384,7 @@ def test_a_whole_new_index_is_read_beside_the_searches(tmp_path, caplog):
         folding.import_faces(faces_file(tmp_path / "b.parquet", 5, start=300))
     query = pq.read_table(tmp_path / "b.parquet")["embedding"][0].as_py()
     caplog.set_level(logging.INFO, logger="face_assets")
-    with service._index_loading:  # as while another thread reads the new index
+    with service._search_index._loading:  # as while another thread reads the new index
         assert service.search_embedding(query, top_k=1)[0].similarity < 0.9
         assert len(service.index) == 300
     assert not service.refresh(wait=False)  # starts the read and returns at once

@@ -1,9 +1,10 @@
 """Person clusters in the graph: the library's incremental assignment, or a full re-clustering when due.
 
-``person_clusters`` opens the library and asks its drift policy (``recluster_policy``): when a full
-run is due (never clustered, the model changed, the library grew or incremental assignment left
-too many faces alone, the last full run is old), it calls ``cluster()``; otherwise
-``assign_new()`` puts the faces that have no cluster yet into the nearest person, or new ones.
+``person_clusters`` calls the library's ``update_clusters``, which asks its drift policy
+(``recluster_policy``): when a full run is due (never clustered, the model changed, the library
+grew or incremental assignment left too many faces alone, the last full run is old), it calls
+``cluster()``; otherwise ``assign_new()`` puts the faces that have no cluster yet into the nearest
+person, or new ones.
 It is requested declaratively after each published index (``AFTER_UPSTREAM_UPDATES``). A run can
 ask for a full re-clustering outright (run config ``full: true``). Everything it writes is in the main
 catalog (``clusters``, ``face_clusters``, ``cluster_runs``), under the catalog's lock, but it is not
@@ -80,19 +81,16 @@ def weighted_cohesion(sizes: np.ndarray, cohesion: np.ndarray) -> float | None:
 )
 def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
                     face_assets: FaceAssetsResource) -> MaterializeResult:
-    """``library.assign_new()``, or ``library.cluster()`` when a full run is due or asked for."""
+    """``library.update_clusters()``: ``assign_new()``, or ``cluster()`` when a full run is due or asked for."""
     start = time.perf_counter()
     with face_assets.library() as lib:
-        policy = lib.recluster_policy()
-        full = config.full or policy.recluster
-        # A full run computes for minutes at millions of faces: behind the searches. An assignment
-        # follows the batch that a user waits to see, at the run's priority.
-        run = at_background_priority(lambda: lib.cluster(log=context.log.info)) if full else lib.assign_new()
+        # Behind the searches: a full run computes for minutes at millions of faces; an assignment
+        # does not make a batch searchable (the index did), so it need not outrank a search either.
+        run = at_background_priority(lambda: lib.update_clusters(full=config.full, log=context.log.info))
         sizes, cohesions = lib.cluster_sizes()
         clusters = lib.list_clusters(limit=10)
     cohesion = weighted_cohesion(sizes, cohesions)
     floor = face_assets.settings.pipeline.min_cluster_cohesion
-    reasons = policy.reasons if policy.recluster else (["asked for by the run"] if config.full else [])
     largest = ["| cluster | label | faces | cohesion |", "|---:|---|---:|---:|"] + [
         f"| {c.cluster_id} | {c.label or ''} | {c.size} | {'' if c.cohesion is None else f'{c.cohesion:.3f}'} |"
         for c in clusters]
@@ -108,7 +106,7 @@ def person_clusters(context: AssetExecutionContext, config: ClusterRunConfig,
     return MaterializeResult(
         metadata={
             "kind": run.kind,
-            "full_run_reasons": MetadataValue.json(reasons),
+            "full_run_reasons": MetadataValue.json(run.reasons),
             "dagster/row_count": run.clusters,
             "clusters": run.clusters,
             "singletons": run.singletons,

@@ -113,14 +113,6 @@ class FaceAssetsResource(ConfigurableResource):
         """The main DuckDB catalog's master, written in short sessions (see :mod:`face_assets.storage`)."""
         return Catalog.open(self.settings.storage)
 
-    def library(self, index_file: str | None = None) -> FaceRecognitionLibrary:
-        """The user-facing library over the main catalog and index (opening it reconciles the index).
-
-        ``index_file`` replaces ``storage.index_file``: the file in the data folder the library
-        loads its index from and saves it to (``ann_index`` builds a staged index this way).
-        """
-        settings = self.settings
-        if index_file is not None:
-            settings = settings.model_copy(update={"storage": settings.storage.model_copy(
-                update={"index_file": index_file})})
-        return FaceRecognitionLibrary(settings=settings)
+    def library(self) -> FaceRecognitionLibrary:
+        """The user-facing library over the main catalog and index (the index is read on first use)."""
+        return FaceRecognitionLibrary(settings=self.settings)
