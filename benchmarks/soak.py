@@ -574,9 +574,13 @@ def _big_batch(dep: Deployment, rec: Recorder, datasets: Path, n: int, timeout: 
     while not done and time.monotonic() - start < timeout:
         time.sleep(2.0)
         with contextlib.suppress(duckdb.Error):
-            con = duckdb.connect(str(dep.data / "face_assets.duckdb"), read_only=True)
+            # Attached to a new in-memory database: duckdb.connect() of the file would give this
+            # process's instance, which the analyst's open session keeps at the state it opened.
+            con = duckdb.connect()
             try:
-                merged = con.execute("SELECT count(*) FROM images WHERE path LIKE ?", [f"{folder}/%"]).fetchone()[0]
+                con.execute("ATTACH ? AS published (READ_ONLY)", [str(dep.data / "face_assets.duckdb")])
+                merged = con.execute("SELECT count(*) FROM published.images WHERE path LIKE ?",
+                                     [f"{folder}/%"]).fetchone()[0]
             finally:
                 con.close()
         busy = [r for r in instance.get_runs(active) if r.tags.get("face_assets/lane") in ("ingest", "index")]
