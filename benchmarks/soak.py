@@ -458,7 +458,9 @@ def _full_recluster(dep: Deployment, rec: Recorder, stop: threading.Event, after
 
 def _processes() -> dict[int, tuple[int, int, int]]:
     """Every process of the machine, read once from /proc: pid -> (parent pid, resident bytes,
-    bytes written to storage so far, i.e. ``write_bytes`` of /proc/PID/io)."""
+    bytes written to storage so far: ``write_bytes`` of /proc/PID/io less its
+    ``cancelled_write_bytes``, the bytes of files it truncated or deleted before they reached the
+    disk, such as SQLite's rollback journals)."""
     page = os.sysconf("SC_PAGE_SIZE")
     out = {}
     for entry in Path("/proc").iterdir():
@@ -469,7 +471,8 @@ def _processes() -> dict[int, tuple[int, int, int]]:
             parent = int(stat.rsplit(")", 1)[1].split()[1])
             rss = int((entry / "statm").read_text().split()[1]) * page
             counters = dict(line.split(": ") for line in (entry / "io").read_text().splitlines())
-            out[int(entry.name)] = (parent, rss, int(counters["write_bytes"]))
+            out[int(entry.name)] = (parent, rss,
+                                    int(counters["write_bytes"]) - int(counters["cancelled_write_bytes"]))
         except (OSError, ValueError, IndexError, KeyError):
             continue  # ended meanwhile
     return out
@@ -531,7 +534,7 @@ def _memory_sampler(dep: Deployment, rec: Recorder, stop: threading.Event) -> No
             if name != "all":
                 peaks[name] = max(peaks[name], sum(procs[p][1] for p in pids))
             for p in pids:
-                written[name][p] = max(written[name].get(p, 0), procs[p][2])
+                written[name][p] = procs[p][2]  # the latest: a file deleted later is taken back
         for p in trees["all"]:
             if p not in names:
                 with contextlib.suppress(OSError):
