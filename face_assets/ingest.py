@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ImageLoadError
-from .imaging import content_hash, load_image
+from .imaging import content_hash
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
@@ -114,7 +114,6 @@ def ingest_paths(
     summary = IngestSummary(total=len(paths))
     start = time.perf_counter()
     seen: dict[str, str] = {}
-    max_pixels = face_filter.settings.images.max_pixels
     for begin in range(0, len(paths), chunk_size):
         items = list(zip(paths, image_ids, metadata))[begin : begin + chunk_size]
         hashed = [(path, _read(path), given, meta) for path, given, meta in items]
@@ -131,7 +130,7 @@ def ingest_paths(
             try:
                 if isinstance(data, ImageLoadError):
                     raise data
-                image = load_image(data, max_pixels=max_pixels)
+                image = face_filter.analyzer.load(data)
             except ImageLoadError as exc:
                 catalog.record_unreadable(image_id, digest, str(path), exc.reason)
                 outcomes.append(ImageOutcome(str(path), image_id, "unreadable", error=exc.reason))
