@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 from .config import Settings
 from .detection import FaceDetector
 from .imaging import DraftImage, load_draft
-from .errors import ModelNotFoundError
+from .errors import ImageLoadError, ModelNotFoundError
 from .models import (ImageBackbone, ModelPack, Recognizer, align_wide, builtin_pack, builtin_pack_dir, load_detector,
                      resolve_pack)
 from .schemas import DetectedFace, ImageAnalysis
@@ -94,6 +94,26 @@ class FaceAnalyzer:
         """
         return load_draft(image, min_side=self.settings.detection.det_size, max_pixels=self.settings.images.max_pixels)
 
+    def load_many(self, images: Sequence[Any]) -> list[np.ndarray | DraftImage | ImageLoadError]:
+        """:meth:`load` of several images, in the detection threads when there are several (decoding
+        releases the interpreter, so two threads decode two images at once); an image that cannot be
+        read gives its :class:`ImageLoadError` in its place."""
+
+        def one(image: Any) -> np.ndarray | DraftImage | ImageLoadError:
+            try:
+                return self.load(image)
+            except ImageLoadError as exc:
+                return exc
+
+        if min(self.settings.detection.workers, len(images)) > 1:
+            return list(self._pool().map(one, images))
+        return [one(image) for image in images]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._detect_pool is None:
+            self._detect_pool = ThreadPoolExecutor(self.settings.detection.workers, thread_name_prefix="detect")
+        return self._detect_pool
+
     def analyze(self, image: Any) -> ImageAnalysis:
         """Faces, embeddings and texture statistics of one image (path, bytes or BGR array)."""
         return self.analyze_loaded([self.load(image)])[0]
@@ -105,9 +125,7 @@ class FaceAnalyzer:
         pixels = [img.pixels if isinstance(img, DraftImage) else img for img in images]
         workers = min(self.settings.detection.workers, len(images))
         if workers > 1:
-            if self._detect_pool is None:
-                self._detect_pool = ThreadPoolExecutor(self.settings.detection.workers, thread_name_prefix="detect")
-            found = list(self._detect_pool.map(self._detect_in_pool, pixels))
+            found = list(self._pool().map(self._detect_in_pool, pixels))
         else:
             found = [self.detector.detect(img) for img in pixels]
         results, sources, drafts = [], [], []

@@ -194,6 +194,20 @@ def test_a_large_jpeg_gives_the_faces_of_its_full_decode(face_filter, datasets, 
     assert drafted["is_valid"] and full["is_valid"]
 
 
+def test_load_many_gives_each_image_or_its_error_in_place(datasets, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    files = [_first(datasets / "real" / "lfw10"), bad, _first(datasets / "real" / "deepface"), tmp_path / "missing.jpg"]
+    for workers in (1, 2):
+        analyzer = FaceFilter(load_settings(overrides={"detection": {"workers": workers}}, environ={})).analyzer
+        loaded = analyzer.load_many(files)
+        assert isinstance(loaded[1], ImageLoadError) and isinstance(loaded[3], ImageLoadError)
+        assert loaded[3].reason == "file not found"
+        np.testing.assert_array_equal(loaded[0], load_image(files[0]))
+        assert isinstance(loaded[2], DraftImage)  # 1868 px high
+        np.testing.assert_array_equal(loaded[2].pixels, analyzer.load(files[2]).pixels)
+
+
 def test_group_photo_reports_every_face(face_filter, datasets):
     r = face_filter.filter(datasets / "detection" / "groups" / "10.jpg")
     assert r["num_faces"] == len(r["faces"]) >= 5
