@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from face_assets import FaceFilter, ImageLoadError, filter_image, load_settings
+from face_assets.analysis import _crop_scale
 from face_assets.detection import box_iou
 from face_assets.filtering import is_low_quality, quality_score
 from face_assets.imaging import DraftImage, load_image
@@ -182,11 +183,12 @@ def test_a_large_jpeg_gives_the_faces_of_its_full_decode(face_filter, datasets, 
     cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
     loaded = face_filter.analyzer.load(path)
     assert isinstance(loaded, DraftImage) and loaded.scale <= 0.5
-    full = face_filter.filter(load_image(path))
-    drafted = face_filter.filter(path)
+    analyses = face_filter.analyzer.analyze_loaded([load_image(path), loaded])
+    full, drafted = (face_filter.judge(a) for a in analyses)
     assert drafted["image_size"] == full["image_size"] == [big.shape[1], big.shape[0]]
     assert drafted["num_faces"] == full["num_faces"] >= 1
-    analyses = face_filter.analyzer.analyze_loaded([load_image(path), loaded])
+    # the group photo's faces are too small at the reduced scale: their crops came from the full image
+    assert any(_crop_scale(f.kps) / loaded.scale > 1 for f in analyses[1].faces) == ("/" in name)
     for a, b in zip(*(sorted(x.faces, key=lambda f: tuple(f.bbox[:2])) for x in analyses)):
         assert box_iou(a.bbox, b.bbox) > 0.9
         assert float(a.normed_embedding @ b.normed_embedding) > 0.9
