@@ -77,7 +77,7 @@ def project_pipeline(paths: list[Path], chunk: int = 16) -> tuple[float, int, in
     start = time.perf_counter()
     found = valid = 0
     for i in range(0, len(paths), chunk):
-        images = [load_image(p) for p in paths[i : i + chunk]]
+        images = face_filter.analyzer.load_many(paths[i : i + chunk])  # as indexing decodes them
         for analysis, result in face_filter.filter_loaded(images):
             found += bool(analysis.faces)
             valid += result["is_valid"]

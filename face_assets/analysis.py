@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,8 @@ import numpy as np
 
 from .config import Settings
 from .detection import FaceDetector
-from .imaging import load_image
-from .errors import ModelNotFoundError
+from .imaging import DraftImage, load_draft
+from .errors import ImageLoadError, ModelNotFoundError
 from .models import (ImageBackbone, ModelPack, Recognizer, align_wide, builtin_pack, builtin_pack_dir, load_detector,
                      resolve_pack)
 from .schemas import DetectedFace, ImageAnalysis
@@ -85,23 +85,64 @@ class FaceAnalyzer:
         """Version tag of the embeddings this analyzer produces."""
         return self.pack.model_version
 
+    def load(self, image: Any) -> np.ndarray | DraftImage:
+        """Decode ``image`` (path, bytes or BGR array) for :meth:`analyze_loaded`: a large JPEG at the reduced
+        scale detection needs (:func:`~face_assets.imaging.load_draft`), anything else in full.
+
+        Raises:
+            ImageLoadError: the image cannot be read.
+        """
+        return load_draft(image, min_side=self.settings.detection.det_size, max_pixels=self.settings.images.max_pixels)
+
+    def load_many(self, images: Sequence[Any]) -> list[np.ndarray | DraftImage | ImageLoadError]:
+        """:meth:`load` of several images, in the detection threads when there are several (decoding
+        releases the interpreter, so two threads decode two images at once); an image that cannot be
+        read gives its :class:`ImageLoadError` in its place."""
+
+        def one(image: Any) -> np.ndarray | DraftImage | ImageLoadError:
+            try:
+                return self.load(image)
+            except ImageLoadError as exc:
+                return exc
+
+        if min(self.settings.detection.workers, len(images)) > 1:
+            return list(self._pool().map(one, images))
+        return [one(image) for image in images]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._detect_pool is None:
+            self._detect_pool = ThreadPoolExecutor(self.settings.detection.workers, thread_name_prefix="detect")
+        return self._detect_pool
+
     def analyze(self, image: Any) -> ImageAnalysis:
         """Faces, embeddings and texture statistics of one image (path, bytes or BGR array)."""
-        return self.analyze_loaded([load_image(image, max_pixels=self.settings.images.max_pixels)])[0]
+        return self.analyze_loaded([self.load(image)])[0]
 
-    def analyze_loaded(self, images: Iterable[np.ndarray]) -> list[ImageAnalysis]:
-        """Analyze already-decoded BGR images, batching the recognizer across all their faces."""
+    def analyze_loaded(self, images: Iterable[np.ndarray | DraftImage]) -> list[ImageAnalysis]:
+        """Analyze decoded images (BGR arrays, or :class:`DraftImage` from :meth:`load`), batching the
+        recognizer across all their faces. Boxes and landmarks are in the full image's coordinates."""
         images = list(images)
+        pixels = [img.pixels if isinstance(img, DraftImage) else img for img in images]
         workers = min(self.settings.detection.workers, len(images))
         if workers > 1:
-            if self._detect_pool is None:
-                self._detect_pool = ThreadPoolExecutor(self.settings.detection.workers, thread_name_prefix="detect")
-            found = list(self._detect_pool.map(self._detect_in_pool, images))
+            found = list(self._pool().map(self._detect_in_pool, pixels))
         else:
-            found = [self.detector.detect(img) for img in images]
-        results = [ImageAnalysis(width=img.shape[1], height=img.shape[0], faces=faces, padded=padded)
-                   for img, (faces, padded) in zip(images, found)]
-        self.embed_faces([(img, res.faces) for img, res in zip(images, results)])
+            found = [self.detector.detect(img) for img in pixels]
+        results, sources, drafts = [], [], []
+        for img, px, (faces, padded) in zip(images, pixels, found):
+            if isinstance(img, DraftImage):
+                if all(_crop_scale(f.kps) <= 1.0 for f in faces):
+                    drafts.append((img.scale, faces))  # every crop shrinks the reduced image: cut it from there
+                else:
+                    _to_full(faces, img.scale)  # a face too small at that scale: cut its crops from the full image
+                    px = img.full()
+                results.append(ImageAnalysis(width=img.width, height=img.height, faces=faces, padded=padded))
+            else:
+                results.append(ImageAnalysis(width=px.shape[1], height=px.shape[0], faces=faces, padded=padded))
+            sources.append((px, faces))
+        self.embed_faces(sources)
+        for scale, faces in drafts:
+            _to_full(faces, scale)
         return results
 
     def _detect_in_pool(self, img: np.ndarray) -> tuple[list[DetectedFace], bool]:
@@ -138,6 +179,23 @@ class FaceAnalyzer:
             style = self.backbone.face_features([crops[i] for i in styled], wide)
             for row, i in enumerate(styled):
                 owners[i].style = style[row]
+
+
+def _crop_scale(kps: np.ndarray) -> float:
+    """Pixels of the recognizer's aligned crop per pixel of the image, for a face's five landmarks (above 1:
+    the crop enlarges the face, so a sharper source would give a sharper crop)."""
+    from insightface.utils import face_align
+
+    m = face_align.estimate_norm(np.asarray(kps, np.float32), 112)
+    return float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+
+
+def _to_full(faces: list[DetectedFace], scale: float) -> None:
+    """Move faces found in an image reduced by ``scale`` to the full image's coordinates (pixel centres
+    mapped onto pixel centres)."""
+    for face in faces:
+        face.bbox = ((face.bbox + 0.5) / scale - 0.5).astype(np.float32)
+        face.kps = ((face.kps + 0.5) / scale - 0.5).astype(np.float32)
 
 
 def _texture_model_path(sha256: str) -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import Settings
 from .filtering import FaceFilter
-from .imaging import load_image
+from .imaging import DraftImage
 from .errors import ImageLoadError
 from .ingest import iter_image_files
 
@@ -72,8 +72,7 @@ class Calibration:
 def collect_face_scores(face_filter: FaceFilter, paths: Iterable[Path]) -> dict[str, list[float]]:
     """Scores of every detected face in ``paths`` (unreadable files are skipped)."""
     out: dict[str, list[float]] = {m: [] for m in METRICS}
-    max_pixels = face_filter.settings.images.max_pixels
-    batch: list[np.ndarray] = []
+    batch: list[np.ndarray | DraftImage] = []
 
     def flush() -> None:
         for _, result in face_filter.filter_loaded(batch):
@@ -87,7 +86,7 @@ def collect_face_scores(face_filter: FaceFilter, paths: Iterable[Path]) -> dict[
 
     for path in paths:
         try:
-            batch.append(load_image(path, max_pixels=max_pixels))
+            batch.append(face_filter.analyzer.load(path))  # decoded as indexing decodes it
         except ImageLoadError:
             continue
         if len(batch) >= 16:

@@ -28,6 +28,7 @@ import numpy as np
 from .analysis import STYLE_MIN_SIDE, FaceAnalyzer
 from .cartoon import CartoonClassifier, backbone_for
 from .config import FilterSettings, Settings, load_settings
+from .imaging import DraftImage
 from .schemas import DetectedFace, FaceVerdict, FilterResult, ImageAnalysis, RejectionReason
 
 # Norm and size at which a face counts as fully good in the combined quality score: the upper
@@ -99,8 +100,9 @@ class FaceFilter:
         """
         return self.judge(self.analyzer.analyze(image))
 
-    def filter_loaded(self, images: Sequence[np.ndarray]) -> list[tuple[ImageAnalysis, FilterResult]]:
-        """Analyses and verdicts for decoded images, recognizer batched across them."""
+    def filter_loaded(self, images: Sequence[np.ndarray | DraftImage]) -> list[tuple[ImageAnalysis, FilterResult]]:
+        """Analyses and verdicts for decoded images (BGR arrays, or what ``analyzer.load`` gives), recognizer
+        batched across them."""
         analyses = self.analyzer.analyze_loaded(images)
         return [(a, self.judge(a)) for a in analyses]
 

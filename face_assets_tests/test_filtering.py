@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from face_assets import FaceFilter, ImageLoadError, filter_image, load_settings
+from face_assets.analysis import _crop_scale
 from face_assets.detection import box_iou
 from face_assets.filtering import is_low_quality, quality_score
-from face_assets.imaging import load_image
+from face_assets.imaging import DraftImage, load_image
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,13 @@ def test_real_photo_inputs_agree(face_filter, datasets):
     by_path = face_filter.filter(path)
     by_bytes = face_filter.filter(path.read_bytes())
     by_array = face_filter.filter(load_image(path))
-    assert by_path["scores"] == by_bytes["scores"] == by_array["scores"]
+    assert by_path["scores"] == by_bytes["scores"]
+    # this photo is 1868 px high: decoded at half size from its file, at full size as an array
+    assert (by_path["is_valid"], by_path["num_faces"]) == (by_array["is_valid"], by_array["num_faces"])
+    assert by_path["scores"]["face_size"] == pytest.approx(by_array["scores"]["face_size"], rel=0.05)
+    assert by_path["scores"]["embedding_norm"] == pytest.approx(by_array["scores"]["embedding_norm"], rel=0.05)
+    small = _first(datasets / "real" / "lfw10")  # decoded in full either way
+    assert face_filter.filter(small)["scores"] == face_filter.filter(load_image(small))["scores"]
 
 
 @pytest.mark.parametrize(
@@ -161,6 +169,45 @@ def test_detection_threads_give_the_single_thread_results(face_filter, datasets)
             assert fa.det_score == fb.det_score
             np.testing.assert_array_equal(fa.bbox, fb.bbox)
             np.testing.assert_array_equal(fa.kps, fb.kps)
+
+
+@pytest.mark.parametrize("name, factor", [("lfw10", 8), ("groups/10.jpg", 2)])
+def test_a_large_jpeg_gives_the_faces_of_its_full_decode(face_filter, datasets, tmp_path, name, factor):
+    """A large JPEG is detected at a reduced decoding scale: the same faces, in the full image's
+    coordinates, with the embeddings and verdicts of the full decode; a face too small at that scale
+    (the group photo's) is cut from the full image."""
+    source = _first(datasets / "real" / name) if "/" not in name else datasets / "detection" / name
+    small = load_image(source)
+    big = cv2.resize(small, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    loaded = face_filter.analyzer.load(path)
+    assert isinstance(loaded, DraftImage) and loaded.scale <= 0.5
+    analyses = face_filter.analyzer.analyze_loaded([load_image(path), loaded])
+    full, drafted = (face_filter.judge(a) for a in analyses)
+    assert drafted["image_size"] == full["image_size"] == [big.shape[1], big.shape[0]]
+    assert drafted["num_faces"] == full["num_faces"] >= 1
+    # the group photo's faces are too small at the reduced scale: their crops came from the full image
+    assert any(_crop_scale(f.kps) / loaded.scale > 1 for f in analyses[1].faces) == ("/" in name)
+    for a, b in zip(*(sorted(x.faces, key=lambda f: tuple(f.bbox[:2])) for x in analyses)):
+        assert box_iou(a.bbox, b.bbox) > 0.9
+        assert float(a.normed_embedding @ b.normed_embedding) > 0.9
+    assert [f["is_valid"] for f in drafted["faces"]].count(True) == [f["is_valid"] for f in full["faces"]].count(True)
+    assert drafted["is_valid"] and full["is_valid"]
+
+
+def test_load_many_gives_each_image_or_its_error_in_place(datasets, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    files = [_first(datasets / "real" / "lfw10"), bad, _first(datasets / "real" / "deepface"), tmp_path / "missing.jpg"]
+    for workers in (1, 2):
+        analyzer = FaceFilter(load_settings(overrides={"detection": {"workers": workers}}, environ={})).analyzer
+        loaded = analyzer.load_many(files)
+        assert isinstance(loaded[1], ImageLoadError) and isinstance(loaded[3], ImageLoadError)
+        assert loaded[3].reason == "file not found"
+        np.testing.assert_array_equal(loaded[0], load_image(files[0]))
+        assert isinstance(loaded[2], DraftImage)  # 1868 px high
+        np.testing.assert_array_equal(loaded[2].pixels, analyzer.load(files[2]).pixels)
 
 
 def test_group_photo_reports_every_face(face_filter, datasets):

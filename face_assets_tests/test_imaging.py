@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from face_assets.errors import ImageLoadError
-from face_assets.imaging import _from_array, _pil_to_array, content_hash, load_image
+from face_assets.imaging import DraftImage, _from_array, _pil_to_array, content_hash, load_draft, load_image
 
 LOADS = "loads"
 FAILS = "ImageLoadError"
@@ -391,3 +391,40 @@ def test_content_hash_of_arrays():
 def test_content_hash_of_missing_file(tmp_path):
     with pytest.raises(ImageLoadError, match="file not found"):
         content_hash(tmp_path / "nope.jpg")
+
+
+def _jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    img.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_large_jpeg_is_drafted_at_the_detectors_scale(orientation):
+    data = _jpeg(2600, 1800, orientation)
+    full = load_image(data)
+    draft = load_draft(data, min_side=640)
+    assert isinstance(draft, DraftImage) and draft.scale == 0.25  # 650 px: the smallest scale of at least 640
+    assert (draft.width, draft.height) == (full.shape[1], full.shape[0])
+    assert draft.pixels.shape[:2] == (-(-full.shape[0] // 4), -(-full.shape[1] // 4))  # EXIF turn applied to both
+    np.testing.assert_array_equal(draft.full(), full)
+    # the reduced pixels are the full image averaged over 4 x 4 blocks, up to the JPEG decoder's rounding
+    blocks = full[: full.shape[0] // 4 * 4, : full.shape[1] // 4 * 4].reshape(full.shape[0] // 4, 4, full.shape[1] // 4, 4, 3)
+    mean = blocks.mean(axis=(1, 3))
+    assert np.abs(mean - draft.pixels[: mean.shape[0], : mean.shape[1]]).mean() < 3
+
+
+def test_small_jpegs_and_other_formats_are_decoded_in_full():
+    small = _jpeg(1200, 900)  # under twice the side asked for: no reduction
+    np.testing.assert_array_equal(load_draft(small, min_side=640), load_image(small))
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((1800, 2600, 3), np.uint8)).save(png, "PNG")
+    assert isinstance(load_draft(png.getvalue(), min_side=640), np.ndarray)
+    array = np.zeros((1800, 2600, 3), np.uint8)
+    assert isinstance(load_draft(array, min_side=640), np.ndarray)

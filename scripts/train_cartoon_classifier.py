@@ -71,7 +71,7 @@ from face_assets.config import load_settings  # noqa: E402
 from face_assets.imaging import load_image  # noqa: E402
 from face_assets.models import STYLE_BACKBONE, TAP_STATS, WIDE_SIDE, ImageBackbone, align_wide, resolve_pack  # noqa: E402
 from face_assets.schemas import DetectedFace, ImageAnalysis  # noqa: E402
-from face_assets.style_backbone import BACKBONE_BLOCKS, export_backbone  # noqa: E402
+from face_assets.style_backbone import POOLED_STAGES, export_backbone  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "data" / "cache"  # git-ignored
 EMB_DIM = 512  # normalized ArcFace embedding: the first columns of CartoonClassifier.features
@@ -1174,6 +1174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="compare with and without the image backbone by the quick source protocol (K fits each, "
                          "side by side in two processes); no style protocol, no artifact")
+    ap.add_argument("--backbone", default=str(STYLE_BACKBONE),
+                    help="ONNX file of the image backbone (default: the packaged one, exported when missing)")
     ap.add_argument("--export-backbone", action="store_true",
                     help=f"export the image backbone to {os.path.relpath(STYLE_BACKBONE, REPO_ROOT)} even if it exists")
     ap.add_argument("--dry-run", action="store_true", help="evaluate only, write no artifact")
@@ -1201,8 +1203,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"images: {len(items)} from {len(n_items)} sources ({', '.join(f'{k} {v}' for k, v in sorted(n_items.items()))})")
     backbone = None
     if not args.no_backbone:
-        backbone = STYLE_BACKBONE
-        if args.export_backbone or not backbone.is_file():
+        backbone = Path(args.backbone)
+        if backbone == STYLE_BACKBONE and (args.export_backbone or not backbone.is_file()):
             export_backbone(backbone)
     data = extract(items, root, taps, use_cache=not args.no_cache, cache_dir=Path(args.cache_dir),
                    backbone=backbone, log=lambda *a: print(*a, flush=True))
@@ -1262,7 +1264,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": spec,
         "taps": list(taps),
         "features": f"normalized embedding ({EMB_DIM}) + log1p(mean, std, fraction positive) per channel of each tap"
-                    + (f" + image backbone ({n_style}: blocks {list(BACKBONE_BLOCKS)} mean and std, head mean; "
+                    + (f" + image backbone ({n_style}: last block of stages {[s + 1 for s in POOLED_STAGES]} mean and std, head mean; "
                        "aligned crop, then wide crop)" if n_style else ""),
         "threshold_rule": f"max(q{QUANTILES['colour']} of held-out real colour, q{QUANTILES['gray']} of held-out real gray)",
         "training_faces": {"real": int(real.sum()), "non_photo": int((f.y == 1).sum()),
