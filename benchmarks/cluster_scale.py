@@ -299,6 +299,8 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings, params: Syn
     log(f"generating {n:,} + {n_new:,} synthetic faces (set {OUT.get('set', 'plain')}, seed {args.seed})")
     t = time.perf_counter()
     x, labels = make_data(n, n_new, args.seed, params)
+    if args.float16:  # the embeddings as a caller may hold them: half the memory of the input
+        x = x.astype(np.float16)
     log(f"generated in {time.perf_counter() - t:.0f}s")
     old_x, old_true = x[:n], labels[:n]
     link = cfg.linkage_kwargs()
@@ -325,7 +327,7 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings, params: Syn
                "linkage only, same graph")
         del src, dst, lab
 
-    if not (args.skip_baselines or args.skip_nndescent):
+    if not (args.skip_baselines or args.skip_nndescent or args.float16):
         results["graphs"] = compare_graphs(args, cfg, x, graph, old_x, old_true, t_graph)
 
     if not args.skip_baselines:
@@ -350,7 +352,7 @@ def run_synthetic(args: argparse.Namespace, cfg: ClusteringSettings, params: Syn
         rng = np.random.default_rng(args.seed + 2)
         for name, size in (("kmeans", min(n, args.kmeans_max)), ("hdbscan", min(n, args.hdbscan_max))):
             pick = np.sort(rng.choice(n, size, replace=False))
-            xs, ts = np.ascontiguousarray(old_x[pick]), old_true[pick]
+            xs, ts = np.ascontiguousarray(old_x[pick], np.float32), old_true[pick]
             with PeakRSS() as mem:
                 t = time.perf_counter()
                 lab = kmeans_oracle(xs, len(np.unique(ts))) if name == "kmeans" else hdbscan_labels(xs)
@@ -599,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", default="plain", type=lambda v: v.split(","),
                    help="synthetic sets, comma-separated, each with the whole table: plain, hard")
     p.add_argument("--real", action="store_true", help="also the shared real labelled faces")
+    p.add_argument("--float16", action="store_true",
+                   help="hold the synthetic embeddings in float16 (the clustering reads them in float32 piece by piece; "
+                        "no pynndescent row)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a clustering setting, e.g. --set tau_1=0.5")
     p.add_argument("--variant", dest="variants", action="append", default=[], type=json.loads,

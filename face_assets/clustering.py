@@ -69,6 +69,10 @@ _DEFAULTS = ClusteringSettings()  # the one place the method's defaults are set 
 _PCA_SAMPLE = 100_000  # rows used to estimate the projection
 _TRAIN_PER_LIST = 40  # k-means sample per list (faiss wants >= 39)
 _CHUNK = 65_536  # rows per chunk of the projection and the scoring passes
+#: :class:`MeansIndex` parameters of the searches a full run makes once over its own means (the
+#: candidates from cluster means, the clear-best joins): every face left alone is a query, so a
+#: query's cost, ``nprobe x list_size`` means, is what the pass costs (docs/clustering.md).
+_RUN_SEARCH: dict = {"nprobe": 32, "list_size": 256, "max_lists": 16_384, "exact_max": 16_384}
 
 
 def _log_default(msg: str) -> None:  # noqa: ARG001 - silent unless a logger is given
@@ -140,7 +144,10 @@ def knn_graph(
         raise ValueError("k must be >= 1")
     r = min(pca_dim, d)
     proj = _projection(x, r, rng) if r < d else None
-    y = np.empty((n, r), dtype=np.float32)
+    # The projected faces in float16: half the memory of the graph's largest array (1 GB at 2M
+    # faces), read back in float32 one list at a time; the graph only proposes pairs, whose
+    # cosines the linkage computes exactly from ``x``.
+    y = np.empty((n, r), dtype=np.float16)
     for s in range(0, n, _CHUNK):
         c = np.asarray(x[s : s + _CHUNK], dtype=np.float32)
         y[s : s + len(c)] = c @ proj if proj is not None else c
@@ -150,13 +157,16 @@ def knn_graph(
     nprobe = min(nprobe, nlist)
     t = time.perf_counter()
     if nlist > 1:
-        train = y[np.sort(rng.choice(n, min(n, nlist * _TRAIN_PER_LIST), replace=False))]
+        train = y[np.sort(rng.choice(n, min(n, nlist * _TRAIN_PER_LIST), replace=False))].astype(np.float32)
         km = faiss.Kmeans(r, nlist, niter=10, spherical=True, seed=seed, max_points_per_centroid=_TRAIN_PER_LIST)
         km.train(np.ascontiguousarray(train))
         centroids = km.centroids
     else:
-        centroids = y[:1].copy()
-    probe = faiss.knn(y, centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1].astype(np.int32)
+        centroids = y[:1].astype(np.float32)
+    probe = np.empty((n, nprobe), np.int32)
+    for s in range(0, n, 4 * _CHUNK):
+        c = y[s : s + 4 * _CHUNK].astype(np.float32)
+        probe[s : s + len(c)] = faiss.knn(c, centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1]
     secs["lists"] = time.perf_counter() - t
     log(f"knn graph: {n} x {d} -> {r} dims, {nlist} lists, nprobe {nprobe}: lists in {secs['lists']:.0f}s")
 
@@ -178,8 +188,11 @@ def _invert_lists(probe: np.ndarray, home: np.ndarray, nlist: int) -> tuple[np.n
     member_ptr = np.searchsorted(home[member_order], np.arange(nlist + 1))
     q_lists = probe.reshape(-1)
     q_order = np.argsort(q_lists, kind="stable")
-    q_rows = (q_order // nprobe).astype(np.int32)
-    q_ptr = np.searchsorted(q_lists[q_order], np.arange(nlist + 1))
+    np.floor_divide(q_order, nprobe, out=q_order)  # in place: at 2M faces this array is 0.4 GB
+    q_rows = q_order.astype(np.int32)
+    del q_order
+    q_ptr = np.zeros(nlist + 1, np.int64)
+    np.cumsum(np.bincount(q_lists, minlength=nlist), out=q_ptr[1:])  # every query probes a list
     return member_order, member_ptr, q_rows, q_ptr
 
 
@@ -199,8 +212,8 @@ def _ivf_join(
     634k cluster means and 10,000 queries this is ~15x faster than faiss' IVF search.
 
     Args:
-        q: float32 [nq, d] queries.
-        base: float32 [nb, d] base rows.
+        q: float32 [nq, d] queries (float16 too: read in float32 one list at a time).
+        base: float32 [nb, d] base rows (likewise).
         lists: :func:`_invert_lists` of the queries' probes and the base rows' lists.
         k: neighbours kept per query.
         same: ``q`` is ``base`` (a self-join): a row is not its own neighbour.
@@ -222,8 +235,10 @@ def _ivf_join(
         if len(members) == 0 or len(queries) == 0:
             continue
         kk = min(k + 1 if same else k, len(members))  # +1: a face is a member of its own home list
-        rows = base[members] if scale is None else base[members] * scale[members, None]
-        ds, di = faiss.knn(q[queries], rows, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        rows = np.asarray(base[members], np.float32)
+        if scale is not None:
+            rows *= scale[members, None]
+        ds, di = faiss.knn(np.asarray(q[queries], np.float32), rows, kk, metric=faiss.METRIC_INNER_PRODUCT)
         di = members[di]
         if same:
             ds[di == queries[:, None]] = -np.inf
@@ -275,26 +290,59 @@ class _Sums:
         self.used = 0
 
     def get(self, ids: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ids), self.x.shape[1]), dtype=np.float32)
         sl = self.slot[ids]
         has = sl >= 0
-        if has.any():
-            out[has] = self.store[sl[has]]
-        if not has.all():
-            out[~has] = self.x[ids[~has]]
+        # One gather where all come from one place (the first round: all single faces); it is memory-bound.
+        if not has.any():
+            return np.asarray(self.x[ids], dtype=np.float32)
+        if has.all():
+            return self.store[sl]
+        out = np.empty((len(ids), self.x.shape[1]), dtype=np.float32)
+        rows, alone = np.flatnonzero(has), np.flatnonzero(~has)
+        out[rows] = self.store[sl[rows]]
+        out[alone] = self.x[ids[alone]]
         return out
 
     def set(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._reserve(ids)
+        self.store[self.slot[ids]] = vectors
+
+    def _reserve(self, ids: np.ndarray) -> None:
+        """A slot of the store for each of ``ids`` without one (its content is the caller's to write)."""
         new = self.slot[ids] < 0
         need = int(new.sum())
         if self.used + need > len(self.store):
             self._grow(need)
         self.slot[ids[new]] = np.arange(self.used, self.used + need)
         self.used += need
-        self.store[self.slot[ids]] = vectors
 
     def drop(self, ids: np.ndarray) -> None:
         self.slot[ids] = -1
+
+    def merge(self, roots: np.ndarray, movers: np.ndarray, dest: np.ndarray) -> np.ndarray:
+        """Add the sums of ``movers`` to those of their ``dest`` (``roots``: the distinct ones) in place
+        in the store, drop the movers; returns ``|sum|^2`` of each root. No block of all the roots'
+        sums is made: at 2M faces the first round merges into ~600k roots (1.2 GB)."""
+        import scipy.sparse as sp
+
+        fresh = roots[self.slot[roots] < 0]  # single faces: their sum is their row of x
+        self._reserve(fresh)
+        for s in range(0, len(fresh), _CHUNK):
+            self.store[self.slot[fresh[s : s + _CHUNK]]] = self.x[fresh[s : s + _CHUNK]]
+        slots = self.slot[roots]
+        group = np.searchsorted(roots, dest)
+        step = _CHUNK // 4  # 32 MB of sums at a time, added by a sparse product over their own roots
+        for s in range(0, len(movers), step):
+            present, local = np.unique(group[s : s + step], return_inverse=True)
+            m = sp.csr_matrix((np.ones(len(local), np.float32), (local, np.arange(len(local)))),
+                              shape=(len(present), len(local)))
+            self.store[slots[present]] += m @ self.get(movers[s : s + step])  # each root once
+        self.drop(movers)
+        sq = np.empty(len(roots), np.float64)
+        for s in range(0, len(roots), _CHUNK):
+            block = self.store[slots[s : s + _CHUNK]]
+            sq[s : s + len(block)] = np.einsum("ij,ij->i", block, block)
+        return sq
 
     def _grow(self, need: int) -> None:
         live = np.flatnonzero(self.slot >= 0)
@@ -306,8 +354,9 @@ class _Sums:
 
     def dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = np.empty(len(a), dtype=np.float32)
-        for s in range(0, len(a), _CHUNK):
-            out[s : s + _CHUNK] = np.einsum("ij,ij->i", self.get(a[s : s + _CHUNK]), self.get(b[s : s + _CHUNK]))
+        step = _CHUNK // 4  # two blocks of sums, 64 MB
+        for s in range(0, len(a), step):
+            out[s : s + step] = np.einsum("ij,ij->i", self.get(a[s : s + step]), self.get(b[s : s + step]))
         return out
 
 
@@ -460,13 +509,9 @@ def average_linkage(
             movers = np.flatnonzero(target != np.arange(n))
         dest = target[movers]
         roots = np.unique(dest)
-        acc = _group_sum(np.searchsorted(roots, dest), len(roots), sums.get(movers))
-        acc += sums.get(roots)
+        sq[roots] = sums.merge(roots, movers, dest)
         np.add.at(size, dest, size[movers])
         size[movers] = 0
-        sums.drop(movers)
-        sums.set(roots, acc)
-        sq[roots] = np.einsum("ij,ij->i", acc, acc)
         lab = target[lab]
         changed[:] = False
         changed[roots] = True
@@ -486,9 +531,9 @@ def _join_clear_best(x: np.ndarray, lab: np.ndarray, size: np.ndarray, sums: _Su
     if len(groups) == 0 or len(single) == 0:
         return lab
     means = _means_of(sums, size, groups)
-    index = clear_best_index(means, size[groups])
-    parts = [_clear_best(x[single[s : s + 8 * _CHUNK]], index, join_ratio, join_floor)
-             for s in range(0, len(single), 8 * _CHUNK)]
+    index = clear_best_index(means, size[groups], **_RUN_SEARCH)
+    parts = [_clear_best(x[single[s : s + 2 * _CHUNK]], index, join_ratio, join_floor)
+             for s in range(0, len(single), 2 * _CHUNK)]
     del means, index
     row, score = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     face, dest, score = single[row >= 0], groups[row[row >= 0]], score[row >= 0]
@@ -512,11 +557,12 @@ def _join_clear_best(x: np.ndarray, lab: np.ndarray, size: np.ndarray, sums: _Su
     return out
 
 
-def clear_best_index(means: np.ndarray, sizes: np.ndarray) -> MeansIndex:
+def clear_best_index(means: np.ndarray, sizes: np.ndarray, **index_kwargs) -> MeansIndex:
     """Index of the mean *directions* of the clusters of 2+ faces (rows ``np.flatnonzero(sizes >= 2)``),
-    which the clear-best rule searches (:func:`assign_to_clusters` ``group_index=``)."""
+    which the clear-best rule searches (:func:`assign_to_clusters` ``group_index=``); ``index_kwargs``
+    go to :class:`MeansIndex`."""
     m = means[np.asarray(sizes) >= 2]
-    return MeansIndex(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12))
+    return MeansIndex(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12), **index_kwargs)
 
 
 def _clear_best(queries: np.ndarray, index: MeansIndex, join_ratio: float,
@@ -536,9 +582,9 @@ def _clear_best(queries: np.ndarray, index: MeansIndex, join_ratio: float,
     return np.where(ok, di[:, 0], -1).astype(np.int64), np.where(ok, ds[:, 0], 0.0).astype(np.float32)
 
 
-def _means_of(sums: _Sums, size: np.ndarray, roots: np.ndarray) -> np.ndarray:
-    """float32 [len(roots), d] mean embedding of each cluster ``roots``, built chunk by chunk."""
-    means = np.empty((len(roots), sums.x.shape[1]), np.float32)
+def _means_of(sums: _Sums, size: np.ndarray, roots: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """[len(roots), d] mean embedding of each cluster ``roots`` (float32, or ``dtype``), built chunk by chunk."""
+    means = np.empty((len(roots), sums.x.shape[1]), dtype)
     for s in range(0, len(roots), _CHUNK):
         r = roots[s : s + _CHUNK]
         means[s : s + len(r)] = sums.get(r) / size[r, None].astype(np.float32)
@@ -559,10 +605,10 @@ def _mean_candidates(sums: _Sums, size: np.ndarray, k: int,
     single = np.flatnonzero(size[roots] == 1)
     if len(single) == 0 or len(roots) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    means = _means_of(sums, size, roots)
-    index = MeansIndex(means)
-    rows = np.concatenate([index.search(means[single[s : s + 8 * _CHUNK]], k + 1)[1]
-                           for s in range(0, len(single), 8 * _CHUNK)])
+    means = _means_of(sums, size, roots, np.float16)  # candidates only (scored exactly after): half the memory
+    index = MeansIndex(means, **_RUN_SEARCH)
+    rows = np.concatenate([index.search(means[single[s : s + 2 * _CHUNK]], k + 1)[1]
+                           for s in range(0, len(single), 2 * _CHUNK)])
     del means, index
     qa = np.repeat(roots[single], rows.shape[1])
     qb = np.where(rows >= 0, roots[np.maximum(rows, 0)], -1).reshape(-1)
@@ -623,31 +669,36 @@ def _group_sum(group: np.ndarray, n_groups: int, x: np.ndarray) -> np.ndarray:
 class MeansIndex:
     """Maximum-inner-product search over cluster means: exact up to 50,000 means, inverted lists above.
 
-    Above 50,000 means, the means are spread over ``2 ** round(log2(c / 1024))`` (at most 1024)
-    spherical k-means lists and a query is compared with the members of its ``nprobe`` nearest
-    lists, one BLAS product per list (:func:`_ivf_join`). Build it once per clustering and reuse it
-    for every batch of new faces (:func:`assign_to_clusters` ``index=``): the build is the
-    k-means and the list of every mean, the search is what a call pays. A row whose list is -1
+    Above ``exact_max`` (50,000) means, the means are spread over ``2 ** round(log2(c / list_size))``
+    (at most ``max_lists``; 1024 and 1024 by default) spherical k-means lists and a query is compared
+    with the members of its ``nprobe`` nearest lists, one BLAS product per list (:func:`_ivf_join`).
+    A query's cost is about ``nprobe x list_size`` means once the lists are many: the one-shot
+    searches of a full run use smaller lists (:data:`_RUN_SEARCH`). Build it once per clustering
+    and reuse it for every batch of new faces (:func:`assign_to_clusters` ``index=``): the build is
+    the k-means and the list of every mean, the search is what a call pays. A row whose list is -1
     is in no list and never found (:meth:`from_parts`: rows superseded since the lists were made).
+    Float16 means are kept as they are (half the memory) and read in float32 a list at a time.
     """
 
-    def __init__(self, means: np.ndarray, *, nprobe: int = 32, seed: int = _SEED):
-        self.means = np.ascontiguousarray(means, np.float32)
+    def __init__(self, means: np.ndarray, *, nprobe: int = 32, list_size: int = 1024, max_lists: int = 1024,
+                 exact_max: int = 50_000, seed: int = _SEED):
+        half = isinstance(means, np.ndarray) and means.dtype == np.float16
+        self.means = np.ascontiguousarray(means, np.float16 if half else np.float32)
         self.centroids: np.ndarray | None = None
         self.home: np.ndarray | None = None
         self.scale: np.ndarray | None = None
         self.nprobe = nprobe
         c = len(self.means)
-        if c <= 50_000:
+        nlist = int(min(max_lists, 2 ** round(math.log2(max(c, 1) / list_size))))
+        if c <= exact_max or nlist < 2:
             return
-        nlist = int(min(1024, 2 ** round(math.log2(c / 1024))))
         rng = np.random.default_rng(seed)
-        train = self.means[np.sort(rng.choice(c, min(c, nlist * 16), replace=False))]
+        train = self.means[np.sort(rng.choice(c, min(c, nlist * 16), replace=False))].astype(np.float32)
         km = faiss.Kmeans(train.shape[1], nlist, niter=10, spherical=True, seed=seed, min_points_per_centroid=16,
                            max_points_per_centroid=16)
         km.train(np.ascontiguousarray(train / np.linalg.norm(train, axis=1, keepdims=True)))
         self.centroids = km.centroids
-        self.home = faiss.knn(self.means, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
+        self.home = self.lists_of(self.means)
 
     @classmethod
     def from_parts(cls, means: np.ndarray, centroids: np.ndarray, home: np.ndarray, *,
@@ -664,8 +715,11 @@ class MeansIndex:
         """The list each vector belongs in (its nearest list centroid), as ``home`` holds them."""
         if self.centroids is None or len(vectors) == 0:
             return np.zeros(len(vectors), np.int64)
-        return faiss.knn(np.ascontiguousarray(vectors, np.float32), self.centroids, 1,
-                         metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
+        home = np.empty(len(vectors), np.int64)
+        for s in range(0, len(vectors), 4 * _CHUNK):  # in float32 a block at a time
+            block = np.ascontiguousarray(vectors[s : s + 4 * _CHUNK], np.float32)
+            home[s : s + len(block)] = faiss.knn(block, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
+        return home
 
     def __len__(self) -> int:
         return len(self.means)
@@ -675,7 +729,7 @@ class MeansIndex:
         q = np.ascontiguousarray(queries, np.float32)
         k = min(k, len(self.means))
         if self.centroids is None:
-            base = self.means if self.scale is None else self.means * self.scale[:, None]
+            base = np.asarray(self.means, np.float32) if self.scale is None else self.means * self.scale[:, None]
             return faiss.knn(q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         nprobe = min(self.nprobe, len(self.centroids))
         probe = faiss.knn(q, self.centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1]
