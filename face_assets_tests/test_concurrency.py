@@ -79,7 +79,7 @@ def test_running_library_sees_other_process_faces(data_dir, datasets):
 def test_concurrent_votes_all_stored_once(data_dir):
     """Votes of many threads commit in groups; each acknowledged vote is stored exactly once."""
     with FaceRecognitionLibrary(index_dir=data_dir) as lib:
-        face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
+        face_id = lib.catalog.valid_face_ids(lib.model_version).tolist()[0]
         q = lib.feedback_search(face_id=face_id, top_k=8)
         acked, errors = [], []
 
@@ -170,7 +170,7 @@ def test_read_only_work_loads_no_model(data_dir, monkeypatch):
         assert [m["version"] for m in lib.list_models()] == ["base"]
         lib.cluster()
         assert lib.list_clusters()
-        face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
+        face_id = lib.catalog.valid_face_ids(lib.model_version).tolist()[0]
         assert lib.search_embedding(lib.catalog.embeddings([face_id])[1][0], top_k=1)[0].face_id == face_id
         assert sessions == []
         lib.get_embedding(sorted(Path(lib.catalog.faces_by_id([face_id])[face_id]["path"]).parent.glob("*.jpg"))[0])

@@ -97,7 +97,7 @@ def test_votes_upsert_validate_and_keep_embeddings(lib, feedback_people):
 
 
 def test_catalog_face_query_and_store_survives_reopen(lib):
-    face_id = lib.catalog.valid_face_ids(lib.model_version)[2]
+    face_id = lib.catalog.valid_face_ids(lib.model_version).tolist()[2]
     q = lib.feedback_search(face_id=face_id, top_k=3)
     assert q.query_face_id == face_id and face_id not in [r.face_id for r in q.results] and len(q.results) == 3
     lib.record_feedback(q.query_id, q.results[1].face_id, "up", voter="v")
@@ -231,7 +231,7 @@ def test_cli_feedback_stats_and_export(indexed_dir, feedback_people, tmp_path, c
 
 
 def test_more_results_become_votable(lib):
-    face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
+    face_id = lib.catalog.valid_face_ids(lib.model_version).tolist()[0]
     q = lib.feedback_search(face_id=face_id, top_k=2)
     lib.record_feedback(q.query_id, q.results[0].face_id, "up", voter="v")
     later = lib.more_results(q.query_id, 2, 3)

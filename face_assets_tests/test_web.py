@@ -177,7 +177,7 @@ def test_person_names_in_results(client, lib, tokens, feedback_people):
 
 
 def test_query_face_excluded_from_results(client, lib, tokens):
-    face_id = lib.catalog.valid_face_ids(lib.model_version)[0]
+    face_id = lib.catalog.valid_face_ids(lib.model_version).tolist()[0]
     r = client.post("/api/search", data={"face_id": str(face_id)}, headers=bearer(tokens["viewer"]))
     assert face_id not in [h["face_id"] for h in r.json()["results"]]
 
@@ -185,7 +185,7 @@ def test_query_face_excluded_from_results(client, lib, tokens):
 def test_vote_only_on_a_result_of_the_query(client, lib, tokens, feedback_people):
     body = search(client, tokens["reviewer"], next(iter(feedback_people.values()))[0], top_k="2")
     shown = {h["face_id"] for h in body["results"]}
-    stranger = next(f for f in lib.catalog.valid_face_ids(lib.model_version) if f not in shown)
+    stranger = next(f for f in lib.catalog.valid_face_ids(lib.model_version).tolist() if f not in shown)
     r = client.post("/api/feedback", json={"query_id": body["query_id"], "result_id": stranger, "vote": "up"},
                     headers=bearer(tokens["reviewer"]))
     assert r.status_code == 409 and lib.feedback.votes() == []
@@ -289,7 +289,7 @@ def test_catalog_faces_name_their_person(client, lib, tokens):
     first = client.get("/api/faces", params={"limit": 5}, headers=auth).json()
     more = client.get("/api/faces", params={"limit": 5, "offset": 5}, headers=auth).json()
     ids = [f["face_id"] for f in first + more]
-    assert ids == lib.catalog.valid_face_ids(lib.model_version)[:10]
+    assert ids == lib.catalog.valid_face_ids(lib.model_version).tolist()[:10]
     assert all(f["cluster_id"] == lib.persons.store.cluster_ids([f["face_id"]])[f["face_id"]] for f in first + more)
 
 
@@ -668,7 +668,7 @@ def test_thumbnails_made_ahead_in_the_background(lib, data_dir, tokens):
     from face_assets.web.images import ThumbnailCache
 
     folder = data_dir / "thumbnails" / str(lib.settings.feedback.thumbnail_size)
-    faces = lib.catalog.valid_face_ids(lib.model_version)
+    faces = lib.catalog.valid_face_ids(lib.model_version).tolist()
     stopped = threading.Event()
     stopped.set()
     assert ThumbnailCache(lib, data_dir / "thumbnails", lib.settings.feedback.thumbnail_size).prewarm(stopped) == 0

@@ -131,7 +131,7 @@ class ThumbnailCache:
         """
         lower_thread_priority(19)
         covers = [c.representative_face_id for c in self.library.list_clusters() if c.representative_face_id]
-        faces = self.library.catalog.valid_face_ids(self.library.model_version)
+        faces = self.library.catalog.valid_face_ids(self.library.model_version).tolist()
         made = 0
         for face_id in dict.fromkeys(covers + faces):
             if stop.is_set():
