@@ -394,6 +394,7 @@ def test_a_whole_new_index_is_read_beside_the_searches(tmp_path, caplog):
     service.close()
 
 
+@pytest.mark.slow  # 400 votes, each its own write session and publication: about 30 s
 def test_a_vote_publishes_the_vote_not_the_feedback_store(tmp_path):
     """The feedback store publishes like the catalog: a vote, a re-vote and a retraction each add a
     segment of their own row, and the published views hold what the master holds."""
