@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 from .config import ProcessSettings, Settings
 
-__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_thread_priority"]
+__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_thread_priority", "set_thread_nice",
+           "thread_nice"]
 
 T = TypeVar("T")
 
@@ -47,19 +48,33 @@ def apply_process_settings(settings: Settings | ProcessSettings | None = None) -
         return _applied
 
 
+def thread_nice() -> int | None:
+    """The calling thread's CPU priority (nice); None where it cannot be read (not Linux)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # Linux: this thread only
+    except (OSError, AttributeError):
+        return None
+
+
+def set_thread_nice(value: int) -> bool:
+    """Set the calling thread's CPU priority; False where it is not allowed (raising a priority
+    needs root or ``RLIMIT_NICE``) or not possible."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+    except OSError:
+        return False
+    return True
+
+
 def lower_thread_priority(nice: int) -> None:
     """Lower the calling thread's CPU priority to ``nice`` (never raise it; 0: no change).
 
     Linux gives each thread its own priority, and threads started by it (onnxruntime's, OpenMP's
     pools) inherit it. Where it cannot be set (another system), nothing changes.
     """
-    if not nice:
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
-    except OSError:
-        pass
+    current = thread_nice()
+    if nice and current is not None and nice > current:
+        set_thread_nice(nice)
 
 
 def at_background_priority(fn: Callable[[], T]) -> T:

@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StoreBusyError
+from .process import set_thread_nice, thread_nice
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class _FileLock:
                     self._mode = None
         finally:
             if lowered is not None:
-                _set_thread_nice(lowered)
+                set_thread_nice(lowered)
             self.thread_lock.release()
 
     def _acquire(self, mode: int, deadline: float, timeout: float) -> None:
@@ -147,21 +148,10 @@ def _normal_priority() -> int | None:
     DuckDB starts in the session inherit it. Raising a priority needs the right to (root, or the
     ``RLIMIT_NICE`` that the daemon's unit grants with ``LimitNICE=``); without it nothing changes.
     """
-    try:
-        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # Linux: this thread
-    except (OSError, AttributeError):
-        return None
-    if nice <= 0 or not _set_thread_nice(0):
+    nice = thread_nice()
+    if nice is None or nice <= 0 or not set_thread_nice(0):
         return None
     return nice
-
-
-def _set_thread_nice(value: int) -> bool:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
-    except OSError:
-        return False
-    return True
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
