@@ -303,7 +303,9 @@ class DuckDBFile:
             e.g. a run's private staging file).
         schema: SQL run in the first write session of this process (``CREATE ... IF NOT EXISTS``).
         lock_timeout: seconds a session waits for another process before :class:`StoreBusyError`.
-        publish_interval: at most one publication per this many seconds from this process.
+        publish_interval: at most one publication per this many seconds from this process; a write
+            session exports its changes when one is due, and the views file is written after it
+            returns, on a thread of its own. 0: every write session publishes before it returns.
         read_only: ``master`` is a published file: read sessions open it read-only with no lock
             (writers replace it, never change it in place), and write sessions are refused.
         retention: seconds a segment file no view names any more is kept for readers that still
@@ -341,6 +343,8 @@ class DuckDBFile:
         self._last_publish = 0.0
         self._timer: threading.Timer | None = None
         self._compactor: threading.Thread | None = None
+        self._views: tuple[int, list[tuple]] | None = None  # (version, segment rows) exported, views not written
+        self._views_lock = threading.Lock()
         self._snapshot: tuple[duckdb.DuckDBPyConnection, tuple[int, int]] | None = None
         self._snapshot_lock = threading.Lock()
         if self._schema is not None and not read_only and (self._memory is not None or not self.master.is_file()):
@@ -437,7 +441,11 @@ class DuckDBFile:
             finally:
                 self._local.session = None
                 self._release(con)
-            self._publish_if_due()
+        if self.publish_interval <= 0 or (self.published is not None and not self.published.is_file()):
+            self._write_pending_views()  # no rate limit, or the first publication: visible when this returns
+        else:
+            self._write_views_soon()
+        self._publish_if_due()
 
     def _release(self, con: duckdb.DuckDBPyConnection) -> None:
         if con is not self._memory:
@@ -579,22 +587,24 @@ class DuckDBFile:
 
     def publish(self) -> None:
         """Publish the committed state now, if this process changed it since its last publication:
-        the logged changes as segments (see the module doc)."""
-        if self.published is None or not self._dirty:
+        the logged changes as segments (see the module doc), then the views file, before returning."""
+        if self.published is None:
             return
-        with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
-            if not self._dirty:
-                return
-            con = self._connect(read_only=False)
-            try:
-                self._export(con)
-                con.execute("CHECKPOINT")
-            finally:
-                self._release(con)
+        if self._dirty:
+            with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
+                if self._dirty:
+                    con = self._connect(read_only=False)
+                    try:
+                        self._export(con)
+                        con.execute("CHECKPOINT")
+                    finally:
+                        self._release(con)
+        self._write_pending_views()
 
     def _export(self, con: duckdb.DuckDBPyConnection) -> None:
         """Write the changes logged in the master as segments, in one transaction that also empties
-        the log, then the views file. Runs under the exclusive lock, on a session's connection."""
+        the log, and note the views to write (:meth:`_write_pending_views`, after the lock). Runs
+        under the exclusive lock, on a session's connection."""
         assert self.segments_dir is not None and self.published is not None
         written: list[Path] = []
         retired: list[Path] = []
@@ -624,7 +634,12 @@ class DuckDBFile:
                 path.unlink(missing_ok=True)
             raise
         _retire(retired)
-        self._write_views(con)
+        # What the views file names now, numbered from the master's sequence under its lock, so the
+        # views of every process's exports are ordered; the file itself is written after the lock.
+        version = con.execute("SELECT nextval('_change_seq')").fetchone()[0]
+        rows = con.execute("""SELECT s.tbl, t.key, s.data, s.keys, s.seg FROM _segments s
+                              JOIN _published_tables t USING (tbl) ORDER BY s.tbl, s.seg""").fetchall()
+        self._views = (int(version), rows)
         self._dirty = False
         self._last_publish = time.monotonic()
         if crowded:
@@ -690,12 +705,45 @@ class DuckDBFile:
                     f"WHERE k._key = d.{key} AND k._seg > d._seg)")
         return sql
 
-    def _write_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Write the views file (one view per published table over its segments) beside the
-        published name and rename it over it; then delete segment files retired long enough."""
+    def _write_views_soon(self) -> None:
+        """Write the pending views file on a thread of its own: the session that exported returns."""
+        if self._views is not None:
+            threading.Thread(target=self._write_pending_views, name="publish-views", daemon=True).start()
+
+    def _write_pending_views(self) -> None:
+        """Write the views file of this process's newest export, unless a process already wrote a
+        newer one. Not under the master's lock (another process's session goes on meanwhile), but
+        under the views' own lock, so two writers never interleave and an older file never
+        replaces a newer one."""
+        with self._views_lock:
+            pending = self._views
+            if pending is None:
+                return
+            version, rows = pending
+            assert self.segments_dir is not None and self.published is not None
+            self.segments_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.segments_dir / ".views.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                mark = self.segments_dir / ".views.version"
+                try:
+                    newest = int(mark.read_text())
+                except (FileNotFoundError, ValueError):
+                    newest = -1
+                if version > newest or not self.published.is_file():
+                    self._write_views(rows)
+                    tmp = mark.with_name(f".views.version.{os.getpid()}.partial")
+                    tmp.write_text(str(version))
+                    tmp.replace(mark)
+            finally:
+                os.close(fd)  # closing the descriptor releases the flock
+            if self._views is pending:
+                self._views = None
+
+    def _write_views(self, rows: list[tuple]) -> None:
+        """Write the views file (one view per published table over the segments ``rows`` name)
+        beside the published name and rename it over it; then delete segment files retired long enough."""
         assert self.segments_dir is not None and self.published is not None
-        rows = con.execute("""SELECT s.tbl, t.key, s.data, s.keys, s.seg FROM _segments s
-                              JOIN _published_tables t USING (tbl) ORDER BY s.tbl, s.seg""").fetchall()
         tables: dict[str, tuple[str | None, list[tuple[str, str | None]]]] = {}
         for tbl, key, data, keys, _ in rows:
             tables.setdefault(tbl, (key, []))[1].append((data, keys))
@@ -723,7 +771,7 @@ class DuckDBFile:
             return
         horizon = time.time() - self.retention
         for path in self.segments_dir.iterdir():
-            if path.name in named or path.name.startswith(".compact"):
+            if path.name in named or path.name.startswith((".compact", ".views")):
                 continue
             try:
                 if path.stat().st_mtime < horizon:
@@ -842,7 +890,7 @@ class DuckDBFile:
         ids = list(dict.fromkeys(ids))
         rows: list[tuple] = []
         with self._snapshot_lock:
-            con = None if self.read_only or self._dirty else self.snapshot()
+            con = None if self.read_only or self._dirty or self._views is not None else self.snapshot()
             if con is not None:
                 try:
                     rows = con.execute(sql.format(keys=", ".join("?" * len(ids))), ids).fetchall()

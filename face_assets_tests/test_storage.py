@@ -140,6 +140,52 @@ def test_reader_keeps_its_state_and_a_new_one_sees_the_next(tmp_path):
     catalog.close()
 
 
+def wait_published(folder: Path, sql: str, expected: list[tuple], timeout: float = 30.0) -> list[tuple]:
+    """The published rows of ``sql`` once they equal ``expected`` (or the last ones seen at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = published_rows(folder, sql)
+        if rows == expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_views_are_written_after_the_session_and_never_go_back(tmp_path):
+    """With a publication interval, a write session exports its change and returns; the views
+    file follows on a thread of its own. Views of an older export never replace newer ones, whichever
+    is written last (here two stores of one master in one process, as two processes would be)."""
+    folder = tmp_path / "data"
+    first = Catalog(folder / "store" / "catalog.duckdb", published=folder / "face_assets.duckdb", publish_interval=0.2)
+    store = ClusterStore(first)
+    with store.transaction() as con:
+        con.execute("INSERT INTO clusters (cluster_id, label, size, created_at, updated_at) VALUES (1, 'a', 1, now(), now())")
+        log_changes(con, "clusters", [1])
+    first.db.publish()
+    sql = "SELECT label FROM clusters WHERE cluster_id = 1"
+    assert published_rows(folder, sql) == [("a",)]
+    time.sleep(0.3)  # an export is due: the next session makes it
+    with first.db._views_lock:  # hold back this store's views file
+        with store.transaction() as con:
+            con.execute("UPDATE clusters SET label = 'b' WHERE cluster_id = 1")
+            log_changes(con, "clusters", [1])
+        assert first.db._views is not None  # exported, views pending
+        second = Catalog(folder / "store" / "catalog.duckdb", published=folder / "face_assets.duckdb",
+                         publish_interval=0)
+        with ClusterStore(second).transaction() as con:
+            con.execute("UPDATE clusters SET label = 'c' WHERE cluster_id = 1")
+            log_changes(con, "clusters", [1])
+        assert published_rows(folder, sql) == [("c",)]
+    first.db.publish()  # writes what it held back, unless newer views exist: they do
+    assert published_rows(folder, sql) == [("c",)]
+    assert first.db._views is None
+    with store.transaction() as con:  # and the next change of the first store follows, on its own
+        con.execute("UPDATE clusters SET label = 'd' WHERE cluster_id = 1")
+        log_changes(con, "clusters", [1])
+    assert wait_published(folder, sql, [("d",)]) == [("d",)]
+    second.close()
+    first.close()
+
+
 def test_duckdb_1x_cli_opens_the_published_catalog(tmp_path):
     """The analysts' documented command, with the DuckDB 1.x command-line client (the newest on
     PyPI reads storage versions up to 1.x only): the views and their Parquet segments answer."""
