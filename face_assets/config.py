@@ -296,10 +296,11 @@ class WebSettings(_Section):
         2, ge=1, description="Searches run at once; more get 503 with `Retry-After` (bounds memory and CPU)."
     )
     search_nice: int = Field(
-        5, ge=0, le=19,
+        10, ge=0, le=19,
         description="CPU priority (nice) of the threads that decode, detect and embed query images: the service's "
         "short requests (people pages, curation, votes) go before a search's half second of inference, and "
-        "searches before the pipeline's heavy work (`process.background_nice`). 0: no change.",
+        "searches before the pipeline's heavy work (`process.background_nice`) where both share a process group. "
+        "0: no change.",
     )
     rate_limit: str = Field(
         "600/minute", description="Requests per token (or per client address without auth), `limits` syntax."
@@ -572,7 +573,7 @@ class ProcessSettings(_Section):
         "An `OMP_WAIT_POLICY` environment variable wins.",
     )
     background_nice: int = Field(
-        10, ge=0, le=19,
+        15, ge=0, le=19,
         description="CPU priority (nice) of the pipeline's heavy work: embedding a batch, a full re-clustering, "
         "fine-tuning, re-embedding the catalog. It runs on a thread of its own at this priority, so searches go "
         "first; the rest of a run (its start, the merge, the index) runs at the process's priority, so a new "

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 from .config import ProcessSettings, Settings
 
-__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_thread_priority", "set_thread_nice",
-           "thread_nice"]
+__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_thread_priority",
+           "raise_to_normal_priority", "set_thread_nice", "thread_nice"]
 
 T = TypeVar("T")
 
@@ -64,6 +64,23 @@ def set_thread_nice(value: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def raise_to_normal_priority() -> int | None:
+    """Raise the calling thread to normal CPU priority (nice 0) if it runs lower; returns the nice
+    value to go back to, or None when nothing changed.
+
+    For a thread whose work others wait for, started from a thread at a lower priority: a store
+    session (every other process waits for the lock's holder; starved by searches, a run holding it
+    held it for tens of seconds while curation waited, a priority inversion), or the service's
+    reading of a newer index (new faces are not searchable until it is done). Threads started
+    meanwhile (DuckDB's) inherit it. Raising a priority needs the right to (root, or the
+    ``RLIMIT_NICE`` the units grant with ``LimitNICE=+0``); without it nothing changes.
+    """
+    nice = thread_nice()
+    if nice is None or nice <= 0 or not set_thread_nice(0):
+        return None
+    return nice
 
 
 def lower_thread_priority(nice: int) -> None:

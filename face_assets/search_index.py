@@ -25,6 +25,7 @@ import numpy as np
 from .config import Settings
 from .errors import IndexCorruptError, IndexNotFoundError
 from .index import FaceIndex, IndexJournal, saved_ids
+from .process import raise_to_normal_priority
 from .running_model import RunningModel
 from .storage import file_stamp
 from .store import Catalog
@@ -151,9 +152,15 @@ class SearchIndex:
                 logger.info("applied %d index changes published by another process", len(records))
                 return True
             if not wait:
-                threading.Thread(target=self._load_published, name="index-loader", daemon=True).start()
+                threading.Thread(target=self._load_published_soon, name="index-loader", daemon=True).start()
                 return False
         return self._load_published()
+
+    def _load_published_soon(self) -> None:
+        """:meth:`_load_published` on the loader thread, at normal priority: the searches that start
+        it run lower, and new faces are not searchable until it is done."""
+        raise_to_normal_priority()
+        self._load_published()
 
     def _load_published(self) -> bool:
         """Read the published index outside the lock, one reader at a time, and swap it in; True when swapped."""

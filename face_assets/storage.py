@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StoreBusyError
-from .process import set_thread_nice, thread_nice
+from .process import raise_to_normal_priority, set_thread_nice
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class _FileLock:
     def hold(self, exclusive: bool, timeout: float) -> Iterator[None]:
         """Hold the lock (shared or exclusive) for the block; nested holds of one thread reuse it.
 
-        The holding thread runs at normal CPU priority meanwhile (:func:`_normal_priority`).
+        The holding thread runs at normal CPU priority meanwhile: a store's lock makes every other
+        process wait for its holder, so its cost must be its own, short (see
+        :func:`~face_assets.process.raise_to_normal_priority`).
         """
         deadline = time.monotonic() + timeout
         if not self.thread_lock.acquire(timeout=max(timeout, 0.001)):
@@ -98,7 +100,7 @@ class _FileLock:
         lowered: int | None = None
         try:
             if self._depth == 0:
-                lowered = _normal_priority() if self.path is not None else None
+                lowered = raise_to_normal_priority() if self.path is not None else None
                 self._acquire(fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, deadline, timeout)
             elif exclusive and self._mode != fcntl.LOCK_EX:
                 raise RuntimeError("a read session cannot open a write session inside it")
@@ -135,23 +137,6 @@ class _FileLock:
                 # Jitter keeps waiting processes from retrying in step.
                 time.sleep(min(delay * (0.5 + random.random()), max(deadline - time.monotonic(), 0.0)))
                 delay = min(delay * 2, 0.1)
-
-
-def _normal_priority() -> int | None:
-    """Raise the calling thread to normal CPU priority (nice 0) if it runs lower; returns the nice
-    value to go back to, or None when nothing changed.
-
-    A store's lock makes every other process wait for its holder. The pipeline's runs run at a
-    lower priority (nice 10) so that searches go first; starved by them, a run holding the lock
-    would hold it for tens of seconds while the service's curation and pages wait (a priority
-    inversion). So a session runs at normal priority: its cost is its own, short. Threads that
-    DuckDB starts in the session inherit it. Raising a priority needs the right to (root, or the
-    ``RLIMIT_NICE`` that the daemon's unit grants with ``LimitNICE=``); without it nothing changes.
-    """
-    nice = thread_nice()
-    if nice is None or nice <= 0 or not set_thread_nice(0):
-        return None
-    return nice
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
