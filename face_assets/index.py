@@ -721,6 +721,15 @@ def saved_ids(index_path: str | os.PathLike[str]) -> np.ndarray | None:
     return data[4:]
 
 
+def sorted_member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` are in ``sorted_ids`` (sorted, unique), by a binary search each: the big
+    array is neither copied nor sorted again, as the set routines of numpy would."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(ids), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 

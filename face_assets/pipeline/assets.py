@@ -61,6 +61,7 @@ from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from ..errors import ModelVersionError
 from ..ingest import ingest_paths
+from ..index import sorted_member
 from ..process import at_background_priority
 from ..store import Catalog
 from .charts import counts_markdown, histogram_markdown
@@ -381,8 +382,8 @@ def ann_index(context: AssetExecutionContext, face_assets: FaceAssetsResource) -
         stored = np.zeros(0, np.int64) if held is None else held
         stats = lib.stats()
         published = lib.index_path
-    missing = np.setdiff1d(expected, stored, assume_unique=True)
-    extra = np.setdiff1d(stored, expected, assume_unique=True)
+    missing = expected[~sorted_member(stored, expected)]
+    extra = stored[~sorted_member(expected, stored)]
     check = AssetCheckResult(
         check_name=INDEX_CHECK,
         passed=not len(missing) and not len(extra),
