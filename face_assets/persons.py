@@ -553,8 +553,7 @@ class PersonClusters:
                 settings=self.settings.model_dump())
             self.store.write_clusters(con, self._cluster_rows(x, ids, stable, run_id, quality), (ids, stable),
                                         "cluster", replace_all=True)
-        if n_clusters >= MIN_ROWS:  # the kept means are built now, not by the first assignment after
-            self._kept_means(x.shape[1])
+        self.keep_means(x.shape[1])
         return ClusterRun(run_id, "full", len(ids), n_clusters, singletons, new_faces, 0, id_changed, seconds,
                           {k: quality.get(k) for k in ("cohesion", "separation", "silhouette")})
 
@@ -607,6 +606,14 @@ class PersonClusters:
             self._rewrite(con, touched, "assign")
             run = self._record_incremental(started, t0, len(new), len(rest), con)
         return run
+
+    def keep_means(self, dim: int) -> None:
+        """Bring the kept cluster means up to date now, not in the first assignment after (about a
+        minute at a million persons, which would hold up the index run of the next batch): after a
+        full run, or after clusters were written otherwise (imported). Nothing is kept below
+        :data:`~face_assets.cluster_means.MIN_ROWS` clusters."""
+        if self.store.query("SELECT count(*) FROM clusters")[0][0] >= MIN_ROWS:
+            self._kept_means(dim)
 
     def _kept_means(self, dim: int) -> ClusterMeans:
         """The cluster means as kept between runs, patched by the clusters that changed since: a cost
