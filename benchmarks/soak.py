@@ -710,7 +710,7 @@ def run(minutes: float = 10.0, drop_every: float = 20.0, batch: int = 6, idle_se
     photos = _photos(datasets)
     seed_photos, pool = photos[:24], photos[24:]
     work = Path(work or tempfile.mkdtemp(prefix="face-assets-soak-"))
-    dep = Deployment(work, pipeline={"batch_size": 64, "retrain_min_new_votes": 1_000_000})
+    dep = Deployment(work, pipeline={"retrain_min_new_votes": 1_000_000})  # batches of the default size
     seeded = dep.cli("index", *map(str, seed_photos), "--json", timeout=600)
     clustered = dep.cli("cluster", "run", "--json", timeout=600) if seeded.returncode == 0 else seeded
     if clustered.returncode != 0:  # persons from the start: the curator and the one-row writer act on them
