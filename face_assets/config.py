@@ -572,6 +572,14 @@ class ProcessSettings(_Section):
         "turns small parallel steps into a crawl on a few shared cores (k-means on 6,000 vectors: 22 s vs 0.2 s). "
         "An `OMP_WAIT_POLICY` environment variable wins.",
     )
+    pipeline_share_nice: int = Field(
+        5, ge=0, le=19,
+        description="CPU share of the Dagster daemon's session (its run workers included) against the service's, "
+        "as a nice value: Linux shares the CPU between sessions (or systemd units, by `CPUWeight=`) before threads' "
+        "nice values count. At 5 the pipeline gets a quarter of a CPU the service saturates, so searches during "
+        "ingestion stay near their idle latency; the daemon's unit sets `CPUWeight=30` to the same effect. 0: an equal "
+        "share.",
+    )
     background_nice: int = Field(
         15, ge=0, le=19,
         description="CPU priority (nice) of the pipeline's heavy work: embedding a batch, a full re-clustering, "

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 from .config import ProcessSettings, Settings
 
-__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_thread_priority",
-           "raise_to_normal_priority", "set_thread_nice", "thread_nice"]
+__all__ = ["apply_process_settings", "at_background_priority", "faiss", "lower_session_share",
+           "lower_thread_priority", "raise_to_normal_priority", "set_thread_nice", "thread_nice"]
 
 T = TypeVar("T")
 
@@ -61,6 +61,26 @@ def set_thread_nice(value: int) -> bool:
     needs root or ``RLIMIT_NICE``) or not possible."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+    except OSError:
+        return False
+    return True
+
+
+def lower_session_share(nice: int) -> bool:
+    """Give this process's session the CPU share of ``nice`` against other sessions; True when set.
+
+    Linux shares the CPU between sessions (``kernel.sched_autogroup_enabled``), or between systemd
+    units by their ``CPUWeight=``, before it looks at the nice values of threads: threads' nice
+    only orders the work of one session. The pipeline's daemon leads a session with its run
+    workers; lowering its share lets the service's searches and pages go first when both want the
+    whole CPU (``process.pipeline_share_nice``). Only a process that leads its own session changes
+    it (it would change the shell's otherwise), and only on Linux.
+    """
+    if nice <= 0 or not hasattr(os, "getsid") or os.getsid(0) != os.getpid():
+        return False
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
     except OSError:
         return False
     return True

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 START_UP = textwrap.dedent(
     """
     import os, sys
@@ -62,3 +64,17 @@ def test_heavy_work_runs_behind_searches_on_its_own_thread():
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", BACKGROUND], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["True True", "raised in the caller"], out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="Linux's session CPU shares (autogroup) only")
+def test_the_daemons_session_gets_a_lower_cpu_share_not_the_shell_it_came_from():
+    """A process leading its own session (the daemon, as the units and the soak start it) lowers
+    that session's CPU share; one started inside another session (a shell's) changes nothing."""
+    code = ("from face_assets.process import lower_session_share\n"
+            "print(lower_session_share(5)); print(open('/proc/self/autogroup').read().split()[-1])")
+    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         start_new_session=True)
+    assert own.stdout.split() == ["True", "5"], own.stderr
+    inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert inside.stdout.split()[0] == "False", inside.stderr
+    assert inside.stdout.split()[1] == Path("/proc/self/autogroup").read_text().split()[-1]  # the caller's, unchanged

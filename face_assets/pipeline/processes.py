@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     if which == "daemon":
         from dagster._daemon.cli import cli
 
+        from ..config import load_settings
+        from ..process import lower_session_share
+
+        lower_session_share(load_settings().process.pipeline_share_nice)
+
         cli.main(["run", *workspace, "--code-server-log-level", "error", *rest], prog_name="dagster-daemon", obj={})
     else:
         dagster_webserver.cli.cli.main([*workspace, "--code-server-log-level", "error", *rest],
