@@ -147,9 +147,10 @@ class Deployment:
         return {"Authorization": f"Bearer {self.token}"}
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """``face-assets ARGS`` as a separate process."""
+        """``face-assets ARGS`` as a separate process, in a session of its own as a user's shell is
+        (Linux shares the CPU between sessions first: see docs/operations.md)."""
         return subprocess.run([sys.executable, "-m", "face_assets.cli", *args], env=self.env, cwd=self.work,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
     def start_service(self) -> None:
         """``face-assets serve`` on a free loopback port; waits for its health check."""
@@ -398,7 +399,7 @@ def _writer(dep: Deployment, rec: Recorder, stop: threading.Event) -> None:
             "    t = time.perf_counter(); lib.rename(cid, 'writer ' + line.strip())\n"
             "    print(time.perf_counter() - t, flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(dep.data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=dep.env, cwd=dep.work)
+                            text=True, env=dep.env, cwd=dep.work, start_new_session=True)  # another user's session
     try:
         n = 0
         while not stop.is_set() and proc.poll() is None:
