@@ -686,8 +686,11 @@ class DuckDBFile:
         out = f"d.* EXCLUDE (_seg), {seg}::BIGINT AS _seg" if seg is not None else "d.* EXCLUDE (_seg)"
         sql = f"SELECT {out} FROM read_parquet([{files}], union_by_name = true) d"
         if keys and key is not None:
-            sql += (f" WHERE NOT EXISTS (SELECT 1 FROM read_parquet([{keys}]) k "
-                    f"WHERE k._key = d.{key} AND k._seg > d._seg)")
+            # A join on each key's latest listing, not a correlated NOT EXISTS: DuckDB planned that as
+            # a join that read the rows before a reader's filter, and a search's lookup of 20 images
+            # among 2M took 250 to 400 ms instead of 30.
+            sql += (f" LEFT JOIN (SELECT _key, max(_seg) AS _seg FROM read_parquet([{keys}]) GROUP BY _key) k "
+                    f"ON k._key = d.{key} AND k._seg > d._seg WHERE k._key IS NULL")
         return sql
 
     def _write_views_soon(self) -> None:
