@@ -77,12 +77,19 @@ class _FileLock:
 
     One instance per lock file and process (see :func:`_file_lock`): two descriptors of one
     process would lock each other out.
+
+    Writers are not starved by readers: a session passes a gate (``<lock>.gate``) first, which a
+    writer holds while it waits for the readers in session to finish, so no new reader starts
+    before it. Without it, readers in back-to-back sessions (a re-clustering reading 2M faces in
+    chunks, the service's pages) kept the shared lock taken and a writer waited until they stopped.
     """
 
     def __init__(self, path: Path | None):
         self.path = path  # None: a store only this process sees, threads take turns and no flock is needed
+        self.gate = None if path is None else path.with_name(path.name + ".gate")
         self.thread_lock = threading.RLock()
         self._fd: int | None = None
+        self._gate_fd: int | None = None
         self._mode: int | None = None
         self._depth = 0
 
@@ -125,11 +132,21 @@ class _FileLock:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._gate_fd = os.open(self.gate, os.O_RDWR | os.O_CREAT, 0o644)
+        assert self._gate_fd is not None
+        self._wait(self._gate_fd, mode, deadline, timeout)  # shared for readers: they pass unless a writer waits
+        try:
+            self._wait(self._fd, mode, deadline, timeout)
+            self._mode = mode
+        finally:
+            fcntl.flock(self._gate_fd, fcntl.LOCK_UN)
+
+    def _wait(self, fd: int, mode: int, deadline: float, timeout: float) -> None:
+        """Take ``flock(fd, mode)``, retrying with backoff until ``deadline``."""
         delay = 0.002
         while True:
             try:
-                fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
-                self._mode = mode
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -905,6 +922,6 @@ class DuckDBFile:
     def remove_files(self) -> None:
         """Delete the master, DuckDB's write-ahead log beside it and the lock file, after :meth:`close`: for a
         scratch store that nothing publishes (a batch's staging catalog, once exported)."""
-        for path in (self.master, self.master.with_name(self.master.name + ".wal"), self._lock.path):
+        for path in (self.master, self.master.with_name(self.master.name + ".wal"), self._lock.path, self._lock.gate):
             if path is not None:
                 path.unlink(missing_ok=True)

@@ -186,6 +186,46 @@ def test_views_are_written_after_the_session_and_never_go_back(tmp_path):
     first.close()
 
 
+READER = """
+import sys, time
+from face_assets.storage import DuckDBFile
+db = DuckDBFile(sys.argv[1])
+print("reading", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end and not __import__("os").path.exists(sys.argv[2]):
+    with db.read() as con:  # back-to-back sessions, each holding the shared lock a while
+        con.execute("SELECT 1").fetchall()
+        time.sleep(0.03)
+"""
+
+
+def test_readers_in_back_to_back_sessions_do_not_starve_a_writer(tmp_path):
+    """Two processes reading in overlapping sessions without pause (as a re-clustering's chunks and
+    the service's pages do) keep the shared lock taken all the time; a writer still gets its turn,
+    while they go on reading."""
+    from face_assets.storage import DuckDBFile
+
+    master, stop = tmp_path / "m.duckdb", tmp_path / "stop"
+    db = DuckDBFile(master, schema="CREATE TABLE IF NOT EXISTS t (a INT);", lock_timeout=20)
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(master), str(stop)], stdout=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    try:
+        for r in readers:
+            assert r.stdout.readline().strip() == "reading"
+        time.sleep(0.5)
+        for i in range(3):
+            with db.write() as con:
+                con.execute("INSERT INTO t VALUES (?)", [i])
+            assert all(r.poll() is None for r in readers)  # written while both still read
+        with db.read() as con:
+            assert con.execute("SELECT count(*) FROM t").fetchone() == (3,)
+    finally:
+        stop.touch()
+        for r in readers:
+            r.wait(timeout=60)
+    db.close()
+
+
 def test_duckdb_1x_cli_opens_the_published_catalog(tmp_path):
     """The analysts' documented command, with the DuckDB 1.x command-line client (the newest on
     PyPI reads storage versions up to 1.x only): the views and their Parquet segments answer."""
