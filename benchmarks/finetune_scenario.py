@@ -89,7 +89,7 @@ def detect(lib: FaceRecognitionLibrary, paths: list[Path], cache: Path) -> tuple
     for path in paths:
         file = cache / f"{hashlib.sha256(path.read_bytes()).hexdigest()[:24]}.npz"
         if not file.is_file():
-            faces, _ = analyzer.detector.detect(load_image(path))
+            faces, _ = analyzer.detector.predict([load_image(path)])[0]
             found = bool(faces)
             crop = analyzer.recognizer.align(load_image(path), faces[0].kps) if found else np.zeros((112, 112, 3), np.uint8)
             box = [float(v) for v in faces[0].bbox[:4]] if found else [0.0] * 4

@@ -98,13 +98,13 @@ def real_nuisance_embeddings(root: Path, cache: Path, refresh: bool = False,
         except Exception as e:  # noqa: BLE001 - an unreadable file is skipped, as in the calibration
             log(f"skip {rel}: {type(e).__name__}")
             continue
-        faces, _ = analyzer.detector.detect(img)
+        faces, _ = analyzer.detector.predict([img])[0]
         if not faces:
             continue
         kps = faces[0].kps
         crop = rec.align(img, kps)
         grey = cv2.cvtColor(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
-        emb, _ = rec.embed_aligned([crop, grey, _degrade(crop)])
+        emb, _ = rec.predict([crop, grey, _degrade(crop)])
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         for key, v in zip(("colour", "grey", "low"), emb):
             out[key].append(v)

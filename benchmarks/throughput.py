@@ -103,7 +103,7 @@ def cartoon_cost(paths: list[Path], repeat: int = 3) -> dict[str, float]:
     crops, wide = [], []
     for p in paths:
         img = load_image(p)
-        faces, _ = face_filter.analyzer.detector.detect(img)
+        faces, _ = face_filter.analyzer.detector.predict([img])[0]
         crops += [recognizer.align(img, f.kps) for f in faces[:1]]
         wide += [align_wide(img, f.kps) for f in faces[:1]]
     batch = face_filter.settings.models.rec_batch_size
@@ -119,10 +119,10 @@ def cartoon_cost(paths: list[Path], repeat: int = 3) -> dict[str, float]:
 
     clf: CartoonClassifier = face_filter.classifier
     backbone = face_filter.analyzer.backbone
-    emb, tex = recognizer.embed_aligned(crops)
+    emb, tex = recognizer.predict(crops)
     style = None if backbone is None else backbone.face_features(crops, wide)
     x = clf.features(emb / np.linalg.norm(emb, axis=1, keepdims=True), tex, style)
-    cost = {"faces": len(crops), "recognizer_ms": best(plain.embed_aligned), "with_taps_ms": best(recognizer.embed_aligned),
+    cost = {"faces": len(crops), "recognizer_ms": best(plain.predict), "with_taps_ms": best(recognizer.predict),
             "head_ms": best(lambda c: clf.predict_proba(x[: len(c)]))}
     if backbone is not None:
         cost["backbone_ms"] = best(backbone.features)

@@ -22,9 +22,8 @@ from .config import Settings
 from .detection import FaceDetector
 from .imaging import DraftImage, load_draft
 from .errors import ImageLoadError, ModelNotFoundError
-from .models import (ImageBackbone, ModelPack, Recognizer, align_wide, builtin_pack, builtin_pack_dir, load_detector,
-                     resolve_pack)
-from .schemas import DetectedFace, ImageAnalysis
+from .models import ImageBackbone, ModelPack, Recognizer, align_wide, builtin_pack, builtin_pack_dir, resolve_pack
+from .schemas import DetectedFace, Detection, ImageAnalysis
 
 # Faces smaller than this get no style features: their aligned crop is mostly interpolation and style
 # cannot be judged (the cartoon verdict skips them too).
@@ -47,7 +46,10 @@ class FaceAnalyzer:
                  backbone: ImageBackbone | None = None):
         self.settings = settings
         self.pack: ModelPack = resolve_pack(settings.models)
+        # The detector and the recognizers start here, not on the first image: a file that is not the model
+        # it is configured as fails at construction (and before a swap, in use_recognizer), not in a batch.
         self.detector = self._new_detector()
+        self.detector.load()
         self._taps, self._texture_model = tuple(taps), texture_model
         self.backbone = backbone
         self.recognizer, self.texture_recognizer = self._recognizers(self.pack)
@@ -56,15 +58,18 @@ class FaceAnalyzer:
 
     def _new_detector(self, intra_op_threads: int | None = None) -> FaceDetector:
         """The pack's detector in a session of its own (``intra_op_threads`` overrides the configured count)."""
-        detection = self.settings.detection
-        return FaceDetector(load_detector(self.pack, self.settings.models, detection, intra_op_threads), detection)
+        return FaceDetector(self.pack.detector, self.settings.models, self.settings.detection, intra_op_threads)
 
     def _recognizers(self, pack: ModelPack) -> tuple[Recognizer, Recognizer | None]:
-        """The pack's recognizer, and a second one for the texture taps when they belong to another file."""
+        """The pack's recognizer, and a second one for the texture taps when they belong to another file; both
+        started."""
         taps, texture_model = self._taps, self._texture_model
         same = texture_model is None or texture_model == pack.recognizer_sha256
         recognizer = Recognizer(pack.recognizer, self.settings.models, taps if same else ())
         texture = Recognizer(_texture_model_path(texture_model), self.settings.models, taps) if taps and not same else None
+        for model in (recognizer, texture):
+            if model is not None:
+                model.load()
         return recognizer, texture
 
     def use_recognizer(self, path: Path) -> bool:
@@ -127,7 +132,7 @@ class FaceAnalyzer:
         if workers > 1:
             found = list(self._pool().map(self._detect_in_pool, pixels))
         else:
-            found = [self.detector.detect(img) for img in pixels]
+            found = self.detector.predict(pixels)
         results, sources, drafts = [], [], []
         for img, px, (faces, padded) in zip(images, pixels, found):
             if isinstance(img, DraftImage):
@@ -145,8 +150,8 @@ class FaceAnalyzer:
             _to_full(faces, scale)
         return results
 
-    def _detect_in_pool(self, img: np.ndarray) -> tuple[list[DetectedFace], bool]:
-        """``detector.detect`` in a pool thread, by that thread's own session on its share of the cores.
+    def _detect_in_pool(self, img: np.ndarray) -> Detection:
+        """The detector's ``predict`` of one image in a pool thread, by that thread's own session on its share of the cores.
 
         Runs of one shared session queue for its one intra-op pool; a shared session with fewer
         threads would slow single images instead (23.9 to 31.4 ms on 2 cores). Same results either way.
@@ -156,7 +161,7 @@ class FaceAnalyzer:
             threads = self.settings.models.intra_op_threads or os.cpu_count() or 1
             detector = self._new_detector(max(1, threads // self.settings.detection.workers))
             self._pool_thread.detector = detector
-        return detector.detect(img)
+        return detector.predict([img])[0]
 
     def embed_faces(self, found: list[tuple[np.ndarray, list[DetectedFace]]]) -> None:
         """Set ``embedding``, ``texture`` and ``style`` of faces already located in their images, one
@@ -169,9 +174,9 @@ class FaceAnalyzer:
                     wide.append(align_wide(img, face.kps))
                 crops.append(self.recognizer.align(img, face.kps))
                 owners.append(face)
-        embeddings, taps = self.recognizer.embed_aligned(crops)
+        embeddings, taps = self.recognizer.predict(crops)
         if self.texture_recognizer is not None:
-            _, taps = self.texture_recognizer.embed_aligned(crops)
+            taps = self.texture_recognizer.predict(crops).taps
         for i, face in enumerate(owners):
             face.embedding = embeddings[i]
             face.texture = None if taps is None else taps[i]

@@ -11,8 +11,9 @@ An entry holds ``id``, ``at`` (UTC), ``actor`` (the token's user name, or ``libr
 touched), the action's details, ``changes`` (the face moves and name changes it made, which undo
 reverses), ``undoes`` (for an undo: the entry undone) and ``undone_by``.
 
-A log of the former format (one JSON object per line, ``web.audit_file``) is imported once, then
-renamed ``*.imported``; its entries hold no ``changes`` and cannot be undone.
+A log of the former format (one JSON object per line, ``audit/people.jsonl`` in the data folder) is
+taken in by ``face-assets migrate`` (:meth:`AuditLog.import_former_log`), then renamed ``*.imported``;
+its entries hold no ``changes`` and cannot be undone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import MigrationRequiredError
 from .storage import DuckDBFile, Table, log_all, log_changes, utc_now
 
 AUDIT_SCHEMA = """
@@ -58,14 +60,18 @@ def _entry(row: tuple, cluster_ids: list[int]) -> dict[str, Any]:
 
 
 class AuditLog:
-    """The audit tables on a store file: :meth:`append` inside a change's write session, :meth:`page` to read."""
+    """The audit tables on a store file: :meth:`append` inside a change's write session, :meth:`page` to read.
 
-    def __init__(self, db: DuckDBFile, legacy_file: str | os.PathLike | None = None):
+    Raises:
+        MigrationRequiredError: ``former_log`` names a log of the former format not taken in yet.
+    """
+
+    def __init__(self, db: DuckDBFile, former_log: str | os.PathLike | None = None):
+        if former_log is not None and Path(former_log).is_file():
+            raise MigrationRequiredError(former_log, ["a curation log of the former JSON-lines format"])
         self.db = db
         db.ensure(AUDIT_SCHEMA, "audit_persons")
         db.declare(TABLES)
-        if legacy_file is not None and Path(legacy_file).is_file() and not db.read_only:
-            self._import(Path(legacy_file))
 
     def append(self, actor: str, action: str, persons: list[int], undoes: int | None = None,
                **details: Any) -> dict[str, Any]:
@@ -107,8 +113,11 @@ class AuditLog:
                 persons.setdefault(entry_id, []).append(cid)
         return [_entry(r, persons.get(r[0], [])) for r in rows]
 
-    def _import(self, path: Path) -> None:
-        """Take in a log of the former JSON-lines format, in one write session, then set the file aside."""
+    def import_former_log(self, path: Path) -> int:
+        """Take in a log of the former JSON-lines format in one write session, then rename it ``*.imported``
+        (``face-assets migrate``); returns how many entries were added. An entry already there (same time,
+        actor and action: a run cut before the rename) is not added twice."""
+        added = 0
         with open(path, encoding="utf-8") as f:
             entries = [json.loads(line) for line in f if line.strip()]
         with self.db.write() as con:
@@ -123,6 +132,8 @@ class AuditLog:
                                        "RETURNING entry_id", [at, actor, action, json.dumps(e)]).fetchone()[0]
                 if ids:
                     con.execute("INSERT INTO audit_persons SELECT DISTINCT unnest(?), ?", [ids, entry_id])
+                added += 1
             log_all(con, "audit_log")
             log_all(con, "audit_persons")
         path.rename(path.with_name(path.name + ".imported"))
+        return added

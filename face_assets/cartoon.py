@@ -15,6 +15,7 @@ applied to features of another model.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 from .config import ModelSettings
 from .errors import ModelNotFoundError
 from .models import STYLE_BACKBONE, ImageBackbone, file_sha256
+from .schemas import DetectedFace
 from .style_backbone import ensure_style_backbone
 
 DEFAULT_ARTIFACT = Path(__file__).with_name("resources") / "cartoon_classifier.npz"
@@ -31,6 +33,10 @@ DEFAULT_ARTIFACT = Path(__file__).with_name("resources") / "cartoon_classifier.n
 @dataclass
 class CartoonClassifier:
     """Standardize -> optional projection -> dense ReLU layers -> sigmoid.
+
+    An :class:`~face_assets.models.InferenceModel` like the networks whose features it reads:
+    :meth:`predict` takes faces and gives their probabilities. Its arrays are in memory once it is
+    built or :meth:`read`, so :meth:`load` has nothing left to start.
 
     Attributes:
         recognizer_sha256: recognizer the features come from.
@@ -42,6 +48,7 @@ class CartoonClassifier:
         weights, biases: dense layers; ReLU between them, sigmoid on the single output.
         threshold: probability above which a face is called a cartoon (calibrated on real faces).
         info: how it was trained and how it scored (free-form, for reports).
+        model_name: the artifact's file name (set by :meth:`read`).
     """
 
     recognizer_sha256: str
@@ -54,6 +61,19 @@ class CartoonClassifier:
     proj: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     backbone_sha256: str | None = None
+    model_name: str = "cartoon classifier"
+
+    def load(self) -> None:
+        """Nothing to start: the classifier is numpy arrays, in memory since it was built or read."""
+
+    def predict(self, faces: Sequence[DetectedFace]) -> np.ndarray:
+        """Cartoon probability of each face, from its normalized embedding, its texture statistics and, for a
+        classifier with an image backbone, its ``style`` features (all set by ``FaceAnalyzer``)."""
+        if not faces:
+            return np.zeros(0)
+        style = np.stack([f.style for f in faces]) if self.backbone_sha256 is not None else None
+        return self.predict_proba(self.features(np.stack([f.normed_embedding for f in faces]),
+                                                np.stack([f.texture for f in faces]), style))
 
     @staticmethod
     def features(normed_embedding: np.ndarray, texture: np.ndarray, style: np.ndarray | None = None) -> np.ndarray:
@@ -104,7 +124,7 @@ class CartoonClassifier:
         return path
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_ARTIFACT) -> "CartoonClassifier":
+    def read(cls, path: str | Path = DEFAULT_ARTIFACT) -> "CartoonClassifier":
         """Read a classifier written by :meth:`save`; raises ModelNotFoundError when it is missing."""
         path = Path(path)
         if not path.is_file():
@@ -128,6 +148,7 @@ class CartoonClassifier:
                 threshold=float(meta["threshold"]),
                 info=meta.get("info", {}),
                 backbone_sha256=meta.get("backbone_sha256"),
+                model_name=path.name,
             )
 
 

@@ -176,6 +176,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate_data_folder
+
+    settings = _settings(args)
+    done = migrate_data_folder(settings, args.audit_log)
+    _print(args, {"data_dir": str(settings.storage.data_dir), "done": done},
+           "\n".join(done) or f"nothing to do: {settings.storage.data_dir} is in this release's layout")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print(config_reference())
@@ -505,6 +515,10 @@ COMMANDS: tuple[Command, ...] = (
             (arg("face", type=int, metavar="FACE", help="face id"), CLUSTER)),
     Command("cluster rename", "name a cluster's person", cmd_cluster_rename,
             (CLUSTER, arg("--label", metavar="NAME", help="the person's name (omit to clear)"))),
+    Command("migrate", "upgrade a data folder written by an older release, in place (once; a second run does nothing)",
+            cmd_migrate,
+            (arg("--audit-log", metavar="FILE",
+                 help="a curation log of the former JSON-lines format kept elsewhere than audit/people.jsonl"),)),
     Command("config", "print the effective configuration", cmd_config,
             (arg("--write", metavar="FILE", help="also write it to this file"),
              arg("--reference", action="store_true", help="print the markdown reference of every setting")),
@@ -513,15 +527,6 @@ COMMANDS: tuple[Command, ...] = (
 
 
 # -- the parser ------------------------------------------------------------------------------------
-
-
-class _DeprecatedAlias(argparse.Action):
-    """``--index-dir``: the former name of ``--data-dir``, still accepted with a warning."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print(f"warning: {option_string} is deprecated, use --data-dir", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 SHARED_DEFAULTS = {"config": None, "data_dir": None, "json": False}
@@ -537,8 +542,6 @@ def _shared_options(*, json_flag: bool, documented: bool) -> argparse.ArgumentPa
                    help=shown("YAML or TOML config file (default: $FACE_ASSETS_CONFIG, else the built-in defaults)"))
     p.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
                    help=shown("folder of the catalog, index and models (overrides storage.data_dir)"))
-    p.add_argument("--index-dir", dest="data_dir", metavar="DIR", action=_DeprecatedAlias, default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
     if json_flag:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return p

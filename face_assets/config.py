@@ -313,10 +313,6 @@ class WebSettings(_Section):
     tokens_file: str = Field(
         "auth/tokens.json", description="Hashed API tokens inside `storage.data_dir` (written by `face-assets token`)."
     )
-    audit_file: str = Field(
-        "audit/people.jsonl", description="Former JSON-lines curation log inside `storage.data_dir`: taken into the "
-        "catalog's audit table once, then renamed `*.imported`."
-    )
     thumbnail_dir: str = Field("thumbnails", description="Cache of face thumbnails inside `storage.data_dir`.")
     prewarm_thumbnails: bool = Field(
         True, description="At start, make the missing thumbnails in the background (covers first, lowest CPU priority)."
@@ -703,8 +699,9 @@ class DataLayout:
 
     @property
     def former_audit_log(self) -> Path:
-        """The former JSON-lines curation log (``web.audit_file``), taken into the catalog once."""
-        return self.root / self._settings.web.audit_file
+        """Where an older release kept its JSON-lines curation log; ``face-assets migrate`` takes it into the
+        catalog's audit table."""
+        return self.root / "audit" / "people.jsonl"
 
     # -- the Dagster graph
     @property

@@ -3,29 +3,62 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from insightface.model_zoo.scrfd import SCRFD
 
-from .config import DetectionSettings
-from .schemas import DetectedFace
+from .config import DetectionSettings, ModelSettings
+from .models import OnnxModel, providers_for
+from .schemas import DetectedFace, Detection
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
-class FaceDetector:
-    """Detects faces; when none is found, pads the image and tries again.
+class FaceDetector(OnnxModel[np.ndarray, list[Detection]]):
+    """Detects faces in BGR images, one image per session run; when none is found, pads the image and
+    tries again.
 
     SCRFD is trained on scenes: a crop where the face fills the frame is scaled up until the face is
     larger than anything it learned, and it finds nothing (1 of 400 IMFDB crops at 640). A border of
     ``pad_ratio`` times the image on each side brings the face back to a familiar scale.
+
+    Args:
+        model_path: the pack's SCRFD file.
+        models: the ``models`` settings (providers, threads).
+        settings: the ``detection`` settings (sizes, thresholds, retry, faces kept).
+        intra_op_threads: overrides ``models.intra_op_threads`` (a detection thread's share of the cores).
     """
 
-    def __init__(self, model: SCRFD, settings: DetectionSettings):
-        self.model = model
+    def __init__(self, model_path: Path, models: ModelSettings, settings: DetectionSettings,
+                 intra_op_threads: int | None = None):
+        super().__init__(model_path, models, batch_size=1, intra_op_threads=intra_op_threads)
         self.settings = settings
+        self._scrfd = None
 
-    def detect(self, img: np.ndarray) -> tuple[list[DetectedFace], bool]:
-        """Faces in a BGR image, largest first, and whether the padded retry found them."""
+    def _load(self) -> ort.InferenceSession:
+        from insightface.model_zoo.scrfd import SCRFD
+
+        session = self._new_session()
+        self._check_role(session, "detector", "an SCRFD detector")
+        scrfd = SCRFD(model_file=str(self.model_path), session=session)
+        s = self.settings
+        gpu = providers_for(self.models)[0].startswith("CUDA")
+        scrfd.prepare(0 if gpu else -1, input_size=(s.det_size, s.det_size), det_thresh=s.det_thresh,
+                      nms_thresh=s.nms_thresh)
+        self._scrfd = scrfd
+        return scrfd.session
+
+    def _predict(self, batch: list[np.ndarray]) -> list[Detection]:
+        return [self._detect_padded(img) for img in batch]
+
+    def _join(self, parts: list[list[Detection]]) -> list[Detection]:
+        return [found for part in parts for found in part]
+
+    def _detect_padded(self, img: np.ndarray) -> Detection:
+        """The faces of one image, largest first, and whether the padded retry found them."""
         faces = self._detect(img)
         padded = False
         if not faces and self.settings.pad_ratio > 0:
@@ -37,7 +70,7 @@ class FaceDetector:
         faces.sort(key=lambda f: -(f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
         if self.settings.max_faces:
             faces = faces[: self.settings.max_faces]
-        return faces, padded
+        return Detection(faces, padded)
 
     def input_side(self, img: np.ndarray) -> int:
         """Side of the square detector input for ``img``: ``det_size``, or with ``native_scale`` the image's
@@ -56,7 +89,7 @@ class FaceDetector:
 
     def _detect(self, img: np.ndarray, offset: int = 0) -> list[DetectedFace]:
         side = self.input_side(img)
-        dets, kpss = self.model.detect(img, input_size=(side, side))
+        dets, kpss = self._scrfd.detect(img, input_size=(side, side))
         return [
             DetectedFace(
                 bbox=(dets[i, :4] - offset).astype(np.float32),

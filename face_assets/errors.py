@@ -116,6 +116,17 @@ class StoreBusyError(FaceRecognitionError, TimeoutError):
                          "or raise storage.lock_timeout_seconds")
 
 
+class MigrationRequiredError(FaceRecognitionError):
+    """A store of the data folder (or the PostgreSQL feedback database) was written by an older release;
+    ``face-assets migrate`` upgrades it in place, once, keeping every row."""
+
+    def __init__(self, where, missing: list[str]):
+        self.where = str(where)
+        self.missing = list(missing)
+        super().__init__(f"{where} is in the layout of an older release ({'; '.join(self.missing)}); "
+                         "run `face-assets migrate` to upgrade the data folder in place (once, keeping every row)")
+
+
 class TrainingError(FaceRecognitionError):
     """Fine-tuning cannot proceed or produced a model that fails its checks (conversion, export, data)."""
 

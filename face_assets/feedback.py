@@ -47,7 +47,8 @@ from PIL import Image
 from .config import FeedbackSettings, Settings
 from .errors import ConfigError, FeedbackError, FeedbackStoreUnavailableError
 from .schemas import ExportReport, Vote
-from .storage import DuckDBFile, Table, log_changes, utc_now
+from .storage import (COLUMNS_SQL, ColumnUpgrade, DuckDBFile, Table, log_changes, pending_upgrades, require_current,
+                      utc_now)
 from .store import Catalog
 
 VOTES = ("up", "down")
@@ -55,6 +56,9 @@ VOTES = ("up", "down")
 # One text for both backends: every type and clause here means the same in DuckDB and PostgreSQL.
 SCHEMA = [
     "CREATE SEQUENCE IF NOT EXISTS feedback_id_seq START 1",
+    # Integer keys for publication as segments.
+    "CREATE SEQUENCE IF NOT EXISTS feedback_query_seq START 1",
+    "CREATE SEQUENCE IF NOT EXISTS feedback_result_seq START 1",
     """CREATE TABLE IF NOT EXISTS feedback_queries (
         query_id VARCHAR PRIMARY KEY,
         created_at TIMESTAMPTZ NOT NULL,
@@ -69,23 +73,19 @@ SCHEMA = [
         det_score REAL,
         query_face_id BIGINT,
         source VARCHAR NOT NULL,
-        filename VARCHAR
+        filename VARCHAR,
+        query_seq BIGINT DEFAULT nextval('feedback_query_seq'),
+        result_face_ids BIGINT[]  -- the results a query showed: a vote is accepted only for one of them
     )""",
     "CREATE INDEX IF NOT EXISTS feedback_queries_time_idx ON feedback_queries (created_at)",
-    # Integer keys for publication as segments (added after the first release; existing rows get theirs).
-    "CREATE SEQUENCE IF NOT EXISTS feedback_query_seq START 1",
-    "ALTER TABLE feedback_queries ADD COLUMN IF NOT EXISTS query_seq BIGINT DEFAULT nextval('feedback_query_seq')",
-    # The results a query showed: a vote is accepted only for one of them (added after the first release).
-    "ALTER TABLE feedback_queries ADD COLUMN IF NOT EXISTS result_face_ids BIGINT[]",
     # Results shown later ("more results"); a table of their own, as DuckDB cannot update a row that
     # votes reference.
     """CREATE TABLE IF NOT EXISTS feedback_more_results (
         query_id VARCHAR NOT NULL,
         face_id BIGINT NOT NULL,
+        result_seq BIGINT DEFAULT nextval('feedback_result_seq'),
         PRIMARY KEY (query_id, face_id)
     )""",
-    "CREATE SEQUENCE IF NOT EXISTS feedback_result_seq START 1",
-    "ALTER TABLE feedback_more_results ADD COLUMN IF NOT EXISTS result_seq BIGINT DEFAULT nextval('feedback_result_seq')",
     """CREATE TABLE IF NOT EXISTS feedback (
         feedback_id BIGINT PRIMARY KEY DEFAULT nextval('feedback_id_seq'),
         query_id VARCHAR NOT NULL REFERENCES feedback_queries (query_id),
@@ -112,6 +112,18 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS feedback_time_idx ON feedback (created_at)",
     "CREATE INDEX IF NOT EXISTS feedback_model_idx ON feedback (model_version)",
 ]
+
+UPGRADES = (
+    ColumnUpgrade("feedback_queries", "query_seq", (
+        "CREATE SEQUENCE IF NOT EXISTS feedback_query_seq START 1",
+        "ALTER TABLE feedback_queries ADD COLUMN query_seq BIGINT DEFAULT nextval('feedback_query_seq')")),
+    ColumnUpgrade("feedback_queries", "result_face_ids", ("ALTER TABLE feedback_queries ADD COLUMN result_face_ids BIGINT[]",)),
+    ColumnUpgrade("feedback_more_results", "result_seq", (
+        "CREATE SEQUENCE IF NOT EXISTS feedback_result_seq START 1",
+        "ALTER TABLE feedback_more_results ADD COLUMN result_seq BIGINT DEFAULT nextval('feedback_result_seq')")),
+)
+"""Columns the feedback tables gained since the first release, on both backends (``face-assets migrate``
+adds them; existing rows get their keys)."""
 
 TABLES = [Table("feedback_queries", "query_seq", order="query_id"), Table("feedback", "feedback_id"),
           Table("feedback_more_results", "result_seq")]
@@ -140,6 +152,7 @@ class Rows(Protocol):
 
 class _Backend(Protocol):
     name: str
+    where: str  # the database, as errors name it (never a DSN: it may hold a password)
     # True when other processes may insert the same vote between our UPDATE and INSERT.
     concurrent_writers: bool
 
@@ -185,6 +198,7 @@ class _DuckDBBackend:
 
     def __init__(self, db: DuckDBFile):
         self.db = db
+        self.where = str(db.master)
 
     def declare(self, tables: list[Table]) -> None:
         """Publish these tables as segments (:meth:`DuckDBFile.declare`)."""
@@ -231,6 +245,8 @@ class _PostgresBackend:
 
     name = "postgresql"
     concurrent_writers = True
+
+    where = "the PostgreSQL feedback store"
 
     def __init__(self, dsn: str):
         self.dsn = dsn
@@ -312,6 +328,18 @@ class QueryRecord:
     result_face_ids: list[int] | None = None
 
 
+def _postgres(settings: Settings) -> "_PostgresBackend":
+    """The PostgreSQL backend ``feedback.postgresql_dsn`` names."""
+    if not settings.feedback.postgresql_dsn:
+        raise ConfigError("feedback.backend is 'postgresql' but feedback.postgresql_dsn is empty")
+    return _PostgresBackend(settings.feedback.postgresql_dsn)
+
+
+def _columns(rows: "Rows") -> set[tuple[str, str]]:
+    """The ``(table, column)`` pairs of the store's database, on either backend."""
+    return {(r["table_name"], r["column_name"]) for r in rows(COLUMNS_SQL)}
+
+
 class FeedbackStore:
     """Votes and the queries they belong to, on DuckDB or PostgreSQL (see the module docstring).
 
@@ -322,6 +350,7 @@ class FeedbackStore:
         self._backend = backend
         if create:
             with backend.transaction() as rows:
+                require_current(_columns(rows), UPGRADES, backend.where)
                 for statement in SCHEMA:
                     rows(statement)
             backend.declare(TABLES)
@@ -331,19 +360,42 @@ class FeedbackStore:
         """The store ``feedback.backend`` names: the data folder's DuckDB feedback file, or ``postgresql_dsn``.
 
         ``read_only`` (DuckDB only) reads the published views, which never wait for a writer.
+
+        Raises:
+            MigrationRequiredError: the store's tables are those of an older release (see :meth:`migrate`).
         """
-        feedback = settings.feedback
-        if feedback.backend == "postgresql":
-            if not feedback.postgresql_dsn:
-                raise ConfigError("feedback.backend is 'postgresql' but feedback.postgresql_dsn is empty")
-            return cls(_PostgresBackend(feedback.postgresql_dsn))
+        if settings.feedback.backend == "postgresql":
+            return cls(_postgres(settings))
         storage = settings.storage
         if read_only:
             return cls(_DuckDBBackend(DuckDBFile(storage.feedback_path, read_only=True)), create=False)
         db = DuckDBFile(storage.feedback_master_path, storage.feedback_path, lock_timeout=storage.lock_timeout_seconds,
                         publish_interval=storage.publish_interval_seconds,
-                        retention=storage.segment_retention_seconds, max_deltas=storage.max_delta_segments)
+                        retention=storage.segment_retention_seconds, max_deltas=storage.max_delta_segments,
+                        upgrades=UPGRADES)
         return cls(_DuckDBBackend(db))
+
+    @staticmethod
+    def migrate(settings: Settings) -> list[str]:
+        """Upgrade a feedback store written by an older release, in place (``face-assets migrate``): the columns
+        of :data:`UPGRADES` it lacks are added in one transaction (existing rows get their keys). Returns what
+        was done; nothing when the store is current or does not exist yet."""
+        if settings.feedback.backend == "postgresql":
+            backend = _postgres(settings)
+            try:
+                with backend.transaction() as rows:
+                    pending = pending_upgrades(_columns(rows), UPGRADES)
+                    for upgrade in pending:
+                        for statement in upgrade.statements:
+                            rows(statement)
+            finally:
+                backend.close()
+            return [f"{backend.where}: column {u.column} added to table {u.table}" for u in pending]
+        storage = settings.storage
+        if not storage.feedback_master_path.is_file():
+            return []
+        return DuckDBFile(storage.feedback_master_path, lock_timeout=storage.lock_timeout_seconds,
+                          upgrades=UPGRADES).migrate()
 
     @property
     def backend(self) -> str:

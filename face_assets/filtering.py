@@ -76,7 +76,7 @@ class FaceFilter:
     ):
         self.settings = settings or load_settings()
         check = self.settings.filter.check_cartoon
-        self.classifier = (classifier or CartoonClassifier.load()) if check else None
+        self.classifier = (classifier or CartoonClassifier.read()) if check else None
         self.analyzer = analyzer or FaceAnalyzer(
             self.settings,
             taps=self.classifier.taps if self.classifier else (),
@@ -108,7 +108,8 @@ class FaceFilter:
 
     def judge(self, analysis: ImageAnalysis) -> FilterResult:
         """Turn an analysis into the ``filter_image`` result."""
-        verdicts = [self._face_verdict(analysis, f) for f in analysis.faces]
+        probabilities = self._cartoon_probabilities(analysis.faces)
+        verdicts = [self._face_verdict(analysis, f, p) for f, p in zip(analysis.faces, probabilities)]
         base = {"num_faces": len(verdicts), "image_size": [analysis.width, analysis.height], "padded": analysis.padded}
         if not verdicts:
             scores = {"det_score": 0.0, "embedding_norm": 0.0, "face_size": [0, 0], "is_cartoon": False}
@@ -126,16 +127,26 @@ class FaceFilter:
             **base,
         }
 
-    def _face_verdict(self, analysis: ImageAnalysis, face: DetectedFace) -> FaceVerdict:
+    def _cartoon_probabilities(self, faces: Sequence[DetectedFace]) -> list[float]:
+        """The classifier's probability for each face it can judge (one ``predict`` for the image), 0 for the
+        others: no classifier, no texture statistics, under ``CARTOON_MIN_SIDE`` px or without the style
+        features its backbone needs."""
+        clf = self.classifier
+        if clf is None:
+            return [0.0] * len(faces)
+        judged = [i for i, face in enumerate(faces)
+                  if face.texture is not None and min(face.face_size) >= CARTOON_MIN_SIDE
+                  and (clf.backbone_sha256 is None or face.style is not None)]
+        probabilities = [0.0] * len(faces)
+        for i, p in zip(judged, clf.predict([faces[i] for i in judged])):
+            probabilities[i] = float(p)
+        return probabilities
+
+    def _face_verdict(self, analysis: ImageAnalysis, face: DetectedFace, prob: float) -> FaceVerdict:
         cfg: FilterSettings = self.settings.filter
         size = face.face_size
         norm = face.embedding_norm or 0.0
         ratio = analysis.area_ratio(face)
-        prob = 0.0
-        clf = self.classifier
-        if (clf is not None and face.texture is not None and min(size) >= CARTOON_MIN_SIDE
-                and (clf.backbone_sha256 is None or face.style is not None)):
-            prob = float(clf.predict_proba(clf.features(face.normed_embedding, face.texture, face.style))[0])
         threshold = self.cartoon_threshold
         is_cartoon = threshold is not None and prob >= threshold
         reason: RejectionReason | None = None

@@ -1,4 +1,9 @@
-"""Model packs and onnxruntime sessions: finding the ONNX files, loading them through insightface.
+"""Model packs, onnxruntime sessions and the one protocol every model follows.
+
+Every model (the detector, the recognizer, the cartoon classifier's image backbone and its head) is an
+:class:`InferenceModel`: a name, an idempotent ``load()`` and a batched ``predict(inputs)``. The ONNX
+ones derive from :class:`OnnxModel`, which starts its session on first use (or on an explicit
+``load()``), splits the inputs into batches and builds every session one way (:func:`new_session`).
 
 A pack is a plain folder of InsightFace ONNX files (as in ``~/.insightface/models/buffalo_l``);
 what each file is comes from its graph, as insightface's own router decides. The default pack,
@@ -14,22 +19,24 @@ import importlib.util
 import logging
 import threading
 import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import cv2
 import numpy as np
 
-from .config import DetectionSettings, ModelSettings
+from .config import ModelSettings
 from .errors import ConfigError, ModelNotFoundError
+from .schemas import Embeddings
 
 # onnx, onnxruntime and insightface are imported where a model is loaded: a process that only reads
 # tables (``face-assets stats``, the pipeline's sensors) starts without them (about 1.5 s on 2 cores).
 if TYPE_CHECKING:
     import onnxruntime as ort
-    from insightface.model_zoo.scrfd import SCRFD
 
 logger = logging.getLogger(__name__)
 # insightface's norm_crop calls a scikit-image API deprecated upstream; the result is unchanged.
@@ -118,14 +125,27 @@ def _graph_role(path: Path) -> str | None:
     except Exception:  # a broken file in a user's folder must not hide the good ones
         logger.warning("skipping unreadable ONNX file %s", path)
         return None
-    if len(graph.output) >= 5:
-        return "detector"
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
-    if len(graph.input) == 1 and len(graph.output) == 1 and len(dims) == 4:
+    return _role(len(graph.input), len(graph.output), dims)
+
+
+def _role(n_inputs: int, n_outputs: int, input_dims: Sequence[object]) -> str | None:
+    """'detector', 'recognizer' or None from a graph's input and output counts and its first input's shape:
+    insightface's router's rules (five or more outputs: SCRFD; one square input of 112 px or more: ArcFace)."""
+    if n_outputs >= 5:
+        return "detector"
+    dims = list(input_dims)
+    if n_inputs == 1 and n_outputs == 1 and len(dims) == 4:
         h, w = dims[2], dims[3]
-        if h == w and h >= 112 and h % 16 == 0:
+        if isinstance(h, int) and h == w and h >= 112 and h % 16 == 0:
             return "recognizer"
     return None
+
+
+def session_role(session: ort.InferenceSession) -> str | None:
+    """:func:`_role` of a running session, checked before a file is taken for what it is configured as."""
+    inputs = session.get_inputs()
+    return _role(len(inputs), len(session.get_outputs()), inputs[0].shape if inputs else [])
 
 
 def _pick(directory: Path, role: str, wanted: str | None) -> Path:
@@ -189,12 +209,15 @@ def providers_for(settings: ModelSettings) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(settings: ModelSettings) -> ort.SessionOptions:
-    """Session options tuned for few cores: no busy-waiting threads, thread counts from config."""
+def session_options(settings: ModelSettings, intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Session options tuned for few cores: no busy-waiting threads, thread counts from config.
+
+    ``intra_op_threads`` overrides ``settings.intra_op_threads`` (a detection thread's share of the cores).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.intra_op_num_threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
     opts.inter_op_num_threads = settings.inter_op_threads
     opts.log_severity_level = 3
     # Spinning threads steal the only other core from the next stage; off doubled throughput on 2 cores.
@@ -203,31 +226,133 @@ def session_options(settings: ModelSettings) -> ort.SessionOptions:
     return opts
 
 
-def load_detector(
-    pack: ModelPack, models: ModelSettings, detection: DetectionSettings, intra_op_threads: int | None = None
-) -> SCRFD:
-    """The pack's SCRFD detector through insightface, prepared at the configured size and thresholds.
+@lru_cache(maxsize=1)
+def _preload_cuda() -> None:
+    """Let onnxruntime find CUDA and cuDNN installed as Python wheels (insightface's own sessions do the same)."""
+    import onnxruntime as ort
 
-    ``intra_op_threads`` overrides ``models.intra_op_threads`` for this session (a detection thread's
-    share of the cores).
+    preload = getattr(ort, "preload_dlls", None)
+    if callable(preload):
+        preload()
+
+
+def new_session(model: Path | bytes, settings: ModelSettings, intra_op_threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of a model file or a serialized graph: the one place every model's session
+    is made, on the configured providers (:func:`providers_for`) with :func:`session_options`."""
+    import onnxruntime as ort
+
+    providers = providers_for(settings)
+    if providers[0] == "CUDAExecutionProvider":
+        _preload_cuda()
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                sess_options=session_options(settings, intra_op_threads), providers=providers)
+
+
+InT = TypeVar("InT", contravariant=True)
+OutT = TypeVar("OutT", covariant=True)
+
+
+@runtime_checkable
+class InferenceModel(Protocol[InT, OutT]):
+    """What every model offers (as Immich's ``InferenceModel``): its name, ``load()`` that starts it once
+    (a second call does nothing) and ``predict(inputs)`` that runs it over a list of inputs and returns
+    one result for all of them, loading it first if needed."""
+
+    @property
+    def model_name(self) -> str:
+        """The model's file name."""
+        ...
+
+    def load(self) -> None:
+        """Start the model if it is not running yet."""
+        ...
+
+    def predict(self, inputs: Sequence[InT]) -> OutT:
+        """Results for ``inputs``, in their order."""
+        ...
+
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class OnnxModel(ABC, Generic[In, Out]):
+    """An ONNX file behind :class:`InferenceModel`: nothing starts until the first ``predict`` or ``load``.
+
+    A subclass says how to start (``_load``: its session from :meth:`_new_session`, and what wraps it),
+    how to run one batch (``_predict``) and how to join the batches' results (``_join``, also given no
+    batch for no input). The base starts it once, under a lock, and cuts the inputs into batches of
+    ``batch_size``: batching is the caller's policy, not the model's code.
+
+    Args:
+        model_path: the ONNX file.
+        models: the ``models`` settings (providers, threads).
+        batch_size: inputs per session run.
+        intra_op_threads: overrides ``models.intra_op_threads`` for this model's session.
     """
-    from insightface.model_zoo import get_model
-    from insightface.model_zoo.scrfd import SCRFD
 
-    providers = providers_for(models)
-    opts = session_options(models)
-    if intra_op_threads is not None:
-        opts.intra_op_num_threads = intra_op_threads
-    det = get_model(str(pack.detector), providers=providers, sess_options=opts)
-    if not isinstance(det, SCRFD):
-        raise ModelNotFoundError(f"an SCRFD detector (got {type(det).__name__} from {pack.detector})")
-    det.prepare(
-        0 if providers[0].startswith("CUDA") else -1,
-        input_size=(detection.det_size, detection.det_size),
-        det_thresh=detection.det_thresh,
-        nms_thresh=detection.nms_thresh,
-    )
-    return det
+    def __init__(self, model_path: Path, models: ModelSettings, batch_size: int = 1,
+                 intra_op_threads: int | None = None):
+        self.model_path = Path(model_path)
+        self.models = models
+        self.batch_size = max(1, int(batch_size))
+        self.intra_op_threads = intra_op_threads
+        self.session: ort.InferenceSession | None = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        """The ONNX file's name."""
+        return self.model_path.name
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the model file."""
+        return file_sha256(self.model_path)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the session has started."""
+        return self.session is not None
+
+    def load(self) -> None:
+        """Start the session unless it runs already; several threads may call it at once.
+
+        Raises:
+            ModelNotFoundError: the file is not the kind of model this class runs.
+        """
+        if self.session is None:
+            with self._load_lock:
+                if self.session is None:
+                    self.session = self._load()
+
+    def predict(self, inputs: Sequence[In]) -> Out:
+        """Results for ``inputs``, run in batches of ``batch_size``; starts the session first if needed."""
+        self.load()
+        items = list(inputs)
+        step = self.batch_size
+        return self._join([self._predict(items[i : i + step]) for i in range(0, len(items), step)])
+
+    def _new_session(self, model: Path | bytes | None = None) -> ort.InferenceSession:
+        """A session of this model's file (or of ``model``, a changed graph of it), made by :func:`new_session`."""
+        return new_session(self.model_path if model is None else model, self.models, self.intra_op_threads)
+
+    def _check_role(self, session: ort.InferenceSession, role: str, what: str) -> None:
+        """Refuse a file whose graph is not a ``role`` (a detector given as recognizer, ...)."""
+        if session_role(session) != role:
+            raise ModelNotFoundError(f"{what} (got a graph of another kind from {self.model_path})")
+
+    @abstractmethod
+    def _load(self) -> ort.InferenceSession:
+        """Start the model; returns the session it runs."""
+
+    @abstractmethod
+    def _predict(self, batch: list[In]) -> Out:
+        """Results of one batch of at most ``batch_size`` inputs."""
+
+    @abstractmethod
+    def _join(self, parts: list[Out]) -> Out:
+        """The results of several batches (none for no input) as one."""
 
 
 # The wider view of a face for the image backbone: the recognizer's aligned crop zoomed out twice
@@ -252,7 +377,7 @@ def align_wide(img: np.ndarray, kps: np.ndarray, side: int = WIDE_SIDE, extent: 
     return cv2.warpAffine(img, wide, (side, side), borderValue=0.0)
 
 
-# Per-channel statistics of every tapped tensor, in the order embed_aligned returns them. The fraction
+# Per-channel statistics of every tapped tensor, in the order Recognizer.predict returns them. The fraction
 # of positive activations says how often a channel's pattern is present at all (flat paint leaves
 # many texture channels silent), which mean and spread alone blur together.
 TAP_STATS = ("mean", "std", "positive")
@@ -291,57 +416,56 @@ def _with_taps(model_path: Path, taps: tuple[str, ...]) -> bytes:
     return model.SerializeToString()
 
 
-class Recognizer:
-    """ArcFace recognizer (insightface's ``ArcFaceONNX``) with batching and optional texture taps.
+class Recognizer(OnnxModel[np.ndarray, Embeddings]):
+    """ArcFace recognizer (insightface's ``ArcFaceONNX``): aligned crops in, raw embeddings out, with
+    optional texture taps.
 
-    ``taps`` names inner tensors of the graph; for each, :meth:`embed_aligned` also returns the
-    per-channel statistics of :data:`TAP_STATS` over space, computed in the same forward pass.
+    ``taps`` names inner tensors of the graph; for each, :meth:`predict` also returns the per-channel
+    statistics of :data:`TAP_STATS` over space, computed in the same forward pass. Crops run in batches of
+    ``models.rec_batch_size``.
     """
 
     def __init__(self, model_path: Path, models: ModelSettings, taps: tuple[str, ...] = ()):
-        import onnxruntime as ort
-        from insightface.model_zoo import get_model
+        super().__init__(model_path, models, batch_size=models.rec_batch_size)
+        self.taps = tuple(taps)
+        self._arcface = None
+
+    def _load(self) -> ort.InferenceSession:
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
-        providers = providers_for(models)
-        self.model_path = Path(model_path)
-        self.taps = tuple(taps)
-        self.batch_size = models.rec_batch_size
-        self._arcface: ArcFaceONNX = get_model(
-            str(model_path), providers=providers, sess_options=session_options(models)
-        )
-        if not isinstance(self._arcface, ArcFaceONNX):
-            raise ModelNotFoundError(f"an ArcFace recognizer (got {type(self._arcface).__name__} from {model_path})")
+        session = self._new_session()
+        self._check_role(session, "recognizer", "an ArcFace recognizer")
+        arcface = ArcFaceONNX(model_file=str(self.model_path), session=session)
         if self.taps:
             # One session serves both: the tapped graph computes the embedding unchanged.
-            self._arcface.session = ort.InferenceSession(
-                _with_taps(self.model_path, self.taps),
-                sess_options=session_options(models),
-                providers=providers,
-            )
-        self._outputs = list(self._arcface.output_names) + [
-            f"fa_tap{i}_{s}" for i in range(len(self.taps)) for s in ("mean", "msq", "pos")
-        ]
+            arcface.session = self._new_session(_with_taps(self.model_path, self.taps))
+        self._outputs = [o.name for o in arcface.session.get_outputs()]
+        self._arcface = arcface
+        return arcface.session
 
     @property
     def input_size(self) -> int:
         """Side of the square aligned crop the model takes (112 for ArcFace)."""
+        self.load()
         return int(self._arcface.input_size[0])
 
     @property
     def input_mean(self) -> float:
         """Pixel value subtracted before the network (insightface reads it from the graph)."""
+        self.load()
         return float(self._arcface.input_mean)
 
     @property
     def input_std(self) -> float:
         """Pixel scale divided out before the network."""
+        self.load()
         return float(self._arcface.input_std)
 
     @property
-    def sha256(self) -> str:
-        """Content hash of the recognizer file."""
-        return file_sha256(self.model_path)
+    def embedding_dim(self) -> int:
+        """Length of the embedding vector (512 for the InsightFace recognizers)."""
+        self.load()
+        return int(self._arcface.output_shape[-1])
 
     def align(self, img: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """Aligned square face crop from five landmarks (insightface's ``norm_crop``)."""
@@ -349,39 +473,26 @@ class Recognizer:
 
         return face_align.norm_crop(img, landmark=kps, image_size=self.input_size)
 
-    def embed_aligned(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw (unnormalized) embeddings of aligned crops, batched; plus tap statistics when tapped.
-
-        Returns ``(embeddings[N, D], taps[N, 3 * sum(C)] or None)``: for every tap, channel means,
-        channel standard deviations, then fractions of positive values (:data:`TAP_STATS`).
-        """
-        if not crops:
-            return np.zeros((0, self.embedding_dim), np.float32), None
-        embs, taps = [], []
+    def _predict(self, batch: list[np.ndarray]) -> Embeddings:
         arc = self._arcface
         size = (self.input_size, self.input_size)
-        for start in range(0, len(crops), self.batch_size):
-            batch = crops[start : start + self.batch_size]
-            blob = cv2.dnn.blobFromImages(
-                batch, 1.0 / arc.input_std, size, (arc.input_mean,) * 3, swapRB=True
-            )
-            outs = arc.session.run(self._outputs, {arc.input_name: arc._coerce_input_blob(blob)})
-            embs.append(outs[0])
-            if self.taps:
-                stats = []
-                for mean, msq, pos in zip(outs[1::3], outs[2::3], outs[3::3]):
-                    mean, msq, pos = (a.reshape(len(batch), -1) for a in (mean, msq, pos))
-                    stats.append(np.concatenate([mean, np.sqrt(np.maximum(msq - mean**2, 0.0)), pos], axis=1))
-                taps.append(np.concatenate(stats, axis=1))
-        return (
-            np.concatenate(embs).astype(np.float32, copy=False),
-            np.concatenate(taps).astype(np.float32, copy=False) if self.taps else None,
-        )
+        blob = cv2.dnn.blobFromImages(batch, 1.0 / arc.input_std, size, (arc.input_mean,) * 3, swapRB=True)
+        outs = arc.session.run(self._outputs, {arc.input_name: arc._coerce_input_blob(blob)})
+        if not self.taps:
+            return Embeddings(outs[0], None)
+        stats = []
+        for mean, msq, pos in zip(outs[1::3], outs[2::3], outs[3::3]):
+            mean, msq, pos = (a.reshape(len(batch), -1) for a in (mean, msq, pos))
+            stats.append(np.concatenate([mean, np.sqrt(np.maximum(msq - mean**2, 0.0)), pos], axis=1))
+        return Embeddings(outs[0], np.concatenate(stats, axis=1))
 
-    @property
-    def embedding_dim(self) -> int:
-        """Length of the embedding vector (512 for the InsightFace recognizers)."""
-        return int(self._arcface.output_shape[-1])
+    def _join(self, parts: list[Embeddings]) -> Embeddings:
+        if not parts:
+            return Embeddings(np.zeros((0, self.embedding_dim), np.float32), None)
+        return Embeddings(
+            np.concatenate([p.embeddings for p in parts]).astype(np.float32, copy=False),
+            np.concatenate([p.taps for p in parts]).astype(np.float32, copy=False) if self.taps else None,
+        )
 
 
 # The image backbone of the cartoon classifier: EfficientNet-Lite0 with its ImageNet weights
@@ -393,53 +504,33 @@ STYLE_BACKBONE = Path(__file__).with_name("resources") / f"style_backbone_lite{B
 BACKBONE_MEAN, BACKBONE_STD = 127.0, 128.0
 
 
-class ImageBackbone:
+class ImageBackbone(OnnxModel[np.ndarray, np.ndarray]):
     """A general pretrained image network that describes how a picture is made, not who is in it.
 
-    The ONNX graph takes RGB crops of any side (batched per side) and returns one row of pooled
-    stage statistics per crop. The session starts on the first call, so an analyzer that never
-    judges style never loads it.
+    The ONNX graph takes RGB crops of any side (the crops of one :meth:`predict` share theirs) and returns one
+    row of pooled stage statistics per crop, in batches of ``models.rec_batch_size``. The session starts on
+    the first call, so an analyzer that never judges style never loads it.
     """
 
     def __init__(self, model_path: Path, models: ModelSettings):
-        self.model_path = Path(model_path)
+        super().__init__(model_path, models, batch_size=models.rec_batch_size)
         if not self.model_path.is_file():
             raise ModelNotFoundError("the cartoon classifier's image backbone", [str(self.model_path)],
                                      "Rebuild it with `python scripts/train_cartoon_classifier.py`.")
-        self._models = models
-        self._session: ort.InferenceSession | None = None
-        self._lock = threading.Lock()
 
-    @property
-    def sha256(self) -> str:
-        """Content hash of the backbone file."""
-        return file_sha256(self.model_path)
+    def _load(self) -> ort.InferenceSession:
+        return self._new_session()
 
-    def _get_session(self) -> ort.InferenceSession:
-        import onnxruntime as ort
+    def _predict(self, batch: list[np.ndarray]) -> np.ndarray:
+        side = batch[0].shape[:2][::-1]
+        blob = cv2.dnn.blobFromImages(batch, 1.0 / BACKBONE_STD, side, (BACKBONE_MEAN,) * 3, swapRB=True)
+        return self.session.run(None, {self.session.get_inputs()[0].name: blob})[0]
 
-        with self._lock:
-            if self._session is None:
-                self._session = ort.InferenceSession(
-                    str(self.model_path), sess_options=session_options(self._models),
-                    providers=providers_for(self._models),
-                )
-            return self._session
-
-    def features(self, crops: list[np.ndarray]) -> np.ndarray:
-        """Feature rows ``[N, D]`` of BGR crops that all have the same side, in batches of ``rec_batch_size``."""
-        session = self._get_session()
-        if not crops:
-            return np.zeros((0, session.get_outputs()[0].shape[-1]), np.float32)
-        out = []
-        side = crops[0].shape[:2][::-1]
-        step = self._models.rec_batch_size
-        for start in range(0, len(crops), step):
-            blob = cv2.dnn.blobFromImages(crops[start : start + step], 1.0 / BACKBONE_STD, side,
-                                          (BACKBONE_MEAN,) * 3, swapRB=True)
-            out.append(session.run(None, {session.get_inputs()[0].name: blob})[0])
-        return np.concatenate(out).astype(np.float32, copy=False)
+    def _join(self, parts: list[np.ndarray]) -> np.ndarray:
+        if not parts:
+            return np.zeros((0, self.session.get_outputs()[0].shape[-1]), np.float32)
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     def face_features(self, aligned: list[np.ndarray], wide: list[np.ndarray]) -> np.ndarray:
         """Features of faces: the backbone's row for the aligned crop, then for the wide crop (``align_wide``)."""
-        return np.concatenate([self.features(aligned), self.features(wide)], axis=1)
+        return np.concatenate([self.predict(aligned), self.predict(wide)], axis=1)

@@ -117,14 +117,15 @@ class ClusterStore:
     Creates its tables on first use; on a read-only (published) catalog it only reads.
     """
 
-    def __init__(self, catalog: Catalog, audit_file: str | os.PathLike | None = None,
+    def __init__(self, catalog: Catalog, former_audit_log: str | os.PathLike | None = None,
                  means_folder: Path | None = None):
         self.catalog = catalog
         self._means_folder = means_folder
         catalog.db.ensure(CLUSTER_SCHEMA, "cluster_runs")
         catalog.db.declare(TABLES)
-        self.audit = AuditLog(catalog.db, audit_file)
-        """The curation audit log, beside the person tables (a former log file ``audit_file`` is taken in)."""
+        self.audit = AuditLog(catalog.db, former_audit_log)
+        """The curation audit log, beside the person tables (a former log file still at ``former_audit_log``
+        makes it raise :class:`MigrationRequiredError`)."""
 
     def transaction(self):
         """One write session on the catalog file (joined by nested calls of the same thread)."""

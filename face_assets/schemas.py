@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import numpy as np
 
@@ -45,6 +45,21 @@ class DetectedFace:
         """Width and height of the face box in pixels."""
         x1, y1, x2, y2 = self.bbox[:4]
         return int(round(x2 - x1)), int(round(y2 - y1))
+
+
+class Detection(NamedTuple):
+    """What the detector found in one image: its faces, largest first, and whether the padded retry found them."""
+
+    faces: list[DetectedFace]
+    padded: bool
+
+
+class Embeddings(NamedTuple):
+    """What the recognizer gives for aligned crops: raw embeddings ``[N, D]``, and with texture taps their
+    statistics ``[N, 3 * sum(C)]`` (channel means, standard deviations, fractions of positive values), else None."""
+
+    embeddings: np.ndarray
+    taps: np.ndarray | None
 
 
 @dataclass

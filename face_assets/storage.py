@@ -40,7 +40,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,7 +51,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreBusyError
+from .errors import MigrationRequiredError, StoreBusyError
 from .process import raise_to_normal_priority, set_thread_nice
 
 logger = logging.getLogger(__name__)
@@ -169,8 +169,8 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
 
 PUBLICATION_SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS _change_seq START 1;
-CREATE TABLE IF NOT EXISTS _published_tables (tbl VARCHAR PRIMARY KEY, key VARCHAR, exclude VARCHAR[] NOT NULL);
-ALTER TABLE _published_tables ADD COLUMN IF NOT EXISTS ord VARCHAR;
+CREATE TABLE IF NOT EXISTS _published_tables (tbl VARCHAR PRIMARY KEY, key VARCHAR, exclude VARCHAR[] NOT NULL,
+                                              ord VARCHAR);
 CREATE TABLE IF NOT EXISTS _changes (
     tbl VARCHAR NOT NULL,
     kind VARCHAR NOT NULL,  -- 'key': a row changed or was deleted; 'append': new keys lo..hi; 'all': the whole table
@@ -189,6 +189,52 @@ CREATE TABLE IF NOT EXISTS _segments (
 """
 """The master's publication bookkeeping: declared tables, the change log since the last publication,
 and the segment files the views name."""
+
+
+@dataclass(frozen=True)
+class ColumnUpgrade:
+    """A column that a table written by an older release lacks, and the statements that add it (run once,
+    by ``face-assets migrate``; the normal opens refuse a file that still lacks it).
+
+    Args:
+        table: the table.
+        column: the column it gained.
+        statements: what adds it (valid on every backend of the store), in one transaction with the rest.
+    """
+
+    table: str
+    column: str
+    statements: tuple[str, ...]
+
+
+PUBLICATION_UPGRADES = (
+    ColumnUpgrade("_published_tables", "ord", ("ALTER TABLE _published_tables ADD COLUMN ord VARCHAR",)),
+)
+"""Columns the publication bookkeeping gained since its first release."""
+
+COLUMNS_SQL = ("SELECT table_name, column_name FROM information_schema.columns "
+               "WHERE table_schema = current_schema()")
+"""The ``(table, column)`` pairs of a database (DuckDB and PostgreSQL alike)."""
+
+
+def table_columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
+    """The ``(table, column)`` pairs of the file ``con`` has open (:data:`COLUMNS_SQL`)."""
+    return {(t, c) for t, c in con.execute(COLUMNS_SQL).fetchall()}
+
+
+def pending_upgrades(columns: set[tuple[str, str]], upgrades: Sequence[ColumnUpgrade]) -> list[ColumnUpgrade]:
+    """The upgrades a database with these ``(table, column)`` pairs still needs: its table is there without
+    the column (a missing table is created whole, in the current layout, by its store's schema)."""
+    tables = {t for t, _ in columns}
+    return [u for u in upgrades if u.table in tables and (u.table, u.column) not in columns]
+
+
+def require_current(columns: set[tuple[str, str]], upgrades: Sequence[ColumnUpgrade], where: object) -> None:
+    """Raise :class:`MigrationRequiredError` naming what ``where`` lacks when an upgrade is pending."""
+    pending = pending_upgrades(columns, upgrades)
+    if pending:
+        raise MigrationRequiredError(where, [f"table {u.table} without column {u.column}" for u in pending])
+
 
 VIEWS_STORAGE_VERSION = "v1.0.0"
 """Storage version of the published views file: the oldest DuckDB 1.x reads it (DuckDB 2 writes a
@@ -318,8 +364,9 @@ class DuckDBFile:
     def __init__(self, master: str | os.PathLike, published: str | os.PathLike | None = None, *,
                  schema: str | None = None, lock_timeout: float = 120.0, publish_interval: float = 1.0,
                  read_only: bool = False, retention: float = 3600.0,
-                 max_deltas: int = 16):
+                 max_deltas: int = 16, upgrades: Sequence[ColumnUpgrade] = ()):
         self.read_only = read_only
+        self.upgrades = (*PUBLICATION_UPGRADES, *upgrades)
         # ":memory:" is a private, throw-away store (a report's scratch catalog): one connection for its life.
         self._memory = duckdb.connect(":memory:") if str(master) == ":memory:" else None
         self.master = Path(master).absolute()
@@ -424,6 +471,7 @@ class DuckDBFile:
             self._local.session = (con, True)
             try:
                 if self._schema is not None and not self._schema_done:
+                    require_current(table_columns(con), self.upgrades, self.master)
                     con.execute(self._schema)
                     self._schema_done = True
                 con.execute("BEGIN TRANSACTION")
@@ -458,17 +506,14 @@ class DuckDBFile:
         session (every store checks its tables when it opens: one session instead of one each)."""
         if self._known is None:
             with self.read() as con:
-                columns = {(t, c) for t, c in con.execute(
-                    "SELECT table_name, column_name FROM information_schema.columns").fetchall()}
+                columns = table_columns(con)
+                if not self.read_only:
+                    require_current(columns, self.upgrades, self.master)
                 declared = {r[0]: (r[1], tuple(r[2]), r[3]) for r in con.execute(
                     "SELECT tbl, key, exclude, ord FROM _published_tables").fetchall()} \
-                    if ("_published_tables", "ord") in columns else {}
+                    if ("_published_tables", "tbl") in columns else {}
             self._known = (columns, declared)
         return self._known
-
-    def has_column(self, table: str, column: str) -> bool:
-        """Whether ``table`` has ``column`` (as the file was when this process first looked)."""
-        return (table, column) in self._shape()[0]
 
     def declare(self, tables: list[Table]) -> None:
         """Publish these tables as segments (see :class:`Table`); a table declared for the first
@@ -500,6 +545,33 @@ class DuckDBFile:
                 con.execute(schema)
             self._known = None  # tables were added: read the shape again when next asked
         self._ensured.add(table)
+
+    def migrate(self) -> list[str]:
+        """Bring a master written by an older release to this one's layout (``face-assets migrate``): the
+        columns of :attr:`upgrades` it lacks are added in one transaction under the exclusive lock, and
+        nothing else changes. Returns what was done: nothing for a current file, or none at all."""
+        if self.read_only or self._memory is not None or not self.master.is_file():
+            return []
+        with self._lock.hold(exclusive=True, timeout=self.lock_timeout):
+            con = self._connect(read_only=False)
+            try:
+                pending = pending_upgrades(table_columns(con), self.upgrades)
+                if not pending:
+                    return []
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    for upgrade in pending:
+                        for statement in upgrade.statements:
+                            con.execute(statement)
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT")
+            finally:
+                self._release(con)
+        self._known = None
+        return [f"{self.master.name}: column {u.column} added to table {u.table}" for u in pending]
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import StorageSettings
-from .errors import FaceImportError
+from .errors import FaceImportError, MigrationRequiredError
 from .schemas import FilterResult, ImageAnalysis
-from .storage import DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where, utc_now
+from .storage import (ColumnUpgrade, DuckDBFile, Table, log_all, log_appends, log_changes, log_changes_where,
+                      utc_now)
 
 TABLES = [Table("images", "image_seq", order="image_id"), Table("faces", "face_id")]
 """The catalog's published tables: an image row gets a new ``image_seq`` each time it is written."""
@@ -79,6 +80,12 @@ CREATE INDEX IF NOT EXISTS faces_image_idx ON faces (image_id);
 CREATE INDEX IF NOT EXISTS images_hash_idx ON images (content_hash);
 """
 
+UPGRADES = (
+    ColumnUpgrade("images", "image_seq", ("CREATE SEQUENCE IF NOT EXISTS image_seq START 1",
+                                          "ALTER TABLE images ADD COLUMN image_seq BIGINT DEFAULT nextval('image_seq')")),
+)
+"""Columns the catalog's tables gained since the first release (``face-assets migrate`` adds them)."""
+
 class Catalog:
     """The DuckDB catalog of images and faces, in short sessions (see :mod:`face_assets.storage`).
 
@@ -100,36 +107,48 @@ class Catalog:
         self.read_only = read_only
         self.db = DuckDBFile(self.path, published, schema=SCHEMA, lock_timeout=lock_timeout,
                              publish_interval=publish_interval, read_only=read_only,
-                             retention=retention, max_deltas=max_deltas)
+                             retention=retention, max_deltas=max_deltas, upgrades=UPGRADES)
         if not read_only:
-            self._add_image_seq()
             self.db.declare(TABLES)
-
-    def _add_image_seq(self) -> None:
-        """Give the images of a catalog written before ``image_seq`` existed their version numbers."""
-        if not self.db.has_column("images", "image_seq"):
-            with self.db.write() as con:
-                con.execute("CREATE SEQUENCE IF NOT EXISTS image_seq START 1")
-                con.execute("ALTER TABLE images ADD COLUMN image_seq BIGINT DEFAULT nextval('image_seq')")
 
     @classmethod
     def open(cls, storage: StorageSettings, read_only: bool = False) -> "Catalog":
         """The catalog of a data folder: its master (published to ``storage.duckdb_path``), or with
         ``read_only`` the published file itself, which readers share with no lock.
 
-        A data folder written before the master existed gets its catalog file copied to the master
-        once, so nothing stored is lost.
+        Raises:
+            MigrationRequiredError: the folder holds a catalog of an older release (one file, from before
+                the master existed, or tables without a column they have now): see :meth:`migrate`.
         """
         if read_only:
             return cls(storage.duckdb_path, read_only=True)
         master = storage.master_path
         if not master.is_file() and storage.duckdb_path.is_file():
-            master.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(storage.duckdb_path, master.with_name(master.name + ".partial"))
-            master.with_name(master.name + ".partial").replace(master)
+            raise MigrationRequiredError(storage.duckdb_path, [f"a catalog in one file, from before {master.name}"])
         return cls(master, published=storage.duckdb_path, lock_timeout=storage.lock_timeout_seconds,
                    publish_interval=storage.publish_interval_seconds,
                    retention=storage.segment_retention_seconds, max_deltas=storage.max_delta_segments)
+
+    @staticmethod
+    def migrate(storage: StorageSettings) -> list[str]:
+        """Upgrade the catalog of a data folder written by an older release, in place (``face-assets migrate``).
+
+        A catalog in one file (``storage.duckdb_path``, from before the master existed) is copied to the master
+        (a whole copy, then a rename: a crash leaves the old file as it was); then the columns of
+        :data:`UPGRADES` and of the publication that the master lacks are added, in one transaction. The next
+        normal open publishes the tables whole. Returns what was done; nothing when the catalog is current.
+        """
+        done = []
+        master = storage.master_path
+        if not master.is_file() and storage.duckdb_path.is_file():
+            master.parent.mkdir(parents=True, exist_ok=True)
+            partial = master.with_name(master.name + ".partial")
+            shutil.copyfile(storage.duckdb_path, partial)
+            partial.replace(master)
+            done.append(f"{storage.duckdb_path.name}: copied to {master} (the catalog's master)")
+        if not master.is_file():
+            return done  # no catalog yet: the first open creates a current one
+        return done + DuckDBFile(master, lock_timeout=storage.lock_timeout_seconds, upgrades=UPGRADES).migrate()
 
     def close(self) -> None:
         """Publish what is pending (nothing stays open between calls)."""

@@ -172,7 +172,7 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def verify_conversion(model: nn.Module, recognizer: Recognizer, crops: np.ndarray, tolerance: float) -> float:
     """Max abs difference of torch vs onnxruntime embeddings on ``crops``; TrainingError above ``tolerance``."""
-    expected, _ = recognizer.embed_aligned(list(crops))
+    expected, _ = recognizer.predict(list(crops))
     diff = max_abs_diff(torch_embed(model, crops, recognizer.input_mean, recognizer.input_std, torch.device("cpu")),
                         expected)
     if diff > tolerance:
@@ -212,7 +212,7 @@ def verify_export(model: nn.Module, path: Path, crops: np.ndarray, settings: Set
     # the reference runs on the CPU in float32: on a GPU, TF32 convolutions (cuDNN's default) may exceed the tolerance
     expected = torch_embed(copy.deepcopy(model).cpu(), crops, recognizer.input_mean, recognizer.input_std,
                            torch.device("cpu"))
-    diff = max_abs_diff(recognizer.embed_aligned(list(crops))[0], expected)
+    diff = max_abs_diff(recognizer.predict(list(crops))[0], expected)
     if diff > settings.training.verify_tolerance:
         raise TrainingError(f"exported ONNX differs from PyTorch by {diff:.2e} > {settings.training.verify_tolerance:.0e}")
     return diff
@@ -336,7 +336,7 @@ def aligned_crops(refs: Sequence[FaceRef], analyzer: FaceAnalyzer) -> tuple[dict
         except ImageLoadError as exc:
             failed.update({r.key: f"unreadable: {exc.reason}" for r in wanted})
             continue
-        faces, _ = analyzer.detector.detect(img)
+        faces, _ = analyzer.detector.predict([img])[0]
         for ref in wanted:
             if ref.key in crops:
                 continue
@@ -828,7 +828,7 @@ def general_set(settings: Settings, analyzer: FaceAnalyzer, exclude: set[str]) -
             img = load_image(path, max_pixels=settings.images.max_pixels)
         except ImageLoadError:
             continue
-        faces, _ = analyzer.detector.detect(img)
+        faces, _ = analyzer.detector.predict([img])[0]
         if faces:
             crops.append(analyzer.recognizer.align(img, faces[0].kps))
             labels.append(ident)
@@ -868,7 +868,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 def embed(recognizer: Recognizer, crops: np.ndarray) -> np.ndarray:
     """Normalized embeddings of aligned crops through onnxruntime, exactly as in production."""
-    return normalize(recognizer.embed_aligned(list(crops))[0]) if len(crops) else np.zeros((0, 512), np.float32)
+    return normalize(recognizer.predict(list(crops))[0]) if len(crops) else np.zeros((0, 512), np.float32)
 
 
 def judge(settings: Settings, embeddings: Mapping[str, tuple[np.ndarray, np.ndarray]], keys: np.ndarray, val: PairSet,
@@ -998,7 +998,7 @@ def fine_tune(settings: Settings, analyzer: FaceAnalyzer, parent: str, run_dir: 
     train, val, dropped = split_by_person(data, index, settings.training.val_fraction, settings.training.seed, stable)
     if not len(train.pairs) and not len(train.triplets):
         raise TrainingError(f"no usable training pairs ({len(data.pairs)} pairs, {failed} faces not found)")
-    original, _ = current.embed_aligned(list(crops))
+    original, _ = current.predict(list(crops))
     model = to_torch(current.model_path)
     conversion_diff = verify_conversion(model, current, crops[:32], settings.training.verify_tolerance)
     trainer = Trainer(settings, model, crops, original, train, val, run_dir, current.input_mean, current.input_std,

@@ -18,18 +18,18 @@ from face_assets.models import STYLE_BACKBONE, builtin_pack, file_sha256
 
 def test_artifact_is_small_and_loads_without_pickles():
     assert DEFAULT_ARTIFACT.stat().st_size < 5 * 1024 * 1024
-    clf = CartoonClassifier.load()
+    clf = CartoonClassifier.read()
     assert 0.5 < clf.threshold < 1.0
     assert clf.mean.shape == clf.scale.shape and clf.weights[0].shape[0] == clf.mean.shape[0]
 
 
 def test_artifact_belongs_to_the_builtin_recognizer():
     pack = builtin_pack()
-    assert pack is not None and CartoonClassifier.load().recognizer_sha256 == pack.recognizer_sha256
+    assert pack is not None and CartoonClassifier.read().recognizer_sha256 == pack.recognizer_sha256
 
 
 def test_artifact_belongs_to_the_shipped_image_backbone():
-    clf = CartoonClassifier.load()
+    clf = CartoonClassifier.read()
     assert clf.backbone_sha256 == file_sha256(STYLE_BACKBONE)
     assert STYLE_BACKBONE.stat().st_size < 10 * 1024 * 1024  # float16 weights
     backbone = backbone_for(clf, load_settings(environ={}).models)
@@ -37,7 +37,7 @@ def test_artifact_belongs_to_the_shipped_image_backbone():
 
 
 def test_a_classifier_of_another_backbone_is_refused():
-    clf = CartoonClassifier.load()
+    clf = CartoonClassifier.read()
     other = dataclasses.replace(clf, backbone_sha256="0" * 64)
     with pytest.raises(ModelNotFoundError, match="image backbone"):
         backbone_for(other, load_settings(environ={}).models)
@@ -63,7 +63,7 @@ def test_filter_scores_faces_with_the_backbone_and_skips_tiny_faces(datasets):
 
 
 def test_artifact_records_the_held_out_protocol():
-    info = CartoonClassifier.load().info
+    info = CartoonClassifier.read().info
     held = info["held_out"]
     # every real kind, the new ones included, was measured with its source held out
     assert {"bw", "old", "studio", "lighting", "web", "imfdb", "all"} <= set(held["real_kind"])
@@ -74,7 +74,7 @@ def test_artifact_records_the_held_out_protocol():
 
 
 def test_probabilities_are_in_range_and_round_trip(tmp_path):
-    clf = CartoonClassifier.load()
+    clf = CartoonClassifier.read()
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(4, 512)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -84,5 +84,5 @@ def test_probabilities_are_in_range_and_round_trip(tmp_path):
     x = CartoonClassifier.features(emb, texture, style)
     p = clf.predict_proba(x)
     assert p.shape == (4,) and np.all((p >= 0) & (p <= 1))
-    again = CartoonClassifier.load(clf.save(tmp_path / "c.npz"))
+    again = CartoonClassifier.read(clf.save(tmp_path / "c.npz"))
     assert np.allclose(again.predict_proba(x), p, atol=1e-6) and again.threshold == clf.threshold

@@ -32,9 +32,10 @@ def test_shared_options_before_or_after_the_command():
     assert (plain.data_dir, plain.config, plain.json) == (None, None, False)
 
 
-def test_index_dir_is_a_deprecated_name_of_data_dir(capsys):
-    assert parse_args(["serve", "--index-dir", "d"]).data_dir == "d"
-    assert "--index-dir is deprecated, use --data-dir" in capsys.readouterr().err
+def test_the_former_index_dir_option_is_gone(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--index-dir", "d"])
+    assert "unrecognized arguments: --index-dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [

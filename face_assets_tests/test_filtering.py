@@ -119,7 +119,7 @@ def test_clean_tight_frontal_crops_are_not_low_quality(datasets, native_scale):
 def test_tight_crops_are_found(datasets, native_scale):
     detector = FaceFilter(load_settings(overrides={"detection": {"native_scale": native_scale}}, environ={})).analyzer.detector
     files = sorted((datasets / "real" / "imfdb").rglob("*.png"))
-    found = [detector.detect(load_image(p)) for p in files]
+    found = [detector.predict([load_image(p)])[0] for p in files]
     assert len(files) == 400
     assert sum(bool(faces) for faces, _ in found) / len(files) >= 0.98
     padded = sum(p for _, p in found)
@@ -138,8 +138,8 @@ def test_native_scale_detection_finds_the_faces_of_det_size(face_filter, dataset
         side = native.input_side(img)
         assert side % 32 == 0 and side == min(640, max(320, -(-max(img.shape[:2]) // 32) * 32))
         small += side < 640
-        a, _ = enlarged.detect(img)
-        b, _ = native.detect(img)
+        a, _ = enlarged.predict([img])[0]
+        b, _ = native.predict([img])[0]
         big_a = [f for f in a if min(f.face_size) >= 37]
         big_b = [f for f in b if min(f.face_size) >= 37]
         assert len(big_a) == len(big_b), p
@@ -160,8 +160,8 @@ def test_detection_threads_give_the_single_thread_results(face_filter, datasets)
     threaded = two.analyzer.analyze_loaded(images)
     pooled = [d for d in two.analyzer._detect_pool.map(lambda _: getattr(two.analyzer._pool_thread, "detector", None),
                                                          range(4)) if d is not None]
-    assert pooled and all(d.model.session.get_session_options().intra_op_num_threads == 1 for d in pooled)
-    assert two.analyzer.detector.model.session.get_session_options().intra_op_num_threads == 2  # single images
+    assert pooled and all(d.session.get_session_options().intra_op_num_threads == 1 for d in pooled)
+    assert two.analyzer.detector.session.get_session_options().intra_op_num_threads == 2  # single images
     assert any(b.padded for b in threaded) and any(b.faces and not b.padded for b in threaded)
     for a, b in zip(one.analyzer.analyze_loaded(images), threaded):
         assert a.padded == b.padded and len(a.faces) == len(b.faces)

@@ -72,8 +72,8 @@ def test_tapped_recognizer_matches_plain_embedding():
     pack = resolve_pack(settings.models)
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
-    plain, none = Recognizer(pack.recognizer, settings.models).embed_aligned(crops)
-    tapped, taps = Recognizer(pack.recognizer, settings.models, taps=("339",)).embed_aligned(crops)
+    plain, none = Recognizer(pack.recognizer, settings.models).predict(crops)
+    tapped, taps = Recognizer(pack.recognizer, settings.models, taps=("339",)).predict(crops)
     assert none is None and taps.shape == (3, 3 * 128)  # mean, std, fraction positive per channel
     np.testing.assert_allclose(plain, tapped, atol=1e-5)
     assert (taps[:, 128:256] >= 0).all()  # standard deviations
@@ -89,7 +89,7 @@ def test_wide_crop_holds_the_aligned_crop_at_its_centre(datasets):
     settings = load_settings(environ={})
     analyzer = FaceAnalyzer(settings)
     img = load_image(sorted((datasets / "real" / "lfw10").rglob("*.jpg"))[0])
-    face = analyzer.detector.detect(img)[0][0]
+    face = analyzer.detector.predict([img])[0][0][0]
     aligned = analyzer.recognizer.align(img, face.kps)
     # twice as wide at twice the side: the same pixels scale, the aligned crop in the middle
     wide = align_wide(img, face.kps, side=224, extent=2.0)
@@ -102,11 +102,11 @@ def test_image_backbone_loads_lazily_and_batches_consistently():
 
     settings = load_settings(overrides={"models": {"rec_batch_size": 2}}, environ={})
     backbone = ImageBackbone(STYLE_BACKBONE, settings.models)
-    assert backbone._session is None  # nothing loads until a face needs it
+    assert not backbone.loaded  # nothing loads until a face needs it
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
-    together = backbone.features(crops)  # batches of 2 and 1
-    alone = np.concatenate([backbone.features([c]) for c in crops])
+    together = backbone.predict(crops)  # batches of 2 and 1
+    alone = np.concatenate([backbone.predict([c]) for c in crops])
     assert together.shape == (3, 2128) and np.isfinite(together).all()
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
     assert not np.allclose(together[0], together[1])  # different pictures, different rows
@@ -114,3 +114,83 @@ def test_image_backbone_loads_lazily_and_batches_consistently():
     assert backbone.face_features(crops, wide).shape == (3, 2 * 2128)
     with pytest.raises(ModelNotFoundError):
         ImageBackbone(STYLE_BACKBONE.with_name("missing.onnx"), settings.models)
+
+
+def test_every_model_follows_one_protocol_and_loads_once():
+    """Detector, recognizer, image backbone and cartoon head are InferenceModels; the ONNX ones start nothing
+    until asked, and a second load keeps the session."""
+    from face_assets.cartoon import CartoonClassifier
+    from face_assets.detection import FaceDetector
+    from face_assets.models import STYLE_BACKBONE, ImageBackbone, InferenceModel
+
+    settings = load_settings(environ={})
+    pack = resolve_pack(settings.models)
+    onnx_models = [FaceDetector(pack.detector, settings.models, settings.detection),
+                   Recognizer(pack.recognizer, settings.models), ImageBackbone(STYLE_BACKBONE, settings.models)]
+    for model in [*onnx_models, CartoonClassifier.read()]:
+        assert isinstance(model, InferenceModel), model
+    assert [m.model_name for m in onnx_models] == ["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx", STYLE_BACKBONE.name]
+    for model in onnx_models:
+        assert not model.loaded
+        model.load()
+        session = model.session
+        model.load()
+        assert model.loaded and model.session is session
+    assert CartoonClassifier.read().model_name == "cartoon_classifier.npz"
+
+
+def test_a_file_of_another_kind_is_refused_at_load(tmp_path):
+    from face_assets.detection import FaceDetector
+
+    settings = load_settings(environ={})
+    pack = resolve_pack(settings.models)
+    with pytest.raises(ModelNotFoundError, match="ArcFace recognizer"):
+        Recognizer(pack.detector, settings.models).load()
+    with pytest.raises(ModelNotFoundError, match="SCRFD detector"):
+        FaceDetector(pack.recognizer, settings.models, settings.detection).load()
+
+
+def test_predict_gives_what_insightface_gives_on_real_images(datasets):
+    """The protocol's sessions (one way of building them) give exactly what insightface's own model router and
+    sessions give on real photos: the same boxes, landmarks and scores, the same embeddings; the cartoon
+    head's batched predict gives each face's probability from its features."""
+    from insightface.model_zoo import get_model
+
+    from face_assets.filtering import FaceFilter
+    from face_assets.imaging import load_image
+
+    settings = load_settings(overrides={"models": {"rec_batch_size": 64}}, environ={})
+    face_filter = FaceFilter(settings)
+    analyzer = face_filter.analyzer
+    files = [sorted((datasets / "real" / "lfw10").rglob("*.jpg"))[0], datasets / "detection" / "groups" / "10.jpg",
+             *sorted((datasets / "cartoon" / "dualstylegan").rglob("*.*"))[:4]]
+    images = [load_image(p) for p in files]
+    opts = dict(providers=providers_for(settings.models), sess_options=session_options(settings.models))
+    det = get_model(str(analyzer.pack.detector), **opts)
+    d = settings.detection
+    det.prepare(-1, input_size=(d.det_size, d.det_size), det_thresh=d.det_thresh, nms_thresh=d.nms_thresh)
+    arcface = get_model(str(analyzer.pack.recognizer), **opts)
+    found = analyzer.detector.predict(images)
+    assert len(found[0].faces) == 1 and len(found[1].faces) > 10  # a portrait, a group photo
+    crops, compared = [], 0
+    for img, (faces, padded) in zip(images, found):
+        side = analyzer.detector.input_side(img)
+        boxes, kps = det.detect(img, input_size=(side, side))
+        if padded or not faces:  # found by the retry on a padded copy, or not at all: SCRFD alone finds nothing
+            assert len(boxes) == 0
+            continue
+        compared += 1
+        order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
+        np.testing.assert_array_equal(np.stack([f.bbox for f in faces]), boxes[order, :4].astype(np.float32))
+        np.testing.assert_array_equal(np.stack([f.kps for f in faces]), kps[order].astype(np.float32))
+        assert [f.det_score for f in faces] == [float(s) for s in boxes[order, 4]]
+        crops += [analyzer.recognizer.align(img, f.kps) for f in faces]
+    assert compared >= 3
+    embeddings = analyzer.recognizer.predict(crops).embeddings
+    np.testing.assert_array_equal(embeddings, arcface.get_feat(crops))
+    faces = [f for a in analyzer.analyze_loaded(images) for f in a.faces if f.style is not None]
+    clf = face_filter.classifier
+    one_by_one = [clf.predict_proba(clf.features(f.normed_embedding, f.texture, f.style))[0] for f in faces]
+    assert len(faces) > 10
+    np.testing.assert_allclose(clf.predict(faces), one_by_one, rtol=0, atol=1e-6)
+    assert clf.predict([]).shape == (0,)

@@ -41,7 +41,7 @@ def faces(datasets):
     for person in sorted(p.name for p in root.iterdir() if p.is_dir())[:4]:
         for path in sorted((root / person).glob("*.jpg"))[:4]:
             img = load_image(path)
-            found, _ = analyzer.detector.detect(img)
+            found, _ = analyzer.detector.predict([img])[0]
             rows.append((person, path, [float(v) for v in found[0].bbox[:4]], analyzer.recognizer.align(img, found[0].kps)))
     return {"persons": [r[0] for r in rows], "paths": [r[1] for r in rows], "boxes": [r[2] for r in rows],
             "crops": np.asarray([r[3] for r in rows]), "recognizer": analyzer.recognizer}
@@ -122,7 +122,7 @@ def test_export_matches_pytorch_and_insightface_loads_it(faces, tmp_path):
 def test_checkpoint_resume_gives_the_uninterrupted_result(faces, tmp_path, datasets):
     settings = tiny_settings(tmp_path, datasets, freeze="head")
     crops = faces["crops"]
-    original, _ = faces["recognizer"].embed_aligned(list(crops))
+    original, _ = faces["recognizer"].predict(list(crops))
     refs = {i: T.FaceRef(str(p), tuple(b)) for i, (p, b) in enumerate(zip(faces["paths"], faces["boxes"]))}
     data = T.FeedbackData(pairs=[(refs[i], refs[j], int(faces["persons"][i] == faces["persons"][j]), "t")
                                  for i, j in combinations(refs, 2)])
@@ -403,5 +403,5 @@ def test_the_style_backbone_built_from_its_wheels_is_the_one_the_classifier_was_
     from face_assets.style_backbone import ensure_style_backbone
 
     built = ensure_style_backbone(tmp_path / "backbone.onnx")
-    assert built.is_file() and file_sha256(built) == CartoonClassifier.load().backbone_sha256
+    assert built.is_file() and file_sha256(built) == CartoonClassifier.read().backbone_sha256
     assert not list(tmp_path.glob(".*partial"))

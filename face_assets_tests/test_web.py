@@ -260,8 +260,11 @@ def test_people_rename_merge_move_split_undo_and_audit(client, lib, tokens):
     assert [e["action"] for e in older] == ["move", "split"]
 
 
-def test_former_audit_file_is_taken_in_once(data_dir, lib):
+def test_former_audit_file_is_taken_in_once_by_migrate(data_dir, lib):
     import json
+
+    from face_assets.errors import MigrationRequiredError
+    from face_assets.migrate import migrate_data_folder
 
     lib.cluster()
     cid = lib.list_clusters()[0].cluster_id
@@ -272,6 +275,10 @@ def test_former_audit_file_is_taken_in_once(data_dir, lib):
     legacy.parent.mkdir(parents=True, exist_ok=True)
     legacy.write_text("".join(json.dumps(e) + "\n" for e in lines))
     lib.close()
+    with pytest.raises(MigrationRequiredError, match="face-assets migrate"), open_library(data_dir):
+        pass
+    settings = load_settings(overrides=web_settings(data_dir, None))
+    assert len(migrate_data_folder(settings)) == 1
     with open_library(data_dir) as again:
         log = again.curation_log(limit=10)
         assert [(e["actor"], e["action"]) for e in log] == [("ann", "merge"), ("ann", "rename")]
@@ -279,7 +286,8 @@ def test_former_audit_file_is_taken_in_once(data_dir, lib):
         assert not legacy.exists() and legacy.with_name("people.jsonl.imported").is_file()
         with pytest.raises(CurationError, match="without what undoing it needs"):
             again.undo(log[0]["id"])
-    with open_library(data_dir) as third:  # taken in once
+    assert migrate_data_folder(settings) == []  # taken in once
+    with open_library(data_dir) as third:
         assert len(third.curation_log(limit=10)) == 2
 
 

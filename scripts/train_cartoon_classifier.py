@@ -516,7 +516,7 @@ def extract(items: list[Item], root: Path, taps: tuple[str, ...], use_cache: boo
         analyzer = FaceAnalyzer(settings, taps=cache_taps, texture_model=sha)
         recognizer = analyzer.texture_recognizer or analyzer.recognizer
         cache["tex"] = np.concatenate(
-            [recognizer.embed_aligned(list(cache["crop"][i : i + 256]))[1] for i in range(0, len(cache["crop"]), 256)]
+            [recognizer.predict(list(cache["crop"][i : i + 256]))[1] for i in range(0, len(cache["crop"]), 256)]
         )
     index = {(r, a): i for i, (r, a) in enumerate(zip(cache["view_rel"], cache["view_aug"]))}
     new_views: dict[str, list] = {k: [] for k in _VIEW_KEYS}
@@ -1280,7 +1280,7 @@ def main(argv: list[str] | None = None) -> None:
     check = final.predict_proba(f.X[:200])
     if not args.dry_run:
         out = final.save(args.out)
-        again = CartoonClassifier.load(out)
+        again = CartoonClassifier.read(out)
         assert np.allclose(again.predict_proba(f.X[:200]), check, atol=1e-5)
         print(f"\nartifact: {os.path.relpath(out)} ({out.stat().st_size / 1024:.0f} KiB), threshold {final.threshold:.4f}, "
               f"trained on {int(real.sum())} real + {int((f.y == 1).sum())} non-photo faces")
