@@ -667,21 +667,24 @@ def _group_sum(group: np.ndarray, n_groups: int, x: np.ndarray) -> np.ndarray:
 
 
 class MeansIndex:
-    """Maximum-inner-product search over cluster means: exact up to 50,000 means, inverted lists above.
+    """Maximum-inner-product search over cluster means: exact up to 8,192 means, inverted lists above.
 
-    Above ``exact_max`` (50,000) means, the means are spread over ``2 ** round(log2(c / list_size))``
-    (at most ``max_lists``; 1024 and 1024 by default) spherical k-means lists and a query is compared
-    with the members of its ``nprobe`` nearest lists, one BLAS product per list (:func:`_ivf_join`).
-    A query's cost is about ``nprobe x list_size`` means once the lists are many: the one-shot
-    searches of a full run use smaller lists (:data:`_RUN_SEARCH`). Build it once per clustering
-    and reuse it for every batch of new faces (:func:`assign_to_clusters` ``index=``): the build is
-    the k-means and the list of every mean, the search is what a call pays. A row whose list is -1
-    is in no list and never found (:meth:`from_parts`: rows superseded since the lists were made).
-    Float16 means are kept as they are (half the memory) and read in float32 a list at a time.
+    Above ``exact_max`` means, the means are spread over ``2 ** round(log2(c / list_size))`` (at
+    most ``max_lists``) spherical k-means lists and a query is compared with the members of its
+    ``nprobe`` nearest lists, one BLAS product per list (:func:`_ivf_join`). A query costs about
+    ``nlist + nprobe x list_size`` means, so the lists are small (256 means) and 16 of them probed
+    by default: incremental assignment pays its search per face, and at 62,000 clusters 16 of 256
+    lists placed the new faces as 32 of 64 lists did for a seventh of the arithmetic
+    (docs/clustering.md); the one-shot searches of a full run probe 32 (:data:`_RUN_SEARCH`). Build
+    it once per clustering and reuse it for every batch of new faces (:func:`assign_to_clusters`
+    ``index=``): the build is the k-means and the list of every mean, the search is what a call
+    pays. A row whose list is -1 is in no list and never found (:meth:`from_parts`: rows
+    superseded since the lists were made). Float16 means are kept as they are (half the memory)
+    and read in float32 a list at a time.
     """
 
-    def __init__(self, means: np.ndarray, *, nprobe: int = 32, list_size: int = 1024, max_lists: int = 1024,
-                 exact_max: int = 50_000, seed: int = _SEED):
+    def __init__(self, means: np.ndarray, *, nprobe: int = 16, list_size: int = 256, max_lists: int = 16_384,
+                 exact_max: int = 8_192, seed: int = _SEED):
         half = isinstance(means, np.ndarray) and means.dtype == np.float16
         self.means = np.ascontiguousarray(means, np.float16 if half else np.float32)
         self.centroids: np.ndarray | None = None
@@ -702,7 +705,7 @@ class MeansIndex:
 
     @classmethod
     def from_parts(cls, means: np.ndarray, centroids: np.ndarray, home: np.ndarray, *,
-                   scale: np.ndarray | None = None, nprobe: int = 32) -> MeansIndex:
+                   scale: np.ndarray | None = None, nprobe: int = 16) -> MeansIndex:
         """An inverted-list index from its parts kept elsewhere (``means`` may be memory-mapped: a
         search reads only the rows of the lists it probes); ``home`` -1 leaves a row out; each row
         is searched times its ``scale`` when given (the means' directions from the means themselves)."""
