@@ -360,6 +360,7 @@ class ClusterStore:
 
 
 MAX_LABEL = 200
+_BLOCK = 65_536  # faces per block of the passes over every face of a full run
 #: Bidirectional formatting characters: embeddings, overrides, isolates and marks.
 _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _KEEP = object()
@@ -450,8 +451,10 @@ class PersonClusters:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _faces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(face ids, embeddings float16, image ids)`` of every valid face: float16 halves the input
+        of a full run (the clustering reads it in float32 piece by piece; docs/clustering.md)."""
         ids, images = self.catalog.face_images(self.model_version)
-        fids, x = self.catalog.embeddings(ids.tolist())
+        fids, x = self.catalog.embeddings(ids, dtype=np.float16)
         if len(fids) != len(ids):  # faces removed between the reads (they are read in short sessions)
             images = images[np.isin(ids, fids)]
         return fids, x, images
@@ -480,7 +483,10 @@ class PersonClusters:
         """Rows of ``clusters`` for a labelling of faces ``ids`` (embeddings ``x``)."""
         c_ids, means, sizes = cluster_means(x, labels)
         row = np.searchsorted(c_ids, labels)
-        score = np.einsum("ij,ij->i", x, means[row])
+        score = np.empty(len(x), np.float32)
+        for s in range(0, len(x), _BLOCK):  # a block at a time: every face's mean at once is 4 GB at 2M faces
+            score[s : s + _BLOCK] = np.einsum("ij,ij->i", np.asarray(x[s : s + _BLOCK], np.float32),
+                                              means[row[s : s + _BLOCK]])
         order = np.lexsort((-score, row))
         first = np.r_[True, row[order][1:] != row[order][:-1]]
         rep = np.empty(len(c_ids), np.int64)
@@ -545,10 +551,11 @@ class PersonClusters:
             res = cluster_embeddings(x, must_link=must, cannot_link=cannot, log=log, **self.settings.method_kwargs())
             labels = res.labels
         stable, _ = match_ids(old_f, old_c, ids, labels, self._next_id())
-        both = np.isin(ids, old_f)
-        prev = dict(zip(old_f.tolist(), old_c.tolist()))
-        changed = [prev[f] != s for f, s in zip(ids[both].tolist(), stable[both].tolist())]
-        id_changed = float(np.mean(changed)) if changed else None
+        # The faces of the last run (``old_f`` is by id), compared as arrays: a dict of every face cost
+        # hundreds of MB at 2M faces.
+        pos = np.minimum(np.searchsorted(old_f, ids), max(len(old_f) - 1, 0))
+        both = old_f[pos] == ids if len(old_f) else np.zeros(len(ids), bool)
+        id_changed = float(np.mean(old_c[pos[both]] != stable[both])) if both.any() else None
         quality = cluster_quality(x, stable, sample=self.settings.quality_sample) if len(ids) else {}
         n_clusters = int(len(np.unique(stable)))
         singletons = int((np.unique(stable, return_counts=True)[1] == 1).sum()) if len(ids) else 0
