@@ -439,23 +439,28 @@ def average_linkage(
     # Cannot-link pairs inside a must-link group are overridden by the user's must-link.
     cl = cl[lab[cl[:, 0]] != lab[cl[:, 1]]] if len(cl) else cl
 
-    pa, pb = lab[np.asarray(src, np.int64)], lab[np.asarray(dst, np.int64)]
+    # The candidate pairs as int32 cluster ids (rows of x) and float32 scores: 12 bytes a pair, the
+    # largest arrays of a round (~20M pairs at 2M faces); NaN: to be scored.
+    pa, pb = lab[np.asarray(src)].astype(np.int32), lab[np.asarray(dst)].astype(np.int32)
     ps = np.full(len(pa), np.nan, np.float32)
     changed = np.ones(n, dtype=bool)
     means_pass = mean_k > 0
     for rnd in range(max_rounds):
         # Stale pairs (a side changed or new): relabel, deduplicate, rescore; the others keep their score.
         stale = changed[pa] | changed[pb] | np.isnan(ps)
-        sa, sb = lab[pa[stale]], lab[pb[stale]]
-        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
-        keep = lo != hi
-        keys = np.unique(lo[keep] * n + hi[keep])
-        sa, sb = keys // n, keys % n
+        keys = _pair_keys(lab, pa[stale], pb[stale])
+        np.logical_not(stale, out=stale)
+        pa, pb, ps = pa[stale], pb[stale], ps[stale]
+        del stale
+        sa, sb = (keys // n).astype(np.int32), (keys % n).astype(np.int32)
+        del keys
         ss = sums.dots(sa, sb) / (size[sa] * size[sb]).astype(np.float32)
-        pa = np.concatenate([pa[~stale], sa])
-        pb = np.concatenate([pb[~stale], sb])
-        ps = np.concatenate([ps[~stale], ss])
-        thr = merge_threshold(size[pa], size[pb], tau_1, tau_inf, decay, tau_face)
+        pa, pb, ps = np.concatenate([pa, sa]), np.concatenate([pb, sb]), np.concatenate([ps, ss])
+        del sa, sb, ss
+        thr = np.empty(len(pa), np.float32)
+        for s in range(0, len(pa), 16 * _CHUNK):  # in blocks: the law works in float64
+            thr[s : s + 16 * _CHUNK] = merge_threshold(size[pa[s : s + 16 * _CHUNK]], size[pb[s : s + 16 * _CHUNK]],
+                                                       tau_1, tau_inf, decay, tau_face)
         live = ps >= thr - drop_margin
         pa, pb, ps, thr = pa[live], pb[live], ps[live], thr[live]
         ok = ps >= thr
@@ -467,13 +472,13 @@ def average_linkage(
         if len(cl) and ok.any():
             ca, cb = lab[cl[:, 0]], lab[cl[:, 1]]
             banned = np.unique(np.minimum(ca, cb) * n + np.maximum(ca, cb))
-            ok[ok] = ~np.isin(pa[ok] * n + pb[ok], banned)
+            ok[ok] = ~np.isin(pa[ok].astype(np.int64) * n + pb[ok], banned)
         if not ok.any():
             if not means_pass:
                 break
             means_pass = False
             ma, mb = _mean_candidates(sums, size, mean_k, log)
-            pa, pb = np.concatenate([pa, ma]), np.concatenate([pb, mb])
+            pa, pb = np.concatenate([pa, ma.astype(np.int32)]), np.concatenate([pb, mb.astype(np.int32)])
             ps = np.concatenate([ps, np.full(len(ma), np.nan, np.float32)])
             changed[:] = False
             continue
@@ -520,6 +525,23 @@ def average_linkage(
     if join_ratio > 0:
         lab = _join_clear_best(x, lab, size, sums, cl, join_ratio, join_floor, log)
     return lab
+
+
+def _pair_keys(lab: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted unique ``lo * n + hi`` (int64) of the cluster pairs ``(lab[a], lab[b])`` of two different
+    clusters, ``lo < hi``; computed in place where it can (at 2M faces each array is ~160 MB)."""
+    n = len(lab)
+    a, b = lab[a], lab[b]
+    lo = np.minimum(a, b)
+    np.maximum(a, b, out=b)
+    del a
+    keep = lo != b
+    lo, b = lo[keep], b[keep]
+    del keep
+    lo *= n
+    lo += b
+    del b
+    return np.unique(lo)
 
 
 def _join_clear_best(x: np.ndarray, lab: np.ndarray, size: np.ndarray, sums: _Sums, cl: np.ndarray,
