@@ -607,9 +607,12 @@ def _clear_best(queries: np.ndarray, index: MeansIndex, join_ratio: float,
 def _means_of(sums: _Sums, size: np.ndarray, roots: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """[len(roots), d] mean embedding of each cluster ``roots`` (float32, or ``dtype``), built chunk by chunk."""
     means = np.empty((len(roots), sums.x.shape[1]), dtype)
-    for s in range(0, len(roots), _CHUNK):
-        r = roots[s : s + _CHUNK]
-        means[s : s + len(r)] = sums.get(r) / size[r, None].astype(np.float32)
+    step = _CHUNK // 8  # 16 MB of sums at a time, divided in place (a 64k-row block and its quotient were 0.27 GB)
+    for s in range(0, len(roots), step):
+        r = roots[s : s + step]
+        block = sums.get(r)
+        block /= size[r, None].astype(np.float32)
+        means[s : s + len(r)] = block
     return means
 
 
