@@ -744,8 +744,9 @@ class MeansIndex:
         if self.centroids is None or len(vectors) == 0:
             return np.zeros(len(vectors), np.int64)
         home = np.empty(len(vectors), np.int64)
-        for s in range(0, len(vectors), 4 * _CHUNK):  # in float32 a block at a time
-            block = np.ascontiguousarray(vectors[s : s + 4 * _CHUNK], np.float32)
+        step = _CHUNK // 2  # in float32 a block of 32k rows at a time (262k rows were 0.5 GB at 2M faces)
+        for s in range(0, len(vectors), step):
+            block = np.ascontiguousarray(vectors[s : s + step], np.float32)
             home[s : s + len(block)] = faiss.knn(block, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
         return home
 
