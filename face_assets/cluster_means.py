@@ -37,6 +37,10 @@ REWRITE_SHARE = 0.05
 REBUILD_SHARE = 0.5
 """Above this share of changed rows, the lists are trained again from scratch."""
 
+LAYOUT = 2
+"""Version of the lists' layout in the files (2: lists of ~256 means, 16 probed); files of another
+layout are rebuilt, as for another model."""
+
 _STATE = "state.json"
 _ARRAYS = ("ids", "sizes", "stamps", "means", "scale", "means_lists", "means_home", "units_lists", "units_home")
 
@@ -120,7 +124,7 @@ class ClusterMeans:
             for name in _ARRAYS:
                 np.save(folder / f"{generation}.{name}.npy", arrays[name])
             tmp = folder / f".{_STATE}.{os.getpid()}"
-            tmp.write_text(json.dumps({"generation": generation, "model_version": self.model_version,
+            tmp.write_text(json.dumps({"generation": generation, "layout": LAYOUT, "model_version": self.model_version,
                                        "rows": len(arrays["ids"]), "dim": int(arrays["means"].shape[1])}))
             tmp.replace(folder / _STATE)
             for old in folder.glob("*.npy"):
@@ -129,9 +133,11 @@ class ClusterMeans:
 
     @classmethod
     def load(cls, folder: Path, model_version: str, dim: int) -> ClusterMeans | None:
-        """The saved rows, memory-mapped, or None when there are none for this model and dimension."""
+        """The saved rows, memory-mapped, or None when there are none for this model, dimension and
+        :data:`LAYOUT`."""
         state = _read_state(folder)
-        if not state or state.get("model_version") != model_version or state.get("dim") != dim:
+        if (not state or state.get("model_version") != model_version or state.get("dim") != dim
+                or state.get("layout") != LAYOUT):
             return None
         g = state["generation"]
         try:

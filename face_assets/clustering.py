@@ -439,23 +439,28 @@ def average_linkage(
     # Cannot-link pairs inside a must-link group are overridden by the user's must-link.
     cl = cl[lab[cl[:, 0]] != lab[cl[:, 1]]] if len(cl) else cl
 
-    pa, pb = lab[np.asarray(src, np.int64)], lab[np.asarray(dst, np.int64)]
+    # The candidate pairs as int32 cluster ids (rows of x) and float32 scores: 12 bytes a pair, the
+    # largest arrays of a round (~20M pairs at 2M faces); NaN: to be scored.
+    pa, pb = lab[np.asarray(src)].astype(np.int32), lab[np.asarray(dst)].astype(np.int32)
     ps = np.full(len(pa), np.nan, np.float32)
     changed = np.ones(n, dtype=bool)
     means_pass = mean_k > 0
     for rnd in range(max_rounds):
         # Stale pairs (a side changed or new): relabel, deduplicate, rescore; the others keep their score.
         stale = changed[pa] | changed[pb] | np.isnan(ps)
-        sa, sb = lab[pa[stale]], lab[pb[stale]]
-        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
-        keep = lo != hi
-        keys = np.unique(lo[keep] * n + hi[keep])
-        sa, sb = keys // n, keys % n
+        keys = _pair_keys(lab, pa[stale], pb[stale])
+        np.logical_not(stale, out=stale)
+        pa, pb, ps = pa[stale], pb[stale], ps[stale]
+        del stale
+        sa, sb = (keys // n).astype(np.int32), (keys % n).astype(np.int32)
+        del keys
         ss = sums.dots(sa, sb) / (size[sa] * size[sb]).astype(np.float32)
-        pa = np.concatenate([pa[~stale], sa])
-        pb = np.concatenate([pb[~stale], sb])
-        ps = np.concatenate([ps[~stale], ss])
-        thr = merge_threshold(size[pa], size[pb], tau_1, tau_inf, decay, tau_face)
+        pa, pb, ps = np.concatenate([pa, sa]), np.concatenate([pb, sb]), np.concatenate([ps, ss])
+        del sa, sb, ss
+        thr = np.empty(len(pa), np.float32)
+        for s in range(0, len(pa), 16 * _CHUNK):  # in blocks: the law works in float64
+            thr[s : s + 16 * _CHUNK] = merge_threshold(size[pa[s : s + 16 * _CHUNK]], size[pb[s : s + 16 * _CHUNK]],
+                                                       tau_1, tau_inf, decay, tau_face)
         live = ps >= thr - drop_margin
         pa, pb, ps, thr = pa[live], pb[live], ps[live], thr[live]
         ok = ps >= thr
@@ -467,13 +472,13 @@ def average_linkage(
         if len(cl) and ok.any():
             ca, cb = lab[cl[:, 0]], lab[cl[:, 1]]
             banned = np.unique(np.minimum(ca, cb) * n + np.maximum(ca, cb))
-            ok[ok] = ~np.isin(pa[ok] * n + pb[ok], banned)
+            ok[ok] = ~np.isin(pa[ok].astype(np.int64) * n + pb[ok], banned)
         if not ok.any():
             if not means_pass:
                 break
             means_pass = False
             ma, mb = _mean_candidates(sums, size, mean_k, log)
-            pa, pb = np.concatenate([pa, ma]), np.concatenate([pb, mb])
+            pa, pb = np.concatenate([pa, ma.astype(np.int32)]), np.concatenate([pb, mb.astype(np.int32)])
             ps = np.concatenate([ps, np.full(len(ma), np.nan, np.float32)])
             changed[:] = False
             continue
@@ -520,6 +525,23 @@ def average_linkage(
     if join_ratio > 0:
         lab = _join_clear_best(x, lab, size, sums, cl, join_ratio, join_floor, log)
     return lab
+
+
+def _pair_keys(lab: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted unique ``lo * n + hi`` (int64) of the cluster pairs ``(lab[a], lab[b])`` of two different
+    clusters, ``lo < hi``; computed in place where it can (at 2M faces each array is ~160 MB)."""
+    n = len(lab)
+    a, b = lab[a], lab[b]
+    lo = np.minimum(a, b)
+    np.maximum(a, b, out=b)
+    del a
+    keep = lo != b
+    lo, b = lo[keep], b[keep]
+    del keep
+    lo *= n
+    lo += b
+    del b
+    return np.unique(lo)
 
 
 def _join_clear_best(x: np.ndarray, lab: np.ndarray, size: np.ndarray, sums: _Sums, cl: np.ndarray,
@@ -585,9 +607,12 @@ def _clear_best(queries: np.ndarray, index: MeansIndex, join_ratio: float,
 def _means_of(sums: _Sums, size: np.ndarray, roots: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """[len(roots), d] mean embedding of each cluster ``roots`` (float32, or ``dtype``), built chunk by chunk."""
     means = np.empty((len(roots), sums.x.shape[1]), dtype)
-    for s in range(0, len(roots), _CHUNK):
-        r = roots[s : s + _CHUNK]
-        means[s : s + len(r)] = sums.get(r) / size[r, None].astype(np.float32)
+    step = _CHUNK // 8  # 16 MB of sums at a time, divided in place (a 64k-row block and its quotient were 0.27 GB)
+    for s in range(0, len(roots), step):
+        r = roots[s : s + step]
+        block = sums.get(r)
+        block /= size[r, None].astype(np.float32)
+        means[s : s + len(r)] = block
     return means
 
 
@@ -667,21 +692,25 @@ def _group_sum(group: np.ndarray, n_groups: int, x: np.ndarray) -> np.ndarray:
 
 
 class MeansIndex:
-    """Maximum-inner-product search over cluster means: exact up to 50,000 means, inverted lists above.
+    """Maximum-inner-product search over cluster means: exact up to 8,192 means, inverted lists above.
 
-    Above ``exact_max`` (50,000) means, the means are spread over ``2 ** round(log2(c / list_size))``
-    (at most ``max_lists``; 1024 and 1024 by default) spherical k-means lists and a query is compared
-    with the members of its ``nprobe`` nearest lists, one BLAS product per list (:func:`_ivf_join`).
-    A query's cost is about ``nprobe x list_size`` means once the lists are many: the one-shot
-    searches of a full run use smaller lists (:data:`_RUN_SEARCH`). Build it once per clustering
-    and reuse it for every batch of new faces (:func:`assign_to_clusters` ``index=``): the build is
-    the k-means and the list of every mean, the search is what a call pays. A row whose list is -1
-    is in no list and never found (:meth:`from_parts`: rows superseded since the lists were made).
-    Float16 means are kept as they are (half the memory) and read in float32 a list at a time.
+    Above ``exact_max`` means, the means are spread over ``2 ** round(log2(c / list_size))`` (at
+    most ``max_lists``) spherical k-means lists and a query is compared with the members of its
+    ``nprobe`` nearest lists, one BLAS product per list (:func:`_ivf_join`). A query costs about
+    ``nlist + nprobe x list_size`` means, so the lists are small (256 means) and 16 of them probed
+    by default: incremental assignment pays its search per face. At 62,000 clusters 16 of 256 lists
+    agreed with a full run for 97.05 % of 2,000 new faces (32 of 64 lists: 97.15 %) for a seventh
+    of the arithmetic (docs/clustering.md; at 2M expect ~1 % fewer right: ``nprobe`` is that
+    trade); the one-shot searches of a full run probe 32 (:data:`_RUN_SEARCH`). Build
+    it once per clustering and reuse it for every batch of new faces (:func:`assign_to_clusters`
+    ``index=``): the build is the k-means and the list of every mean, the search is what a call
+    pays. A row whose list is -1 is in no list and never found (:meth:`from_parts`: rows
+    superseded since the lists were made). Float16 means are kept as they are (half the memory)
+    and read in float32 a list at a time.
     """
 
-    def __init__(self, means: np.ndarray, *, nprobe: int = 32, list_size: int = 1024, max_lists: int = 1024,
-                 exact_max: int = 50_000, seed: int = _SEED):
+    def __init__(self, means: np.ndarray, *, nprobe: int = 16, list_size: int = 256, max_lists: int = 16_384,
+                 exact_max: int = 8_192, seed: int = _SEED):
         half = isinstance(means, np.ndarray) and means.dtype == np.float16
         self.means = np.ascontiguousarray(means, np.float16 if half else np.float32)
         self.centroids: np.ndarray | None = None
@@ -702,7 +731,7 @@ class MeansIndex:
 
     @classmethod
     def from_parts(cls, means: np.ndarray, centroids: np.ndarray, home: np.ndarray, *,
-                   scale: np.ndarray | None = None, nprobe: int = 32) -> MeansIndex:
+                   scale: np.ndarray | None = None, nprobe: int = 16) -> MeansIndex:
         """An inverted-list index from its parts kept elsewhere (``means`` may be memory-mapped: a
         search reads only the rows of the lists it probes); ``home`` -1 leaves a row out; each row
         is searched times its ``scale`` when given (the means' directions from the means themselves)."""
@@ -716,8 +745,9 @@ class MeansIndex:
         if self.centroids is None or len(vectors) == 0:
             return np.zeros(len(vectors), np.int64)
         home = np.empty(len(vectors), np.int64)
-        for s in range(0, len(vectors), 4 * _CHUNK):  # in float32 a block at a time
-            block = np.ascontiguousarray(vectors[s : s + 4 * _CHUNK], np.float32)
+        step = _CHUNK // 2  # in float32 a block of 32k rows at a time (262k rows were 0.5 GB at 2M faces)
+        for s in range(0, len(vectors), step):
+            block = np.ascontiguousarray(vectors[s : s + step], np.float32)
             home[s : s + len(block)] = faiss.knn(block, self.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
         return home
 

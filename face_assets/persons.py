@@ -361,6 +361,7 @@ class ClusterStore:
 
 
 MAX_LABEL = 200
+_BLOCK = 65_536  # faces per block of the passes over every face of a full run
 #: Bidirectional formatting characters: embeddings, overrides, isolates and marks.
 _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _KEEP = object()
@@ -377,6 +378,16 @@ def same_photo_pairs(face_ids: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     pairs = [(int(f[i]), int(f[j])) for s, e in zip(start, ends) if e - s > 1
              for i in range(s, e) for j in range(i + 1, e)]
     return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+def _pairs_in(a: np.ndarray, b: np.ndarray, ref_a: np.ndarray, ref_b: np.ndarray) -> np.ndarray:
+    """bool [len(a)]: is ``(a[i], b[i])`` one of the pairs ``(ref_a[j], ref_b[j])``? (int arrays)"""
+    ua, ub = np.unique(np.concatenate([a, ref_a])), np.unique(np.concatenate([b, ref_b]))
+
+    def key(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.searchsorted(ua, p).astype(np.int64) * len(ub) + np.searchsorted(ub, q)
+
+    return np.isin(key(a, b), key(ref_a, ref_b))
 
 
 def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] | None) -> None:
@@ -441,8 +452,10 @@ class PersonClusters:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _faces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(face ids, embeddings float16, image ids)`` of every valid face: float16 halves the input
+        of a full run (the clustering reads it in float32 piece by piece; docs/clustering.md)."""
         ids, images = self.catalog.face_images(self.model_version)
-        fids, x = self.catalog.embeddings(ids.tolist())
+        fids, x = self.catalog.embeddings(ids, dtype=np.float16)
         if len(fids) != len(ids):  # faces removed between the reads (they are read in short sessions)
             images = images[np.isin(ids, fids)]
         return fids, x, images
@@ -471,7 +484,10 @@ class PersonClusters:
         """Rows of ``clusters`` for a labelling of faces ``ids`` (embeddings ``x``)."""
         c_ids, means, sizes = cluster_means(x, labels)
         row = np.searchsorted(c_ids, labels)
-        score = np.einsum("ij,ij->i", x, means[row])
+        score = np.empty(len(x), np.float32)
+        for s in range(0, len(x), _BLOCK):  # a block at a time: every face's mean at once is 4 GB at 2M faces
+            score[s : s + _BLOCK] = np.einsum("ij,ij->i", np.asarray(x[s : s + _BLOCK], np.float32),
+                                              means[row[s : s + _BLOCK]])
         order = np.lexsort((-score, row))
         first = np.r_[True, row[order][1:] != row[order][:-1]]
         rep = np.empty(len(c_ids), np.int64)
@@ -536,10 +552,11 @@ class PersonClusters:
             res = cluster_embeddings(x, must_link=must, cannot_link=cannot, log=log, **self.settings.method_kwargs())
             labels = res.labels
         stable, _ = match_ids(old_f, old_c, ids, labels, self._next_id())
-        both = np.isin(ids, old_f)
-        prev = dict(zip(old_f.tolist(), old_c.tolist()))
-        changed = [prev[f] != s for f, s in zip(ids[both].tolist(), stable[both].tolist())]
-        id_changed = float(np.mean(changed)) if changed else None
+        # The faces of the last run (``old_f`` is by id), compared as arrays: a dict of every face cost
+        # hundreds of MB at 2M faces.
+        pos = np.minimum(np.searchsorted(old_f, ids), max(len(old_f) - 1, 0))
+        both = old_f[pos] == ids if len(old_f) else np.zeros(len(ids), bool)
+        id_changed = float(np.mean(old_c[pos[both]] != stable[both])) if both.any() else None
         quality = cluster_quality(x, stable, sample=self.settings.quality_sample) if len(ids) else {}
         n_clusters = int(len(np.unique(stable)))
         singletons = int((np.unique(stable, return_counts=True)[1] == 1).sum()) if len(ids) else 0
@@ -568,36 +585,41 @@ class PersonClusters:
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc)
         # What the new faces need, read by the store: a cost that follows the batch, and the centroids.
-        new, new_images = self.store.unclustered_faces(self.model_version)
-        if len(new) == 0:
+        wanted, images = self.store.unclustered_faces(self.model_version)
+        if len(wanted) == 0:
             return self._record_incremental(started, t0, 0, 0)
-        new, x = self.catalog.embeddings(new.tolist())
+        new, x = self.catalog.embeddings(wanted.tolist())
+        new_images = images[np.isin(wanted, new)]  # faces removed between the reads are left out
         means = self._kept_means(x.shape[1])
         c_ids = means.ids
-        banned = self.store.barred(new.tolist())
+        barred = self.store.barred(new.tolist())
         cfg = self.settings
+        is_banned = None
+        if barred:
+            barred_faces, barred_clusters = np.array(sorted(barred), np.int64).reshape(-1, 2).T
 
-        def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-            return np.array([(int(new[i]), int(c_ids[j])) in banned for i, j in zip(r, c)], bool)
+            def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+                return _pairs_in(new[r], c_ids[c], barred_faces, barred_clusters)
 
-        best, score = assign_to_clusters(x, None, means.sizes, **cfg.link_kwargs(), banned=is_banned if banned else None,
+        best, score = assign_to_clusters(x, None, means.sizes, **cfg.link_kwargs(), banned=is_banned,
                                          index=means.means, group_index=means.groups,
                                          group_rows=np.arange(len(c_ids)))
         assigned = np.where(best >= 0, c_ids[np.maximum(best, 0)], -1)
-        # Two new faces of one photo must not both join the same cluster: the second starts its own.
-        taken: set[tuple[str, int]] = set()
-        image_of = dict(zip(new.tolist(), new_images.tolist()))
-        for i in np.argsort(-score, kind="stable"):
-            if assigned[i] >= 0:
-                key = (image_of[int(new[i])], int(assigned[i]))
-                if key in taken:
-                    assigned[i] = -1
-                taken.add(key)
+        # Two new faces of one photo must not both join the same cluster: the closer one joins, the
+        # others start their own.
+        joined = np.flatnonzero(assigned >= 0)
+        joined = joined[np.argsort(-score[joined], kind="stable")]
+        photo = np.unique(new_images[joined], return_inverse=True)[1].astype(np.int64)
+        person = np.unique(assigned[joined], return_inverse=True)[1].astype(np.int64)
+        first = np.unique(photo * (int(person.max(initial=0)) + 1) + person, return_index=True)[1]
+        second = np.ones(len(joined), bool)
+        second[first] = False
+        assigned[joined[second]] = -1
         rest = np.flatnonzero(assigned < 0)
         next_id = self._next_id()
         if len(rest):
             sub_ids = new[rest]
-            must, cannot = self._constraint_rows(sub_ids, np.array([image_of[int(f)] for f in sub_ids], object))
+            must, cannot = self._constraint_rows(sub_ids, new_images[rest])
             res = cluster_embeddings(x[rest], must_link=must, cannot_link=cannot, **cfg.method_kwargs())
             fresh, _ = match_ids(np.zeros(0), np.zeros(0), sub_ids, res.labels, next_id)
             assigned[rest] = fresh

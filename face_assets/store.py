@@ -264,29 +264,42 @@ class Catalog:
             return con.execute("SELECT count(*) FROM faces WHERE is_valid AND model_version = ?",
                                [model_version]).fetchone()[0]
 
-    def embeddings(self, face_ids: Sequence[int], batch: int = 25_000) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids int64 [n], embeddings float32 [n, d])`` of the given faces that exist, by id.
+    def embeddings(self, face_ids: Sequence[int], batch: int = 25_000,
+                   dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int64 [n], embeddings [n, d])`` of the given faces that exist, by id.
 
         Read ``batch`` faces per read session: a writer (a curation action, a batch's merge) waits
         for one batch, not for the whole read (at two million faces, most of a minute). A face
-        removed meanwhile is left out of what is returned.
+        removed meanwhile is left out of what is returned. The rows are written into one array of
+        ``dtype`` as they come (no second copy of them all): float16 halves what a full
+        clustering holds (2 GB instead of 4 at two million faces; unit vectors lose nothing to its
+        range, and ~1e-4 of cosine to its precision).
         """
-        parts = []
-        face_ids = sorted(int(i) for i in face_ids)
+        face_ids = np.unique(np.asarray(face_ids, np.int64))
+        ids = np.empty(len(face_ids), np.int64)
+        out: np.ndarray | None = None
+        filled = 0
         for start in range(0, len(face_ids), batch):
             chunk = face_ids[start : start + batch]
             with self._read() as con:
                 # The range bounds let the scan skip the row groups outside the chunk's ids.
-                rows = con.execute(
+                table = con.sql(
                     "SELECT face_id, embedding FROM faces WHERE face_id BETWEEN ? AND ? "
                     "AND face_id IN (SELECT unnest(?)) ORDER BY face_id",
-                    [chunk[0], chunk[-1], chunk],
-                ).fetchnumpy()
-            if len(rows["face_id"]):
-                parts.append((rows["face_id"].astype(np.int64), np.stack(rows["embedding"]).astype(np.float32)))
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                    params=[int(chunk[0]), int(chunk[-1]), chunk.tolist()],
+                ).to_arrow_table()
+            rows = table.num_rows
+            if rows == 0:
+                continue
+            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            if out is None:
+                out = np.empty((len(face_ids), len(flat) // rows), dtype)
+            out[filled : filled + rows] = flat.reshape(rows, -1)
+            ids[filled : filled + rows] = table.column("face_id").to_numpy()
+            filled += rows
+        if out is None:
+            return np.zeros(0, np.int64), np.zeros((0, 0), dtype)
+        return ids[:filled], out[:filled]
 
     def faces_by_id(self, face_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Face id -> image id, path, box and image metadata, for search results.

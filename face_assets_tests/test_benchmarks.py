@@ -319,3 +319,29 @@ def test_plain_set_is_unchanged_by_the_harder_one():
     np.testing.assert_allclose(gen.sample_faces([3, 400], seed=1)[:, :4], [[-0.0199, 0.0451, 0.0398, -0.0201],
                                                                          [-0.0396, 0.0389, -0.0215, 0.0430]],
                                atol=1e-4)
+
+
+def test_immich_as_it_runs_follows_the_face_recognition_job():
+    from benchmarks.cluster_scale import immich_as_it_runs
+
+    rng = np.random.default_rng(0)
+    e = np.eye(8, dtype=np.float32)
+
+    def near(v: np.ndarray, count: int) -> np.ndarray:
+        x = v + 0.05 * rng.standard_normal((count, 8)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    u = (e[0] + 1.2 * e[1]) / np.linalg.norm(e[0] + 1.2 * e[1])  # cosine 0.64 with the first person
+    x = np.concatenate([
+        near(e[0], 3),  # 0-2: a core person: the first face founds it, the others join it
+        near(e[2], 2),  # 3-4: two faces only: not core, deferred, no person within reach: alone
+        near(e[3], 1),  # 5: matches only itself: skipped
+        near(u, 3),  # 6-8: core, but their 3 nearest have no person yet: the filtered search finds 0-2
+    ])
+    person, secs = immich_as_it_runs(x)
+    assert len(set(person[[0, 1, 2, 6, 7, 8]])) == 1
+    assert len(set(person[[0, 3, 4, 5]])) == 4
+    assert secs["filtered_searches"] >= 2  # the first face (none found) and face 6
+    # Core faces out of every person's reach found a person of their own.
+    far = np.concatenate([x[:6], near(e[5], 3)])
+    assert len(set(immich_as_it_runs(far)[0][[0, 6]])) == 2

@@ -210,33 +210,33 @@ def test_incremental_assignment_agrees(synthetic, generator):
 
 
 def test_means_index_inverted_lists_find_the_best_mean():
-    # Above 50,000 means the index searches inverted lists; built once, searched per batch.
+    # The index is built once, searched per batch.
     rng = np.random.default_rng(3)
     means = rng.standard_normal((60_000, 64), dtype=np.float32)
     means *= (rng.uniform(0.3, 1.0, len(means)) / np.linalg.norm(means, axis=1)).astype(np.float32)[:, None]
+    # Above 8,192 means: lists of ~256 means, 16 of them probed (assignment pays its search per
+    # face): 256 lists of ~234 means here, a query compares itself with 6 % of the means and still
+    # mostly finds its mean (isotropic random means are the hard case for lists; what it costs on
+    # faces is measured by benchmarks/cluster_scale.py). Probing more lists finds more.
     index = MeansIndex(means)
-    assert index.centroids is not None and len(index) == len(means)
+    assert len(index.centroids) == 256 and len(index) == len(means) and np.bincount(index.home).max() < 2_000
     target = rng.choice(len(means), 300, replace=False)
     q = means[target] / np.linalg.norm(means[target], axis=1, keepdims=True)
     q += 0.05 * rng.standard_normal(q.shape, dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     exact_s, exact_i = np.sort(q @ means.T, axis=1)[:, ::-1][:, :3], np.argmax(q @ means.T, axis=1)
     ds, di = index.search(q, 3)
-    assert np.mean(di[:, 0] == exact_i) > 0.95
+    assert np.mean(di[:, 0] == exact_i) > 0.8
     found = di[:, 0] == exact_i
     np.testing.assert_allclose(ds[found, 0], exact_s[found, 0], rtol=1e-4)
+    wide = MeansIndex(means, nprobe=64)
+    assert np.mean(wide.search(q, 3)[1][:, 0] == exact_i) > 0.95
     # assign_to_clusters with the kept index gives what it computes without one.
     sizes = np.full(len(means), 50)
     assert (assign_to_clusters(q, means, sizes, index=index)[0] == assign_to_clusters(q, means, sizes)[0]).all()
-    # Smaller lists, fewer probed (the one-shot searches of a full run): 256 lists of ~234 means,
-    # a query compares itself with 16 of them (6 % of the means), and still mostly finds its mean
-    # (0.86 here: isotropic random means are the hard case for lists; what it costs on faces is
-    # measured by benchmarks/cluster_scale.py).
-    small = MeansIndex(means, nprobe=16, list_size=256, max_lists=16_384, exact_max=16_384)
-    assert len(small.centroids) == 256 and np.bincount(small.home).max() < 2_000
-    ds, di = small.search(q, 3)
-    assert np.mean(di[:, 0] == exact_i) > 0.8
-    np.testing.assert_allclose(ds[di[:, 0] == exact_i, 0], exact_s[di[:, 0] == exact_i, 0], rtol=1e-4)
+    # Below 8,192 means the search is exact.
+    assert MeansIndex(means[:8_192]).centroids is None
+
 
 class _Clusters:
     """Cluster rows as the person store holds them (id, size, write time, mean), for ClusterMeans."""
@@ -606,6 +606,20 @@ def test_names_are_normalised_and_found_by_the_store(curated):
     assert lib.find_persons("", limit=2, offset=10_000) == (len(persons), [])
     info = lib.get_cluster(a.cluster_id, limit=1, offset=1)
     assert info.face_ids == lib.get_cluster(a.cluster_id).face_ids[1:2]
+
+
+def test_new_faces_of_one_photo_never_join_one_person(curated, people):
+    lib = curated
+    person = _person_of(lib, people)
+    pair = sorted(f for f, p in person.items() if p == "twice")
+    first = sorted(people)[0]  # the person photographed twice in one photo
+    # Both faces arrive again: each is a copy of a photo of a person with a cluster, so each would join it.
+    lib.persons.store.forget_faces(pair)
+    run = lib.assign_new()
+    where = _where(lib)
+    theirs = {where[f] for f, p in person.items() if p == first}
+    assert run.new_faces == 2 and where[pair[0]] != where[pair[1]]
+    assert {where[pair[0]], where[pair[1]]} & theirs  # the closer one joined the person
 
 
 @pytest.mark.slow
