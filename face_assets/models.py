@@ -26,7 +26,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
-import cv2
 import numpy as np
 
 from .config import ModelSettings
@@ -374,6 +373,8 @@ def align_wide(img: np.ndarray, kps: np.ndarray, side: int = WIDE_SIDE, extent: 
     s = side / (112.0 * extent)
     wide = m * s
     wide[:, 2] += side / 2.0 - s * 56.0
+    import cv2  # where models run: a command that runs none (stats, pages) skips its 0.1 s of import
+
     return cv2.warpAffine(img, wide, (side, side), borderValue=0.0)
 
 
@@ -474,6 +475,8 @@ class Recognizer(OnnxModel[np.ndarray, Embeddings]):
         return face_align.norm_crop(img, landmark=kps, image_size=self.input_size)
 
     def _predict(self, batch: list[np.ndarray]) -> Embeddings:
+        import cv2
+
         arc = self._arcface
         size = (self.input_size, self.input_size)
         blob = cv2.dnn.blobFromImages(batch, 1.0 / arc.input_std, size, (arc.input_mean,) * 3, swapRB=True)
@@ -522,6 +525,8 @@ class ImageBackbone(OnnxModel[np.ndarray, np.ndarray]):
         return self._new_session()
 
     def _predict(self, batch: list[np.ndarray]) -> np.ndarray:
+        import cv2
+
         side = batch[0].shape[:2][::-1]
         blob = cv2.dnn.blobFromImages(batch, 1.0 / BACKBONE_STD, side, (BACKBONE_MEAN,) * 3, swapRB=True)
         return self.session.run(None, {self.session.get_inputs()[0].name: blob})[0]
