@@ -380,6 +380,20 @@ def same_photo_pairs(face_ids: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     return np.array(pairs, np.int64).reshape(-1, 2)
 
 
+def _barred_check(faces: np.ndarray, clusters: np.ndarray, barred: set[tuple[int, int]]
+                  ) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """For :func:`~face_assets.clustering.assign_to_clusters`: whether ``(faces[r], clusters[c])``
+    pairs are barred, as arrays; None when no pair is."""
+    if not barred:
+        return None
+    barred_faces, barred_clusters = np.array(sorted(barred), np.int64).reshape(-1, 2).T
+
+    def banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return _pairs_in(faces[r], clusters[c], barred_faces, barred_clusters)
+
+    return banned
+
+
 def _pairs_in(a: np.ndarray, b: np.ndarray, ref_a: np.ndarray, ref_b: np.ndarray) -> np.ndarray:
     """bool [len(a)]: is ``(a[i], b[i])`` one of the pairs ``(ref_a[j], ref_b[j])``? (int arrays)"""
     ua, ub = np.unique(np.concatenate([a, ref_a])), np.unique(np.concatenate([b, ref_b]))
@@ -592,15 +606,8 @@ class PersonClusters:
         new_images = images[np.isin(wanted, new)]  # faces removed between the reads are left out
         means = self._kept_means(x.shape[1])
         c_ids = means.ids
-        barred = self.store.barred(new.tolist())
+        is_banned = _barred_check(new, c_ids, self.store.barred(new.tolist()))
         cfg = self.settings
-        is_banned = None
-        if barred:
-            barred_faces, barred_clusters = np.array(sorted(barred), np.int64).reshape(-1, 2).T
-
-            def is_banned(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-                return _pairs_in(new[r], c_ids[c], barred_faces, barred_clusters)
-
         best, score = assign_to_clusters(x, None, means.sizes, **cfg.link_kwargs(), banned=is_banned,
                                          index=means.means, group_index=means.groups,
                                          group_rows=np.arange(len(c_ids)))
