@@ -8,14 +8,16 @@ and analysts' SQL on one data folder, so no process here keeps a store file open
   of one session: a write session (one transaction) under an exclusive inter-process lock, or a
   read session under a shared one. The lock is a ``flock`` on ``<master>.lock``; a process waits
   for it with backoff up to ``storage.lock_timeout_seconds`` and then raises
-  :class:`~face_assets.errors.StoreBusyError`. Threads of one process take turns (DuckDB keeps one
-  database instance per file and process).
+  :class:`~face_assets.errors.StoreBusyError`; a waiting writer holds a gate that new readers pass
+  (``<master>.lock.gate``), so readers cannot starve it. Threads of one process take turns (DuckDB
+  keeps one database instance per file and process).
 - After a write session the master's committed state is **published** for readers who must never
   wait for a writer (analysts, BI tools, the service's search path), as **segments** (the
   tables a store declares with :class:`Table`): each published table is a set of immutable Parquet
   files under ``<data_dir>/published/<name>/``, a base and the deltas written since, and the
   published file (``<data_dir>/face_assets.duckdb``, ``<data_dir>/feedback.duckdb``) is a small
-  DuckDB file of views over them, written in a storage version every DuckDB 1.x reads. Stores log
+  DuckDB file of views over them, written in a storage version every DuckDB 1.x reads, after the
+  session and outside the master's lock. Stores log
   what a write changes (:func:`log_changes`, :func:`log_appends`, :func:`log_all`) in the same
   transaction, so a publication exports only the changed rows: its cost follows the change, not
   the store. A delta also lists the keys it supersedes; a view keeps a row unless a later segment

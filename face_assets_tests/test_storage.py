@@ -187,12 +187,12 @@ def test_views_are_written_after_the_session_and_never_go_back(tmp_path):
 
 
 READER = """
-import sys, time
+import os, sys, time
 from face_assets.storage import DuckDBFile
 db = DuckDBFile(sys.argv[1])
 print("reading", flush=True)
 end = time.monotonic() + 60
-while time.monotonic() < end and not __import__("os").path.exists(sys.argv[2]):
+while time.monotonic() < end and not os.path.exists(sys.argv[2]):
     with db.read() as con:  # back-to-back sessions, each holding the shared lock a while
         con.execute("SELECT 1").fetchall()
         time.sleep(0.03)
