@@ -10,6 +10,7 @@ each step are kept as test artifacts in ``build/screenshots/<test>/`` (printed w
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,16 @@ def shots(request) -> Path:
     folder.mkdir(parents=True)
     print(f"\nscreenshots: {folder}")
     return folder
+
+
+def wait_until(page, expression: str, timeout_s: float = 10.0) -> None:
+    """Wait until ``expression`` is true in the page. Playwright's ``wait_for_function`` compiles
+    its predicate with ``eval`` inside the page, which the service's CSP (no 'unsafe-eval')
+    refuses in Chrome's own builds; ``evaluate`` goes through the debugging protocol instead."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true after {timeout_s} s: {expression}"
+        page.wait_for_timeout(50)
 
 
 def log_in(page, base: str, token: str) -> None:
@@ -255,7 +266,7 @@ def test_moves_and_late_answers_never_land_on_another_person(browser, served, sh
     open_person(page, base, a.cluster_id)
     page.fill("#target-q", "x")
     page.evaluate(f"location.hash = '#person/{b.cluster_id}'")
-    page.wait_for_function("document.getElementById('person-status').textContent === 'Loading…'")
+    expect(page.locator("#person-status")).to_have_text("Loading…")
     assert page.locator("#rename-btn").is_disabled() and page.locator("#name").is_disabled()
     assert page.locator("#target-q").input_value() == ""  # the other person box does not carry over
     page.screenshot(path=shots / "01_loading.png")
@@ -325,7 +336,7 @@ def test_focus_roles_and_a_narrow_screen(browser, served, feedback_people, shots
     link = page.locator(".card a.name").first
     badge = page.locator(".card .badge").first.bounding_box()
     assert badge["height"] < 30 and badge["width"] < 120  # the match badge stays a badge
-    page.wait_for_function("document.getElementById('query-img').naturalWidth > 0")
+    wait_until(page, "document.getElementById('query-img').naturalWidth > 0")
     assert page.evaluate(width) <= 390
     page.screenshot(path=shots / "02_results_390.png", full_page=True)
     target = link.get_attribute("href")
