@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import io
 import json
@@ -120,6 +121,9 @@ class Deployment:
         shutil.copyfile(REPO / "workspace.yaml", self.home / "workspace.yaml")
         (self.home / "workspace.yaml").write_text((REPO / "workspace.yaml").read_text().replace(
             "working_directory: .", f"working_directory: {REPO}"))
+        # The processes read bytecode, as a deployment set up by `make setup` does: a tree without it
+        # (a fresh snapshot, or a shell that never writes it) would compile the project in each one.
+        compileall.compile_dir(REPO / "face_assets", quiet=1)
         self.env = os.environ | {"FACE_ASSETS_CONFIG": str(self.config), "DAGSTER_HOME": str(self.home),
                                  "PYTHONPATH": str(REPO)}
         self.procs: dict[str, subprocess.Popen] = {}
