@@ -48,7 +48,7 @@ from .config import ClusteringSettings
 from .audit import ACTOR, AuditLog
 from .errors import ClusterNotFoundError, CurationError, InvalidNameError
 from .schemas import ClusterInfo, ClusterRun
-from .storage import Table, log_all, log_changes, utc_now
+from .storage import Table, log_all, log_changes, log_changes_where, utc_now
 from .store import Catalog
 
 #: Person clusters (``docs/clustering.md``), in the catalog's DuckDB file beside the faces they group.
@@ -108,7 +108,9 @@ CREATE TABLE IF NOT EXISTS cluster_runs (
 
 #: The person tables readers get (``centroid`` is the assignment's internal state, 2 KiB a person).
 TABLES = [Table("clusters", "cluster_id", exclude=("centroid",)), Table("face_clusters", "face_id"),
-          Table("cluster_constraints", None), Table("cluster_runs", "run_id")]
+          # Keyed by the pair's first face: a curation decision publishes the rows of the faces it
+          # touched, not the whole table, which grows with every decision ever made.
+          Table("cluster_constraints", "face_a"), Table("cluster_runs", "run_id")]
 
 
 class ClusterStore:
@@ -350,9 +352,9 @@ class ClusterStore:
         touched = [r[0] for r in con.execute(
             "DELETE FROM face_clusters WHERE face_id IN (SELECT unnest(?)) RETURNING cluster_id", [ids]).fetchall()]
         log_changes(con, "face_clusters", ids)
-        con.execute("DELETE FROM cluster_constraints WHERE face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?))",
-                    [ids, ids])
-        log_all(con, "cluster_constraints")
+        where = "face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?))"
+        log_changes_where(con, "cluster_constraints", "face_a", where, [ids, ids])
+        con.execute(f"DELETE FROM cluster_constraints WHERE {where}", [ids, ids])
         if touched:
             con.execute("""UPDATE clusters SET size = (SELECT count(*) FROM face_clusters f
                            WHERE f.cluster_id = clusters.cluster_id) WHERE cluster_id IN (SELECT unnest(?))""", [touched])
@@ -410,13 +412,13 @@ def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] 
     A new curation decision replaces the earlier ones it contradicts.
     """
     if side_b is None:
-        con.execute("DELETE FROM cluster_constraints WHERE kind = ? AND (face_a IN (SELECT unnest(?)) "
-                    "OR face_b IN (SELECT unnest(?)))", [kind, side_a, side_a])
+        where, params = "kind = ? AND (face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?)))", [kind, side_a, side_a]
     else:
-        con.execute("DELETE FROM cluster_constraints WHERE kind = ? AND ((face_a IN (SELECT unnest(?)) AND "
-                    "face_b IN (SELECT unnest(?))) OR (face_b IN (SELECT unnest(?)) AND face_a IN (SELECT unnest(?))))",
-                    [kind, side_a, side_b, side_a, side_b])
-    log_all(con, "cluster_constraints")
+        where = ("kind = ? AND ((face_a IN (SELECT unnest(?)) AND face_b IN (SELECT unnest(?))) "
+                 "OR (face_b IN (SELECT unnest(?)) AND face_a IN (SELECT unnest(?))))")
+        params = [kind, side_a, side_b, side_a, side_b]
+    log_changes_where(con, "cluster_constraints", "face_a", where, params)
+    con.execute(f"DELETE FROM cluster_constraints WHERE {where}", params)
 
 
 def _link(con: Any, side_a: list[int], side_b: list[int], kind: str, reason: str) -> None:
@@ -426,7 +428,7 @@ def _link(con: Any, side_a: list[int], side_b: list[int], kind: str, reason: str
         con.execute("INSERT OR REPLACE INTO cluster_constraints SELECT DISTINCT least(a, b), greatest(a, b), ?, ?, "
                     "now() FROM (SELECT unnest(?) AS a) CROSS JOIN (SELECT unnest(?) AS b) WHERE a <> b",
                     [kind, reason, [int(f) for f in side_a], [int(f) for f in side_b]])
-        log_all(con, "cluster_constraints")
+        log_changes(con, "cluster_constraints", set(side_a) | set(side_b))  # each pair's first face is one of them
 
 
 def _clusters_of(con: Any, faces: list[int]) -> dict[int, int]:

@@ -249,9 +249,10 @@ class Table:
 
     Args:
         name: the table.
-        key: an integer column that identifies a row; writes log the keys they change, and a
-            publication exports those rows only. None: the table is small and exported whole
-            whenever a write logs a change to it.
+        key: an integer column that identifies a row, or a group of rows exported together (the
+            pairs of one face); writes log the keys they change, and a publication exports the
+            current rows of those keys only. None: the table is small and exported whole whenever
+            a write logs a change to it.
         exclude: columns readers do not get (internal state, such as cluster centroids).
         order: the column a base segment is sorted by, when lookups go by another column than
             the key (images by ``image_id``): the scan skips the row groups that cannot match.

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
+import duckdb
 import numpy as np
 import pytest
 
@@ -498,6 +499,42 @@ def test_split_makes_the_chosen_faces_the_new_person(curated):
     lib.cluster()  # the decision survives a full run
     assert set(chosen) <= set(lib.get_cluster(new.cluster_id).face_ids)
     assert faces[-1] not in lib.get_cluster(new.cluster_id).face_ids
+
+
+def test_curation_publishes_the_constraints_of_the_faces_it_touched(curated):
+    """Merges, a split, a move and a face's removal each publish the constraint rows of the faces
+    they touched (a delta segment), not the whole table, and readers see the master's rows after each."""
+    lib, db = curated, curated.catalog.db
+    sql = "SELECT face_a, face_b, kind FROM cluster_constraints ORDER BY ALL"
+
+    def check() -> tuple[int, bool, int]:
+        """Rows and base flag of the latest constraints segment, and the table's rows, once the
+        published table is the master's."""
+        db.publish()
+        with db.read() as con:
+            master = con.execute(sql).fetchall()
+            last = con.execute("SELECT rows, base FROM _segments WHERE tbl = 'cluster_constraints' "
+                               "ORDER BY seg DESC LIMIT 1").fetchone()
+        reader = duckdb.connect(str(db.published), read_only=True)
+        try:
+            assert reader.execute(sql).fetchall() == master
+        finally:
+            reader.close()
+        return last[0], last[1], len(master)
+
+    persons = lib.list_clusters(min_size=2)
+    merges = []
+    for a, b in zip(persons[0:8:2], persons[1:8:2]):  # decisions on eight persons
+        merges.append(lib.merge([a.cluster_id, b.cluster_id]))
+        check()
+    merged = lib.get_cluster(merges[0].cluster_id)  # four faces or more
+    actions = [lambda: lib.split(merged.cluster_id, face_ids=merged.face_ids[:1]),
+               lambda: lib.move_faces(merged.face_ids[1:2], merges[1].cluster_id),
+               lambda: lib.remove(int(merged.face_ids[2]))]
+    for action in actions:
+        action()
+        rows, base, total = check()
+        assert not base and rows < total, (rows, base, total)  # the touched faces' rows only
 
 
 def test_moving_many_faces_is_one_write_and_checks_where_they_were(curated, monkeypatch):
