@@ -18,6 +18,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ class FeedbackSession:
         self._clusters: ClusterStore | None = None
         self._store: FeedbackStore | None = None
         self._queries: OrderedDict[str, dict] = OrderedDict()
+        self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="catalog-lookup")
 
     def open(self, catalog: Catalog, clusters: ClusterStore) -> None:
         """Follow the library's (re)opened catalog and person store."""
@@ -88,15 +90,18 @@ class FeedbackSession:
                                  query_face_id=face["face_id"], session_id=session_id, source="catalog")
         else:
             data = image if isinstance(image, (bytes, bytearray)) else _read_bytes(image)
+            digest = content_hash(bytes(data))
+            # Whether the photo is a catalog image is read from the catalog's master while the face is
+            # detected and embedded: the read waits for the lock behind a batch's merge, the model does not.
+            boxes = self._lookups.submit(self.catalog.face_boxes_of_content, digest)
             embedding, result = self.model.main_face(bytes(data), face_index)
             main = result["faces"][result["face_index"]]
-            digest = content_hash(bytes(data))
             saved = save_query_image(bytes(data), self.settings.layout.query_images, query_id)
             record = QueryRecord(query_id=query_id, model_version=self.model.model_version, embedding=embedding,
                                  image_path=str(saved), content_hash=digest, bbox=main["bbox"],
                                  width=result["image_size"][0], height=result["image_size"][1],
                                  det_score=main["scores"]["det_score"],
-                                 query_face_id=self._catalog_face_of(digest, main["bbox"]), session_id=session_id,
+                                 query_face_id=_catalog_face_of(boxes.result(), main["bbox"]), session_id=session_id,
                                  filename=filename, source="upload")
         hits = self._search(record.embedding, (top_k or self.settings.feedback.search_top_k) + 1)
         # The query face itself is no match to vote on: it would come first at similarity 1.
@@ -193,13 +198,14 @@ class FeedbackSession:
         face["metadata"] = json.loads(face["metadata"]) if face["metadata"] else None
         return face
 
-    def _catalog_face_of(self, digest: str, bbox: Sequence[float]) -> int | None:
-        """The catalog face at ``bbox`` in the catalog image of this content hash, if any."""
-        from .detection import box_iou  # with the detector: only a search that has a photo needs it
 
-        rows = self.catalog.face_boxes_of_content(digest)
-        best = max(rows, key=lambda r: box_iou(bbox, r[1:]), default=None)
-        return int(best[0]) if best is not None and box_iou(bbox, best[1:]) >= 0.5 else None
+
+def _catalog_face_of(rows: list[tuple[int, float, float, float, float]], bbox: Sequence[float]) -> int | None:
+    """The face among ``(face_id, x1, y1, x2, y2)`` rows (a catalog image's) at ``bbox``, if any."""
+    from .detection import box_iou  # with the detector: only a search that has a photo needs it
+
+    best = max(rows, key=lambda r: box_iou(bbox, r[1:]), default=None)
+    return int(best[0]) if best is not None and box_iou(bbox, best[1:]) >= 0.5 else None
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
