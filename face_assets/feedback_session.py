@@ -199,7 +199,6 @@ class FeedbackSession:
         return face
 
 
-
 def _catalog_face_of(rows: list[tuple[int, float, float, float, float]], bbox: Sequence[float]) -> int | None:
     """The face among ``(face_id, x1, y1, x2, y2)`` rows (a catalog image's) at ``bbox``, if any."""
     from .detection import box_iou  # with the detector: only a search that has a photo needs it

@@ -412,7 +412,8 @@ def _drop_constraints(con: Any, kind: str, side_a: list[int], side_b: list[int] 
     A new curation decision replaces the earlier ones it contradicts.
     """
     if side_b is None:
-        where, params = "kind = ? AND (face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?)))", [kind, side_a, side_a]
+        where = "kind = ? AND (face_a IN (SELECT unnest(?)) OR face_b IN (SELECT unnest(?)))"
+        params = [kind, side_a, side_a]
     else:
         where = ("kind = ? AND ((face_a IN (SELECT unnest(?)) AND face_b IN (SELECT unnest(?))) "
                  "OR (face_b IN (SELECT unnest(?)) AND face_a IN (SELECT unnest(?))))")
